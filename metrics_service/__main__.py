@@ -1,0 +1,3 @@
+from metrics_service.cli import main
+
+raise SystemExit(main())

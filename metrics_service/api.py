@@ -1,0 +1,322 @@
+"""HTTP routes. The ingest path reads top to bottom:
+auth -> rate limit -> content type and size -> validation -> write queue (commit) -> response.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from metrics_service import auth, storage
+from metrics_service.errors import (
+    ApiError,
+    Forbidden,
+    InvalidPayload,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    UnsupportedMediaType,
+)
+from metrics_service.models import (
+    ErrorResponse,
+    IngestResult,
+    KeyCreate,
+    KeyCreated,
+    KeyInfo,
+    MetricsPayload,
+    PolicyInfo,
+    PolicyUpdate,
+    RateLimitStatus,
+)
+from metrics_service.retention import run_once
+
+if TYPE_CHECKING:
+    from metrics_service.app import AppState
+
+log = logging.getLogger(__name__)
+_encode = msgspec.json.Encoder().encode
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "The body is not valid JSON.",
+        401: "Missing, unknown or revoked API key.",
+        403: "The key may not do this (wrong role, or another service).",
+        413: "The body is larger than METRICS_MAX_REQUEST_BYTES.",
+        415: "Content-Type is not application/json.",
+        429: "Over the rate limit (or too many failed authentications); see Retry-After.",
+        503: "Shutting down, or the write queue is full or failing; see Retry-After.",
+    }.items()
+}
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_encode(content), status_code=status, headers=headers, media_type="application/json")
+
+
+def request_id(request: Request) -> str:
+    return str(request.scope.get("request_id", ""))
+
+
+def error_response(request: Request, error: ApiError) -> Response:
+    body = {
+        "error": {"code": error.code, "message": error.message, "details": error.details},
+        "request_id": request_id(request),
+    }
+    return json_response(body, error.status, error.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return error_response(request, exc)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        details = [
+            {
+                "field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"),
+                "rule": err.get("type", "invalid"),
+                "message": err.get("msg", ""),
+            }
+            for err in exc.errors()
+        ]
+        return error_response(request, InvalidPayload("the request is invalid", details=details))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        error = ApiError(str(exc.detail), headers=dict(exc.headers or {}))
+        error.status = exc.status_code
+        error.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(request, error)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(request, ApiError("internal error"))
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def state(request: Request) -> AppState:
+    return request.app.state.metrics  # type: ignore[no-any-return]
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+APIKey = Annotated[str | None, Header(alias="X-API-Key", description="The caller's API key.")]
+
+
+async def admin_principal(request: Request, x_api_key: APIKey = None) -> auth.Principal:
+    return await state(request).authenticator.authenticate(x_api_key, client_address(request), "admin")
+
+
+Admin = Annotated[auth.Principal, Depends(admin_principal)]
+router = APIRouter()
+admin = APIRouter(prefix="/admin", tags=["admin"], responses=_ERRORS)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) as soon as it exceeds ``limit`` bytes; never buffers more."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post(
+    "/metrics",
+    tags=["ingest"],
+    response_model=IngestResult,
+    responses={**_ERRORS, 422: {"model": ErrorResponse, "description": "No metric was valid, or the body has the wrong shape."}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MetricsPayload"}}},
+        }
+    },
+    summary="Ingest a batch of metric events",
+)
+async def ingest(request: Request, x_api_key: APIKey = None) -> Response:
+    """Store the valid metrics of the batch; report each rejected one by index, field and rule.
+
+    200: at least one metric stored (``rejected`` may be > 0). 422: none stored.
+    With the default durable acknowledgement, 200 means committed to the database.
+    """
+    app = state(request)
+    principal = await app.authenticator.authenticate(x_api_key, client_address(request), "ingest")
+    decision = await app.limiter.hit(
+        "key", str(principal.key_id), principal.rate_limit_per_min or app.settings.rate_limit_per_min
+    )
+    if not decision.allowed:
+        raise RateLimited("rate limit exceeded for this key", headers=decision.headers())
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType("Content-Type must be application/json")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType("Content-Encoding is not supported; send the body uncompressed")
+    body = await read_body(request, app.settings.max_request_bytes)
+    batch = app.validator.decode(body)
+    if batch.service != principal.service:
+        raise Forbidden(f"this key was not issued for service {batch.service!r}")
+    await app.queue.submit(batch)
+    accepted = batch.accepted
+    errors = [r.as_dict() for r in batch.rejections]
+    app.on_ingested(batch)
+    result: dict[str, Any] = {
+        "accepted": accepted,
+        "rejected": len(errors),
+        "errors": errors,
+        "request_id": request_id(request),
+    }
+    if accepted == 0:
+        result["error"] = {
+            "code": "validation_failed",
+            "message": "no metric in the request was valid",
+            "details": errors,
+        }
+        return json_response(result, 422, decision.headers())
+    return json_response(result, 200, decision.headers())
+
+
+@router.get("/rate-limit", tags=["ingest"], response_model=RateLimitStatus, responses=_ERRORS)
+async def rate_limit(request: Request, x_api_key: APIKey = None) -> Response:
+    """The calling key's budget; asking does not spend it."""
+    app = state(request)
+    principal = await app.authenticator.authenticate(
+        x_api_key, client_address(request), "ingest", "admin", "viewer"
+    )
+    limit = principal.rate_limit_per_min or app.settings.rate_limit_per_min
+    decision = await app.limiter.stats("key", str(principal.key_id), limit)
+    body = {"limit": limit, "remaining": decision.remaining, "reset": int(decision.reset_epoch_s)}
+    return json_response(body, 200, decision.headers())
+
+
+@router.get("/health", tags=["health"])
+async def health() -> Response:
+    """Alive: the process answers."""
+    return json_response({"status": "ok"})
+
+
+@router.get("/ready", tags=["health"])
+async def ready(request: Request) -> Response:
+    """Ready: the database is writable and the writer is running."""
+    checks = await state(request).readiness()
+    ok = all(checks.values())
+    return json_response({"status": "ready" if ok else "not_ready", "checks": checks}, 200 if ok else 503)
+
+
+@admin.get("/retention/policies", response_model=list[PolicyInfo])
+async def list_policies(request: Request, _: Admin) -> Response:
+    app = state(request)
+    policies = await app.reader.run(lambda c: storage.retention_policies(c, app.settings.retention_days))
+    return json_response(
+        [{"table": p.table, "retention_days": p.retention_days, "is_default": p.is_default, "enabled": p.enabled} for p in policies]
+    )
+
+
+def _known_table(table: str) -> str:
+    if table not in storage.TABLES:
+        raise NotFound(f"no such table; one of: {', '.join(storage.TABLES)}")
+    return table
+
+
+@admin.put("/retention/policies/{table}", response_model=list[PolicyInfo])
+async def update_policy(request: Request, table: str, update: PolicyUpdate, _: Admin) -> Response:
+    app = state(request)
+    name = _known_table(table)
+    await app.writer.run(
+        lambda c: storage.set_retention_policy(c, name, update.retention_days, update.enabled)
+    )
+    return await list_policies(request, _)
+
+
+@admin.post("/retention/cleanup")
+async def cleanup(
+    request: Request,
+    _: Admin,
+    dry_run: Annotated[bool, Query(description="Count what would be deleted, delete nothing.")] = False,
+    table: Annotated[str | None, Query(description="Only this table.")] = None,
+) -> Response:
+    app = state(request)
+    tables = [_known_table(table)] if table is not None else None
+    results = await run_once(app.writer, app.settings, dry_run=dry_run, tables=tables, on_deleted=app.on_retention_deleted)
+    return json_response({"dry_run": dry_run, "tables": [r.as_dict() for r in results]})
+
+
+@admin.get("/db/stats")
+async def db_stats(request: Request, _: Admin) -> Response:
+    app = state(request)
+    stats = await app.reader.run(lambda c: storage.stats(c, app.settings.db_path))
+    return json_response(stats)
+
+
+@admin.get("/keys", response_model=list[KeyInfo])
+async def list_keys(request: Request, _: Admin) -> Response:
+    records = await state(request).reader.run(storage.list_keys)
+    return json_response([r.public() for r in records])
+
+
+@admin.post("/keys", response_model=KeyCreated, status_code=201)
+async def create_key(request: Request, body: KeyCreate, _: Admin) -> Response:
+    app = state(request)
+    if body.role == "ingest" and not body.service:
+        raise InvalidPayload(
+            "an ingest key needs a service",
+            details=[{"field": "service", "rule": "required", "message": "required when role is ingest"}],
+        )
+    secret, record = await app.writer.run(
+        lambda c: auth.create_key(
+            c, service=body.service, role=body.role, rate_limit_per_min=body.rate_limit_per_min,
+            source="api", description=body.description,
+        )
+    )
+    app.keys.add(record)
+    log.info("key %d created for %s (%s) through the admin API", record.id, record.service or "-", record.role)
+    return json_response({**record.public(), "key": secret}, 201)
+
+
+@admin.delete("/keys/{key_id}", response_model=KeyInfo)
+async def revoke_key(request: Request, key_id: int, _: Admin) -> Response:
+    app = state(request)
+    record = await app.writer.run(lambda c: storage.revoke_key(c, key_id))
+    if record is None:
+        raise NotFound(f"no key with id {key_id}")
+    app.keys.remove(key_id)
+    log.info("key %d revoked through the admin API", key_id)
+    return json_response(record.public())
+
+
+def schema_components(app: FastAPI) -> None:
+    """Add ``MetricsPayload`` to the OpenAPI components (the ingest route parses it itself)."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = original()
+        defs = MetricsPayload.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(defs.pop("$defs", {}))
+        components["MetricsPayload"] = defs
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

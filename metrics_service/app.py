@@ -1,0 +1,195 @@
+"""The application: ``create_app(settings)`` and the lifespan that owns every background task.
+
+>>> from metrics_service import Settings, create_app
+>>> app = create_app(Settings(db_path="/tmp/metrics.db"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from metrics_service import __version__, auth, storage
+from metrics_service.api import admin, install_error_handlers, router, schema_components
+from metrics_service.ingest import DbThread, WriteQueue
+from metrics_service.ratelimit import RateLimiter
+from metrics_service.retention import RetentionLoop
+from metrics_service.settings import Settings, load_settings
+from metrics_service.validation import Batch, Validator
+
+log = logging.getLogger(__name__)
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass(eq=False)
+class AppState:
+    settings: Settings
+    validator: Validator
+    writer: DbThread
+    reader: DbThread
+    queue: WriteQueue
+    keys: auth.KeyTable
+    limiter: RateLimiter
+    authenticator: auth.Authenticator
+    retention: RetentionLoop
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def on_ingested(self, batch: Batch) -> None:
+        """Hook for per-request accounting (telemetry attaches here)."""
+
+    def on_retention_deleted(self, table: str, rows: int) -> None:
+        """Hook for retention accounting (telemetry attaches here)."""
+
+    async def readiness(self) -> dict[str, bool]:
+        def writable(conn: sqlite3.Connection) -> bool:
+            # Taking the write lock and releasing it proves the file is writable, writing nothing.
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return True
+
+        try:
+            db_ok = await asyncio.wait_for(self.writer.run(writable), 5)
+        except Exception:
+            db_ok = False
+        return {"database_writable": db_ok, "writer_running": self.queue.running, "commits_healthy": self.queue.healthy}
+
+    async def reload_keys(self) -> None:
+        records = await self.reader.run(lambda c: storage.list_keys(c, active_only=True))
+        self.keys.replace(records)
+
+    async def _key_reload_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.key_reload_interval_s)
+            try:
+                await self.reload_keys()
+            except Exception:
+                log.exception("reloading keys failed; keeping the previous set")
+
+
+class RequestIdMiddleware:
+    """Pure ASGI: every response carries ``X-Request-Id`` (the caller's if well-formed) and
+    conservative security headers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
+        rid = incoming if incoming and _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        scope["request_id"] = rid
+        extra = [
+            (b"x-request-id", rid.encode()),
+            (b"x-content-type-options", b"nosniff"),
+            (b"cache-control", b"no-store"),
+        ]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _build_state(settings: Settings) -> AppState:
+    writer = DbThread(settings, name="writer")
+    reader = DbThread(settings, name="reader", readonly=True)
+    keys = auth.KeyTable()
+    limiter = RateLimiter(settings.rate_limit_async_uri)
+    state = AppState(
+        settings=settings,
+        validator=Validator(settings),
+        writer=writer,
+        reader=reader,
+        queue=WriteQueue(writer, settings),
+        keys=keys,
+        limiter=limiter,
+        authenticator=auth.Authenticator(keys, limiter, settings),
+        retention=RetentionLoop(writer, settings),
+    )
+    state.retention = RetentionLoop(writer, settings, on_deleted=state.on_retention_deleted)
+    return state
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    state = _build_state(settings)
+    app.state.metrics = state
+    log.info(
+        "metrics-service %s starting: database %s, %s acknowledgement",
+        __version__, settings.db_path.resolve(), settings.ack_mode.value,
+    )
+    await state.writer.open()
+    if state.writer.applied_migrations:
+        log.info("applied schema migrations %s", state.writer.applied_migrations)
+    await state.reader.open()
+    counts = await state.writer.run(lambda c: auth.reconcile_env(c, settings))
+    log.info(
+        "environment keys reconciled: %d kept, %d added, %d revoked",
+        counts["kept"], counts["added"], counts["revoked"],
+    )
+    await state.reload_keys()
+    if state.keys.count_role("ingest") == 0:
+        log.warning(
+            "no ingest keys: create one with `metrics-service keys create --service NAME` "
+            "or set METRICS_API_KEY_<NAME>"
+        )
+    state.queue.start()
+    state.retention.start()
+    state.tasks.append(asyncio.create_task(state._key_reload_loop(), name="key-reload"))
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        log.info("shutting down: committing %d pending metrics", state.queue.pending_metrics)
+        left = await state.queue.close(settings.shutdown_timeout_s)
+        await state.retention.shutdown()
+        for task in state.tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await state.writer.close()
+        await state.reader.close()
+        log.info(
+            "stopped after %.0f s: %d metrics committed, %d left uncommitted",
+            time.monotonic() - started, state.queue.committed_metrics, left,
+        )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the ASGI app. Nothing is opened until the lifespan starts."""
+    settings = settings or load_settings()
+    app = FastAPI(
+        title="MCP metrics service",
+        version=__version__,
+        description="Collects metric events from MCP services; stores them in SQLite and exports "
+        "them through OpenTelemetry.",
+        lifespan=lifespan,
+        docs_url="/docs",
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(router)
+    if settings.admin_enabled:
+        app.include_router(admin)
+    schema_components(app)
+    app.add_middleware(RequestIdMiddleware)
+    return app

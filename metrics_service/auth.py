@@ -1,0 +1,153 @@
+"""API keys: generation, hashing, the in-memory key table and failed-auth throttling.
+
+Keys are 32 random bytes (``mcpm_`` + URL-safe base64), stored only as SHA-256 hex digests. A
+high-entropy secret needs no slow hash: SHA-256 of 256 random bits cannot be reversed or guessed.
+The service holds a map hash -> key in memory, reloaded from the database every
+``METRICS_KEY_RELOAD_INTERVAL_S``, so keys created or revoked by the CLI take effect within seconds
+and no request touches the database to authenticate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import sqlite3
+from dataclasses import dataclass
+
+from metrics_service import storage
+from metrics_service.errors import Forbidden, RateLimited, Unauthorized
+from metrics_service.ratelimit import RateLimiter
+from metrics_service.settings import Settings, env_api_keys
+
+KEY_PREFIX = "mcpm_"
+ROLES = ("ingest", "admin", "viewer")
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def key_prefix(key: str) -> str:
+    """The first characters, enough to tell keys apart in listings, far too few to use."""
+    return key[: len(KEY_PREFIX) + 6] if key.startswith(KEY_PREFIX) else key[:6]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: one active key."""
+
+    key_id: int
+    role: str
+    service: str | None
+    rate_limit_per_min: int | None
+    key_hash: str
+
+
+def create_key(
+    conn: sqlite3.Connection,
+    *,
+    service: str | None,
+    role: str = "ingest",
+    rate_limit_per_min: int | None = None,
+    source: str = "cli",
+    description: str | None = None,
+) -> tuple[str, storage.KeyRecord]:
+    """Create a key; return the secret (shown once) and its record."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    if role == "ingest" and not service:
+        raise ValueError("an ingest key needs a service")
+    secret = generate_key()
+    record = storage.insert_key(
+        conn,
+        service=service if role == "ingest" else None,
+        role=role,
+        key_hash=hash_key(secret),
+        key_prefix=key_prefix(secret),
+        rate_limit_per_min=rate_limit_per_min,
+        source=source,
+        description=description,
+    )
+    return secret, record
+
+
+def reconcile_env(conn: sqlite3.Connection, settings: Settings) -> dict[str, int]:
+    """Make the env-sourced keys match ``METRICS_API_KEY_*`` and ``METRICS_ADMIN_API_KEY``."""
+    wanted: dict[tuple[str, str | None], tuple[str, str]] = {
+        ("ingest", service): (hash_key(key), key_prefix(key)) for service, key in env_api_keys().items()
+    }
+    if settings.admin_api_key:
+        wanted[("admin", None)] = (hash_key(settings.admin_api_key), key_prefix(settings.admin_api_key))
+    return storage.reconcile_env_keys(conn, wanted)
+
+
+class KeyTable:
+    """Active keys by hash; replaced whole on reload (readers never see a half-built map)."""
+
+    def __init__(self) -> None:
+        self._by_hash: dict[str, Principal] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    def replace(self, records: list[storage.KeyRecord]) -> None:
+        self._by_hash = {
+            r.key_hash: Principal(r.id, r.role, r.service, r.rate_limit_per_min, r.key_hash)
+            for r in records
+            if r.revoked_at is None
+        }
+
+    def add(self, record: storage.KeyRecord) -> None:
+        table = dict(self._by_hash)
+        table[record.key_hash] = Principal(
+            record.id, record.role, record.service, record.rate_limit_per_min, record.key_hash
+        )
+        self._by_hash = table
+
+    def remove(self, key_id: int) -> None:
+        self._by_hash = {h: p for h, p in self._by_hash.items() if p.key_id != key_id}
+
+    def count_role(self, role: str) -> int:
+        return sum(1 for p in self._by_hash.values() if p.role == role)
+
+    def lookup(self, presented: str) -> Principal | None:
+        digest = hash_key(presented)
+        principal = self._by_hash.get(digest)
+        # The map lookup is by digest, not by secret; compare_digest keeps the final check
+        # constant-time all the same.
+        if principal is not None and hmac.compare_digest(principal.key_hash, digest):
+            return principal
+        return None
+
+
+class Authenticator:
+    """Checks ``X-API-Key`` and throttles failed attempts per client address."""
+
+    def __init__(self, keys: KeyTable, limiter: RateLimiter, settings: Settings) -> None:
+        self.keys = keys
+        self._limiter = limiter
+        self._failure_limit = settings.auth_failure_limit_per_min
+
+    async def authenticate(self, presented: str | None, client: str, *roles: str) -> Principal:
+        # A client that already failed too often is refused before its key is even looked at.
+        blocked = await self._limiter.peek_exhausted("authfail", client, self._failure_limit)
+        if blocked is not None:
+            raise RateLimited(
+                "too many failed authentication attempts from this address",
+                headers={"Retry-After": str(blocked)},
+            )
+        principal = self.keys.lookup(presented) if presented else None
+        if principal is None:
+            await self._limiter.hit("authfail", client, self._failure_limit)
+            raise Unauthorized(
+                "missing API key" if not presented else "unknown or revoked API key",
+                headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'},
+            )
+        if principal.role not in roles:
+            raise Forbidden(f"this key's role ({principal.role}) may not use this endpoint")
+        return principal

@@ -1,0 +1,220 @@
+"""The ``metrics-service`` command.
+
+    metrics-service serve [--host H] [--port P] [--first-run-key SERVICE]
+    metrics-service keys create --service NAME [--rate-limit N] [--role ingest|admin|viewer]
+    metrics-service keys list [--all] [--json]
+    metrics-service keys revoke ID
+    metrics-service retention run [--dry-run]
+    metrics-service db stats [--json]
+
+Settings come from the environment (see the README); the CLI and a running service share the
+database, and keys created or revoked here reach the service within METRICS_KEY_RELOAD_INTERVAL_S.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sqlite3
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from metrics_service import auth, storage
+from metrics_service.errors import ConfigError, StorageError
+from metrics_service.settings import Settings, env_api_keys, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metrics-service", description="MCP metrics collection service")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", help="bind address (METRICS_SERVICE_HOST)")
+    serve.add_argument("--port", type=int, help="port (METRICS_SERVICE_PORT)")
+    serve.add_argument(
+        "--first-run-key",
+        metavar="SERVICE",
+        help="if the database has no key at all, create an ingest key for SERVICE and print it once",
+    )
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="create a key and print it once")
+    create.add_argument("--service", help="the service this ingest key reports for")
+    create.add_argument("--rate-limit", type=int, help="requests per minute (default METRICS_RATE_LIMIT)")
+    create.add_argument("--role", choices=auth.ROLES, default="ingest")
+    create.add_argument("--description")
+    listing = keys.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    listing.add_argument("--json", action="store_true")
+    revoke = keys.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("id", type=int)
+
+    retention = sub.add_parser("retention", help="data retention").add_subparsers(
+        dest="retention_command", required=True
+    )
+    run = retention.add_parser("run", help="delete metrics older than each table's policy")
+    run.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
+
+    db = sub.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
+    db_stats = db.add_parser("stats", help="rows per table, file and WAL size")
+    db_stats.add_argument("--json", action="store_true")
+    return parser
+
+
+def _open(settings: Settings) -> sqlite3.Connection:
+    conn, _ = storage.open_database(
+        settings.db_path,
+        synchronous=settings.sqlite_synchronous.value,
+        busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+    )
+    return conn
+
+
+def _time(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    conn = _open(settings)
+    try:
+        if args.keys_command == "create":
+            if args.role == "ingest" and not args.service:
+                print("error: an ingest key needs --service NAME", file=sys.stderr)
+                return 2
+            secret, record = auth.create_key(
+                conn, service=args.service, role=args.role, rate_limit_per_min=args.rate_limit,
+                source="cli", description=args.description,
+            )
+            print(f"Created key {record.id} ({record.role}{', service ' + record.service if record.service else ''}).")
+            print("It is shown only this once; only its hash is stored:\n")
+            print(f"    {secret}\n")
+            return 0
+        if args.keys_command == "list":
+            records = storage.list_keys(conn, active_only=not args.all)
+            if args.json:
+                print(json.dumps([r.public() for r in records], indent=2))
+                return 0
+            rows = [["ID", "ROLE", "SERVICE", "PREFIX", "RATE/MIN", "SOURCE", "CREATED", "REVOKED"]]
+            rows += [
+                [
+                    str(r.id), r.role, r.service or "-", r.key_prefix + "…",
+                    str(r.rate_limit_per_min or f"{settings.rate_limit_per_min} (default)"),
+                    r.source, _time(r.created_at), _time(r.revoked_at),
+                ]
+                for r in records
+            ]
+            print(_table(rows))
+            return 0
+        record = storage.revoke_key(conn, args.id)
+        if record is None:
+            print(f"error: no key with id {args.id}", file=sys.stderr)
+            return 1
+        print(f"Key {record.id} revoked; a running service refuses it within {settings.key_reload_interval_s:g} s.")
+        return 0
+    finally:
+        conn.close()
+
+
+async def _retention(settings: Settings, dry_run: bool) -> list[dict[str, Any]]:
+    from metrics_service.ingest import DbThread
+    from metrics_service.retention import run_once
+
+    writer = DbThread(settings, name="writer")
+    await writer.open()
+    try:
+        return [r.as_dict() for r in await run_once(writer, settings, dry_run=dry_run)]
+    finally:
+        await writer.close()
+
+
+def _first_run_key(settings: Settings, service: str) -> None:
+    if env_api_keys():
+        return
+    conn = _open(settings)
+    try:
+        if storage.list_keys(conn):
+            return
+        secret, _ = auth.create_key(conn, service=service, source="first-run")
+    finally:
+        conn.close()
+    line = "=" * 72
+    print(
+        f"{line}\nFirst run: created an ingest key for service {service!r}.\n"
+        f"It is shown only this once (only its hash is stored); keep it:\n\n"
+        f"    export METRICS_KEY={secret}\n\n"
+        f"More keys: metrics-service keys create --service NAME\n{line}",
+        flush=True,
+    )
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from metrics_service import logs
+    from metrics_service.app import create_app
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    if overrides:
+        settings = load_settings(**overrides)
+    env_api_keys()  # fail now, naming the variable, if one is bad
+    logs.setup(settings.log_level, settings.log_format.value)
+    if args.first_run_key:
+        _first_run_key(settings, args.first_run_key)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        timeout_keep_alive=5,
+    )
+    # uvicorn re-raises SIGTERM/SIGINT once it has shut down gracefully; a no-op handler turns
+    # that into a normal return, so a clean shutdown exits 0.
+    received: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda num, _frame: received.append(num))
+    uvicorn.Server(config).run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        if args.command == "serve":
+            return _serve(args, settings)
+        if args.command == "keys":
+            return _keys(args, settings)
+        if args.command == "retention":
+            results = asyncio.run(_retention(settings, args.dry_run))
+            verb = "would delete" if args.dry_run else "deleted"
+            for r in results:
+                state = "" if r["enabled"] else " (policy disabled)"
+                print(f"{r['table']}: {verb} {r['rows']} rows older than {r['retention_days']} days{state}")
+            return 0
+        stats = storage.stats(conn := _open(settings), settings.db_path)
+        conn.close()
+        if args.json:
+            print(json.dumps(stats, indent=2))
+        else:
+            print(f"database {stats['path']} (schema version {stats['schema_version']})")
+            print(f"file {stats['file_bytes']} bytes, WAL {stats['wal_bytes']} bytes")
+            for table, count in stats["rows"].items():
+                print(f"  {table}: {count} rows")
+        return 0
+    except (ConfigError, StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

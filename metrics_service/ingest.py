@@ -1,0 +1,255 @@
+"""The write queue: group commit of accepted metrics into SQLite.
+
+Requests put their validated rows on a bounded in-memory queue; one writer task takes everything
+queued (up to ``METRICS_COMMIT_MAX_ROWS``) and commits it in one transaction on the writer thread,
+the only connection that writes. While one commit runs the next batch forms, so concurrent
+requests share commits and durability costs little throughput.
+
+- ``durable`` acknowledgement (default): ``submit`` returns once the rows are committed. A failed
+  commit is rolled back whole and retried up to ``METRICS_COMMIT_RETRIES`` times; if it still
+  fails, the waiting requests get 503 and nothing of theirs is stored.
+- ``buffered``: ``submit`` returns at once; the writer commits every ``METRICS_FLUSH_INTERVAL_S``
+  (or sooner when a full batch is waiting) and retries a failed commit until it succeeds, since
+  those rows were already acknowledged.
+
+Either way the queue is bounded (``METRICS_QUEUE_MAX_METRICS``): full -> 503, never unbounded
+memory. ``close`` stops intake and commits everything pending, within a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from metrics_service import storage
+from metrics_service.errors import StorageError, Unavailable
+from metrics_service.settings import AckMode, Settings
+from metrics_service.validation import Batch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Called on the event loop after each successful commit with the committed batches.
+CommitListener = Callable[[Sequence[Batch], int, float], None]
+
+
+@dataclass(slots=True)
+class _Entry:
+    batch: Batch
+    size: int
+    future: asyncio.Future[None] | None
+
+
+class DbThread:
+    """One SQLite connection on its own thread; ``run`` executes a function of it there.
+
+    The service has two: the writer (the only connection that writes, migrations included) and
+    a reader for admin queries, so that a long count never delays a commit.
+    """
+
+    def __init__(self, settings: Settings, *, name: str, readonly: bool = False) -> None:
+        self._settings = settings
+        self._readonly = readonly
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{name}")
+        self._conn: sqlite3.Connection | None = None
+        self.applied_migrations: list[int] = []
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on this connection's thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None:
+            raise StorageError("the database is closed")
+        return fn(self._conn)
+
+    def _open(self) -> None:
+        options = {
+            "synchronous": self._settings.sqlite_synchronous.value,
+            "busy_timeout_ms": self._settings.sqlite_busy_timeout_ms,
+        }
+        if self._readonly:
+            self._conn = storage.connect(self._settings.db_path, **options)
+            self._conn.execute("PRAGMA query_only = ON")
+        else:
+            self._conn, self.applied_migrations = storage.open_database(self._settings.db_path, **options)
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._open)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            if not self._readonly:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._conn.close()
+            self._conn = None
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._close)
+        self._executor.shutdown(wait=True)
+
+
+class WriteQueue:
+    def __init__(self, writer: DbThread, settings: Settings) -> None:
+        self._writer = writer
+        self._settings = settings
+        self._durable = settings.ack_mode is AckMode.durable
+        self._pending: deque[_Entry] = deque()
+        self.pending_metrics = 0
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._listeners: list[CommitListener] = []
+        self.healthy = True
+        self.last_error: str | None = None
+        self.committed_metrics = 0
+
+    def add_listener(self, listener: CommitListener) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="write-queue")
+
+    async def submit(self, batch: Batch) -> None:
+        """Queue ``batch``; in durable mode, return only when it is committed."""
+        size = batch.accepted
+        if size == 0:
+            return
+        if self._closing:
+            raise Unavailable("the service is shutting down", headers={"Retry-After": "5"})
+        if self.pending_metrics + size > self._settings.queue_max_metrics:
+            retry = max(1, round(self._settings.flush_interval_s)) if not self._durable else 1
+            raise Unavailable(
+                "the write queue is full, retry later", headers={"Retry-After": str(retry)}
+            )
+        future = asyncio.get_running_loop().create_future() if self._durable else None
+        self._pending.append(_Entry(batch, size, future))
+        self.pending_metrics += size
+        if self._durable or self.pending_metrics >= self._settings.commit_max_rows:
+            self._wakeup.set()
+        if future is not None:
+            # Shield: a client that disconnects must not cancel the commit others share.
+            await asyncio.shield(future)
+
+    def _take(self) -> list[_Entry]:
+        taken: list[_Entry] = []
+        rows = 0
+        limit = self._settings.commit_max_rows
+        while self._pending and (not taken or rows + self._pending[0].size <= limit):
+            entry = self._pending.popleft()
+            taken.append(entry)
+            rows += entry.size
+        return taken
+
+    async def _wait_for_work(self) -> None:
+        if self._durable:
+            if not self._pending:
+                await self._wakeup.wait()
+            linger = self._settings.commit_linger_ms / 1000
+            if linger and self.pending_metrics < self._settings.commit_max_rows:
+                await asyncio.sleep(linger)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._settings.flush_interval_s)
+        self._wakeup.clear()
+
+    async def _run(self) -> None:
+        while True:
+            if self._closing and not self._pending:
+                return
+            if not self._closing:
+                await self._wait_for_work()
+            entries = self._take()
+            if entries:
+                await self._commit(entries)
+
+    async def _commit(self, entries: list[_Entry]) -> None:
+        parts = [e.batch.rows for e in entries]
+        size = sum(e.size for e in entries)
+        attempt = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                await self._writer.run(lambda conn: storage.insert_rows(conn, parts))
+            except StorageError as exc:
+                attempt += 1
+                self.healthy = False
+                self.last_error = str(exc)
+                log.error("commit of %d metrics failed (attempt %d): %s", size, attempt, exc)
+                if self._durable and attempt > self._settings.commit_retries:
+                    self._finish(entries, Unavailable(
+                        "the metrics could not be stored, retry later",
+                        headers={"Retry-After": "1"},
+                    ))
+                    return
+                await asyncio.sleep(min(5.0, 0.05 * 2**attempt))
+                continue
+            except BaseException as exc:
+                self._finish(entries, Unavailable("the metrics could not be stored"))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                log.exception("unexpected commit failure")
+                return
+            elapsed = time.perf_counter() - started
+            if not self.healthy:
+                log.info("commits succeed again")
+            self.healthy = True
+            self.last_error = None
+            self.committed_metrics += size
+            self._finish(entries, None)
+            batches = [e.batch for e in entries]
+            for listener in self._listeners:
+                try:
+                    listener(batches, size, elapsed)
+                except Exception:
+                    log.exception("commit listener failed")
+            return
+
+    def _finish(self, entries: list[_Entry], error: BaseException | None) -> None:
+        for entry in entries:
+            self.pending_metrics -= entry.size
+            future = entry.future
+            if future is not None and not future.done():
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+
+    async def close(self, timeout_s: float) -> int:
+        """Stop intake, commit what is pending; return the number of metrics left uncommitted."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except TimeoutError:
+                log.error("shutdown deadline passed with %d metrics uncommitted", self.pending_metrics)
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        return self.pending_metrics
+
+
+def queue_stats(queue: WriteQueue) -> dict[str, Any]:
+    return {
+        "pending_metrics": queue.pending_metrics,
+        "healthy": queue.healthy,
+        "running": queue.running,
+        "last_error": queue.last_error,
+    }

@@ -1,0 +1,109 @@
+"""Retention: delete metrics older than each table's policy, by event time, in bounded chunks.
+
+Each chunk is one short transaction on the writer thread, queued behind (and in front of) ingest
+commits, so a large backlog never blocks ingest for longer than one chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from metrics_service import storage
+from metrics_service.ingest import DbThread
+from metrics_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TableResult:
+    table: str
+    retention_days: int
+    cutoff_ms: int
+    rows: int  # deleted, or that would be deleted in a dry run
+    enabled: bool
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "table": self.table,
+            "retention_days": self.retention_days,
+            "cutoff": self.cutoff_ms,
+            "rows": self.rows,
+            "enabled": self.enabled,
+        }
+
+
+async def run_once(
+    writer: DbThread,
+    settings: Settings,
+    *,
+    dry_run: bool = False,
+    tables: list[str] | None = None,
+    on_deleted: Callable[[str, int], None] | None = None,
+) -> list[TableResult]:
+    policies = await writer.run(lambda c: storage.retention_policies(c, settings.retention_days))
+    results = []
+    now = time.time()
+    for policy in policies:
+        if tables is not None and policy.table not in tables:
+            continue
+        cutoff = storage.cutoff_ms(policy.retention_days, now)
+        table = policy.table
+        if dry_run or not policy.enabled:
+            rows = await writer.run(lambda c, t=table, k=cutoff: storage.count_expired(c, t, k))
+            results.append(TableResult(table, policy.retention_days, cutoff, rows if dry_run else 0, policy.enabled))
+            continue
+        deleted = 0
+        while True:
+            chunk = await writer.run(
+                lambda c, t=table, k=cutoff: storage.delete_expired_chunk(
+                    c, t, k, settings.retention_chunk_rows
+                )
+            )
+            deleted += chunk
+            if on_deleted is not None and chunk:
+                on_deleted(table, chunk)
+            if chunk < settings.retention_chunk_rows:
+                break
+        if deleted:
+            log.info("retention deleted %d rows from %s older than %d days", deleted, table, policy.retention_days)
+        results.append(TableResult(table, policy.retention_days, cutoff, deleted, True))
+    return results
+
+
+class RetentionLoop:
+    """Runs retention at start-up and then every ``METRICS_RETENTION_INTERVAL_S``."""
+
+    def __init__(
+        self, writer: DbThread, settings: Settings, on_deleted: Callable[[str, int], None] | None = None
+    ) -> None:
+        self._writer = writer
+        self._settings = settings
+        self._on_deleted = on_deleted
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="retention")
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await run_once(self._writer, self._settings, on_deleted=self._on_deleted)
+            except Exception:
+                log.exception("retention run failed; trying again next interval")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._settings.retention_interval_s)
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

@@ -1,0 +1,167 @@
+"""Typed settings, read from the environment.
+
+Explicit arguments win over the environment, so a test writes
+``Settings(db_path=tmp_path / "m.db")``. Every field has the environment name that sets it
+(``env_names()`` lists them); a bad value stops start-up with a message naming that variable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from metrics_service.errors import ConfigError
+
+API_KEY_ENV_PREFIX = "METRICS_API_KEY_"
+_SERVICE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class AckMode(str, Enum):
+    durable = "durable"
+    buffered = "buffered"
+
+
+class Synchronous(str, Enum):
+    full = "full"
+    normal = "normal"
+
+
+class LogFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+def _env(name: str, default: Any, **kwargs: Any) -> Any:
+    # The field name stays usable as a keyword argument; the environment name is the alias.
+    return Field(default, validation_alias=AliasChoices(name), **kwargs)
+
+
+class Settings(BaseSettings):
+    """All settings of the service.
+
+    >>> Settings(db_path="/tmp/m.db", port=0).port
+    0
+    """
+
+    model_config = SettingsConfigDict(
+        populate_by_name=True, extra="ignore", case_sensitive=False, frozen=True
+    )
+
+    # HTTP
+    host: str = _env("METRICS_SERVICE_HOST", "127.0.0.1")
+    port: int = _env("METRICS_SERVICE_PORT", 8890, ge=0, le=65535)
+    max_request_bytes: int = _env("METRICS_MAX_REQUEST_BYTES", 1_048_576, ge=1024)
+    request_timeout_s: float = _env("METRICS_REQUEST_TIMEOUT_S", 10.0, gt=0)
+    admin_enabled: bool = _env("METRICS_ADMIN_ENABLED", True)
+    admin_api_key: str | None = _env("METRICS_ADMIN_API_KEY", None, repr=False)
+
+    # Validation limits
+    max_metrics_per_request: int = _env("METRICS_MAX_METRICS_PER_REQUEST", 1000, ge=1, le=100_000)
+    max_dimensions: int = _env("METRICS_MAX_DIMENSIONS", 32, ge=1, le=1000)
+    max_string_length: int = _env("METRICS_MAX_STRING_LENGTH", 256, ge=8, le=65_536)
+    max_metadata_bytes: int = _env("METRICS_MAX_METADATA_BYTES", 4096, ge=2, le=1_048_576)
+    max_future_skew_s: float = _env("METRICS_MAX_FUTURE_SKEW_S", 300.0, ge=0)
+
+    # Storage and the write path
+    db_path: Path = _env("SQLITE_DB_PATH", Path("data/metrics.db"))
+    sqlite_synchronous: Synchronous = _env("METRICS_SQLITE_SYNCHRONOUS", Synchronous.full)
+    sqlite_busy_timeout_ms: int = _env("METRICS_SQLITE_BUSY_TIMEOUT_MS", 5000, ge=0)
+    ack_mode: AckMode = _env("METRICS_ACK_MODE", AckMode.durable)
+    flush_interval_s: float = _env("METRICS_FLUSH_INTERVAL_S", 5.0, gt=0)
+    commit_max_rows: int = _env("METRICS_COMMIT_MAX_ROWS", 10_000, ge=1)
+    commit_linger_ms: float = _env("METRICS_COMMIT_LINGER_MS", 0.0, ge=0, le=1000)
+    commit_retries: int = _env("METRICS_COMMIT_RETRIES", 3, ge=0, le=100)
+    queue_max_metrics: int = _env("METRICS_QUEUE_MAX_METRICS", 50_000, ge=1)
+    shutdown_timeout_s: float = _env("METRICS_SHUTDOWN_TIMEOUT_S", 30.0, gt=0)
+
+    # Keys, rate limits and abuse
+    rate_limit_per_min: int = _env("METRICS_RATE_LIMIT", 1000, ge=1)
+    rate_limit_storage_uri: str = _env("METRICS_RATE_LIMIT_STORAGE_URI", "memory://")
+    auth_failure_limit_per_min: int = _env("METRICS_AUTH_FAILURE_LIMIT", 30, ge=1)
+    key_reload_interval_s: float = _env("METRICS_KEY_RELOAD_INTERVAL_S", 2.0, gt=0)
+
+    # Retention
+    retention_days: int = _env("METRICS_RETENTION_DAYS", 90, ge=1, le=36_500)
+    retention_interval_s: float = _env("METRICS_RETENTION_INTERVAL_S", 3600.0, gt=0)
+    retention_chunk_rows: int = _env("METRICS_RETENTION_CHUNK_ROWS", 5000, ge=1)
+
+    # Logs
+    log_level: str = _env("METRICS_LOG_LEVEL", "info")
+    log_format: LogFormat = _env("METRICS_LOG_FORMAT", LogFormat.text)
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.lower()
+        if level not in {"debug", "info", "warning", "error", "critical"}:
+            raise ValueError("must be one of debug, info, warning, error, critical")
+        return level
+
+    @field_validator("rate_limit_storage_uri")
+    @classmethod
+    def _known_storage(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0]
+        if scheme not in {"memory", "redis", "rediss", "redis+sentinel", "redis+cluster"}:
+            raise ValueError("must be memory:// or a redis:// URI")
+        return value
+
+    @property
+    def rate_limit_async_uri(self) -> str:
+        """The URI for `limits`' asyncio storage (``async+redis://`` etc.)."""
+        return f"async+{self.rate_limit_storage_uri}"
+
+
+def env_names() -> dict[str, str]:
+    """Field name -> the environment variable that sets it."""
+    names = {}
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        assert isinstance(alias, AliasChoices)
+        names[name] = str(alias.choices[0])
+    return names
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment, turning a bad value into a ``ConfigError``."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        names = env_names()
+        problems = []
+        for err in exc.errors():
+            loc = str(err["loc"][0]) if err["loc"] else "?"
+            var = names.get(loc, loc.upper())
+            problems.append(f"{var}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def service_name_from_env(var: str) -> str:
+    """``METRICS_API_KEY_MY_SERVICE`` -> ``my-service``."""
+    return var[len(API_KEY_ENV_PREFIX) :].lower().replace("_", "-")
+
+
+def env_api_keys(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Ingest keys from ``METRICS_API_KEY_<NAME>`` variables: service name -> key."""
+    environ = os.environ if environ is None else environ
+    keys: dict[str, str] = {}
+    for var, value in environ.items():
+        if not var.upper().startswith(API_KEY_ENV_PREFIX) or len(var) == len(API_KEY_ENV_PREFIX):
+            continue
+        service = service_name_from_env(var.upper())
+        if not _SERVICE_NAME_RE.match(service):
+            raise ConfigError(f"{var}: service name {service!r} is not a valid service name")
+        if len(value) < 16:
+            raise ConfigError(f"{var}: an API key must be at least 16 characters")
+        keys[service] = value
+    return keys
+
+
+def valid_service_name(name: str) -> bool:
+    return bool(_SERVICE_NAME_RE.match(name))

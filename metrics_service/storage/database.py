@@ -1,0 +1,196 @@
+"""The SQLite database: connections, batched inserts, retention deletes and statistics.
+
+Only one connection writes (the writer thread of ``ingest``); everything here that writes is a
+plain function of a ``sqlite3.Connection`` so that the writer, the CLI and tests share it.
+Table names in SQL come from the fixed ``TABLES`` whitelist, never from input.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+from metrics_service.errors import StorageError
+from metrics_service.storage import migrations
+from metrics_service.validation import DIMENSIONS, METADATA_COLUMNS
+
+#: metric type -> typed table.
+TABLE_OF_TYPE = {
+    "auth_request": "auth_metrics",
+    "tool_execution": "tool_metrics",
+    "tool_discovery": "discovery_metrics",
+    "protocol_latency": "protocol_latency_metrics",
+    "custom": "custom_metrics",
+}
+TABLES = tuple(TABLE_OF_TYPE.values())
+
+_COMMON_COLUMNS = (
+    "ts", "received_at", "service", "service_version", "instance_id", "value", "duration_ms",
+)
+
+
+def _insert_sql(kind: str) -> str:
+    columns = [*_COMMON_COLUMNS, *(name for name, _ in DIMENSIONS[kind])]
+    if kind == "tool_execution":
+        columns += [name for name, _ in METADATA_COLUMNS]
+    columns += ["dimensions", "metadata"]
+    marks = ", ".join("?" * len(columns))
+    return f"INSERT INTO {TABLE_OF_TYPE[kind]} ({', '.join(columns)}) VALUES ({marks})"
+
+
+INSERT_SQL = {kind: _insert_sql(kind) for kind in TABLE_OF_TYPE}
+
+
+def connect(
+    path: Path | str,
+    *,
+    synchronous: str = "full",
+    busy_timeout_ms: int = 5000,
+    check_same_thread: bool = True,
+) -> sqlite3.Connection:
+    """Open the database in WAL mode, autocommit (transactions are explicit)."""
+    path = Path(path)
+    if str(path) != ":memory:":
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=check_same_thread, timeout=busy_timeout_ms / 1000
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
+        conn.execute("PRAGMA temp_store = MEMORY")
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open database {path}: {exc}") from exc
+    return conn
+
+
+def open_database(path: Path | str, **kwargs: Any) -> tuple[sqlite3.Connection, list[int]]:
+    """Connect and apply migrations; return the connection and the versions applied."""
+    conn = connect(path, **kwargs)
+    try:
+        applied = migrations.apply(conn)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StorageError(f"cannot migrate database {path}: {exc}") from exc
+    return conn, applied
+
+
+def insert_rows(conn: sqlite3.Connection, parts: Sequence[dict[str, list[tuple[Any, ...]]]]) -> int:
+    """Insert the rows of several requests in one transaction; all or nothing.
+
+    A failure rolls the whole transaction back, so the caller can retry without duplicates.
+    """
+    kinds: set[str] = set()
+    for part in parts:
+        kinds.update(part)
+    count = 0
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for kind in kinds:
+                rows: Iterable[tuple[Any, ...]] = chain.from_iterable(
+                    part[kind] for part in parts if kind in part
+                )
+                cursor = conn.executemany(INSERT_SQL[kind], rows)
+                count += cursor.rowcount
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as exc:
+        raise StorageError(f"commit failed: {exc}") from exc
+    return count
+
+
+def cutoff_ms(days: int, now_s: float | None = None) -> int:
+    now_s = time.time() if now_s is None else now_s
+    return int((now_s - days * 86_400) * 1000)
+
+
+def delete_expired_chunk(conn: sqlite3.Connection, table: str, before_ms: int, limit: int) -> int:
+    """Delete up to ``limit`` rows of ``table`` whose event time is before ``before_ms``."""
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}")
+    try:
+        cursor = conn.execute(
+            f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE ts < ? LIMIT ?)",
+            (before_ms, limit),
+        )
+    except sqlite3.Error as exc:
+        raise StorageError(f"retention delete failed: {exc}") from exc
+    return int(cursor.rowcount)
+
+
+def count_expired(conn: sqlite3.Connection, table: str, before_ms: int) -> int:
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}")
+    return int(conn.execute(f"SELECT count(*) FROM {table} WHERE ts < ?", (before_ms,)).fetchone()[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    table: str
+    retention_days: int
+    is_default: bool
+    enabled: bool
+
+
+def retention_policies(conn: sqlite3.Connection, default_days: int) -> list[Policy]:
+    rows = conn.execute(
+        "SELECT table_name, retention_days, enabled FROM retention_policies ORDER BY table_name"
+    ).fetchall()
+    return [
+        Policy(table, days if days is not None else default_days, days is None, bool(enabled))
+        for table, days, enabled in rows
+        if table in TABLES
+    ]
+
+
+def set_retention_policy(
+    conn: sqlite3.Connection, table: str, retention_days: int | None, enabled: bool | None
+) -> None:
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}")
+    now = int(time.time() * 1000)
+    conn.execute(
+        "UPDATE retention_policies SET retention_days = ?, updated_at = ? WHERE table_name = ?",
+        (retention_days, now, table),
+    )
+    if enabled is not None:
+        conn.execute(
+            "UPDATE retention_policies SET enabled = ? WHERE table_name = ?", (int(enabled), table)
+        )
+
+
+def stats(conn: sqlite3.Connection, path: Path | str) -> dict[str, Any]:
+    """Rows per table and the size of the database and its WAL, in bytes."""
+    rows = {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in TABLES}
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    page_count = conn.execute("PRAGMA page_count").fetchone()[0]
+    freelist = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return {
+        "path": str(path),
+        "rows": rows,
+        "total_rows": sum(rows.values()),
+        "file_bytes": _size(Path(path)),
+        "wal_bytes": _size(Path(f"{path}-wal")),
+        "page_size": page_size,
+        "page_count": page_count,
+        "free_pages": freelist,
+        "schema_version": migrations.current_version(conn),
+    }
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,126 @@
+"""SQL for the ``api_keys`` table. Keys are stored only as SHA-256 hashes."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: int
+    service: str | None
+    role: str
+    key_hash: str
+    key_prefix: str
+    rate_limit_per_min: int | None
+    source: str
+    description: str | None
+    created_at: int
+    revoked_at: int | None
+
+    def public(self) -> dict[str, Any]:
+        """What may be shown: everything but the hash."""
+        return {
+            "id": self.id,
+            "service": self.service,
+            "role": self.role,
+            "key_prefix": self.key_prefix,
+            "rate_limit_per_min": self.rate_limit_per_min,
+            "source": self.source,
+            "description": self.description,
+            "created_at": self.created_at,
+            "revoked_at": self.revoked_at,
+            "active": self.revoked_at is None,
+        }
+
+
+_COLUMNS = (
+    "id, service, role, key_hash, key_prefix, rate_limit_per_min, source, description,"
+    " created_at, revoked_at"
+)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def insert_key(
+    conn: sqlite3.Connection,
+    *,
+    service: str | None,
+    role: str,
+    key_hash: str,
+    key_prefix: str,
+    rate_limit_per_min: int | None,
+    source: str,
+    description: str | None = None,
+) -> KeyRecord:
+    cursor = conn.execute(
+        "INSERT INTO api_keys (service, role, key_hash, key_prefix, rate_limit_per_min, source,"
+        " description, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING " + _COLUMNS,
+        (service, role, key_hash, key_prefix, rate_limit_per_min, source, description, _now_ms()),
+    )
+    return KeyRecord(*cursor.fetchone())
+
+
+def list_keys(conn: sqlite3.Connection, *, active_only: bool = False) -> list[KeyRecord]:
+    where = " WHERE revoked_at IS NULL" if active_only else ""
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM api_keys{where} ORDER BY id").fetchall()
+    return [KeyRecord(*row) for row in rows]
+
+
+def revoke_key(conn: sqlite3.Connection, key_id: int) -> KeyRecord | None:
+    """Revoke by id; return the record, or None if there is no such key."""
+    conn.execute(
+        "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (_now_ms(), key_id)
+    )
+    row = conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+    return KeyRecord(*row) if row else None
+
+
+def reconcile_env_keys(
+    conn: sqlite3.Connection, wanted: dict[tuple[str, str | None], tuple[str, str]]
+) -> dict[str, int]:
+    """Make the active ``source='env'`` keys exactly ``wanted``.
+
+    ``wanted`` maps (role, service) -> (key_hash, key_prefix). A changed key replaces the old one;
+    an env key whose variable is gone is revoked. Returns counts of kept, added, revoked keys.
+    """
+    counts = {"kept": 0, "added": 0, "revoked": 0}
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = [k for k in list_keys(conn, active_only=True) if k.source == "env"]
+        for key in current:
+            want = wanted.get((key.role, key.service))
+            if want is not None and want[0] == key.key_hash:
+                counts["kept"] += 1
+                continue
+            revoke_key(conn, key.id)
+            counts["revoked"] += 1
+        kept = {(k.role, k.service) for k in current if wanted.get((k.role, k.service), ("",))[0] == k.key_hash}
+        for (role, service), (key_hash, prefix) in wanted.items():
+            if (role, service) in kept:
+                continue
+            # The same secret may already exist (e.g. created once by the CLI): reuse that row.
+            row = conn.execute("SELECT id, revoked_at FROM api_keys WHERE key_hash = ?", (key_hash,)).fetchone()
+            if row is not None:
+                conn.execute(
+                    "UPDATE api_keys SET revoked_at = NULL, source = 'env', role = ?, service = ?"
+                    " WHERE id = ?",
+                    (role, service, row[0]),
+                )
+            else:
+                insert_key(
+                    conn, service=service, role=role, key_hash=key_hash, key_prefix=prefix,
+                    rate_limit_per_min=None, source="env",
+                )
+            counts["added"] += 1
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return counts

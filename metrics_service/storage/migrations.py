@@ -1,0 +1,169 @@
+"""Versioned schema migrations, applied at start-up.
+
+Each migration is literal SQL frozen at the version it was released in: never edit one that has
+shipped, add the next. ``apply`` runs every missing migration inside one ``BEGIN IMMEDIATE``
+transaction per version, so concurrent starts cannot apply one twice and a failure leaves the
+database at the previous version. ``PRAGMA user_version`` holds the version.
+
+Timestamps are integer unix milliseconds, UTC: ``ts`` is the event time, ``received_at`` the time
+the service received the event.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+_COMMON = """
+    id INTEGER PRIMARY KEY,
+    ts INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    service TEXT NOT NULL,
+    service_version TEXT NOT NULL,
+    instance_id TEXT,
+    value REAL NOT NULL,
+    duration_ms REAL,"""
+
+_TAIL = """
+    dimensions TEXT,
+    metadata TEXT"""
+
+_ISO = "strftime('%Y-%m-%dT%H:%M:%fZ', ts / 1000.0, 'unixepoch')"
+
+
+def _view_part(kind: str, table: str, typed: str) -> str:
+    return f"""
+    SELECT '{kind}' AS type, id AS source_id, ts, {_ISO} AS event_time, received_at,
+           service, service_version, instance_id, value, duration_ms,
+           json_patch(coalesce(dimensions, '{{}}'), json_object({typed})) AS dimensions, metadata
+    FROM {table}"""
+
+
+_BOOL = "json(CASE success WHEN 1 THEN 'true' WHEN 0 THEN 'false' END)"
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "initial schema",
+        [
+            f"CREATE TABLE auth_metrics ({_COMMON}"
+            " success INTEGER, method TEXT, server TEXT, user_hash TEXT," + _TAIL + ")",
+            "CREATE INDEX idx_auth_metrics_ts ON auth_metrics (ts)",
+            "CREATE INDEX idx_auth_metrics_success ON auth_metrics (success, ts)",
+            "CREATE INDEX idx_auth_metrics_user_hash ON auth_metrics (user_hash, ts)",
+            f"CREATE TABLE tool_metrics ({_COMMON}"
+            " method TEXT, tool_name TEXT, server_name TEXT, client_name TEXT, client_version TEXT,"
+            " success INTEGER, input_size_bytes INTEGER, output_size_bytes INTEGER,"
+            " transport TEXT, session_id TEXT,"
+            " agent_id TEXT, tenant_id TEXT, input_tokens INTEGER, output_tokens INTEGER," + _TAIL + ")",
+            "CREATE INDEX idx_tool_metrics_ts ON tool_metrics (ts)",
+            "CREATE INDEX idx_tool_metrics_tool_name ON tool_metrics (tool_name, ts)",
+            "CREATE INDEX idx_tool_metrics_client_name ON tool_metrics (client_name, ts)",
+            "CREATE INDEX idx_tool_metrics_method ON tool_metrics (method, ts)",
+            f"CREATE TABLE discovery_metrics ({_COMMON}"
+            " query TEXT, results_count INTEGER, top_k INTEGER, top_n INTEGER,"
+            " embedding_time_ms REAL, search_time_ms REAL," + _TAIL + ")",
+            "CREATE INDEX idx_discovery_metrics_ts ON discovery_metrics (ts)",
+            "CREATE INDEX idx_discovery_metrics_results_count ON discovery_metrics (results_count)",
+            f"CREATE TABLE protocol_latency_metrics ({_COMMON}"
+            " flow_step TEXT, server_name TEXT, client_name TEXT, session_id TEXT," + _TAIL + ")",
+            "CREATE INDEX idx_protocol_latency_metrics_ts ON protocol_latency_metrics (ts)",
+            "CREATE INDEX idx_protocol_latency_metrics_flow_step"
+            " ON protocol_latency_metrics (flow_step, ts)",
+            f"CREATE TABLE custom_metrics ({_COMMON}" + _TAIL + ")",
+            "CREATE INDEX idx_custom_metrics_ts ON custom_metrics (ts)",
+            "CREATE VIEW metrics AS"
+            + _view_part(
+                "auth_request",
+                "auth_metrics",
+                f"'success', {_BOOL}, 'method', method, 'server', server, 'user_hash', user_hash",
+            )
+            + " UNION ALL"
+            + _view_part(
+                "tool_execution",
+                "tool_metrics",
+                "'method', method, 'tool_name', tool_name, 'server_name', server_name,"
+                " 'client_name', client_name, 'client_version', client_version,"
+                f" 'success', {_BOOL}, 'input_size_bytes', input_size_bytes,"
+                " 'output_size_bytes', output_size_bytes, 'transport', transport,"
+                " 'session_id', session_id",
+            )
+            + " UNION ALL"
+            + _view_part(
+                "tool_discovery",
+                "discovery_metrics",
+                "'query', query, 'results_count', results_count, 'top_k', top_k, 'top_n', top_n,"
+                " 'embedding_time_ms', embedding_time_ms, 'search_time_ms', search_time_ms",
+            )
+            + " UNION ALL"
+            + _view_part(
+                "protocol_latency",
+                "protocol_latency_metrics",
+                "'flow_step', flow_step, 'server_name', server_name, 'client_name', client_name,"
+                " 'session_id', session_id",
+            )
+            + " UNION ALL"
+            + _view_part("custom", "custom_metrics", ""),
+            """CREATE TABLE api_keys (
+                id INTEGER PRIMARY KEY,
+                service TEXT,
+                role TEXT NOT NULL CHECK (role IN ('ingest', 'admin', 'viewer')),
+                key_hash TEXT NOT NULL UNIQUE,
+                key_prefix TEXT NOT NULL,
+                rate_limit_per_min INTEGER,
+                source TEXT NOT NULL,
+                description TEXT,
+                created_at INTEGER NOT NULL,
+                revoked_at INTEGER
+            )""",
+            "CREATE INDEX idx_api_keys_service ON api_keys (service)",
+            """CREATE TABLE retention_policies (
+                table_name TEXT PRIMARY KEY,
+                retention_days INTEGER,
+                enabled INTEGER NOT NULL DEFAULT 1,
+                updated_at INTEGER NOT NULL
+            )""",
+            "INSERT INTO retention_policies (table_name, updated_at) VALUES"
+            " ('auth_metrics', 0), ('tool_metrics', 0), ('discovery_metrics', 0),"
+            " ('protocol_latency_metrics', 0), ('custom_metrics', 0)",
+            """CREATE TABLE schema_migrations (
+                version INTEGER PRIMARY KEY,
+                name TEXT NOT NULL,
+                applied_at INTEGER NOT NULL
+            )""",
+        ],
+    ),
+]
+
+LATEST_VERSION = MIGRATIONS[-1][0]
+
+
+def current_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def apply(conn: sqlite3.Connection) -> list[int]:
+    """Apply the missing migrations; return the versions applied. ``conn`` is in autocommit."""
+    applied: list[int] = []
+    for version, name, statements in MIGRATIONS:
+        if current_version(conn) >= version:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Read again under the write lock: another process may have just migrated.
+            if current_version(conn) >= version:
+                conn.execute("ROLLBACK")
+                continue
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (version, name, int(time.time() * 1000)),
+            )
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(version)
+    return applied

@@ -1,0 +1,343 @@
+"""Validation of ``POST /metrics`` bodies, item by item, into rows for storage.
+
+The hot path decodes the whole body with msgspec straight into typed structs (one C pass, no
+per-field Python). Only if that fails does the slow path decode the body loosely and check each
+item on its own, so that valid items are kept and every rejected item is named with its index,
+field and rule (as OTLP's partial success does). Both paths use the same structs, so they agree.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+from metrics_service.errors import BadRequest, InvalidPayload
+from metrics_service.settings import Settings, valid_service_name
+
+METRIC_TYPES = ("auth_request", "tool_execution", "tool_discovery", "protocol_latency", "custom")
+
+#: dimension name -> kind, per metric type; these become typed columns, in this order.
+DIMENSIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "auth_request": (("success", "bool"), ("method", "str"), ("server", "str"), ("user_hash", "str")),
+    "tool_execution": (
+        ("method", "str"),
+        ("tool_name", "str"),
+        ("server_name", "str"),
+        ("client_name", "str"),
+        ("client_version", "str"),
+        ("success", "bool"),
+        ("input_size_bytes", "count"),
+        ("output_size_bytes", "count"),
+        ("transport", "str"),
+        ("session_id", "str"),
+    ),
+    "tool_discovery": (
+        ("query", "str"),
+        ("results_count", "count"),
+        ("top_k", "count"),
+        ("top_n", "count"),
+        ("embedding_time_ms", "ms"),
+        ("search_time_ms", "ms"),
+    ),
+    "protocol_latency": (
+        ("flow_step", "str"),
+        ("server_name", "str"),
+        ("client_name", "str"),
+        ("session_id", "str"),
+    ),
+    "custom": (),
+}
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "auth_request": ("success",),
+    "tool_execution": ("method", "success"),
+    "tool_discovery": (),
+    "protocol_latency": ("flow_step",),
+    "custom": (),
+}
+#: metadata keys that also get typed columns in ``tool_metrics``.
+METADATA_COLUMNS = (("agent_id", "str"), ("tenant_id", "str"), ("input_tokens", "count"), ("output_tokens", "count"))
+
+MAX_DURATION_MS = 86_400_000.0  # one day
+MAX_VALUE = 1e15
+_MAX_COUNT = 2**62
+_TS_MIN_S = 946_684_800.0  # 2000-01-01: anything older is a unit mistake, not an event time
+_PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`")
+_KEY_PATH_RE = re.compile(r" - at `key` in `\$(?P<path>[^`]*)`")
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    index: int
+    field: str
+    rule: str
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "field": self.field, "rule": self.rule, "message": self.message}
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one request contributes: rows per metric type, ready for ``executemany``."""
+
+    service: str
+    rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+    rejections: list[Rejection] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> int:
+        return sum(len(r) for r in self.rows.values())
+
+
+class _Reject(Exception):
+    def __init__(self, field: str, rule: str, message: str) -> None:
+        self.field, self.rule, self.message = field, rule, message
+
+
+def _structs(s: Settings) -> tuple[type[Struct], type[Struct], type[Struct]]:
+    text = Annotated[str, Meta(max_length=s.max_string_length)]
+    finite = Annotated[float, Meta(ge=-MAX_VALUE, le=MAX_VALUE)]
+    dim_value = text | int | finite | bool | None
+    dims = Annotated[dict[Annotated[str, Meta(max_length=64)], dim_value], Meta(max_length=s.max_dimensions)]
+
+    # Built with defstruct: the limits come from settings, and string annotations (this module
+    # uses postponed evaluation) could not see these local types.
+    metric = msgspec.defstruct(
+        "Metric",
+        [
+            ("type", str),
+            ("value", finite, 1.0),
+            ("duration_ms", Annotated[float, Meta(ge=0, le=MAX_DURATION_MS)] | None, None),
+            ("timestamp", Annotated[str, Meta(max_length=64)] | finite | None, None),
+            ("dimensions", dims, {}),
+            ("metadata", dict[str, Any], {}),
+        ],
+    )
+
+    def envelope(name: str, item: Any) -> type[Struct]:
+        return msgspec.defstruct(
+            name,
+            [
+                ("service", Annotated[str, Meta(min_length=1, max_length=64)]),
+                ("version", Annotated[str, Meta(max_length=64)]),
+                ("metrics", Annotated[list[item], Meta(min_length=1, max_length=s.max_metrics_per_request)]),
+                ("instance_id", Annotated[str, Meta(max_length=128)] | None, None),
+            ],
+        )
+
+    return envelope("Envelope", metric), envelope("LooseEnvelope", Any), metric
+
+
+def _rule_of(message: str) -> str:
+    if message.startswith("Object missing required field"):
+        return "required"
+    if "got `" in message or message.startswith("Expected `"):
+        if " of length <= " in message:
+            return "max_length"
+        if " of length >= " in message:
+            return "min_length"
+        if " >= " in message:
+            return "ge"
+        if " <= " in message:
+            return "le"
+        return "type"
+    if "out of range" in message:
+        return "finite"
+    return "invalid"
+
+
+def _describe(err: msgspec.ValidationError, prefix: str) -> tuple[str, str, str]:
+    """msgspec's message -> (field path, rule, message without the path)."""
+    text = str(err)
+    key = _KEY_PATH_RE.search(text)
+    match = key or _PATH_RE.search(text)
+    path = match.group("path") if match else ""
+    message = text[: match.start()] if match else text
+    if message.startswith("Object missing required field `"):
+        missing = message.split("`")[1]
+        path = f"{path}.{missing}"
+    path = path.replace("[...]", "")
+    return (prefix + path).lstrip("."), _rule_of(message), message
+
+
+class Validator:
+    """Turns request bodies into a :class:`Batch`; one instance per app (limits from settings)."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+        self._settings = settings
+        self._clock = clock
+        envelope, loose, metric = _structs(settings)
+        self._decoder = msgspec.json.Decoder(envelope)
+        self._loose_decoder = msgspec.json.Decoder(loose)
+        self._metric_type = metric
+        self._encode = msgspec.json.Encoder().encode
+
+    def decode(self, body: bytes, *, allowed_service: str | None = None) -> Batch:
+        """Validate ``body``; raise for a body of the wrong shape, else return the batch.
+
+        ``allowed_service``: the service the key was issued for; another one raises ``Forbidden``
+        via ``check_service`` in the caller (kept separate so the body is parsed once).
+        """
+        try:
+            envelope = self._decoder.decode(body)
+            items = envelope.metrics
+            fast = True
+        except msgspec.ValidationError:
+            envelope = self._decode_loose(body)
+            items = envelope.metrics
+            fast = False
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise BadRequest("request body is nested too deeply") from None
+        if not valid_service_name(envelope.service):
+            raise InvalidPayload(
+                "the request body is invalid",
+                details=[
+                    {
+                        "field": "service",
+                        "rule": "pattern",
+                        "message": "lower-case letters, digits, '.', '_' or '-', starting with a letter or digit",
+                    }
+                ],
+            )
+        return self._build(envelope, items, fast)
+
+    def _decode_loose(self, body: bytes) -> Any:
+        try:
+            return self._loose_decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            path, rule, message = _describe(exc, "")
+            raise InvalidPayload(
+                "the request body is invalid",
+                details=[{"field": path or "$", "rule": rule, "message": message}],
+            ) from None
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise BadRequest("request body is nested too deeply") from None
+
+    def _build(self, envelope: Any, items: list[Any], fast: bool) -> Batch:
+        now = self._clock()
+        received_ms = int(now * 1000)
+        oldest_s = now - self._settings.retention_days * 86_400
+        newest_s = now + self._settings.max_future_skew_s
+        head = (envelope.service, envelope.version, envelope.instance_id)
+        batch = Batch(service=envelope.service)
+        rows = batch.rows
+        convert = msgspec.convert
+        metric_type = self._metric_type
+        for index, item in enumerate(items):
+            try:
+                if not fast:
+                    try:
+                        item = convert(item, metric_type)
+                    except msgspec.ValidationError as exc:
+                        raise _Reject(*_describe(exc, "")) from None
+                table, row = self._row(item, head, received_ms, oldest_s, newest_s)
+            except _Reject as rej:
+                batch.rejections.append(
+                    Rejection(index, f"metrics[{index}].{rej.field}", rej.rule, rej.message)
+                )
+                continue
+            bucket = rows.get(table)
+            if bucket is None:
+                rows[table] = bucket = []
+            bucket.append(row)
+        return batch
+
+    def _row(
+        self, m: Any, head: tuple[Any, ...], received_ms: int, oldest_s: float, newest_s: float
+    ) -> tuple[str, tuple[Any, ...]]:
+        kind = m.type
+        spec = DIMENSIONS.get(kind)
+        if spec is None:
+            raise _Reject("type", "enum", "must be one of " + ", ".join(METRIC_TYPES))
+        ts = m.timestamp
+        if ts is None:
+            ts_s = received_ms / 1000
+        elif isinstance(ts, str):
+            ts_s = _parse_iso(ts)
+        else:
+            ts_s = float(ts)
+        if ts_s > newest_s:
+            raise _Reject("timestamp", "max_future_skew", "is too far in the future")
+        if ts_s < oldest_s or ts_s < _TS_MIN_S:
+            raise _Reject("timestamp", "older_than_retention", "is older than the retention period")
+        value = m.value
+        duration = m.duration_ms
+        if kind != "custom" and value < 0:
+            raise _Reject("value", "ge", "must be >= 0 for this metric type")
+        if kind == "protocol_latency" and duration is None:
+            if value > MAX_DURATION_MS:
+                raise _Reject("value", "le", f"a latency must be <= {MAX_DURATION_MS:.0f} ms")
+            duration = value
+            value = 1.0
+        dims = m.dimensions
+        typed = [_typed(dims.get(name), name, kind_) for name, kind_ in spec] if spec else []
+        for name in REQUIRED[kind]:
+            if dims.get(name) is None:
+                raise _Reject(f"dimensions.{name}", "required", f"is required for {kind}")
+        if kind == "tool_execution" and dims.get("method") == "tools/call" and not dims.get("tool_name"):
+            raise _Reject("dimensions.tool_name", "required", "is required when method is tools/call")
+        known = _KNOWN[kind]
+        if dims and not dims.keys() <= known:
+            extra_json = self._encode({k: v for k, v in dims.items() if k not in known}).decode()
+        else:
+            extra_json = None
+        meta = m.metadata
+        if meta:
+            meta_json = self._encode(meta).decode()
+            if len(meta_json) > self._settings.max_metadata_bytes:
+                raise _Reject(
+                    "metadata", "max_bytes", f"must encode to <= {self._settings.max_metadata_bytes} bytes"
+                )
+        else:
+            meta_json = None
+        row: tuple[Any, ...] = (int(ts_s * 1000), received_ms, *head, value, duration, *typed)
+        if kind == "tool_execution":
+            row += tuple(
+                _typed(meta.get(name), name, kind_, "metadata") for name, kind_ in METADATA_COLUMNS
+            )
+        return kind, (*row, extra_json, meta_json)
+
+
+_KNOWN = {kind: frozenset(name for name, _ in spec) for kind, spec in DIMENSIONS.items()}
+
+
+def _typed(value: Any, name: str, kind: str, where: str = "dimensions") -> Any:
+    if value is None:
+        return None
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        raise _Reject(f"{where}.{name}", "type", "must be a string")
+    if kind == "bool":
+        if value is True or value is False:
+            return int(value)
+        raise _Reject(f"{where}.{name}", "type", "must be true or false")
+    if kind == "count":
+        if type(value) is int and 0 <= value <= _MAX_COUNT:
+            return value
+        raise _Reject(f"{where}.{name}", "integer", "must be an integer >= 0")
+    # "ms"
+    if type(value) in (int, float) and 0 <= value <= MAX_DURATION_MS:
+        return float(value)
+    raise _Reject(f"{where}.{name}", "range", f"must be a number of milliseconds in [0, {MAX_DURATION_MS:.0f}]")
+
+
+def _parse_iso(text: str) -> float:
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise _Reject("timestamp", "format", "must be an ISO 8601 time or unix seconds") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
