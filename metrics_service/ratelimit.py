@@ -51,7 +51,12 @@ class RateLimiter:
     """Moving-window limits, per namespace and identifier, ``limit`` requests per minute."""
 
     def __init__(self, storage_uri: str = "async+memory://") -> None:
-        self._storage = storage_from_string(storage_uri)
+        options = {}
+        if "redis" in storage_uri:
+            # redis-py, not coredis: coredis retries a script after "connection lost", which can
+            # run the acquire script twice and spend two entries for one request.
+            options["implementation"] = "redispy"
+        self._storage = storage_from_string(storage_uri, **options)
         self._strategy = MovingWindowRateLimiter(self._storage)
         self._items: dict[int, RateLimitItem] = {}
         self._failing = False

@@ -1,0 +1,269 @@
+"""Fixtures for the client middleware tests.
+
+`ingest` is a real HTTP server on a loopback port that speaks the `POST /metrics` contract and can
+be told to answer 429/503/4xx or to go away; `metrics_service` runs the real service as a
+subprocess. Waiting is always on a condition with a deadline, never on a bare sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+API_KEY = "test-key-0123456789abcdef0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+async def async_wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class Received:
+    at: float
+    headers: dict[str, str]
+    body: dict[str, Any]
+    status: int
+
+
+@dataclass
+class IngestServer:
+    """A loopback HTTP server implementing `POST /metrics`, scriptable per request."""
+
+    port: int
+    requests: list[Received] = field(default_factory=list)
+    # Each scripted reply is (status, headers); when empty, answer 200 accepting everything.
+    script: list[tuple[int, dict[str, str]]] = field(default_factory=list)
+    reject_types: set[str] = field(default_factory=set)
+    _server: ThreadingHTTPServer | None = None
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def accepted(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [m for r in self.requests if r.status == 200 for m in r.body["metrics"]]
+
+    def start(self) -> None:
+        ingest = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                raw = self.rfile.read(length)
+                with ingest._lock:
+                    status, headers = ingest.script.pop(0) if ingest.script else (200, {})
+                body = json.loads(raw)
+                reply: dict[str, Any] = {"accepted": 0, "rejected": 0, "errors": []}
+                if status == 200:
+                    for i, metric in enumerate(body["metrics"]):
+                        if metric["type"] in ingest.reject_types:
+                            reply["rejected"] += 1
+                            reply["errors"].append(
+                                {"index": i, "field": f"metrics[{i}].type", "rule": "enum",
+                                 "message": "unknown type"}
+                            )
+                        else:
+                            reply["accepted"] += 1
+                data = json.dumps(reply).encode()
+                with ingest._lock:
+                    ingest.requests.append(
+                        Received(time.monotonic(), dict(self.headers), body, status)
+                    )
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                # No keep-alive, so that stop() really takes the service away.
+                self.send_header("Connection", "close")
+                self.close_connection = True
+                self.end_headers()
+                self.wfile.write(data)
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+
+@pytest.fixture
+def ingest() -> Iterator[IngestServer]:
+    server = IngestServer(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def down_ingest() -> Iterator[IngestServer]:
+    """An ingest server on a reserved port that is not listening yet: call `.start()`."""
+    server = IngestServer(free_port())
+    yield server
+    server.stop()
+
+
+# -- the real metrics service ---------------------------------------------------------------
+
+
+@dataclass
+class RunningService:
+    url: str
+    db_path: Path
+    api_keys: dict[str, str]
+
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
+        conn.row_factory = sqlite3.Row
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def wait_rows(
+        self, sql: str, params: tuple[Any, ...] = (), count: int = 1, timeout: float = 20.0
+    ) -> list[sqlite3.Row]:
+        """Rows once at least `count` exist (the service flushes its write queue on a timer)."""
+        found: list[sqlite3.Row] = []
+
+        def enough() -> bool:
+            nonlocal found
+            try:
+                found = self.rows(sql, params)
+            except sqlite3.OperationalError:  # file or table not there yet
+                return False
+            return len(found) >= count
+
+        wait_until(enough, timeout, f"{count} row(s) for {sql!r}; last saw {len(found)}")
+        return found
+
+
+def _service_unavailable_reason() -> str | None:
+    if not (REPO_ROOT / "metrics_service" / "__main__.py").exists():
+        return "metrics_service is not built yet (no metrics_service/__main__.py)"
+    try:
+        __import__("metrics_service")
+    except Exception as exc:  # pragma: no cover - depends on the server's state
+        return f"metrics_service does not import: {exc}"
+    return None
+
+
+SERVICE_NAMES = ("mw-test", "mw-auth", "mw-registry", "mw-mcp")
+
+
+@pytest.fixture(scope="session")
+def metrics_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
+    reason = _service_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    tmp = tmp_path_factory.mktemp("metrics-service")
+    port = free_port()
+    keys = {name: f"{name}-key-{os.urandom(16).hex()}" for name in SERVICE_NAMES}
+    env = {
+        **os.environ,
+        "SQLITE_DB_PATH": str(tmp / "m.db"),
+        "METRICS_SERVICE_HOST": "127.0.0.1",
+        "METRICS_SERVICE_PORT": str(port),
+        "OTEL_PROMETHEUS_ENABLED": "false",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    for name, key in keys.items():
+        env["METRICS_API_KEY_" + name.upper().replace("-", "_")] = key
+    log = (tmp / "service.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metrics_service", "serve"],
+        cwd=tmp,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"metrics service exited with {proc.returncode}: "
+                + (tmp / "service.log").read_text(errors="replace")[-2000:]
+            )
+        try:
+            return httpx.get(url + "/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(ready, 30, "the metrics service to be ready")
+        yield RunningService(url, tmp / "m.db", keys)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # The async client runs its sender as an asyncio task.
+    return "asyncio"

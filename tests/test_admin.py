@@ -1,0 +1,135 @@
+"""Admin endpoints: retention policies and cleanup, database stats, keys; SQL injection attempts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from metrics_service import Settings, create_app
+from metrics_service.settings import valid_service_name
+from metrics_service.storage import TABLES
+from tests._helpers import ADMIN_KEY, INGEST_KEY, custom, db_rows, payload
+
+ADMIN = {"X-API-Key": ADMIN_KEY}
+H = {"X-API-Key": INGEST_KEY}
+DAY_S = 86_400
+
+
+def post_aged(c: TestClient, ages_days: list[float]) -> None:
+    now = time.time()
+    metrics = [{**custom(i), "timestamp": now - age * DAY_S} for i, age in enumerate(ages_days)]
+    r = c.post("/metrics", json=payload(metrics=metrics), headers=H)
+    assert r.status_code == 200 and r.json()["accepted"] == len(ages_days), r.text
+
+
+def test_policies_default_to_retention_days_and_can_be_changed(client: TestClient) -> None:
+    policies = client.get("/admin/retention/policies", headers=ADMIN).json()
+    assert {p["table"] for p in policies} == set(TABLES)
+    assert all(p["retention_days"] == 90 and p["is_default"] for p in policies)
+    r = client.put("/admin/retention/policies/tool_metrics", json={"retention_days": 7}, headers=ADMIN)
+    assert r.status_code == 200
+    tool = next(p for p in r.json() if p["table"] == "tool_metrics")
+    assert tool == {"table": "tool_metrics", "retention_days": 7, "is_default": False, "enabled": True}
+    r = client.put("/admin/retention/policies/tool_metrics", json={"retention_days": None}, headers=ADMIN)
+    assert next(p for p in r.json() if p["table"] == "tool_metrics")["retention_days"] == 90
+
+
+def test_retention_deletes_by_event_time_with_dry_run_first(client: TestClient, settings: Settings) -> None:
+    post_aged(client, [40, 35, 20, 1, 0])
+    client.put("/admin/retention/policies/custom_metrics", json={"retention_days": 30}, headers=ADMIN)
+    dry = client.post("/admin/retention/cleanup?dry_run=true", headers=ADMIN).json()
+    custom_row = next(t for t in dry["tables"] if t["table"] == "custom_metrics")
+    assert dry["dry_run"] is True and custom_row["rows"] == 2
+    assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(5,)]
+    done = client.post("/admin/retention/cleanup", headers=ADMIN).json()
+    assert next(t for t in done["tables"] if t["table"] == "custom_metrics")["rows"] == 2
+    assert db_rows(settings.db_path, "SELECT value FROM custom_metrics ORDER BY value") == [(2.0,), (3.0,), (4.0,)]
+
+
+def test_retention_deletes_a_backlog_in_chunks(tmp_path: Path, keyed_env: None) -> None:
+    settings = Settings(db_path=tmp_path / "m.db", admin_api_key=ADMIN_KEY, retention_chunk_rows=7)
+    with TestClient(create_app(settings)) as c:
+        post_aged(c, [10.0] * 50 + [0.0] * 3)
+        c.put("/admin/retention/policies/custom_metrics", json={"retention_days": 5}, headers=ADMIN)
+        done = c.post("/admin/retention/cleanup?table=custom_metrics", headers=ADMIN).json()
+        assert [t["rows"] for t in done["tables"]] == [50]
+    assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(3,)]
+
+
+def test_disabled_policy_deletes_nothing(client: TestClient, settings: Settings) -> None:
+    post_aged(client, [40])
+    client.put("/admin/retention/policies/custom_metrics", json={"retention_days": 30, "enabled": False}, headers=ADMIN)
+    client.post("/admin/retention/cleanup", headers=ADMIN)
+    assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(1,)]
+
+
+def test_db_stats(client: TestClient, settings: Settings) -> None:
+    client.post("/metrics", json=payload(metrics=[custom(1), custom(2)]), headers=H)
+    stats = client.get("/admin/db/stats", headers=ADMIN).json()
+    assert stats["rows"]["custom_metrics"] == 2 and stats["total_rows"] == 2
+    assert stats["file_bytes"] > 0 and stats["wal_bytes"] >= 0
+    assert stats["schema_version"] >= 1
+
+
+def test_keys_api_create_list_revoke_never_shows_secrets(client: TestClient, settings: Settings) -> None:
+    created = client.post("/admin/keys", json={"service": "svc", "description": "ci"}, headers=ADMIN)
+    assert created.status_code == 201
+    secret = created.json()["key"]
+    listing = client.get("/admin/keys", headers=ADMIN)
+    assert secret not in listing.text and INGEST_KEY not in listing.text
+    assert {k["service"] for k in listing.json()} >= {"svc"}
+    assert client.delete(f"/admin/keys/{created.json()['id']}", headers=ADMIN).json()["active"] is False
+    assert client.delete("/admin/keys/999999", headers=ADMIN).status_code == 404
+    raw = settings.db_path.read_bytes() + Path(f"{settings.db_path}-wal").read_bytes()
+    assert secret.encode() not in raw and INGEST_KEY.encode() not in raw
+
+
+def test_ingest_key_needs_a_service(client: TestClient) -> None:
+    r = client.post("/admin/keys", json={"role": "ingest"}, headers=ADMIN)
+    assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "service"
+    r = client.post("/admin/keys", json={"service": "svc", "role": "root"}, headers=ADMIN)
+    assert r.status_code == 422
+
+
+INJECTIONS = [
+    "tool_metrics; DROP TABLE api_keys",
+    "tool_metrics' OR '1'='1",
+    "tool_metrics--",
+    "api_keys",
+    "sqlite_master",
+    "metrics WHERE 1=1",
+    '"; DELETE FROM custom_metrics; --',
+]
+
+
+@pytest.mark.parametrize("table", INJECTIONS)
+def test_sql_injection_on_admin_paths_is_refused(client: TestClient, settings: Settings, table: str) -> None:
+    client.post("/metrics", json=payload(metrics=[custom(1)]), headers=H)
+    r = client.put(f"/admin/retention/policies/{table}", json={"retention_days": 1}, headers=ADMIN)
+    assert r.status_code == 404
+    r = client.post("/admin/retention/cleanup", params={"table": table}, headers=ADMIN)
+    assert r.status_code == 404
+    r = client.delete(f"/admin/keys/{table}", headers=ADMIN)
+    assert r.status_code == 422
+    r = client.post("/admin/retention/cleanup", params={"dry_run": table}, headers=ADMIN)
+    assert r.status_code == 422
+    r = client.post("/admin/keys", json={"service": table}, headers=ADMIN)
+    if valid_service_name(table):  # a legal name is data, stored verbatim
+        assert r.status_code == 201 and r.json()["service"] == table
+    else:
+        assert r.status_code == 422
+    # Nothing was dropped or deleted.
+    assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(1,)]
+    assert len(db_rows(settings.db_path, "SELECT id FROM api_keys")) >= 3
+    assert sorted(p["table"] for p in client.get("/admin/retention/policies", headers=ADMIN).json()) == sorted(TABLES)
+
+
+def test_sql_injection_in_ingest_values_is_stored_as_data(client: TestClient, settings: Settings) -> None:
+    evil = "x'); DROP TABLE tool_metrics; --"
+    r = client.post("/metrics", json=payload(metrics=[custom(1, name=evil)]), headers=H)
+    assert r.status_code == 200
+    assert db_rows(settings.db_path, "SELECT json_extract(dimensions, '$.name') FROM custom_metrics") == [(evil,)]
+    assert db_rows(settings.db_path, "SELECT count(*) FROM tool_metrics") == [(0,)]
