@@ -132,7 +132,7 @@ def _structs(s: Settings) -> tuple[type[Struct], type[Struct], type[Struct]]:
             ],
         )
 
-    return envelope("Envelope", metric), envelope("LooseEnvelope", Any), metric
+    return envelope("Envelope", metric), envelope("LooseEnvelope", msgspec.Raw), metric
 
 
 def _rule_of(message: str) -> str:
@@ -176,7 +176,7 @@ class Validator:
         envelope, loose, metric = _structs(settings)
         self._decoder = msgspec.json.Decoder(envelope)
         self._loose_decoder = msgspec.json.Decoder(loose)
-        self._metric_type = metric
+        self._item_decoder = msgspec.json.Decoder(metric)
         self._encode = msgspec.json.Encoder().encode
 
     def decode(self, body: bytes, *, allowed_service: str | None = None) -> Batch:
@@ -232,13 +232,12 @@ class Validator:
         head = (envelope.service, envelope.version, envelope.instance_id)
         batch = Batch(service=envelope.service)
         rows = batch.rows
-        convert = msgspec.convert
-        metric_type = self._metric_type
+        decode_item = self._item_decoder.decode
         for index, item in enumerate(items):
             try:
                 if not fast:
                     try:
-                        item = convert(item, metric_type)
+                        item = decode_item(item)
                     except msgspec.ValidationError as exc:
                         raise _Reject(*_describe(exc, "")) from None
                 table, row = self._row(item, head, received_ms, oldest_s, newest_s)

@@ -93,6 +93,7 @@ class ServiceProcess:
     env: dict[str, str]
     log_path: Path
     port: int = field(default_factory=free_port)
+    args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -109,7 +110,7 @@ class ServiceProcess:
         }
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "metrics_service", "serve"], env=env, stdout=log, stderr=log, cwd=self.db_path.parent
+            [sys.executable, "-m", "metrics_service", "serve", *self.args], env=env, stdout=log, stderr=log, cwd=self.db_path.parent
         )
         log.close()
 

@@ -1,0 +1,129 @@
+"""Storage: migrations on existing databases, atomic and idempotent; commits retried without
+duplicates while another process holds the database."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from metrics_service import Settings, create_app, storage
+from metrics_service.errors import StorageError
+from metrics_service.storage import migrations
+from tests._helpers import INGEST_KEY, custom, db_rows, payload
+
+H = {"X-API-Key": INGEST_KEY}
+
+
+def test_migrations_are_idempotent_and_keep_existing_data(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    conn, applied = storage.open_database(db)
+    assert applied == [v for v, _, _ in migrations.MIGRATIONS]
+    conn.execute(
+        "INSERT INTO custom_metrics (ts, received_at, service, service_version, value) VALUES (1, 1, 's', 'v', 5)"
+    )
+    conn.close()
+    conn, applied = storage.open_database(db)
+    assert applied == []
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations.LATEST_VERSION
+    assert conn.execute("SELECT value FROM metrics").fetchall() == [(5.0,)]
+    assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == len(migrations.MIGRATIONS)
+    conn.close()
+
+
+def test_migrations_apply_to_a_database_that_already_holds_other_tables(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    with sqlite3.connect(db) as other:
+        other.execute("CREATE TABLE unrelated (x)")
+        other.execute("INSERT INTO unrelated VALUES (42)")
+    conn, applied = storage.open_database(db)
+    assert applied == [v for v, _, _ in migrations.MIGRATIONS]
+    assert conn.execute("SELECT x FROM unrelated").fetchall() == [(42,)]
+    conn.close()
+
+
+def test_a_failing_migration_is_rolled_back_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "m.db"
+    storage.open_database(db)[0].close()
+    broken = (99, "broken", ["CREATE TABLE half_done (x)", "THIS IS NOT SQL"])
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, broken])
+    with pytest.raises(StorageError):
+        storage.open_database(db)
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations.LATEST_VERSION
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'half_done'").fetchone() == (0,)
+    conn.close()
+    fixed = (99, "fixed", ["CREATE TABLE half_done (x)"])
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS[:-1], fixed])
+    conn, applied = storage.open_database(db)
+    assert applied == [99]
+    conn.close()
+
+
+def test_concurrent_starts_apply_each_migration_once(tmp_path: Path) -> None:
+    db = tmp_path / "m.db"
+    results: list[list[int]] = []
+    barrier = threading.Barrier(6)
+
+    def start() -> None:
+        barrier.wait()
+        conn, applied = storage.open_database(db)
+        results.append(applied)
+        conn.close()
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results, key=len) == [[]] * 5 + [[v for v, _, _ in migrations.MIGRATIONS]]
+    assert db_rows(db, "SELECT count(*) FROM schema_migrations") == [(len(migrations.MIGRATIONS),)]
+
+
+def _hold_write_lock(db: Path) -> sqlite3.Connection:
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+def test_a_commit_blocked_by_another_writer_is_retried_without_duplicates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METRICS_API_KEY_SVC", INGEST_KEY)
+    settings = Settings(db_path=tmp_path / "m.db", sqlite_busy_timeout_ms=20, commit_retries=100)
+    with TestClient(create_app(settings)) as c:
+        other = _hold_write_lock(settings.db_path)
+        result: dict[str, int] = {}
+        poster = threading.Thread(
+            target=lambda: result.update(status=c.post("/metrics", json=payload(metrics=[custom(i) for i in range(50)]), headers=H).status_code)
+        )
+        poster.start()
+        # Release only once the writer has failed at least once against the lock.
+        state = c.app.state.metrics  # type: ignore[attr-defined]
+        from tests._helpers import wait_for
+
+        wait_for(lambda: state.queue.last_error is not None, timeout_s=10)
+        other.execute("ROLLBACK")
+        other.close()
+        poster.join(30)
+        assert result == {"status": 200}
+        assert state.queue.healthy
+    assert db_rows(settings.db_path, "SELECT count(*), count(DISTINCT value) FROM custom_metrics") == [(50, 50)]
+
+
+def test_durable_commit_that_keeps_failing_is_503_and_stores_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METRICS_API_KEY_SVC", INGEST_KEY)
+    settings = Settings(db_path=tmp_path / "m.db", sqlite_busy_timeout_ms=10, commit_retries=1)
+    with TestClient(create_app(settings)) as c:
+        other = _hold_write_lock(settings.db_path)
+        r = c.post("/metrics", json=payload(metrics=[custom(1)]), headers=H)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+        assert c.get("/ready").status_code == 503
+        other.execute("ROLLBACK")
+        other.close()
+        # It recovers by itself once the database is free again.
+        r = c.post("/metrics", json=payload(metrics=[custom(2)]), headers=H)
+        assert r.status_code == 200
+        assert c.get("/ready").status_code == 200
+    assert db_rows(settings.db_path, "SELECT value FROM custom_metrics") == [(2.0,)]
