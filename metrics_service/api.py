@@ -4,6 +4,7 @@ auth -> rate limit -> content type and size -> validation -> write queue (commit
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -21,6 +22,7 @@ from metrics_service.errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 from metrics_service.models import (
@@ -49,6 +51,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         401: "Missing, unknown or revoked API key.",
         403: "The key may not do this (wrong role, or another service).",
         413: "The body is larger than METRICS_MAX_REQUEST_BYTES.",
+        408: "The body did not arrive within METRICS_REQUEST_TIMEOUT_S.",
         415: "Content-Type is not application/json.",
         429: "Over the rate limit (or too many failed authentications); see Retry-After.",
         503: "Shutting down, or the write queue is full or failing; see Retry-After.",
@@ -126,18 +129,23 @@ router = APIRouter()
 admin = APIRouter(prefix="/admin", tags=["admin"], responses=_ERRORS)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) as soon as it exceeds ``limit`` bytes; never buffers more."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refusing (413) as soon as it exceeds ``limit`` bytes (never buffering more) and
+    (408) if it has not arrived within ``timeout_s``."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is larger than {limit} bytes")
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body is larger than {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
     return b"".join(chunks)
 
 
@@ -173,7 +181,7 @@ async def ingest(request: Request, x_api_key: APIKey = None) -> Response:
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaType("Content-Encoding is not supported; send the body uncompressed")
-    body = await read_body(request, app.settings.max_request_bytes)
+    body = await read_body(request, app.settings.max_request_bytes, app.settings.request_timeout_s)
     batch = app.validator.decode(body)
     if batch.service != principal.service:
         raise Forbidden(f"this key was not issued for service {batch.service!r}")

@@ -61,6 +61,11 @@ class NotFound(ApiError):
     code = "not_found"
 
 
+class RequestTimeout(ApiError):
+    status = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(ApiError):
     status = 413
     code = "payload_too_large"

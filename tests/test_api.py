@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from metrics_service import Settings, create_app
 from tests._helpers import (
+    ServiceProcess,
     ADMIN_KEY,
     INGEST_KEY,
     auth_event,
@@ -260,3 +261,25 @@ def test_unknown_route_and_method_use_the_error_shape(client: TestClient) -> Non
 def test_admin_endpoints_can_be_disabled(tmp_path: Path, keyed_env: None) -> None:
     with TestClient(create_app(Settings(db_path=tmp_path / "m.db", admin_api_key=ADMIN_KEY, admin_enabled=False))) as c:
         assert c.get("/admin/db/stats", headers=ADMIN).status_code == 404
+
+
+def test_a_body_trickled_too_slowly_is_408_and_others_are_served(service: ServiceProcess) -> None:
+    import socket
+
+    import httpx
+
+    service.env["METRICS_REQUEST_TIMEOUT_S"] = "1"
+    service.start()
+    body = json.dumps(payload()).encode()
+    with socket.create_connection(("127.0.0.1", service.port)) as slow:
+        head = (
+            f"POST /metrics HTTP/1.1\r\nHost: x\r\nX-API-Key: {INGEST_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        slow.sendall(head.encode() + body[:5])
+        # Meanwhile another client is served at once.
+        assert httpx.post(service.url + "/metrics", json=payload(), headers=H, timeout=5).status_code == 200
+        slow.settimeout(10)
+        response = slow.recv(4096).decode()
+    assert response.startswith("HTTP/1.1 408"), response
+    assert '"request_timeout"' in response

@@ -1,0 +1,27 @@
+# Shared by scripts/serve and scripts/test: create a virtualenv and install into it, again only
+# when the install inputs changed (a stamp holds their hash).
+PYTHON=${PYTHON:-python3}
+
+require_python() {
+    if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        echo "error: Python 3.11 or newer is needed (set PYTHON=/path/to/python3.11)" >&2
+        exit 2
+    fi
+}
+
+# ensure_venv DIR PIP_ARGS...
+ensure_venv() {
+    local dir=$1
+    shift
+    require_python
+    [ -x "$dir/bin/python" ] || "$PYTHON" -m venv "$dir"
+    local stamp="$dir/.install-stamp"
+    local want
+    want=$( { echo "$*"; cat pyproject.toml middleware/pyproject.toml 2>/dev/null; } | sha256sum | cut -d' ' -f1)
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        echo "installing into $dir ..." >&2
+        "$dir/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
+        "$dir/bin/python" -m pip install -q --disable-pip-version-check "$@" >&2
+        echo "$want" > "$stamp"
+    fi
+}
