@@ -17,7 +17,7 @@ ensure_venv() {
     [ -x "$dir/bin/python" ] || "$PYTHON" -m venv "$dir"
     local stamp="$dir/.install-stamp"
     local want
-    want=$( { echo "$*"; cat pyproject.toml middleware/pyproject.toml 2>/dev/null; } | sha256sum | cut -d' ' -f1)
+    want=$( { echo "$*"; cat pyproject.toml; if [ -f middleware/pyproject.toml ]; then cat middleware/pyproject.toml; fi; } | sha256sum | cut -d' ' -f1)
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo "installing into $dir ..." >&2
         "$dir/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
