@@ -143,7 +143,14 @@ class Authenticator:
             )
         principal = self.keys.lookup(presented) if presented else None
         if principal is None:
-            await self._limiter.hit("authfail", client, self._failure_limit)
+            # The hit itself is the gate (atomic), so a burst of concurrent guesses gets exactly
+            # the allowed number of 401s and 429 for the rest.
+            decision = await self._limiter.hit("authfail", client, self._failure_limit)
+            if not decision.allowed:
+                raise RateLimited(
+                    "too many failed authentication attempts from this address",
+                    headers={"Retry-After": str(decision.retry_after_s)},
+                )
             raise Unauthorized(
                 "missing API key" if not presented else "unknown or revoked API key",
                 headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'},

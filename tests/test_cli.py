@@ -73,3 +73,31 @@ def test_retention_run_and_db_stats(service: ServiceProcess) -> None:
     done = cli(service.db_path, "retention", "run", env={"METRICS_RETENTION_DAYS": "10"})
     assert "custom_metrics: deleted 4 rows older than 10 days" in done.stdout, done.stdout + done.stderr
     assert json.loads(cli(service.db_path, "db", "stats", "--json").stdout)["rows"]["custom_metrics"] == 1
+
+
+def test_retention_runs_at_start_up(service: ServiceProcess) -> None:
+    service.env["METRICS_RETENTION_DAYS"] = "30"
+    service.start()
+    old = time.time() - 20 * 86_400
+    body = payload(metrics=[{**custom(i), "timestamp": old} for i in range(3)] + [custom(9)])
+    key = {"X-API-Key": service.env["METRICS_API_KEY_SVC"]}
+    assert httpx.post(service.url + "/metrics", json=body, headers=key).status_code == 200
+    service.stop()
+    service.env["METRICS_RETENTION_DAYS"] = "10"
+    service.start()
+    from tests._helpers import db_rows, wait_for
+
+    wait_for(lambda: db_rows(service.db_path, "SELECT count(*) FROM custom_metrics") == [(1,)], timeout_s=10)
+    assert "retention deleted 3 rows from custom_metrics" in service.log()
+
+
+def test_json_logs_are_one_object_per_line(service: ServiceProcess) -> None:
+    service.env["METRICS_LOG_FORMAT"] = "json"
+    service.start()
+    service.stop()
+    lines = [line for line in service.log().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]
+    messages = " ".join(r["message"] for r in records)
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    assert "starting: database" in messages and "Uvicorn running on http://127.0.0.1" in messages
+    assert "stopped after" in messages
