@@ -49,7 +49,10 @@ def is_error_result(result: Any) -> bool:
     """True for an MCP `CallToolResult` with isError set, as a model or as a wire dict."""
     if isinstance(result, Mapping):
         return result.get("isError") is True or result.get("is_error") is True
-    return getattr(result, "is_error", None) is True or getattr(result, "isError", None) is True
+    flag = getattr(result, "isError", None)  # mcp 1.x field name
+    if flag is None:
+        flag = getattr(result, "is_error", None)  # mcp 2.x
+    return flag is True
 
 
 def track_tool(

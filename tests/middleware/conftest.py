@@ -110,8 +110,12 @@ class IngestServer:
                         if metric["type"] in ingest.reject_types:
                             reply["rejected"] += 1
                             reply["errors"].append(
-                                {"index": i, "field": f"metrics[{i}].type", "rule": "enum",
-                                 "message": "unknown type"}
+                                {
+                                    "index": i,
+                                    "field": f"metrics[{i}].type",
+                                    "rule": "enum",
+                                    "message": "unknown type",
+                                }
                             )
                         else:
                             reply["accepted"] += 1

@@ -9,10 +9,6 @@ import anyio
 import pytest
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
-from starlette.applications import Starlette
-from starlette.responses import JSONResponse
-from starlette.routing import Route
-
 from mcp_metrics import (
     AuthMetricsMiddleware,
     AuthOutcome,
@@ -21,6 +17,9 @@ from mcp_metrics import (
     hash_value,
     report_auth_outcome,
 )
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from .conftest import API_KEY, IngestServer
 

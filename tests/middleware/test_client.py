@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import pytest
-
 from mcp_metrics import ClientConfig, MetricsClient, ThreadedMetricsClient
 
 from .conftest import API_KEY, IngestServer, async_wait_until, wait_until
@@ -25,7 +24,9 @@ def make_client(url: str, **options: Any) -> MetricsClient:
 
 async def test_delivers_envelope_headers_and_events(ingest: IngestServer) -> None:
     async with make_client(ingest.url, instance_id="host-1") as client:
-        client.record_tool_execution(tool_name="add", success=True, duration_ms=3.5, client_name="c")
+        client.record_tool_execution(
+            tool_name="add", success=True, duration_ms=3.5, client_name="c"
+        )
         client.record_auth(success=False, method="jwt", server="auth", user_hash="abc")
         assert await client.flush(5)
     request = ingest.requests[0]
@@ -101,7 +102,7 @@ async def test_server_errors_back_off_exponentially(ingest: IngestServer) -> Non
     client = make_client(ingest.url, backoff_base_s=0.1, backoff_max_s=5)
     client.record_custom("flaky")
     await async_wait_until(lambda: client.stats().sent == 1, timeout=15, what="delivery")
-    gaps = [b.at - a.at for a, b in zip(ingest.requests, ingest.requests[1:])]
+    gaps = [b.at - a.at for a, b in zip(ingest.requests, ingest.requests[1:], strict=False)]
     assert len(gaps) == 4
     # Full jitter draws from [base/2, base*2**n]: the later gaps are allowed to be longer,
     # and none is shorter than half the base.
@@ -233,7 +234,10 @@ def test_config_from_env_and_explicit_arguments_win() -> None:
 
 def test_threaded_client_from_many_threads(ingest: IngestServer) -> None:
     client = ThreadedMetricsClient(
-        url=ingest.url, api_key=API_KEY, service="mw-test", flush_interval_s=0.05,
+        url=ingest.url,
+        api_key=API_KEY,
+        service="mw-test",
+        flush_interval_s=0.05,
         register_atexit=False,
     )
 
@@ -255,8 +259,13 @@ def test_threaded_client_from_many_threads(ingest: IngestServer) -> None:
 
 def test_threaded_client_down_then_up_and_bounded_close(down_ingest: IngestServer) -> None:
     client = ThreadedMetricsClient(
-        url=down_ingest.url, api_key=API_KEY, service="mw-test", flush_interval_s=0.05,
-        backoff_base_s=0.05, backoff_max_s=0.2, register_atexit=False,
+        url=down_ingest.url,
+        api_key=API_KEY,
+        service="mw-test",
+        flush_interval_s=0.05,
+        backoff_base_s=0.05,
+        backoff_max_s=0.2,
+        register_atexit=False,
     )
     client.record_custom("early")
     wait_until(lambda: client.stats().retries >= 1, what="a retry while down")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from mcp_metrics import MetricsClient, hash_value, track_discovery
 
 from .conftest import API_KEY, IngestServer

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from mcp_metrics import MetricsClient, track_tool
 
 from .conftest import API_KEY, IngestServer
