@@ -1,19 +1,21 @@
 """Client configuration: explicit arguments win over the environment.
 
-Environment names (all optional):
+Environment names (all optional). The tuning ones carry a CLIENT_ prefix so that they never
+collide with the service's own settings (its METRICS_FLUSH_INTERVAL_S is another thing):
 
-    METRICS_SERVICE_URL          base URL of the metrics service, e.g. http://metrics-service:8890
-    METRICS_API_KEY              the key issued for this service
-    METRICS_SERVICE_NAME         the service name the key was issued for
-    METRICS_SERVICE_VERSION      reported as "version" (default "unknown")
-    METRICS_INSTANCE_ID          reported as "instance_id" (default host-pid)
-    METRICS_ENABLED              "false" turns reporting off
-    METRICS_MAX_QUEUE_SIZE       events held in memory before the oldest are dropped (10000)
-    METRICS_MAX_BATCH_SIZE       events per POST, at most 1000 (100)
-    METRICS_FLUSH_INTERVAL_S     longest time an event waits before it is sent (2.0)
-    METRICS_TIMEOUT_S            HTTP timeout per POST (5.0)
-    METRICS_BACKOFF_MAX_S        longest wait between retries (30.0)
-    METRICS_SHUTDOWN_TIMEOUT_S   how long close() may spend flushing (5.0)
+    METRICS_SERVICE_URL                base URL of the metrics service, e.g. http://metrics:8890
+    METRICS_API_KEY                    the key issued for this service
+    METRICS_SERVICE_NAME               the service name the key was issued for
+    METRICS_SERVICE_VERSION            reported as "version" (default "unknown")
+    METRICS_INSTANCE_ID                reported as "instance_id" (default host-pid)
+    METRICS_CLIENT_ENABLED             "false" turns reporting off
+    METRICS_CLIENT_MAX_QUEUE_SIZE      events held before the oldest are dropped (10000)
+    METRICS_CLIENT_MAX_BATCH_SIZE      events per POST, at most 1000 (100)
+    METRICS_CLIENT_FLUSH_INTERVAL_S    longest time an event waits before it is sent (2.0)
+    METRICS_CLIENT_TIMEOUT_S           HTTP timeout per POST (5.0)
+    METRICS_CLIENT_BACKOFF_MAX_S       longest wait between retries (30.0)
+    METRICS_CLIENT_SHUTDOWN_TIMEOUT_S  how long close() may spend flushing (5.0)
+    METRICS_HASH_SALT                  salt for hashed user ids and queries (see hash_value)
 """
 
 from __future__ import annotations
@@ -104,13 +106,13 @@ class ClientConfig:
         take("service", "METRICS_SERVICE_NAME", str)
         take("version", "METRICS_SERVICE_VERSION", str)
         take("instance_id", "METRICS_INSTANCE_ID", str)
-        take("enabled", "METRICS_ENABLED", _parse_bool)
-        take("max_queue_size", "METRICS_MAX_QUEUE_SIZE", int)
-        take("max_batch_size", "METRICS_MAX_BATCH_SIZE", int)
-        take("flush_interval_s", "METRICS_FLUSH_INTERVAL_S", float)
-        take("timeout_s", "METRICS_TIMEOUT_S", float)
-        take("backoff_max_s", "METRICS_BACKOFF_MAX_S", float)
-        take("shutdown_timeout_s", "METRICS_SHUTDOWN_TIMEOUT_S", float)
+        take("enabled", "METRICS_CLIENT_ENABLED", _parse_bool)
+        take("max_queue_size", "METRICS_CLIENT_MAX_QUEUE_SIZE", int)
+        take("max_batch_size", "METRICS_CLIENT_MAX_BATCH_SIZE", int)
+        take("flush_interval_s", "METRICS_CLIENT_FLUSH_INTERVAL_S", float)
+        take("timeout_s", "METRICS_CLIENT_TIMEOUT_S", float)
+        take("backoff_max_s", "METRICS_CLIENT_BACKOFF_MAX_S", float)
+        take("shutdown_timeout_s", "METRICS_CLIENT_SHUTDOWN_TIMEOUT_S", float)
         known = {f.name for f in dataclasses.fields(cls)}
         for key, value in overrides.items():
             if key not in known:

@@ -62,7 +62,22 @@ def clean_dimensions(dimensions: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def clean_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Drop None values and coerce the keys the service types (a bad type rejects the event)."""
     if not metadata:
         return None
-    out = {k: v for k, v in metadata.items() if v is not None}
+    out: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if value is None:
+            continue
+        if key in _STR_METADATA:
+            value = str(value)[:MAX_DIMENSION_CHARS]
+        elif key in _COUNT_METADATA:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                continue
+            value = int(value)
+        out[key] = value
     return out or None
+
+
+_STR_METADATA = frozenset({"agent_id", "tenant_id"})
+_COUNT_METADATA = frozenset({"input_tokens", "output_tokens"})

@@ -58,7 +58,7 @@ def auth_app() -> FastAPI:
 def env_for(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     monkeypatch.setenv("METRICS_SERVICE_URL", url)
     monkeypatch.setenv("METRICS_API_KEY", API_KEY)
-    monkeypatch.setenv("METRICS_FLUSH_INTERVAL_S", "60")  # only the shutdown flush delivers
+    monkeypatch.setenv("METRICS_CLIENT_FLUSH_INTERVAL_S", "60")  # only the shutdown flush delivers
 
 
 def test_one_line_on_fastapi(ingest: IngestServer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,8 +133,8 @@ def test_host_keeps_serving_when_the_service_is_down(
     down_ingest: IngestServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env_for(monkeypatch, down_ingest.url)
-    monkeypatch.setenv("METRICS_SHUTDOWN_TIMEOUT_S", "0.3")
-    monkeypatch.setenv("METRICS_MAX_QUEUE_SIZE", "20")
+    monkeypatch.setenv("METRICS_CLIENT_SHUTDOWN_TIMEOUT_S", "0.3")
+    monkeypatch.setenv("METRICS_CLIENT_MAX_QUEUE_SIZE", "20")
     app = auth_app()
     client = add_auth_metrics_middleware(app, service_name="mw-auth", auth_routes=["/validate"])
     with TestClient(app) as http:

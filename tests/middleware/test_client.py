@@ -216,20 +216,20 @@ def test_config_from_env_and_explicit_arguments_win() -> None:
         "METRICS_SERVICE_URL": "http://metrics:8890/",
         "METRICS_API_KEY": "k" * 32,
         "METRICS_SERVICE_NAME": "from-env",
-        "METRICS_MAX_BATCH_SIZE": "250",
-        "METRICS_FLUSH_INTERVAL_S": "0.5",
-        "METRICS_ENABLED": "yes",
+        "METRICS_CLIENT_MAX_BATCH_SIZE": "250",
+        "METRICS_CLIENT_FLUSH_INTERVAL_S": "0.5",
+        "METRICS_CLIENT_ENABLED": "yes",
     }
     cfg = ClientConfig.from_env(env, service="explicit")
     assert cfg.endpoint == "http://metrics:8890/metrics"
     assert cfg.service == "explicit"
     assert (cfg.max_batch_size, cfg.flush_interval_s, cfg.active) == (250, 0.5, True)
     assert cfg.instance_id  # defaults to host-pid
-    with pytest.raises(ValueError, match="METRICS_FLUSH_INTERVAL_S"):
-        ClientConfig.from_env({"METRICS_FLUSH_INTERVAL_S": "soon"})
+    with pytest.raises(ValueError, match="METRICS_CLIENT_FLUSH_INTERVAL_S"):
+        ClientConfig.from_env({"METRICS_CLIENT_FLUSH_INTERVAL_S": "soon"})
     with pytest.raises(ValueError, match="max_batch_size"):
-        ClientConfig.from_env({"METRICS_MAX_BATCH_SIZE": "5000"})
-    assert not ClientConfig.from_env({**env, "METRICS_ENABLED": "false"}).active
+        ClientConfig.from_env({"METRICS_CLIENT_MAX_BATCH_SIZE": "5000"})
+    assert not ClientConfig.from_env({**env, "METRICS_CLIENT_ENABLED": "false"}).active
 
 
 def test_threaded_client_from_many_threads(ingest: IngestServer) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import API_KEY, IngestServer, async_wait_until, free_port
+from .conftest import API_KEY, IngestServer, async_wait_until, free_port, stop_process
 
 mcp = pytest.importorskip("mcp", reason="pip install -e './middleware[mcp]'")
 
@@ -49,7 +49,7 @@ def server_env(url: str, service: str = "mw-mcp", api_key: str = API_KEY) -> dic
         "METRICS_SERVICE_URL": url,
         "METRICS_API_KEY": api_key,
         "METRICS_SERVICE_NAME": service,
-        "METRICS_FLUSH_INTERVAL_S": "0.1",
+        "METRICS_CLIENT_FLUSH_INTERVAL_S": "0.1",
     }
 
 
@@ -78,12 +78,7 @@ def http_server(transport: str, env: dict[str, str], *extra: str) -> Iterator[st
         path = "/sse" if transport == "sse" else "/mcp"
         yield f"http://127.0.0.1:{port}{path}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
         if proc.stderr is not None:
             proc.stderr.close()
 
@@ -266,7 +261,7 @@ async def test_low_level_server(ingest: IngestServer, transport: str) -> None:
 
 
 async def test_mcp_server_keeps_serving_when_metrics_are_down(down_ingest: IngestServer) -> None:
-    env = {**server_env(down_ingest.url), "METRICS_SHUTDOWN_TIMEOUT_S": "0.2"}
+    env = {**server_env(down_ingest.url), "METRICS_CLIENT_SHUTDOWN_TIMEOUT_S": "0.2"}
     async with target_for("streamable-http", env) as target:
         async with connect("streamable-http", target, "legacy") as session:
             for i in range(20):

@@ -49,8 +49,8 @@ def _transport_of(http: Any) -> tuple[str, str | None]:
     return "streamable-http", http.headers.get("mcp-session-id")
 
 
-class _ReadStream:
-    """Delegates to the session's read stream and notes when `initialize` arrives."""
+class _StreamProxy:
+    """Delegates to one of the session's streams; subclasses look at what passes."""
 
     def __init__(self, inner: Any, session: _Session, inst: Instrumentation) -> None:
         self._inner = inner
@@ -60,12 +60,16 @@ class _ReadStream:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def __aenter__(self) -> _ReadStream:
+    async def __aenter__(self) -> Any:
         await self._inner.__aenter__()
         return self
 
     async def __aexit__(self, *exc: Any) -> Any:
         return await self._inner.__aexit__(*exc)
+
+
+class _ReadStream(_StreamProxy):
+    """The session's read stream; notes when `initialize` arrives."""
 
     def __aiter__(self) -> _ReadStream:
         return self
@@ -105,23 +109,8 @@ class _ReadStream:
             pass
 
 
-class _WriteStream:
-    """Delegates to the session's write stream and records the `initialize` response."""
-
-    def __init__(self, inner: Any, session: _Session, inst: Instrumentation) -> None:
-        self._inner = inner
-        self._session = session
-        self._inst = inst
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    async def __aenter__(self) -> _WriteStream:
-        await self._inner.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> Any:
-        return await self._inner.__aexit__(*exc)
+class _WriteStream(_StreamProxy):
+    """The session's write stream; records the `initialize` response."""
 
     async def send(self, item: Any) -> None:
         if self._session.pending:
