@@ -239,6 +239,7 @@ def metrics_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
         "METRICS_SERVICE_HOST": "127.0.0.1",
         "METRICS_SERVICE_PORT": str(port),
         "OTEL_PROMETHEUS_ENABLED": "false",
+        "METRICS_FLUSH_INTERVAL_S": "0.2",  # the service's write-queue flush, not the client's
         "PYTHONPATH": str(REPO_ROOT),
     }
     for name, key in keys.items():

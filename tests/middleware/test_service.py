@@ -1,0 +1,165 @@
+"""End to end: every piece reports to the real metrics service; rows are read from its SQLite."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from mcp_metrics import (
+    MetricsClient,
+    add_auth_metrics_middleware,
+    hash_value,
+    report_auth_outcome,
+    track_discovery,
+    track_tool,
+)
+
+from .conftest import RunningService
+
+pytestmark = pytest.mark.anyio
+
+
+def client_for(service: RunningService, name: str = "mw-test", **options: object) -> MetricsClient:
+    return MetricsClient(
+        url=service.url,
+        api_key=service.api_keys[name],
+        service=name,
+        version="1.0.0",
+        instance_id=f"it-{uuid.uuid4().hex[:12]}",
+        flush_interval_s=0.05,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def test_each_metric_type_lands_in_its_table(metrics_service: RunningService) -> None:
+    client = client_for(metrics_service)
+    instance = client.config.instance_id
+    async with client:
+
+        @track_tool(client, server_name="calc", transport="stdio")
+        async def add(a: int, b: int) -> int:
+            return a + b
+
+        await add(2, 3)
+        client.record_tool_execution(
+            tool_name="search",
+            success=False,
+            client_name="claude",
+            client_version="1.2",
+            session_id="s-1",
+            metadata={"agent_id": "agent-7", "tenant_id": "acme", "input_tokens": 12.0},
+        )
+        client.record_auth(success=False, method="jwt", server="auth", user_hash=hash_value("bob"))
+        with track_discovery(client, "weather tools", top_k=10, top_n=3) as d:
+            d.results_count = 4
+        client.record_protocol_latency(
+            flow_step="initialize->tools/list",
+            duration_ms=12.5,
+            server_name="calc",
+            session_id="s-1",
+        )
+        client.record_custom("cache_miss", region="eu")
+        assert await client.flush(10)
+    stats = client.stats()
+    assert (stats.sent, stats.rejected, stats.dropped_refused) == (6, 0, 0)
+
+    tools = metrics_service.wait_rows(
+        "SELECT * FROM tool_metrics WHERE instance_id = ? ORDER BY id", (instance,), count=2
+    )
+    assert [(r["tool_name"], r["success"], r["method"]) for r in tools] == [
+        ("add", 1, "tools/call"),
+        ("search", 0, "tools/call"),
+    ]
+    assert tools[0]["server_name"] == "calc" and tools[0]["transport"] == "stdio"
+    assert tools[0]["input_size_bytes"] == len('{"a":2,"b":3}')
+    assert tools[0]["output_size_bytes"] == 1
+    assert tools[0]["service"] == "mw-test" and tools[0]["service_version"] == "1.0.0"
+    assert (tools[1]["client_name"], tools[1]["client_version"], tools[1]["session_id"]) == (
+        "claude",
+        "1.2",
+        "s-1",
+    )
+    assert (tools[1]["agent_id"], tools[1]["tenant_id"], tools[1]["input_tokens"]) == (
+        "agent-7",
+        "acme",
+        12,
+    )
+
+    [auth] = metrics_service.rows("SELECT * FROM auth_metrics WHERE instance_id = ?", (instance,))
+    assert (auth["success"], auth["method"], auth["server"]) == (0, "jwt", "auth")
+    assert auth["user_hash"] == hash_value("bob")
+
+    [disc] = metrics_service.rows(
+        "SELECT * FROM discovery_metrics WHERE instance_id = ?", (instance,)
+    )
+    assert disc["query"] == hash_value("weather tools")
+    assert (disc["results_count"], disc["top_k"], disc["top_n"]) == (4, 10, 3)
+
+    [flow] = metrics_service.rows(
+        "SELECT * FROM protocol_latency_metrics WHERE instance_id = ?", (instance,)
+    )
+    assert (flow["flow_step"], flow["duration_ms"]) == ("initialize->tools/list", 12.5)
+
+    types = metrics_service.rows(
+        "SELECT type, count(*) AS n FROM metrics WHERE instance_id = ? GROUP BY type", (instance,)
+    )
+    assert {r["type"]: r["n"] for r in types} == {
+        "tool_execution": 2,
+        "auth_request": 1,
+        "tool_discovery": 1,
+        "protocol_latency": 1,
+        "custom": 1,
+    }
+
+
+async def test_refused_keys_are_dropped_not_retried(metrics_service: RunningService) -> None:
+    wrong_service = MetricsClient(
+        url=metrics_service.url,
+        api_key=metrics_service.api_keys["mw-auth"],  # a real key, issued for another service
+        service="mw-test",
+        flush_interval_s=0.05,
+    )
+    unknown = MetricsClient(
+        url=metrics_service.url, api_key="x" * 40, service="mw-test", flush_interval_s=0.05
+    )
+    async with wrong_service, unknown:
+        wrong_service.record_custom("nope")
+        unknown.record_custom("nope")
+        assert await wrong_service.flush(10)
+        assert await unknown.flush(10)
+    for client, status in ((wrong_service, "403"), (unknown, "401")):
+        stats = client.stats()
+        assert (stats.dropped_refused, stats.retries, stats.sent) == (1, 0, 0)
+        assert stats.last_error == f"HTTP {status}"
+
+
+def test_auth_middleware_rows(
+    metrics_service: RunningService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = f"srv-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("METRICS_SERVICE_URL", metrics_service.url)
+    monkeypatch.setenv("METRICS_API_KEY", metrics_service.api_keys["mw-auth"])
+    app = FastAPI()
+
+    @app.post("/oauth/{provider}/token")
+    async def token(provider: str, request: Request) -> dict[str, bool]:
+        ok = request.headers.get("x-code") == "good"
+        report_auth_outcome(request, success=ok, user_id="carol@example.com", method="oauth")
+        return {"ok": ok}
+
+    client = add_auth_metrics_middleware(
+        app, service_name="mw-auth", auth_routes=["/oauth/{provider}/token"], server=marker
+    )
+    with TestClient(app) as http:
+        assert http.post("/oauth/github/token", headers={"X-Code": "good"}).json() == {"ok": True}
+        assert http.post("/oauth/github/token", headers={"X-Code": "bad"}).json() == {"ok": False}
+    assert client.stats().sent == 2
+    rows = metrics_service.wait_rows(
+        "SELECT * FROM auth_metrics WHERE server = ? ORDER BY id", (marker,), count=2
+    )
+    assert [(r["success"], r["method"]) for r in rows] == [(1, "oauth"), (0, "oauth")]
+    assert {r["user_hash"] for r in rows} == {hash_value("carol@example.com")}
+    assert all(r["service"] == "mw-auth" and r["duration_ms"] >= 0 for r in rows)
+    assert '"/oauth/{provider}/token"' in rows[0]["dimensions"]
