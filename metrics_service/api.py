@@ -174,6 +174,7 @@ async def ingest(request: Request, x_api_key: APIKey = None) -> Response:
         "key", str(principal.key_id), principal.rate_limit_per_min or app.settings.rate_limit_per_min
     )
     if not decision.allowed:
+        app.telemetry.add("metrics_service_rate_limited_requests")
         raise RateLimited("rate limit exceeded for this key", headers=decision.headers())
     content_type = request.headers.get("content-type", "")
     if content_type.split(";", 1)[0].strip().lower() != "application/json":
@@ -184,6 +185,7 @@ async def ingest(request: Request, x_api_key: APIKey = None) -> Response:
     body = await read_body(request, app.settings.max_request_bytes, app.settings.request_timeout_s)
     batch = app.validator.decode(body)
     if batch.service != principal.service:
+        app.telemetry.add("metrics_service_auth_failures", ("wrong_service",))
         raise Forbidden(f"this key was not issued for service {batch.service!r}")
     await app.queue.submit(batch)
     accepted = batch.accepted

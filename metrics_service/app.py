@@ -25,6 +25,7 @@ from metrics_service.ingest import DbThread, WriteQueue
 from metrics_service.ratelimit import RateLimiter
 from metrics_service.retention import RetentionLoop
 from metrics_service.settings import Settings, load_settings
+from metrics_service.telemetry import Telemetry
 from metrics_service.validation import Batch, Validator
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,15 @@ class AppState:
     limiter: RateLimiter
     authenticator: auth.Authenticator
     retention: RetentionLoop
+    telemetry: Telemetry
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def on_ingested(self, batch: Batch) -> None:
-        """Hook for per-request accounting (telemetry attaches here)."""
+        if batch.rejections:
+            self.telemetry.on_rejections(batch)
 
     def on_retention_deleted(self, table: str, rows: int) -> None:
-        """Hook for retention accounting (telemetry attaches here)."""
+        self.telemetry.add("metrics_service_retention_deleted_rows", (table,), rows)
 
     async def readiness(self) -> dict[str, bool]:
         def writable(conn: sqlite3.Connection) -> bool:
@@ -100,9 +103,15 @@ class RequestIdMiddleware:
             (b"cache-control", b"no-store"),
         ]
 
+        ingest = scope["path"] == "/metrics" and scope["method"] == "POST"
+
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), *extra]
+                if ingest:
+                    state = getattr(scope["app"].state, "metrics", None)
+                    if state is not None:
+                        state.telemetry.on_request(message["status"])
             await send(message)
 
         await self.app(scope, receive, send_with_id)
@@ -113,16 +122,24 @@ def _build_state(settings: Settings) -> AppState:
     reader = DbThread(settings, name="reader", readonly=True)
     keys = auth.KeyTable()
     limiter = RateLimiter(settings.rate_limit_async_uri)
+    queue = WriteQueue(writer, settings)
+    telemetry = Telemetry(settings, queue_depth=lambda: queue.pending_metrics)
+    queue.add_listener(telemetry.on_commit)
+    queue.on_failure = lambda: telemetry.add("metrics_service_commit_failures")
+    authenticator = auth.Authenticator(
+        keys, limiter, settings, on_failure=lambda reason: telemetry.add("metrics_service_auth_failures", (reason,))
+    )
     state = AppState(
         settings=settings,
         validator=Validator(settings),
         writer=writer,
         reader=reader,
-        queue=WriteQueue(writer, settings),
+        queue=queue,
         keys=keys,
         limiter=limiter,
-        authenticator=auth.Authenticator(keys, limiter, settings),
+        authenticator=authenticator,
         retention=RetentionLoop(writer, settings),
+        telemetry=telemetry,
     )
     state.retention = RetentionLoop(writer, settings, on_deleted=state.on_retention_deleted)
     return state
@@ -141,6 +158,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if state.writer.applied_migrations:
         log.info("applied schema migrations %s", state.writer.applied_migrations)
     await state.reader.open()
+    state.telemetry.start()
     counts = await state.writer.run(lambda c: auth.reconcile_env(c, settings))
     log.info(
         "environment keys reconciled: %d kept, %d added, %d revoked",
@@ -166,6 +184,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        state.telemetry.shutdown()
         await state.writer.close()
         await state.reader.close()
         log.info(

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import secrets
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from metrics_service import storage
@@ -128,15 +129,23 @@ class KeyTable:
 class Authenticator:
     """Checks ``X-API-Key`` and throttles failed attempts per client address."""
 
-    def __init__(self, keys: KeyTable, limiter: RateLimiter, settings: Settings) -> None:
+    def __init__(
+        self,
+        keys: KeyTable,
+        limiter: RateLimiter,
+        settings: Settings,
+        on_failure: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self.keys = keys
         self._limiter = limiter
         self._failure_limit = settings.auth_failure_limit_per_min
+        self._on_failure = on_failure
 
     async def authenticate(self, presented: str | None, client: str, *roles: str) -> Principal:
         # A client that already failed too often is refused before its key is even looked at.
         blocked = await self._limiter.peek_exhausted("authfail", client, self._failure_limit)
         if blocked is not None:
+            self._on_failure("throttled")
             raise RateLimited(
                 "too many failed authentication attempts from this address",
                 headers={"Retry-After": str(blocked)},
@@ -146,6 +155,7 @@ class Authenticator:
             # The hit itself is the gate (atomic), so a burst of concurrent guesses gets exactly
             # the allowed number of 401s and 429 for the rest.
             decision = await self._limiter.hit("authfail", client, self._failure_limit)
+            self._on_failure("missing_key" if not presented else "unknown_key")
             if not decision.allowed:
                 raise RateLimited(
                     "too many failed authentication attempts from this address",
@@ -156,5 +166,6 @@ class Authenticator:
                 headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'},
             )
         if principal.role not in roles:
+            self._on_failure("wrong_role")
             raise Forbidden(f"this key's role ({principal.role}) may not use this endpoint")
         return principal

@@ -112,6 +112,7 @@ class WriteQueue:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[CommitListener] = []
+        self.on_failure: Callable[[], None] = lambda: None
         self.healthy = True
         self.last_error: str | None = None
         self.committed_metrics = 0
@@ -189,6 +190,7 @@ class WriteQueue:
                 await self._writer.run(lambda conn: storage.insert_rows(conn, parts))
             except StorageError as exc:
                 attempt += 1
+                self.on_failure()
                 self.healthy = False
                 self.last_error = str(exc)
                 log.error("commit of %d metrics failed (attempt %d): %s", size, attempt, exc)

@@ -33,6 +33,11 @@ class Synchronous(str, Enum):
     normal = "normal"
 
 
+class OtlpProtocol(str, Enum):
+    grpc = "grpc"
+    http_protobuf = "http/protobuf"
+
+
 class LogFormat(str, Enum):
     text = "text"
     json = "json"
@@ -92,6 +97,21 @@ class Settings(BaseSettings):
     retention_interval_s: float = _env("METRICS_RETENTION_INTERVAL_S", 3600.0, gt=0)
     retention_chunk_rows: int = _env("METRICS_RETENTION_CHUNK_ROWS", 5000, ge=1)
 
+    # OpenTelemetry export
+    otel_service_name: str = _env("OTEL_SERVICE_NAME", "mcp-metrics-service", min_length=1)
+    otel_prometheus_enabled: bool = _env("OTEL_PROMETHEUS_ENABLED", True)
+    otel_prometheus_host: str = _env("OTEL_PROMETHEUS_HOST", "127.0.0.1")
+    otel_prometheus_port: int = _env("OTEL_PROMETHEUS_PORT", 9465, ge=0, le=65535)
+    otlp_endpoint: str | None = Field(
+        None, validation_alias=AliasChoices("OTEL_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+    otlp_metrics_endpoint: str | None = _env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", None)
+    otlp_protocol: OtlpProtocol = _env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    otlp_headers: str = _env("OTEL_EXPORTER_OTLP_HEADERS", "", repr=False)
+    otlp_timeout_ms: int = _env("OTEL_EXPORTER_OTLP_TIMEOUT", 10_000, ge=1)
+    otel_export_interval_ms: int = _env("OTEL_METRIC_EXPORT_INTERVAL", 60_000, ge=100)
+    otel_cardinality_limit: int = _env("METRICS_OTEL_CARDINALITY_LIMIT", 2000, ge=10, le=1_000_000)
+
     # Logs
     log_level: str = _env("METRICS_LOG_LEVEL", "info")
     log_format: LogFormat = _env("METRICS_LOG_FORMAT", LogFormat.text)
@@ -111,6 +131,27 @@ class Settings(BaseSettings):
         if scheme not in {"memory", "redis", "rediss", "redis+sentinel", "redis+cluster"}:
             raise ValueError("must be memory:// or a redis:// URI")
         return value
+
+    @field_validator("otlp_endpoint", "otlp_metrics_endpoint")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        assert value is not None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    def otlp_header_map(self) -> dict[str, str]:
+        """``OTEL_EXPORTER_OTLP_HEADERS`` (``k=v,k2=v2``, values URL-encoded) as a dict."""
+        from urllib.parse import unquote
+
+        headers = {}
+        for part in self.otlp_headers.split(","):
+            if "=" in part:
+                key, value = part.split("=", 1)
+                headers[key.strip().lower()] = unquote(value.strip())
+        return headers
 
     @property
     def rate_limit_async_uri(self) -> str:

@@ -106,6 +106,7 @@ class ServiceProcess:
             "SQLITE_DB_PATH": str(self.db_path),
             "METRICS_SERVICE_HOST": "127.0.0.1",
             "METRICS_SERVICE_PORT": str(self.port),
+            "OTEL_PROMETHEUS_PORT": "0",
             **self.env,
         }
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it

@@ -18,6 +18,8 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith(("METRICS_", "SQLITE_", "OTEL_")):
             monkeypatch.delenv(name)
+    # Several apps run at once under xdist: let each Prometheus endpoint take a free port.
+    monkeypatch.setenv("OTEL_PROMETHEUS_PORT", "0")
 
 
 @pytest.fixture

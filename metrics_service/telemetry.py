@@ -1,0 +1,466 @@
+"""OpenTelemetry export: every committed metric becomes counter and histogram measurements,
+scraped by Prometheus (``PrometheusMetricReader`` on its own registry and port) and/or pushed
+over OTLP (``PeriodicExportingMetricReader``).
+
+Cost. The SDK spends 15-20 µs on each ``add``/``record`` (attribute cleaning and hashing), which
+would cost more than storing the metric. So a commit is first aggregated here in plain Python, per
+label set: counters are kept as our own running totals and reported through observable counters
+(exact, and cumulative by nature), and histograms receive one "bulk" measurement per label set
+per commit, which a small subclass of the SDK's explicit-bucket aggregation merges bucket by
+bucket. A start-up self-test proves the subclass against the installed SDK; if it fails, we fall
+back to one ``record`` per value (correct, slower) and log it.
+
+Cardinality. Labels come only from low-cardinality dimensions. Each instrument keeps at most
+``METRICS_OTEL_CARDINALITY_LIMIT`` label sets; further ones go to one overflow series labelled
+``otel_metric_overflow="true"``, as the OpenTelemetry SDK does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics._internal.aggregation import _ExplicitBucketHistogramAggregation
+from opentelemetry.sdk.metrics._internal.exemplar import AlwaysOffExemplarFilter
+from opentelemetry.sdk.metrics.export import (
+    InMemoryMetricReader,
+    MetricExporter,
+    MetricExportResult,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+
+from metrics_service import __version__
+from metrics_service.settings import OtlpProtocol, Settings
+from metrics_service.validation import DIMENSIONS, Batch
+
+log = logging.getLogger(__name__)
+
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BYTES_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
+RESULTS_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100)
+BATCH_BUCKETS = (1, 10, 100, 1000, 5000, 10000, 50000)
+OVERFLOW = {"otel.metric.overflow": True}
+
+# Column positions of the typed dimensions in the rows built by ``validation``.
+_COL = {kind: {name: 7 + i for i, (name, _) in enumerate(spec)} for kind, spec in DIMENSIONS.items()}
+_SUCCESS = {1: "true", 0: "false", None: "unknown"}
+
+AUTH_LABELS = ("service", "server", "method", "success")
+TOOL_LABELS = ("service", "server", "method", "tool_name", "client_name", "success")
+PROTOCOL_LABELS = ("service", "server", "client_name", "flow_step")
+SERVICE_LABELS = ("service",)
+
+#: name -> (kind, unit, labels, buckets, description). Counter names get ``_total`` in Prometheus.
+INSTRUMENTS: dict[str, tuple[str, str, tuple[str, ...], Sequence[float], str]] = {
+    "mcp_auth_requests": ("counter", "", AUTH_LABELS, (), "Authentication events (sum of value)"),
+    "mcp_tool_executions": ("counter", "", TOOL_LABELS, (), "MCP method calls (sum of value)"),
+    "mcp_tool_discovery": ("counter", "", SERVICE_LABELS, (), "Tool discovery searches (sum of value)"),
+    "mcp_auth_request_duration_seconds": ("histogram", "s", AUTH_LABELS, SECONDS_BUCKETS, "Authentication time"),
+    "mcp_tool_execution_duration_seconds": ("histogram", "s", TOOL_LABELS, SECONDS_BUCKETS, "MCP method execution time"),
+    "mcp_tool_input_size_bytes": ("histogram", "By", TOOL_LABELS, BYTES_BUCKETS, "Tool call input size"),
+    "mcp_tool_output_size_bytes": ("histogram", "By", TOOL_LABELS, BYTES_BUCKETS, "Tool call output size"),
+    "mcp_tool_discovery_duration_seconds": ("histogram", "s", SERVICE_LABELS, SECONDS_BUCKETS, "Discovery total time"),
+    "mcp_tool_discovery_embedding_duration_seconds": ("histogram", "s", SERVICE_LABELS, SECONDS_BUCKETS, "Discovery embedding time"),
+    "mcp_tool_discovery_search_duration_seconds": ("histogram", "s", SERVICE_LABELS, SECONDS_BUCKETS, "Discovery index search time"),
+    "mcp_tool_discovery_results": ("histogram", "", SERVICE_LABELS, RESULTS_BUCKETS, "Results returned per discovery"),
+    "mcp_protocol_latency_seconds": ("histogram", "s", PROTOCOL_LABELS, SECONDS_BUCKETS, "Time between MCP protocol steps"),
+    "metrics_service_metrics_accepted": ("counter", "", ("type",), (), "Metrics stored"),
+    "metrics_service_metrics_rejected": ("counter", "", ("reason",), (), "Metrics rejected, by the rule they broke"),
+    "metrics_service_requests": ("counter", "", ("status",), (), "Ingest requests by HTTP status"),
+    "metrics_service_rate_limited_requests": ("counter", "", (), (), "Ingest requests refused by the rate limit"),
+    "metrics_service_auth_failures": ("counter", "", ("reason",), (), "Failed authentications"),
+    "metrics_service_commit_failures": ("counter", "", (), (), "Failed commit attempts"),
+    "metrics_service_retention_deleted_rows": ("counter", "", ("table",), (), "Rows deleted by retention"),
+    "metrics_service_export_failures": ("counter", "", ("exporter",), (), "Failed OTLP exports"),
+    "metrics_service_commit_batch_metrics": ("histogram", "", (), BATCH_BUCKETS, "Metrics per commit"),
+    "metrics_service_commit_duration_seconds": ("histogram", "s", (), SECONDS_BUCKETS, "Commit duration"),
+}
+
+
+class _Bulk(float):
+    """A histogram measurement that carries a whole commit's bucket counts; its float value is
+    the sum of the values (so the SDK's finite/non-negative checks see the real sum)."""
+
+    __slots__ = ("counts", "high", "low")
+    counts: list[int]
+    low: float
+    high: float
+
+
+class _BulkAggregation(_ExplicitBucketHistogramAggregation):
+    def aggregate(self, measurement: Any, should_sample_exemplar: bool = True) -> None:
+        bulk = measurement.value
+        if type(bulk) is not _Bulk:
+            super().aggregate(measurement, should_sample_exemplar)
+            return
+        with self._lock:
+            if self._value is None:
+                self._value = self._get_empty_bucket_counts()
+            self._sum += float(bulk)
+            if self._record_min_max:
+                self._min = min(self._min, bulk.low)
+                self._max = max(self._max, bulk.high)
+            value = self._value
+            for i, n in enumerate(bulk.counts):
+                if n:
+                    value[i] += n
+
+
+class BulkHistogramAggregation(ExplicitBucketHistogramAggregation):
+    """Explicit buckets that also accept ``_Bulk`` measurements."""
+
+    def _create_aggregation(self, *args: Any, **kwargs: Any) -> Any:
+        aggregation = super()._create_aggregation(*args, **kwargs)
+        if type(aggregation) is _ExplicitBucketHistogramAggregation:
+            aggregation.__class__ = _BulkAggregation
+        return aggregation
+
+
+def _bulk_works() -> bool:
+    """Prove the bulk path against the installed SDK: one bulk == the same values one by one."""
+    try:
+        reader = InMemoryMetricReader()
+        provider = MeterProvider(
+            metric_readers=[reader],
+            views=[View(instrument_name="h", aggregation=BulkHistogramAggregation((1.0, 2.0)))],
+        )
+        bulk = _Bulk(0.5 + 1.75)
+        bulk.counts, bulk.low, bulk.high = [1, 1, 0], 0.5, 1.75
+        provider.get_meter("t").create_histogram("h").record(bulk, {"a": "b"})
+        data = reader.get_metrics_data()
+        provider.shutdown()
+        point = data.resource_metrics[0].scope_metrics[0].metrics[0].data.data_points[0]  # type: ignore[union-attr]
+        return bool(
+            list(point.bucket_counts) == [1, 1, 0] and point.count == 2 and point.min == 0.5 and point.max == 1.75
+        )
+    except Exception:
+        log.exception("bulk histogram self-test failed")
+        return False
+
+
+class _Hist:
+    """Per-commit accumulation of one histogram: label tuple -> [counts, sum, min, max]."""
+
+    __slots__ = ("bounds", "groups", "keep_values")
+
+    def __init__(self, bounds: Sequence[float], keep_values: bool) -> None:
+        self.bounds = bounds
+        self.groups: dict[tuple[str, ...], list[Any]] = {}
+        self.keep_values = keep_values  # only for the one-record-per-value fallback
+
+    def add(self, key: tuple[str, ...], value: float) -> None:
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = [[0] * (len(self.bounds) + 1), 0.0, value, value, []]
+        group[0][bisect_left(self.bounds, value)] += 1
+        group[1] += value
+        if value < group[2]:
+            group[2] = value
+        elif value > group[3]:
+            group[3] = value
+        if self.keep_values:
+            group[4].append(value)
+
+
+class _Totals:
+    """Running totals of a counter, capped at ``limit`` label sets (then one overflow series)."""
+
+    def __init__(self, labels: tuple[str, ...], limit: int) -> None:
+        self.labels = labels
+        self.limit = limit
+        self.values: dict[tuple[Any, ...], float] = {}
+        self.overflow = 0.0
+
+    def add(self, key: tuple[Any, ...], amount: float) -> None:
+        # Called on the event loop only; ``observe`` runs on an exporter thread and copies the
+        # dict in one C call (atomic under the GIL).
+        values = self.values
+        if key in values:
+            values[key] += amount
+        elif len(values) < self.limit - 1:  # the overflow series counts towards the limit
+            values[key] = amount
+        else:
+            self.overflow += amount
+
+    def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
+        labels = self.labels
+        for key, value in list(self.values.items()):
+            yield Observation(value, dict(zip(labels, key, strict=True)))
+        if self.overflow:
+            yield Observation(self.overflow, OVERFLOW)
+
+
+class _CountingExporter(MetricExporter):
+    """Wraps an OTLP exporter to count and log (once per outage) failed exports."""
+
+    def __init__(self, inner: MetricExporter, on_failure: Callable[[], None]) -> None:
+        super().__init__(
+            preferred_temporality=inner._preferred_temporality,
+            preferred_aggregation=inner._preferred_aggregation,
+        )
+        self._inner = inner
+        self._on_failure = on_failure
+        self._failing = False
+
+    def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        try:
+            result = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        except Exception:
+            result = MetricExportResult.FAILURE
+        if result is MetricExportResult.SUCCESS:
+            if self._failing:
+                log.info("OTLP export works again")
+            self._failing = False
+        else:
+            self._on_failure()
+            if not self._failing:
+                log.warning("OTLP export failed; counting failures in metrics_service_export_failures_total")
+            self._failing = True
+        return result
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+def _otlp_exporter(settings: Settings) -> MetricExporter:
+    timeout_s = settings.otlp_timeout_ms / 1000
+    headers = settings.otlp_header_map() or None
+    base = (settings.otlp_endpoint or "").rstrip("/")
+    if settings.otlp_protocol is OtlpProtocol.grpc:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as Grpc
+
+        endpoint = settings.otlp_metrics_endpoint or base
+        return Grpc(endpoint=endpoint, insecure=endpoint.startswith("http://"), headers=headers, timeout=timeout_s)
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as Http
+
+    endpoint = settings.otlp_metrics_endpoint or f"{base}/v1/metrics"
+    return Http(endpoint=endpoint, headers=headers, timeout=timeout_s)
+
+
+class Telemetry:
+    """The app's MeterProvider, its readers and the per-commit recording."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        queue_depth: Callable[[], int] = lambda: 0,
+        extra_readers: Sequence[MetricReader] = (),
+    ) -> None:
+        from prometheus_client import CollectorRegistry
+
+        self._settings = settings
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._http: Any = None
+        self.prometheus_port: int | None = None
+        readers: list[MetricReader] = list(extra_readers)
+        if settings.otel_prometheus_enabled:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+            readers.append(PrometheusMetricReader(registry=self.registry))
+        self.otlp_enabled = bool(settings.otlp_endpoint or settings.otlp_metrics_endpoint)
+        if self.otlp_enabled:
+            exporter = _CountingExporter(_otlp_exporter(settings), lambda: self.add("metrics_service_export_failures", ("otlp",)))
+            readers.append(PeriodicExportingMetricReader(exporter, export_interval_millis=settings.otel_export_interval_ms))
+        limit = settings.otel_cardinality_limit
+        self.bulk = _bulk_works()
+        if not self.bulk:
+            log.warning("the installed OpenTelemetry SDK does not take bulk histogram measurements; recording each value")
+        views = []
+        for name, (kind, _unit, _labels, buckets, _desc) in INSTRUMENTS.items():
+            if kind == "histogram":
+                views.append(View(instrument_name=name, aggregation=BulkHistogramAggregation(buckets), aggregation_cardinality_limit=limit))
+            else:
+                views.append(View(instrument_name=name, aggregation_cardinality_limit=limit))
+        self.provider = MeterProvider(
+            metric_readers=readers,
+            resource=Resource.create({"service.name": settings.otel_service_name, "service.version": __version__}),
+            views=views,
+            exemplar_filter=AlwaysOffExemplarFilter(),
+        )
+        meter = self.provider.get_meter("metrics_service", __version__)
+        self.totals: dict[str, _Totals] = {}
+        self.histograms: dict[str, Any] = {}
+        self.labels: dict[str, tuple[str, ...]] = {}
+        for name, (kind, unit, labels, _buckets, desc) in INSTRUMENTS.items():
+            self.labels[name] = labels
+            if kind == "counter":
+                totals = self.totals[name] = _Totals(labels, limit)
+                meter.create_observable_counter(name, callbacks=[totals.observe], unit=unit, description=desc)
+            else:
+                self.histograms[name] = meter.create_histogram(name, unit=unit, description=desc)
+        meter.create_observable_gauge(
+            "metrics_service_queue_depth",
+            callbacks=[lambda _o: [Observation(queue_depth())]],
+            description="Metrics waiting for a commit",
+        )
+        meter.create_observable_gauge(
+            "metrics_service_database_size_bytes",
+            callbacks=[self._db_size],
+            unit="By",
+            description="Size of the SQLite database file and its WAL",
+        )
+
+    def _db_size(self, _options: CallbackOptions) -> Iterable[Observation]:
+        path = str(self._settings.db_path)
+        for label, file in (("db", path), ("wal", f"{path}-wal")):
+            try:
+                size = os.stat(file).st_size
+            except OSError:
+                size = 0
+            yield Observation(size, {"file": label})
+
+    # -- the web of hooks the app calls --------------------------------------------------------
+
+    def add(self, name: str, key: tuple[Any, ...] = (), amount: float = 1) -> None:
+        self.totals[name].add(key, amount)
+
+    def on_request(self, status: int) -> None:
+        self.totals["metrics_service_requests"].add((str(status),), 1)
+
+    def on_rejections(self, batch: Batch) -> None:
+        totals = self.totals["metrics_service_metrics_rejected"]
+        for rejection in batch.rejections:
+            totals.add((rejection.rule,), 1)
+
+    def on_commit(self, batches: Sequence[Batch], size: int, elapsed_s: float) -> None:
+        hists: dict[str, _Hist] = {}
+
+        def hist(name: str) -> _Hist:
+            h = hists.get(name)
+            if h is None:
+                h = hists[name] = _Hist(INSTRUMENTS[name][3], not self.bulk)
+            return h
+
+        accepted = self.totals["metrics_service_metrics_accepted"]
+        for batch in batches:
+            for kind, rows in batch.rows.items():
+                accepted.add((kind,), len(rows))
+                record = _RECORDERS.get(kind)
+                if record is not None:
+                    record(self, rows, hist)
+        hist("metrics_service_commit_batch_metrics").add((), size)
+        hist("metrics_service_commit_duration_seconds").add((), elapsed_s)
+        self._flush(hists)
+
+    def _flush(self, hists: dict[str, _Hist]) -> None:
+        for name, acc in hists.items():
+            instrument = self.histograms[name]
+            labels = self.labels[name]
+            for key, (counts, total, low, high, values) in acc.groups.items():
+                attributes = dict(zip(labels, key, strict=True))
+                if self.bulk:
+                    bulk = _Bulk(total)
+                    bulk.counts, bulk.low, bulk.high = counts, low, high
+                    instrument.record(bulk, attributes)
+                else:
+                    for value in values:
+                        instrument.record(value, attributes)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if not self._settings.otel_prometheus_enabled:
+            return
+        from prometheus_client import start_http_server
+
+        host, port = self._settings.otel_prometheus_host, self._settings.otel_prometheus_port
+        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self.prometheus_port = self._http.server_port
+        log.info("Prometheus endpoint on http://%s:%d/metrics", host, self.prometheus_port)
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        started = time.monotonic()
+        try:
+            self.provider.shutdown(timeout_millis=timeout_s * 1000)
+        except Exception:
+            log.exception("OpenTelemetry shutdown failed")
+        if self.otlp_enabled:
+            log.info("OpenTelemetry stopped in %.1f s", time.monotonic() - started)
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else value / 1000.0
+
+
+def _auth(t: Telemetry, rows: list[tuple[Any, ...]], hist: Callable[[str], _Hist]) -> None:
+    c = _COL["auth_request"]
+    i_success, i_method, i_server = c["success"], c["method"], c["server"]
+    totals = t.totals["mcp_auth_requests"]
+    durations = hist("mcp_auth_request_duration_seconds")
+    for r in rows:
+        key = (r[2], r[i_server] or "", r[i_method] or "", _SUCCESS[r[i_success]])
+        totals.add(key, r[5])
+        if r[6] is not None:
+            durations.add(key, r[6] / 1000.0)
+
+
+def _tool(t: Telemetry, rows: list[tuple[Any, ...]], hist: Callable[[str], _Hist]) -> None:
+    c = _COL["tool_execution"]
+    i_method, i_tool, i_server, i_client = c["method"], c["tool_name"], c["server_name"], c["client_name"]
+    i_success, i_in, i_out = c["success"], c["input_size_bytes"], c["output_size_bytes"]
+    totals = t.totals["mcp_tool_executions"]
+    durations = hist("mcp_tool_execution_duration_seconds")
+    inputs = hist("mcp_tool_input_size_bytes")
+    outputs = hist("mcp_tool_output_size_bytes")
+    for r in rows:
+        key = (r[2], r[i_server] or "", r[i_method] or "", r[i_tool] or "", r[i_client] or "", _SUCCESS[r[i_success]])
+        totals.add(key, r[5])
+        if r[6] is not None:
+            durations.add(key, r[6] / 1000.0)
+        if r[i_in] is not None:
+            inputs.add(key, r[i_in])
+        if r[i_out] is not None:
+            outputs.add(key, r[i_out])
+
+
+def _discovery(t: Telemetry, rows: list[tuple[Any, ...]], hist: Callable[[str], _Hist]) -> None:
+    c = _COL["tool_discovery"]
+    i_results, i_embed, i_search = c["results_count"], c["embedding_time_ms"], c["search_time_ms"]
+    totals = t.totals["mcp_tool_discovery"]
+    for r in rows:
+        key = (r[2],)
+        totals.add(key, r[5])
+        for name, value in (
+            ("mcp_tool_discovery_duration_seconds", _ms(r[6])),
+            ("mcp_tool_discovery_embedding_duration_seconds", _ms(r[i_embed])),
+            ("mcp_tool_discovery_search_duration_seconds", _ms(r[i_search])),
+            ("mcp_tool_discovery_results", r[i_results]),
+        ):
+            if value is not None:
+                hist(name).add(key, value)
+
+
+def _protocol(t: Telemetry, rows: list[tuple[Any, ...]], hist: Callable[[str], _Hist]) -> None:
+    c = _COL["protocol_latency"]
+    i_step, i_server, i_client = c["flow_step"], c["server_name"], c["client_name"]
+    latency = hist("mcp_protocol_latency_seconds")
+    for r in rows:
+        if r[6] is not None:
+            latency.add((r[2], r[i_server] or "", r[i_client] or "", r[i_step] or ""), r[6] / 1000.0)
+
+
+_RECORDERS: dict[str, Callable[[Telemetry, list[tuple[Any, ...]], Callable[[str], _Hist]], None]] = {
+    "auth_request": _auth,
+    "tool_execution": _tool,
+    "tool_discovery": _discovery,
+    "protocol_latency": _protocol,
+}
+
+__all__ = ["BYTES_BUCKETS", "INSTRUMENTS", "SECONDS_BUCKETS", "Telemetry"]
