@@ -11,7 +11,7 @@ bucket. A start-up self-test proves the subclass against the installed SDK; if i
 back to one ``record`` per value (correct, slower) and log it.
 
 Cardinality. Labels come only from low-cardinality dimensions. Each instrument keeps at most
-``METRICS_OTEL_CARDINALITY_LIMIT`` label sets; further ones go to one overflow series labelled
+``METRICS_OTEL_CARDINALITY_LIMIT`` label sets; further ones go to one more series, labelled only
 ``otel_metric_overflow="true"``, as the OpenTelemetry SDK does.
 """
 
@@ -186,7 +186,7 @@ class _Totals:
         values = self.values
         if key in values:
             values[key] += amount
-        elif len(values) < self.limit - 1:  # the overflow series counts towards the limit
+        elif len(values) < self.limit:  # as the SDK: the overflow series comes on top
             values[key] = amount
         else:
             self.overflow += amount
