@@ -93,12 +93,17 @@ class MetricsClient(Recorder):
             with contextlib.suppress(RuntimeError):  # the loop is closed
                 loop.call_soon_threadsafe(event.set)
 
-    async def _wait(self, timeout: float) -> None:
+    async def _wait(self, timeout: float) -> bool:
+        """Wait for a wake-up (True) or the timeout (False)."""
         event = self._event
         assert event is not None
-        with contextlib.suppress(asyncio.TimeoutError):
+        try:
             await asyncio.wait_for(event.wait(), timeout)
+            woke = True
+        except asyncio.TimeoutError:
+            woke = False
         event.clear()
+        return woke
 
     async def _backoff(self, delay: float) -> None:
         # Waits out the delay even when the queue fills up meanwhile; only close() cuts it short.
@@ -113,11 +118,14 @@ class MetricsClient(Recorder):
             while True:
                 try:
                     if not self._take_batch():
-                        assert self._idle is not None
-                        self._idle.set()
-                        if self._closing:
-                            return
-                        await self._wait(cfg.flush_interval_s)
+                        if not self._queue:
+                            self._drain = False
+                            assert self._idle is not None
+                            self._idle.set()
+                            if self._closing:
+                                return
+                        if not await self._wait(cfg.flush_interval_s):
+                            self._drain = True  # the interval passed: send partial batches too
                         continue
                     if self._idle is not None:
                         self._idle.clear()
@@ -163,6 +171,7 @@ class MetricsClient(Recorder):
         deadline = time.monotonic() + (
             self.config.shutdown_timeout_s if timeout_s is None else timeout_s
         )
+        self._drain = True
         self._idle.clear()
         self._wake()
         while time.monotonic() < deadline:
@@ -172,6 +181,7 @@ class MetricsClient(Recorder):
                 return False
             if not self._queue and not self._pending:
                 return True
+            self._drain = True
             self._idle.clear()
             self._wake()
         return False
@@ -270,9 +280,10 @@ class ThreadedMetricsClient(Recorder):
     def _wake(self) -> None:
         self._event.set()
 
-    def _wait(self, timeout: float) -> None:
-        self._event.wait(timeout)
+    def _wait(self, timeout: float) -> bool:
+        woke = self._event.wait(timeout)
         self._event.clear()
+        return woke
 
     def _run(self) -> None:
         cfg = self.config
@@ -280,10 +291,13 @@ class ThreadedMetricsClient(Recorder):
             while True:
                 try:
                     if not self._take_batch():
-                        self._idle.set()
-                        if self._closing:
-                            return
-                        self._wait(cfg.flush_interval_s)
+                        if not self._queue:
+                            self._drain = False
+                            self._idle.set()
+                            if self._closing:
+                                return
+                        if not self._wait(cfg.flush_interval_s):
+                            self._drain = True  # the interval passed: send partial batches too
                         continue
                     self._idle.clear()
                     delay = self._send_pending(http)
@@ -324,6 +338,7 @@ class ThreadedMetricsClient(Recorder):
             self.config.shutdown_timeout_s if timeout_s is None else timeout_s
         )
         while time.monotonic() < deadline:
+            self._drain = True
             self._idle.clear()
             self._wake()
             if not self._idle.wait(max(0.0, deadline - time.monotonic())):

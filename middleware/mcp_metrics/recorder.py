@@ -93,6 +93,7 @@ class Recorder:
         self._batch_size = cfg.max_batch_size
         self._lock = threading.Lock()
         self._pending: list[dict[str, Any]] = []
+        self._drain = False  # also send partial batches: set when the interval passes, by flush()
         self._attempt = 0
         self._closing = False
         self._closed = False
@@ -275,9 +276,10 @@ class Recorder:
         if self._pending:
             return True
         with self._lock:
-            n = min(len(self._queue), self._batch_size)
-            if n == 0:
-                return False
+            n = len(self._queue)
+            if n == 0 or (n < self._batch_size and not (self._drain or self._closing)):
+                return False  # a partial batch waits for the interval, a flush or close()
+            n = min(n, self._batch_size)
             popleft = self._queue.popleft
             self._pending = [popleft() for _ in range(n)]
         self._attempt = 0

@@ -212,13 +212,25 @@ class RunningService:
         return found
 
 
+# The service may run on another interpreter than the tests (scripts/test-middleware-mcp1 runs
+# the tests with mcp 1.x and the service from the main virtualenv).
+SERVICE_PYTHON = os.environ.get("MIDDLEWARE_TEST_SERVICE_PYTHON") or sys.executable
+
+
 def _service_unavailable_reason() -> str | None:
     if not (REPO_ROOT / "metrics_service" / "__main__.py").exists():
         return "metrics_service is not built yet (no metrics_service/__main__.py)"
-    try:
-        __import__("metrics_service")
-    except Exception as exc:  # pragma: no cover - depends on the server's state
-        return f"metrics_service does not import: {exc}"
+    probe = subprocess.run(
+        [SERVICE_PYTHON, "-c", "import metrics_service"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    if probe.returncode != 0:
+        return (
+            f"metrics_service does not import with {SERVICE_PYTHON} "
+            "(pip install -e . there, or set MIDDLEWARE_TEST_SERVICE_PYTHON)"
+        )
     return None
 
 
@@ -246,7 +258,7 @@ def metrics_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
         env["METRICS_API_KEY_" + name.upper().replace("-", "_")] = key
     log = (tmp / "service.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "metrics_service", "serve"],
+        [SERVICE_PYTHON, "-m", "metrics_service", "serve"],
         cwd=tmp,
         env=env,
         stdout=log,
