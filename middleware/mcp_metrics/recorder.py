@@ -33,6 +33,7 @@ MAX_BODY_BYTES = 1024 * 1024  # the service's request body limit
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 _MAX_RETRY_AFTER_S = 600.0  # a Retry-After beyond this is treated as this
 _USER_AGENT = "mcp-metrics-client/0.1"
+_encode_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 @dataclass(frozen=True)
@@ -287,9 +288,7 @@ class Recorder:
 
     def _encode(self, batch: list[dict[str, Any]]) -> list[tuple[bytes, list[dict[str, Any]]]]:
         """JSON bodies under the service's 1 MiB limit, splitting the batch when needed."""
-        body = json.dumps(
-            {**self._envelope_head, "metrics": batch}, separators=(",", ":"), default=str
-        ).encode()
+        body = _encode_json({**self._envelope_head, "metrics": batch}).encode()
         if len(body) <= MAX_BODY_BYTES:
             return [(body, batch)]
         if len(batch) == 1:

@@ -25,14 +25,24 @@ _DISPATCH_NAMES = ("name", "tool_name")
 _ARGUMENT_NAMES = ("arguments", "args", "params")
 
 
+# One encoder, built once: json.dumps() with options builds a new one per call.
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+
+
 def payload_size(obj: Any) -> int:
     """Bytes of the JSON form of `obj` (pydantic models as they go on the wire)."""
     if obj is None:
         return 0
+    kind = type(obj)
+    if kind is dict or kind is list:
+        try:
+            return len(_encode_json(obj).encode("utf-8", "surrogatepass"))
+        except (TypeError, ValueError):
+            return len(str(obj).encode("utf-8", "surrogatepass"))
+    if kind is str:
+        return len(obj.encode("utf-8", "surrogatepass"))
     if isinstance(obj, (bytes, bytearray)):
         return len(obj)
-    if isinstance(obj, str):
-        return len(obj.encode("utf-8", "surrogatepass"))
     dump = getattr(obj, "model_dump_json", None)
     if dump is not None:
         try:
@@ -40,14 +50,14 @@ def payload_size(obj: Any) -> int:
         except Exception:
             pass
     try:
-        return len(json.dumps(obj, default=str, separators=(",", ":")).encode())
+        return len(_encode_json(obj).encode("utf-8", "surrogatepass"))
     except (TypeError, ValueError):
-        return len(str(obj).encode())
+        return len(str(obj).encode("utf-8", "surrogatepass"))
 
 
 def is_error_result(result: Any) -> bool:
     """True for an MCP `CallToolResult` with isError set, as a model or as a wire dict."""
-    if isinstance(result, Mapping):
+    if type(result) is dict or isinstance(result, Mapping):
         return result.get("isError") is True or result.get("is_error") is True
     flag = getattr(result, "isError", None)  # mcp 1.x field name
     if flag is None:

@@ -231,7 +231,7 @@ class Instrumentation:
 
 
 def _first(source: Any, keys: tuple[str, ...]) -> Any:
-    if not isinstance(source, Mapping):
+    if source is None or not (type(source) is dict or isinstance(source, Mapping)):
         return None
     for key in keys:
         value = source.get(key)
@@ -241,7 +241,7 @@ def _first(source: Any, keys: tuple[str, ...]) -> Any:
 
 
 def _result_meta(result: Any) -> Any:
-    if isinstance(result, Mapping):
+    if type(result) is dict or isinstance(result, Mapping):
         return result.get("_meta")
     root = getattr(result, "root", result)  # mcp 1.x wraps results in ServerResult
     return getattr(root, "meta", None)
