@@ -7,11 +7,12 @@ with the 2026-07-28 `server/discover`) and with mcp 1.x (`scripts/test-middlewar
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 
 import pytest
 
-from .conftest import IngestServer, RunningService, async_wait_until
+from .conftest import REPO_ROOT, IngestServer, RunningService, async_wait_until
 
 pytest.importorskip("mcp", reason="pip install -e './middleware[mcp]'")
 
@@ -19,6 +20,7 @@ from ._mcp_support import (
     HANDSHAKE,
     MCP_MAJOR,
     MODES,
+    StdioServerParameters,
     connect,
     events,
     is_error,
@@ -196,3 +198,23 @@ async def test_mcp_rows_in_the_real_service(
         "tools/list->tools/call",
     ]
     assert all(json.loads(r["metadata"]) == {"handshake_method": HANDSHAKE[mode]} for r in flows)
+
+
+async def test_wrap_an_existing_server_from_the_command_line(ingest: IngestServer) -> None:
+    env = {**server_env(ingest.url), "PYTHONPATH": str(REPO_ROOT)}
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_metrics.mcp", "tests.middleware.plain_mcp_server:server"],
+        env=env,
+        cwd=str(REPO_ROOT),
+    )
+    async with connect("stdio", params, "legacy") as session:
+        assert await session.list_tools() == ["shout"]
+        assert not is_error(await session.call("shout", {"text": "hi"}))
+    await async_wait_until(
+        lambda: events(ingest, "tool_execution", method="tools/call"), what="the wrapped call"
+    )
+    [call] = events(ingest, "tool_execution", method="tools/call")
+    assert call["dimensions"]["tool_name"] == "shout"
+    assert call["dimensions"]["server_name"] == "plain-server"
+    assert call["dimensions"]["transport"] == "stdio"
