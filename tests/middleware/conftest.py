@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -237,14 +238,9 @@ def _service_unavailable_reason() -> str | None:
 SERVICE_NAMES = ("mw-test", "mw-auth", "mw-registry", "mw-mcp")
 
 
-@pytest.fixture(scope="session")
-def metrics_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
-    reason = _service_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    tmp = tmp_path_factory.mktemp("metrics-service")
-    port = free_port()
-    keys = {name: f"{name}-key-{os.urandom(16).hex()}" for name in SERVICE_NAMES}
+@contextmanager
+def run_service(tmp: Path, port: int, keys: dict[str, str]) -> Iterator[RunningService]:
+    """`python -m metrics_service serve` on `port`, storing into `tmp/m.db`, for the block."""
     env = {
         **os.environ,
         "SQLITE_DB_PATH": str(tmp / "m.db"),
@@ -256,21 +252,22 @@ def metrics_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
     }
     for name, key in keys.items():
         env["METRICS_API_KEY_" + name.upper().replace("-", "_")] = key
-    log = (tmp / "service.log").open("wb")
-    proc = subprocess.Popen(
-        [SERVICE_PYTHON, "-m", "metrics_service", "serve"],
-        cwd=tmp,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    log_path = tmp / "service.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [SERVICE_PYTHON, "-m", "metrics_service", "serve"],
+            cwd=tmp,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
         if proc.poll() is not None:
             raise AssertionError(
                 f"metrics service exited with {proc.returncode}: "
-                + (tmp / "service.log").read_text(errors="replace")[-2000:]
+                + log_path.read_text(errors="replace")[-2000:]
             )
         try:
             return httpx.get(url + "/ready", timeout=1).status_code == 200
@@ -282,7 +279,30 @@ def metrics_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
         yield RunningService(url, tmp / "m.db", keys)
     finally:
         stop_process(proc)
-        log.close()
+
+
+def service_keys() -> dict[str, str]:
+    return {name: f"{name}-key-{os.urandom(16).hex()}" for name in SERVICE_NAMES}
+
+
+@pytest.fixture(scope="session")
+def metrics_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
+    reason = _service_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with run_service(
+        tmp_path_factory.mktemp("metrics-service"), free_port(), service_keys()
+    ) as svc:
+        yield svc
+
+
+@pytest.fixture
+def service_runner(tmp_path: Path) -> Callable[[int, dict[str, str]], Any]:
+    """Start a fresh service later in a test: `with service_runner(port, keys) as svc: ...`."""
+    reason = _service_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    return lambda port, keys: run_service(tmp_path, port, keys)
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from fastapi import FastAPI, Request
@@ -16,7 +18,7 @@ from mcp_metrics import (
     track_tool,
 )
 
-from .conftest import RunningService
+from .conftest import RunningService, async_wait_until, free_port, service_keys
 
 pytestmark = pytest.mark.anyio
 
@@ -163,3 +165,29 @@ def test_auth_middleware_rows(
     assert {r["user_hash"] for r in rows} == {hash_value("carol@example.com")}
     assert all(r["service"] == "mw-auth" and r["duration_ms"] >= 0 for r in rows)
     assert '"/oauth/{provider}/token"' in rows[0]["dimensions"]
+
+
+async def test_service_down_then_up_delivers_later(
+    service_runner: Callable[[int, dict[str, str]], Any],
+) -> None:
+    port = free_port()
+    keys = service_keys()
+    client = MetricsClient(
+        url=f"http://127.0.0.1:{port}",
+        api_key=keys["mw-test"],
+        service="mw-test",
+        flush_interval_s=0.05,
+        backoff_base_s=0.05,
+        backoff_max_s=0.3,
+    )
+    async with client:
+        for i in range(50):
+            client.record_custom("while-down", value=i)
+        await async_wait_until(lambda: client.stats().retries >= 2, what="retries while down")
+        assert client.stats().sent == 0
+        with service_runner(port, keys) as service:
+            await async_wait_until(lambda: client.stats().sent == 50, timeout=30, what="delivery")
+            rows = service.wait_rows(
+                "SELECT value FROM custom_metrics WHERE service = 'mw-test'", count=50
+            )
+    assert sorted(r["value"] for r in rows) == list(range(50))
