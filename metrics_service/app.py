@@ -138,10 +138,11 @@ def _build_state(settings: Settings) -> AppState:
         keys=keys,
         limiter=limiter,
         authenticator=authenticator,
-        retention=RetentionLoop(writer, settings),
+        retention=RetentionLoop(
+            writer, settings, on_deleted=lambda table, rows: telemetry.add("metrics_service_retention_deleted_rows", (table,), rows)
+        ),
         telemetry=telemetry,
     )
-    state.retention = RetentionLoop(writer, settings, on_deleted=state.on_retention_deleted)
     return state
 
 
