@@ -78,6 +78,11 @@ class Stack:
     exporter_url: str
 
 
+def _counted(exporter_url: str, name: str) -> float:
+    """A counter's total, read straight from the service's Prometheus endpoint."""
+    return total(parse_samples(scrape(exporter_url)), name)
+
+
 def _cause_a_commit_failure(
     client: httpx.Client, service: ServiceProcess, exporter_url: str
 ) -> None:
@@ -94,14 +99,7 @@ def _cause_a_commit_failure(
     )
     poster.start()
     try:
-        wait_for(
-            lambda: (
-                total(parse_samples(scrape(exporter_url)), "metrics_service_commit_failures_total")
-                > 0
-            ),
-            15,
-            0.05,
-        )
+        wait_for(lambda: _counted(exporter_url, "metrics_service_commit_failures_total"), 15, 0.05)
     finally:
         other.execute("ROLLBACK")
         other.close()
@@ -163,6 +161,8 @@ def _send_every_kind(service: ServiceProcess, exporter_url: str) -> None:
         ).json()
         assert [t["rows"] for t in done["tables"]] == [1], done
         _cause_a_commit_failure(c, service, exporter_url)
+    # The OTLP collector of this service is down; its first failed export is counted soon.
+    wait_for(lambda: _counted(exporter_url, "metrics_service_export_failures_total"), 15, 0.05)
 
 
 @pytest.fixture(scope="module")
