@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests._helpers import free_port, require_binary, wait_for
+from tests._helpers import ServiceProcess, free_port, require_binary, wait_for
 
 JOB = "target"
 
@@ -162,3 +162,29 @@ def start_prometheus(
         yield prom
     finally:
         prom.stop()
+
+
+@dataclass
+class ScrapedService:
+    service: ServiceProcess
+    prom: Prometheus
+    exporter_url: str  # the service's own Prometheus endpoint, ``.../metrics``
+
+
+@contextmanager
+def scraped_service(workdir: Path, env: dict[str, str]) -> Iterator[ScrapedService]:
+    """A real service process (settings ``env``) with its Prometheus endpoint on a free port,
+    scraped every second by a real Prometheus. Skips the test when Prometheus is missing."""
+    require_binary("prometheus", "prometheus")
+    exporter_port = free_port()
+    service = ServiceProcess(
+        db_path=workdir / "m.db",
+        log_path=workdir / "service.log",
+        env={**env, "OTEL_PROMETHEUS_PORT": str(exporter_port)},
+    )
+    try:
+        service.start()
+        with start_prometheus(workdir / "prom", [f"127.0.0.1:{exporter_port}"]) as prom:
+            yield ScrapedService(service, prom, f"http://127.0.0.1:{exporter_port}/metrics")
+    finally:
+        service.stop()

@@ -11,7 +11,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -25,7 +24,7 @@ from tests._helpers import (
     require_binary,
     wait_for,
 )
-from tests._prometheus import Prometheus, parse_samples, scrape, start_prometheus, total
+from tests._prometheus import ScrapedService, parse_samples, scrape, scraped_service, total
 from tests._traffic import H, auth, discovery, post_all, protocol, tool
 
 SERVICE_NAME = "mcp-metrics-test"
@@ -69,13 +68,6 @@ EXPECTED: dict[str, tuple[set[str], tuple[float, ...] | None]] = {
     "metrics_service_export_failures_total": ({"exporter"}, None),
     "metrics_service_database_size_bytes": ({"file"}, None),
 }
-
-
-@dataclass
-class Stack:
-    service: ServiceProcess
-    prom: Prometheus
-    exporter_url: str
 
 
 def _counted(exporter_url: str, name: str) -> float:
@@ -166,40 +158,27 @@ def _send_every_kind(service: ServiceProcess, exporter_url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("prometheus")
-    require_binary("prometheus", "prometheus")
-    exporter_port = free_port()
-    service = ServiceProcess(
-        db_path=tmp / "m.db",
-        log_path=tmp / "service.log",
-        env={
-            "METRICS_API_KEY_SVC": INGEST_KEY,
-            "METRICS_ADMIN_API_KEY": ADMIN_KEY,
-            "OTEL_SERVICE_NAME": SERVICE_NAME,
-            "OTEL_PROMETHEUS_PORT": str(exporter_port),
-            # Prometheus and OTLP together (the seed's hybrid); this collector is down, so the
-            # export failure counter has something to count.
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
-            "OTEL_EXPORTER_OTLP_TIMEOUT": "500",
-            "OTEL_METRIC_EXPORT_INTERVAL": "500",
-            # A held write lock fails a commit within 20 ms; it is retried until the lock is gone.
-            "METRICS_SQLITE_BUSY_TIMEOUT_MS": "20",
-            "METRICS_COMMIT_RETRIES": "100",
-            "METRICS_SQLITE_SYNCHRONOUS": "normal",
-        },
-    )
-    exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
-    try:
-        service.start()
-        with start_prometheus(tmp / "prom", [f"127.0.0.1:{exporter_port}"]) as prom:
-            _send_every_kind(service, exporter_url)
-            yield Stack(service, prom, exporter_url)
-    finally:
-        service.stop()
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScrapedService]:
+    env = {
+        "METRICS_API_KEY_SVC": INGEST_KEY,
+        "METRICS_ADMIN_API_KEY": ADMIN_KEY,
+        "OTEL_SERVICE_NAME": SERVICE_NAME,
+        # Prometheus and OTLP together (the seed's hybrid); this collector is down, so the
+        # export failure counter has something to count.
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "500",
+        "OTEL_METRIC_EXPORT_INTERVAL": "500",
+        # A held write lock fails a commit within 20 ms; it is retried until the lock is gone.
+        "METRICS_SQLITE_BUSY_TIMEOUT_MS": "20",
+        "METRICS_COMMIT_RETRIES": "100",
+        "METRICS_SQLITE_SYNCHRONOUS": "normal",
+    }
+    with scraped_service(tmp_path_factory.mktemp("prometheus"), env) as stack:
+        _send_every_kind(stack.service, stack.exporter_url)
+        yield stack
 
 
-def test_prometheus_scrapes_every_instrument_with_its_labels(stack: Stack) -> None:
+def test_prometheus_scrapes_every_instrument_with_its_labels(stack: ScrapedService) -> None:
     prom = stack.prom
     # The commit failure is the last thing the traffic caused; once scraped, everything before is.
     prom.wait_for_series("metrics_service_commit_failures_total > 0")
@@ -301,7 +280,7 @@ def _assert_in_bucket_of(
     )
 
 
-def test_rate_and_histogram_quantile_match_known_traffic(stack: Stack) -> None:
+def test_rate_and_histogram_quantile_match_known_traffic(stack: ScrapedService) -> None:
     prom, n = stack.prom, 2000
     rng = random.Random(20261121)
     # Log-normal latencies around 40 ms and payloads around 3 kB: skewed like real ones, and
@@ -358,7 +337,7 @@ def test_rate_and_histogram_quantile_match_known_traffic(stack: Stack) -> None:
 ALLOWED_LINT: set[str] = set()
 
 
-def test_promtool_check_metrics_finds_nothing_to_fix(stack: Stack) -> None:
+def test_promtool_check_metrics_finds_nothing_to_fix(stack: ScrapedService) -> None:
     promtool = require_binary("promtool", "prometheus")
     text = scrape(stack.exporter_url)
     # All families of EXPECTED are in the text, so the lint covers every instrument.
