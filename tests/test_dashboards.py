@@ -1,0 +1,556 @@
+"""The Grafana dashboards, proved without a Grafana server:
+
+1. each dashboard validates against the JSON Schema generated from Grafana's own types
+   (``grafana/schema/dashboard.schema.json``, from npm ``@grafana/schema``), and each panel's
+   options against its plugin's schema;
+2. every panel query, with its variables substituted as Grafana would (all values, then one
+   concrete value each), returns data from a real Prometheus that scraped the real service after
+   realistic traffic covering every metric family;
+3. every metric name used by a dashboard or an alert rule is one the service really exports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+import yaml
+
+from tests._helpers import (
+    ADMIN_KEY,
+    ROOT,
+    ServiceProcess,
+    free_port,
+    payload,
+    require_binary,
+    wait_for,
+)
+from tests._prometheus import Prometheus, parse_samples, scrape, start_prometheus
+from tests._traffic import auth, discovery, protocol, tool
+
+DASHBOARDS = {p.stem: p for p in sorted((ROOT / "grafana" / "dashboards").glob("*.json"))}
+SCHEMA = json.loads((ROOT / "grafana" / "schema" / "dashboard.schema.json").read_text())
+RULES = ROOT / "prometheus" / "rules" / "mcp-alerts.yml"
+ANALYTICS = "mcp-analytics-comprehensive"
+HEALTH = "mcp-metrics-service-health"
+#: Panel plugin id -> the prefix of its definitions in the schema.
+PLUGINS = {
+    "timeseries": "TimeSeries",
+    "stat": "Stat",
+    "piechart": "PieChart",
+    "bargauge": "BarGauge",
+}
+#: Grafana's global variables, with the values a 1 h dashboard on a 15 s scrape would give them.
+BUILTINS = {
+    "__rate_interval": "1m",
+    "__interval": "15s",
+    "__interval_ms": "15000",
+    "__range": "1h",
+    "__range_s": "3600",
+    "__range_ms": "3600000",
+}
+#: Names a query may use that the service does not export: Prometheus's own.
+PROMETHEUS_NAMES = {"up"}
+#: The concrete value each variable takes in the second pass (each must be one of its options).
+CONCRETE = {"service": "gateway-eu", "server": "github", "method": "tools/call"}
+
+KEYS = {
+    "gateway-eu": "gateway-eu-key-0123456789abcdef",
+    "gateway-us": "gateway-us-key-0123456789abcdef",
+    "auth-server": "auth-server-key-0123456789abcdef",
+    "registry": "registry-key-0123456789abcdefgh",
+}
+
+
+def load(name: str) -> dict[str, Any]:
+    return json.loads(DASHBOARDS[name].read_text())  # type: ignore[no-any-return]
+
+
+def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    flat = []
+    for panel in dashboard["panels"]:
+        flat.extend(panel["panels"] if panel["type"] == "row" else [panel])
+    return flat
+
+
+def targets(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title and refId, expression) of every query."""
+    return [
+        (f"{p['title']} [{t['refId']}]", t["expr"]) for p in panels(dashboard) for t in p["targets"]
+    ]
+
+
+def variables(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(dashboard["templating"]["list"])
+
+
+def rule_exprs() -> list[tuple[str, str]]:
+    doc = yaml.safe_load(RULES.read_text())
+    return [(r["alert"], r["expr"]) for g in doc["groups"] for r in g["rules"]]
+
+
+# -- PromQL, just enough of it -----------------------------------------------------------------
+
+_LABEL_VALUES = re.compile(r"^label_values\((?P<selector>.*),\s*(?P<label>\w+)\)$", re.S)
+_SELECTOR = re.compile(r"(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)?\{(?P<matchers>[^}]*)\}")
+_WORD = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+_GROUPING = ("by", "without", "on", "ignoring", "group_left", "group_right")
+_KEYWORDS = {*_GROUPING, "and", "or", "unless", "bool", "offset", "inf", "nan"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names an expression selects: bare identifiers that are not functions, keywords or
+    label names, plus the alternatives of ``{__name__=~"a|b"}``."""
+    names = {
+        alt for m in re.finditer(r'__name__=~?"([^"]*)"', expr) for alt in m.group(1).split("|")
+    }
+    s = re.sub(r'"(?:\\.|[^"\\])*"', '""', expr)
+    s = re.sub(r"\{[^}]*\}", "{}", s)
+    s = re.sub(r"\[[^\]]*\]", "[]", s)
+    s = re.sub(rf"\b({'|'.join(_GROUPING)})\s*\([^)]*\)", " ", s)
+    for m in _WORD.finditer(s):
+        before = s[m.start() - 1] if m.start() else " "
+        if before.isdigit() or before == "." or m.group() in _KEYWORDS:
+            continue
+        if s[m.end() :].lstrip().startswith("("):
+            continue
+        names.add(m.group())
+    return names
+
+
+def variable_selector(var: dict[str, Any]) -> tuple[str, str]:
+    m = _LABEL_VALUES.match(var["query"])
+    assert m, (
+        f"variable {var['name']}: expected label_values(selector, label), got {var['query']!r}"
+    )
+    return m.group("selector"), m.group("label")
+
+
+def regex_escape(value: str) -> str:
+    """Grafana's escaping of one variable value inside a PromQL regex matcher."""
+    return re.sub(r"([\\^$.|?*+()\[\]{}])", r"\\\\\1", value)
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    """Replace ``$name``, ``${name}`` and ``[[name]]`` as Grafana does; ``values`` holds the
+    dashboard variables already formatted (``.*`` for All)."""
+    everything = {**BUILTINS, **values}
+    for name in sorted(everything, key=len, reverse=True):
+        for form in (f"${{{name}}}", f"[[{name}]]", f"${name}"):
+            expr = expr.replace(form, everything[name])
+    assert "$" not in expr, f"unsubstituted variable in {expr!r}"
+    return expr
+
+
+# -- 1. the schema -----------------------------------------------------------------------------
+
+
+def test_both_dashboards_are_there() -> None:
+    assert set(DASHBOARDS) == {ANALYTICS, HEALTH}
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_dashboard_matches_grafanas_schema(name: str) -> None:
+    dashboard = load(name)
+    errors = sorted(jsonschema.Draft7Validator(SCHEMA).iter_errors(dashboard), key=str)
+    assert not errors, [jsonschema.exceptions.best_match([e]).message[:300] for e in errors]
+    assert dashboard["schemaVersion"] == SCHEMA["x-dashboard-schema-version"]
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_panel_options_match_their_plugins_schema(name: str) -> None:
+    problems = []
+    for panel in panels(load(name)):
+        assert panel["type"] in PLUGINS, f"{panel['title']}: no schema for plugin {panel['type']}"
+        prefix = PLUGINS[panel["type"]]
+        checks = [(f"{prefix}PanelOptions", panel["options"])]
+        custom = panel["fieldConfig"]["defaults"].get("custom")
+        if f"{prefix}FieldConfig" in SCHEMA["definitions"] and custom is not None:
+            checks.append((f"{prefix}FieldConfig", custom))
+        for definition, instance in checks:
+            schema = {"$ref": f"#/definitions/{definition}", "definitions": SCHEMA["definitions"]}
+            problems += [
+                f"{panel['title']} {definition}: {e.message}"
+                for e in jsonschema.Draft7Validator(schema).iter_errors(instance)
+            ]
+    assert not problems, problems
+
+
+def test_the_schema_rejects_what_grafana_would_not_load() -> None:
+    """The generated schema is strict: unknown keys and wrong types are errors."""
+    dashboard = load(ANALYTICS)
+    validator = jsonschema.Draft7Validator(SCHEMA)
+    assert validator.is_valid(dashboard)
+    for breakage in (
+        lambda d: d.update(refresh=30),
+        lambda d: d["templating"]["list"][1].update(includeAl=True),
+        lambda d: d["time"].pop("to"),
+        lambda d: panels(d)[0]["gridPos"].pop("w"),
+        lambda d: panels(d)[0]["fieldConfig"]["defaults"]["thresholds"].update(mode="relative"),
+    ):
+        broken = json.loads(json.dumps(dashboard))
+        breakage(broken)
+        assert not validator.is_valid(broken)
+
+
+def test_provisioned_datasource_is_the_dashboards_default() -> None:
+    provisioning = ROOT / "grafana" / "provisioning"
+    datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    [source] = datasource["datasources"]
+    assert source["type"] == "prometheus" and source["isDefault"]
+    for name in DASHBOARDS:
+        dashboard = load(name)
+        [var] = [v for v in variables(dashboard) if v["type"] == "datasource"]
+        assert var["name"] == "datasource" and var["query"] == "prometheus"
+        assert var["current"]["value"] == source["uid"]
+        refs = [p["datasource"] for p in panels(dashboard)]
+        refs += [t["datasource"] for p in panels(dashboard) for t in p["targets"]]
+        refs += [v["datasource"] for v in variables(dashboard) if v["type"] == "query"]
+        assert all(r == {"type": "prometheus", "uid": "${datasource}"} for r in refs), name
+
+
+def test_analytics_dashboard_has_the_seeds_settings_and_panels() -> None:
+    dashboard = load(ANALYTICS)
+    assert dashboard["title"] == "MCP Analytics Comprehensive"
+    assert dashboard["refresh"] == "30s"
+    assert dashboard["time"] == {"from": "now-1h", "to": "now"}
+    assert [v["name"] for v in variables(dashboard) if v["type"] == "query"] == [
+        "service",
+        "server",
+        "method",
+    ]
+    titles = {p["title"]: p for p in panels(dashboard)}
+    for title in (
+        "Real-time protocol activity",
+        "Authentication success vs failure",
+        "Auth method distribution",
+        "Authentication success rate",
+        "Tool execution latency",
+        "Top tools by usage",
+        "Protocol flow latency",
+        "Client applications",
+        "Error rates",
+        "Discovery latency: embedding vs search",
+        "Discovery result counts",
+    ):
+        assert title in titles, title
+    rate = titles["Authentication success rate"]
+    assert rate["type"] == "stat" and rate["fieldConfig"]["defaults"]["unit"] == "percent"
+    assert rate["fieldConfig"]["defaults"]["thresholds"]["steps"] == [
+        {"color": "red", "value": None},
+        {"color": "orange", "value": 85},
+        {"color": "green", "value": 95},
+    ]
+    latency = [t["expr"] for t in titles["Tool execution latency"]["targets"]]
+    assert [e.split(",")[0] for e in latency] == [
+        f"histogram_quantile({q}" for q in ("0.5", "0.95", "0.99")
+    ]
+    assert all("mcp_tool_execution_duration_seconds_bucket" in e and "rate(" in e for e in latency)
+
+
+def test_health_dashboard_covers_the_self_metrics() -> None:
+    used = set().union(*(metric_names(e) for _, e in targets(load(HEALTH))))
+    for name in (
+        "metrics_service_metrics_accepted_total",
+        "metrics_service_metrics_rejected_total",
+        "metrics_service_queue_depth",
+        "metrics_service_commit_duration_seconds_bucket",
+        "metrics_service_rate_limited_requests_total",
+        "metrics_service_export_failures_total",
+        "metrics_service_database_size_bytes",
+    ):
+        assert name in used, name
+
+
+def test_metric_names_are_found_in_queries() -> None:
+    """The name extraction that the exported-names check relies on."""
+    assert metric_names(
+        'histogram_quantile(0.95, sum by (le, flow_step) (rate(a_bucket{x=~"$y"}[5m]))) / on (x) b'
+    ) == {"a_bucket", "b"}
+    assert metric_names('{__name__=~"c|d_total", s=~"$s"}') == {"c", "d_total"}
+    assert metric_names('deriv(e{f="db"}[1h]) * 3600 > 100 * 1024 and absent(up)') == {"e", "up"}
+
+
+# -- 2 and 3. against a real Prometheus that scraped the real service --------------------------
+
+
+@dataclass
+class Stack:
+    service: ServiceProcess
+    prom: Prometheus
+    exporter_url: str
+
+    def exported(self) -> dict[str, set[str]]:
+        """Sample name -> label names, from a real scrape of the service's endpoint."""
+        labels: dict[str, set[str]] = {}
+        for name, lbls in parse_samples(scrape(self.exporter_url)):
+            labels.setdefault(name, set()).update(k for k, _ in lbls)
+        return labels
+
+    def options(self, var: dict[str, Any], values: dict[str, str]) -> set[str]:
+        """What Grafana lists for a ``label_values(selector, label)`` variable."""
+        selector, label = variable_selector(var)
+        r = httpx.get(
+            f"{self.prom.url}/api/v1/series",
+            params={"match[]": substitute(selector, values), "start": time.time() - 3600},
+            timeout=10,
+        )
+        assert r.status_code == 200, r.text
+        return {s[label] for s in r.json()["data"] if label in s}
+
+
+def _hold_write_lock_while_posting(client: httpx.Client, db: Path, prom: Prometheus) -> None:
+    """A commit fails (and is retried) while another connection holds SQLite's write lock."""
+    before = prom.value("sum(metrics_service_commit_failures_total)") or 0.0
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    codes: list[int] = []
+    post = threading.Thread(
+        target=lambda: codes.append(
+            client.post(
+                "/metrics",
+                json=payload("gateway-eu", [auth(server="github")]),
+                headers={"X-API-Key": KEYS["gateway-eu"]},
+            ).status_code
+        )
+    )
+    post.start()
+    try:
+        wait_for(
+            lambda: (prom.value("sum(metrics_service_commit_failures_total)") or 0.0) > before,
+            15,
+            0.1,
+        )
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        post.join(30)
+    assert codes == [200]
+
+
+def _round(client: httpx.Client, db: Path, prom: Prometheus, limited_key: str) -> None:
+    """One round of realistic traffic: two gateways in front of two MCP servers each, an auth
+    server, a tool registry, a client with a bad payload, unknown keys, a key over its limit,
+    retention of an old row and a commit that fails once."""
+
+    def post(service: str, metrics: list[dict[str, Any]], status: int = 200) -> dict[str, Any]:
+        r = client.post(
+            "/metrics", json=payload(service, metrics), headers={"X-API-Key": KEYS[service]}
+        )
+        assert r.status_code == status, (service, r.status_code, r.text[:300])
+        return r.json()  # type: ignore[no-any-return]
+
+    for gateway in ("gateway-eu", "gateway-us"):
+        events: list[dict[str, Any]] = []
+        for server in ("github", "filesystem"):
+            events += [
+                auth(True, "jwt", server, 8),
+                auth(True, "jwt", server, 15),
+                auth(True, "jwt", server, 40),
+                auth(True, "oauth", server, 60),
+                auth(True, "oauth", server, 120),
+                auth(True, "noauth", server, 1),
+                auth(False, "jwt", server, 25),
+                auth(False, "oauth", server, 300),
+                tool(None, "initialize", server, "claude-desktop", duration_ms=4),
+                tool(None, "initialize", server, "cursor", duration_ms=6),
+                tool(None, "tools/list", server, "claude-desktop", duration_ms=9),
+                tool(None, "tools/list", server, "cursor", duration_ms=11),
+                tool("search_code", "tools/call", server, "claude-desktop", duration_ms=35),
+                tool("search_code", "tools/call", server, "cursor", False, 2500, 300, 64),
+                tool(
+                    "read_file", "tools/call", server, "cursor", duration_ms=12, output_size=90000
+                ),
+                tool("read_file", "tools/call", server, "claude-desktop", duration_ms=80),
+                tool("list_issues", "tools/call", server, "claude-desktop", duration_ms=450),
+                protocol("initialize->tools/list", 120, server, "claude-desktop"),
+                protocol("tools/list->tools/call", 2400, server, "claude-desktop"),
+                protocol("initialize->tools/call", 2520, server, "claude-desktop"),
+                protocol("initialize->tools/list", 80, server, "cursor"),
+            ]
+        events += [
+            discovery("open pull requests", 5, 30, 18, 4),
+            discovery("read a file", 12, 55, 40, 9),
+        ]
+        post(gateway, events)
+    post("auth-server", [auth(True, "jwt", "slack", 20), auth(False, "oauth", "slack", 150)])
+    post("registry", [discovery("weather", 0, 25, 20, 2), discovery("send email", 3, 70, 50, 15)])
+
+    # A client with two invalid items (rules "type" and "required") and one good one.
+    bad = [
+        auth(server="github"),
+        {"type": "auth_request", "dimensions": {"success": "yes"}},
+        {"type": "auth_request"},
+    ]
+    assert post("gateway-eu", bad)["rejected"] == 2
+    # Failed authentications: no key, an unknown key.
+    assert client.post("/metrics", json=payload()).status_code == 401
+    unknown = client.post(
+        "/metrics", json=payload(), headers={"X-API-Key": "nope-0123456789abcdef"}
+    )
+    assert unknown.status_code == 401
+    # A key whose budget (one request a minute) is spent.
+    limited = {"X-API-Key": limited_key}
+    codes = {
+        client.post("/metrics", json=payload("limited"), headers=limited).status_code
+        for _ in range(2)
+    }
+    assert 429 in codes
+    # Retention: an event two days old, deleted once auth_metrics keeps one day.
+    admin = {"X-API-Key": ADMIN_KEY}
+    policy = "/admin/retention/policies/auth_metrics"
+    assert client.put(policy, json={"retention_days": None}, headers=admin).status_code == 200
+    post("gateway-eu", [auth(server="github", timestamp=time.time() - 2 * 86400)])
+    assert client.put(policy, json={"retention_days": 1}, headers=admin).status_code == 200
+    done = client.post("/admin/retention/cleanup", params={"table": "auth_metrics"}, headers=admin)
+    assert [t["rows"] for t in done.json()["tables"]] == [1], done.text
+    _hold_write_lock_while_posting(client, db, prom)
+
+
+def _scraped_after(prom: Prometheus, t: float) -> None:
+    wait_for(lambda: (prom.value("max(timestamp(up))") or 0.0) > t + 0.05, 15, 0.1)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    require_binary("prometheus", "prometheus")
+    tmp = tmp_path_factory.mktemp("dashboards")
+    exporter_port = free_port()
+    service = ServiceProcess(
+        db_path=tmp / "m.db",
+        log_path=tmp / "service.log",
+        env={
+            **{f"METRICS_API_KEY_{s.upper().replace('-', '_')}": k for s, k in KEYS.items()},
+            "METRICS_ADMIN_API_KEY": ADMIN_KEY,
+            "OTEL_PROMETHEUS_PORT": str(exporter_port),
+            # A collector that is down, so that export failures are counted.
+            "OTEL_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "500",
+            "OTEL_METRIC_EXPORT_INTERVAL": "500",
+            # A held write lock fails a commit within 20 ms; it is retried until released.
+            "METRICS_SQLITE_BUSY_TIMEOUT_MS": "20",
+            "METRICS_COMMIT_RETRIES": "100",
+            "METRICS_SQLITE_SYNCHRONOUS": "normal",
+        },
+    )
+    try:
+        service.start()
+        with (
+            start_prometheus(tmp / "prom", [f"127.0.0.1:{exporter_port}"]) as prom,
+            httpx.Client(base_url=service.url, timeout=30) as client,
+        ):
+            prom.wait_for_series("metrics_service_database_size_bytes")
+            created = client.post(
+                "/admin/keys",
+                json={"service": "limited", "rate_limit_per_min": 1},
+                headers={"X-API-Key": ADMIN_KEY},
+            )
+            assert created.status_code == 201, created.text
+            # Two rounds with a scrape between and after them, so that every counter and
+            # histogram has grown between two samples: rates are non-zero, quantiles defined.
+            for _ in range(2):
+                _round(client, service.db_path, prom, created.json()["key"])
+                _scraped_after(prom, time.time())
+            yield Stack(service, prom, f"http://127.0.0.1:{exporter_port}/metrics")
+    finally:
+        service.stop()
+
+
+def _failures(stack: Stack, dashboard: dict[str, Any], values: dict[str, str]) -> list[str]:
+    failures = []
+    for where, expr in targets(dashboard):
+        query = substitute(expr, values)
+        result = stack.prom.values(query)
+        if not any(math.isfinite(v) for v in result):
+            failures.append(f"{where}: {query} -> {result}")
+    return failures
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_every_panel_query_returns_data(stack: Stack, name: str) -> None:
+    """All variables at "All" (``.*``), then each at one concrete value from its own options."""
+    dashboard = load(name)
+    query_vars = [v for v in variables(dashboard) if v["type"] == "query"]
+    everything = {v["name"]: v["allValue"] for v in query_vars}
+    assert not _failures(stack, dashboard, everything)
+
+    concrete: dict[str, str] = {}
+    for var in query_vars:  # in order: each may depend on the ones before it
+        options = stack.options(var, {**everything, **concrete})
+        assert options, f"variable {var['name']} lists nothing"
+        value = CONCRETE.get(var["name"], min(options))
+        assert value in options, (var["name"], options)
+        concrete[var["name"]] = regex_escape(value)
+    assert not _failures(stack, dashboard, concrete)
+
+
+def test_variables_list_what_the_traffic_sent(stack: Stack) -> None:
+    by_name = {v["name"]: v for v in variables(load(ANALYTICS))}
+    every = {"service": ".*", "server": ".*", "method": ".*"}
+    assert stack.options(by_name["service"], every) == {*KEYS}
+    assert stack.options(by_name["server"], every) == {"github", "filesystem", "slack"}
+    assert stack.options(by_name["server"], {**every, "service": "auth-server"}) == {"slack"}
+    assert stack.options(by_name["method"], every) == {"initialize", "tools/list", "tools/call"}
+
+
+def test_variables_filter_the_panels_they_should(stack: Stack) -> None:
+    """Every selector filters by each variable whose label its metric has; the auth metrics,
+    whose `method` is jwt/oauth/noauth, are not filtered by the MCP method."""
+    exported = stack.exported()
+    checks = {
+        ANALYTICS: {"service": 'service=~"$service"', "server": 'server=~"$server"'},
+        HEALTH: {"job": 'job=~"$job"', "instance": 'instance=~"$instance"'},
+    }
+    problems = []
+    for name, required in checks.items():
+        for where, expr in targets(load(name)):
+            for m in _SELECTOR.finditer(expr):
+                metric, matchers = m.group("name"), m.group("matchers")
+                labels = exported.get(metric, set()) | {"job", "instance"}
+                wanted = [f for label, f in required.items() if label in labels]
+                if name == ANALYTICS and "tool_name" in labels:
+                    wanted.append('method=~"$method"')
+                if name == ANALYTICS and "tool_name" not in labels and "$method" in matchers:
+                    problems.append(f"{where}: {metric} must not use $method")
+                problems += [f"{where}: {metric} lacks {f}" for f in wanted if f not in matchers]
+    assert not problems, problems
+
+
+def test_dashboards_and_rules_use_only_exported_metrics(stack: Stack) -> None:
+    exported = set(stack.exported())
+    queries = [(f"{n}: {w}", e) for n in DASHBOARDS for w, e in targets(load(n))]
+    queries += [
+        (f"{n}: variable {v['name']}", variable_selector(v)[0])
+        for n in DASHBOARDS
+        for v in variables(load(n))
+        if v["type"] == "query"
+    ]
+    queries += [(f"rule {a}", e) for a, e in rule_exprs()]
+    used: set[str] = set()
+    for where, expr in queries:
+        names = metric_names(expr)
+        assert names, f"{where}: no metric name found in {expr!r}"
+        assert names <= exported | PROMETHEUS_NAMES, (where, names - exported)
+        used |= names
+    # Prometheus's own series are there too (the service-down rule and the Up stat use them).
+    assert stack.prom.values('up{job=~".+"}') == [1.0]
+    # Every family the README lists is on some panel or rule.
+    families = {n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for n in used}
+    unused = {
+        n
+        for n in exported
+        if n.startswith(("mcp_", "metrics_service_"))
+        and n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") not in families
+    }
+    assert not unused, unused
