@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .asgi import (
     AuthMetricsMiddleware,
     AuthOutcome,
+    AuthRequest,
     add_auth_metrics_middleware,
     report_auth_outcome,
 )
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthMetricsMiddleware",
     "AuthOutcome",
+    "AuthRequest",
     "ClientConfig",
     "ClientStats",
     "DiscoveryTimer",

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMappi
 from dataclasses import dataclass
 from typing import Any
 
+import anyio.to_thread
+
 from .client import MetricsClient
 from .events import hash_value
 from .recorder import Recorder
@@ -23,6 +25,7 @@ from .recorder import Recorder
 __all__ = [
     "AuthMetricsMiddleware",
     "AuthOutcome",
+    "AuthRequest",
     "add_auth_metrics_middleware",
     "report_auth_outcome",
 ]
@@ -50,8 +53,8 @@ class AuthOutcome:
 
 
 @dataclass(frozen=True)
-class _Request:
-    """What an outcome hook gets to look at."""
+class AuthRequest:
+    """What the `outcome=`, `user_id=` and `server=` hooks get to look at, once the app answered."""
 
     scope: Scope
     route: str
@@ -60,7 +63,7 @@ class _Request:
     response_headers: Mapping[str, str]
 
 
-OutcomeHook = Callable[[_Request], "AuthOutcome | bool | None"]
+OutcomeHook = Callable[[AuthRequest], "AuthOutcome | bool | None"]
 
 
 def report_auth_outcome(
@@ -129,10 +132,10 @@ class AuthMetricsMiddleware:
         client: Recorder | None = None,
         service_name: str | None = None,
         auth_routes: Iterable[str] = ("/auth", "/validate", "/token", "/login"),
-        server: str | Callable[[_Request], str | None] | None = None,
+        server: str | Callable[[AuthRequest], str | None] | None = None,
         auth_method: str | Callable[[Scope], str] | None = None,
         outcome: OutcomeHook | None = None,
-        user_id: Callable[[_Request], str | None] | None = None,
+        user_id: Callable[[AuthRequest], str | None] | None = None,
         owns_client: bool | None = None,
     ) -> None:
         self.app = app
@@ -212,9 +215,9 @@ class AuthMetricsMiddleware:
             duration_ms = (time.perf_counter() - start) * 1000.0
             reported: AuthOutcome | None = (scope.get("state") or {}).get(_STATE_KEY)
             hook_result: AuthOutcome | bool | None = None
-            request: _Request | None = None
+            request: AuthRequest | None = None
             if self._outcome is not None or self._user_id is not None or callable(self._server):
-                request = _Request(
+                request = AuthRequest(
                     scope,
                     route,
                     params,
@@ -277,12 +280,12 @@ class AuthMetricsMiddleware:
 
 
 async def _close(client: Recorder) -> None:
-    close = getattr(client, "aclose", None)
     try:
-        if close is not None:
-            await close()
-        else:
-            client.close()  # type: ignore[attr-defined]
+        if isinstance(client, MetricsClient):
+            await client.aclose()
+        elif hasattr(client, "close"):
+            # A ThreadedMetricsClient blocks while it flushes: keep that off the event loop.
+            await anyio.to_thread.run_sync(client.close)
     except Exception:
         logger.debug("failed to close the metrics client", exc_info=True)
 

@@ -7,6 +7,8 @@ import logging
 from collections.abc import AsyncIterator, Collection
 from typing import Any
 
+import anyio.to_thread
+
 from ..client import MetricsClient
 from ..recorder import Recorder
 from .recording import DEFAULT_METHODS, Instrumentation, McpRequest, MetadataHook
@@ -91,12 +93,11 @@ def _install_v2(server: Any, middleware: list[Any], inst: Instrumentation) -> No
 
 
 async def _flush(client: Recorder) -> None:
-    flush = getattr(client, "flush", None)
-    if flush is None:
-        return
     try:
-        result = flush()
-        if hasattr(result, "__await__"):
-            await result
+        if isinstance(client, MetricsClient):
+            await client.flush()
+        elif hasattr(client, "flush"):
+            # A ThreadedMetricsClient blocks while it flushes: keep that off the event loop.
+            await anyio.to_thread.run_sync(client.flush)
     except Exception:
         logger.debug("failed to flush metrics at the end of an MCP session", exc_info=True)
