@@ -137,7 +137,7 @@ class OtlpReceiver:
         """Every data point of metric ``name`` received so far, in arrival order."""
         with self._lock:
             requests = list(self.requests)
-        out = []
+        out: list[Point] = []
         for request in requests:
             for rm in request.resource_metrics:
                 resource = attributes(rm.resource.attributes)

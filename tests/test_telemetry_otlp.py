@@ -201,7 +201,7 @@ def test_service_exports_otlp_through_a_collector(
         for p in receiver.latest(name).values():
             assert p.resource["service.name"] == f"otlp-{protocol}"
             assert p.scope == "metrics_service"
-            data = getattr(p.metric, p.metric.WhichOneof("data"))
+            data = getattr(p.metric, p.metric.WhichOneof("data") or "")
             assert (
                 data.aggregation_temporality
                 == AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE

@@ -316,8 +316,8 @@ def test_rate_and_histogram_quantile_match_known_traffic(stack: ScrapedService) 
         ("mcp_tool_output_size_bytes", sorted(map(float, sizes)), BYTES),
     ):
         for q in (0.5, 0.95):
-            rate = f'rate({metric}_bucket{{tool_name="{probe}"}}[1m])'
-            promql = f"histogram_quantile({q}, sum by (le) ({rate}))"
+            buckets = f'rate({metric}_bucket{{tool_name="{probe}"}}[1m])'
+            promql = f"histogram_quantile({q}, sum by (le) ({buckets}))"
             estimate = prom.value(promql, at)
             assert estimate is not None, promql
             _assert_in_bucket_of(estimate, _quantile(values, q), bounds, values, q)
