@@ -36,7 +36,7 @@ from tests._helpers import (
     require_binary,
     wait_for,
 )
-from tests._prometheus import Prometheus, parse_samples, scrape, start_prometheus
+from tests._prometheus import Prometheus, parse_samples, scrape, start_prometheus, total
 from tests._traffic import auth, discovery, protocol, tool
 
 DASHBOARDS = {p.stem: p for p in sorted((ROOT / "grafana" / "dashboards").glob("*.json"))}
@@ -310,9 +310,13 @@ class Stack:
         return {s[label] for s in r.json()["data"] if label in s}
 
 
-def _hold_write_lock_while_posting(client: httpx.Client, db: Path, prom: Prometheus) -> None:
+def _hold_write_lock_while_posting(client: httpx.Client, db: Path, exporter_url: str) -> None:
     """A commit fails (and is retried) while another connection holds SQLite's write lock."""
-    before = prom.value("sum(metrics_service_commit_failures_total)") or 0.0
+
+    def failures() -> float:
+        return total(parse_samples(scrape(exporter_url)), "metrics_service_commit_failures_total")
+
+    before = failures()
     other = sqlite3.connect(db, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     codes: list[int] = []
@@ -327,11 +331,7 @@ def _hold_write_lock_while_posting(client: httpx.Client, db: Path, prom: Prometh
     )
     post.start()
     try:
-        wait_for(
-            lambda: (prom.value("sum(metrics_service_commit_failures_total)") or 0.0) > before,
-            15,
-            0.1,
-        )
+        wait_for(lambda: failures() > before, 15, 0.01)
     finally:
         other.execute("ROLLBACK")
         other.close()
@@ -339,7 +339,7 @@ def _hold_write_lock_while_posting(client: httpx.Client, db: Path, prom: Prometh
     assert codes == [200]
 
 
-def _round(client: httpx.Client, db: Path, prom: Prometheus, limited_key: str) -> None:
+def _round(client: httpx.Client, db: Path, exporter_url: str, limited_key: str) -> None:
     """One round of realistic traffic: two gateways in front of two MCP servers each, an auth
     server, a tool registry, a client with a bad payload, unknown keys, a key over its limit,
     retention of an old row and a commit that fails once."""
@@ -415,7 +415,7 @@ def _round(client: httpx.Client, db: Path, prom: Prometheus, limited_key: str) -
     assert client.put(policy, json={"retention_days": 1}, headers=admin).status_code == 200
     done = client.post("/admin/retention/cleanup", params={"table": "auth_metrics"}, headers=admin)
     assert [t["rows"] for t in done.json()["tables"]] == [1], done.text
-    _hold_write_lock_while_posting(client, db, prom)
+    _hold_write_lock_while_posting(client, db, exporter_url)
 
 
 def _scraped_after(prom: Prometheus, t: float) -> None:
@@ -444,13 +444,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "METRICS_SQLITE_SYNCHRONOUS": "normal",
         },
     )
+    exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
     try:
         service.start()
         with (
             start_prometheus(tmp / "prom", [f"127.0.0.1:{exporter_port}"]) as prom,
             httpx.Client(base_url=service.url, timeout=30) as client,
         ):
-            prom.wait_for_series("metrics_service_database_size_bytes")
             created = client.post(
                 "/admin/keys",
                 json={"service": "limited", "rate_limit_per_min": 1},
@@ -459,10 +459,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             assert created.status_code == 201, created.text
             # Two rounds with a scrape between and after them, so that every counter and
             # histogram has grown between two samples: rates are non-zero, quantiles defined.
+            # (Prometheus's first scrape comes some seconds after start: round one meanwhile.)
             for _ in range(2):
-                _round(client, service.db_path, prom, created.json()["key"])
+                _round(client, service.db_path, exporter_url, created.json()["key"])
                 _scraped_after(prom, time.time())
-            yield Stack(service, prom, f"http://127.0.0.1:{exporter_port}/metrics")
+            yield Stack(service, prom, exporter_url)
     finally:
         service.stop()
 
