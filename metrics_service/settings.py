@@ -110,7 +110,7 @@ class Settings(BaseSettings):
     otlp_headers: str = _env("OTEL_EXPORTER_OTLP_HEADERS", "", repr=False)
     otlp_timeout_ms: int = _env("OTEL_EXPORTER_OTLP_TIMEOUT", 10_000, ge=1)
     otel_export_interval_ms: int = _env("OTEL_METRIC_EXPORT_INTERVAL", 60_000, ge=100)
-    otel_cardinality_limit: int = _env("METRICS_OTEL_CARDINALITY_LIMIT", 2000, ge=10, le=1_000_000)
+    otel_cardinality_limit: int = _env("METRICS_OTEL_CARDINALITY_LIMIT", 500, ge=10, le=1_000_000)
 
     # Logs
     log_level: str = _env("METRICS_LOG_LEVEL", "info")

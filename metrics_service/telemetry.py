@@ -269,7 +269,8 @@ class Telemetry:
         if settings.otel_prometheus_enabled:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
-            readers.append(PrometheusMetricReader(registry=self.registry))
+            # No otel_scope_* labels: one scope only, and they would lengthen every line.
+            readers.append(PrometheusMetricReader(registry=self.registry, scope_info_enabled=False))
         self.otlp_enabled = bool(settings.otlp_endpoint or settings.otlp_metrics_endpoint)
         if self.otlp_enabled:
             exporter = _CountingExporter(_otlp_exporter(settings), lambda: self.add("metrics_service_export_failures", ("otlp",)))
