@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -186,6 +187,22 @@ class RunningService:
     url: str
     db_path: Path
     api_keys: dict[str, str]
+    prometheus_port: int = 0
+
+    def series(self, name: str) -> dict[frozenset[tuple[str, str]], float]:
+        """Samples of ``name`` on the service's Prometheus endpoint: label set -> value.
+
+        A small parser of the text format, so that the mcp 1.x venv needs no prometheus_client.
+        """
+        text = httpx.get(f"http://127.0.0.1:{self.prometheus_port}/metrics", timeout=5).text
+        found: dict[frozenset[tuple[str, str]], float] = {}
+        for line in text.splitlines():
+            match = _SAMPLE.match(line)
+            if match is None or match["name"] != name:
+                continue
+            labels = frozenset((k, v) for k, v in _LABEL.findall(match["labels"] or "") if v)
+            found[labels] = float(match["value"])
+        return found
 
     def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
@@ -212,6 +229,9 @@ class RunningService:
         wait_until(enough, timeout, f"{count} row(s) for {sql!r}; last saw {len(found)}")
         return found
 
+
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 # The service may run on another interpreter than the tests (scripts/test-middleware-mcp1 runs
 # the tests with mcp 1.x and the service from the main virtualenv).
@@ -241,12 +261,13 @@ SERVICE_NAMES = ("mw-test", "mw-auth", "mw-registry", "mw-mcp")
 @contextmanager
 def run_service(tmp: Path, port: int, keys: dict[str, str]) -> Iterator[RunningService]:
     """`python -m metrics_service serve` on `port`, storing into `tmp/m.db`, for the block."""
+    prometheus_port = free_port()
     env = {
         **os.environ,
         "SQLITE_DB_PATH": str(tmp / "m.db"),
         "METRICS_SERVICE_HOST": "127.0.0.1",
         "METRICS_SERVICE_PORT": str(port),
-        "OTEL_PROMETHEUS_ENABLED": "false",
+        "OTEL_PROMETHEUS_PORT": str(prometheus_port),
         "METRICS_FLUSH_INTERVAL_S": "0.2",  # the service's write-queue flush, not the client's
         "PYTHONPATH": str(REPO_ROOT),
     }
@@ -276,7 +297,7 @@ def run_service(tmp: Path, port: int, keys: dict[str, str]) -> Iterator[RunningS
 
     try:
         wait_until(ready, 30, "the metrics service to be ready")
-        yield RunningService(url, tmp / "m.db", keys)
+        yield RunningService(url, tmp / "m.db", keys, prometheus_port)
     finally:
         stop_process(proc)
 
