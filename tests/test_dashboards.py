@@ -17,7 +17,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,7 @@ def load(name: str) -> dict[str, Any]:
 
 
 def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
-    flat = []
+    flat: list[dict[str, Any]] = []
     for panel in dashboard["panels"]:
         flat.extend(panel["panels"] if panel["type"] == "row" else [panel])
     return flat
@@ -192,13 +192,14 @@ def test_the_schema_rejects_what_grafana_would_not_load() -> None:
     dashboard = load(ANALYTICS)
     validator = jsonschema.Draft7Validator(SCHEMA)
     assert validator.is_valid(dashboard)
-    for breakage in (
+    breakages: list[Callable[[dict[str, Any]], object]] = [
         lambda d: d.update(refresh=30),
         lambda d: d["templating"]["list"][1].update(includeAl=True),
         lambda d: d["time"].pop("to"),
         lambda d: panels(d)[0]["gridPos"].pop("w"),
         lambda d: panels(d)[0]["fieldConfig"]["defaults"]["thresholds"].update(mode="relative"),
-    ):
+    ]
+    for breakage in breakages:
         broken = json.loads(json.dumps(dashboard))
         breakage(broken)
         assert not validator.is_valid(broken)
