@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
+import subprocess
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -191,3 +195,44 @@ async def test_service_down_then_up_delivers_later(
                 "SELECT value FROM custom_metrics WHERE service = 'mw-test'", count=50
             )
     assert sorted(r["value"] for r in rows) == list(range(50))
+
+
+async def test_real_429_backs_off_until_retry_after(metrics_service: RunningService) -> None:
+    """A key of one request a minute on the real service: the second batch gets 429 with a
+    Retry-After near 60 s, and the client waits instead of hammering."""
+    import httpx
+
+    from .conftest import SERVICE_PYTHON
+
+    created = subprocess.run(
+        [SERVICE_PYTHON, "-m", "metrics_service", "keys", "create", "--service", "mw-test", "--rate-limit", "1"],
+        env={**os.environ, "SQLITE_DB_PATH": str(metrics_service.db_path)},
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    key = re.search(r"(mcpm_\S+)", created.stdout).group(1)  # type: ignore[union-attr]
+    client = MetricsClient(url=metrics_service.url, api_key=key, service="mw-test", flush_interval_s=0.05)
+
+    def refused() -> float:
+        return sum(metrics_service.series("metrics_service_rate_limited_requests_total").values())
+
+    # The service loads new keys within its reload interval (2 s); asking /rate-limit spends nothing.
+    await async_wait_until(
+        lambda: httpx.get(metrics_service.url + "/rate-limit", headers={"X-API-Key": key}).status_code == 200,
+        15,
+        "the new key to be loaded",
+    )
+    async with client:
+        client.record_custom("first")
+        await async_wait_until(lambda: client.stats().sent == 1, 15, "the first event delivered")
+        before = refused()
+        client.record_custom("second")
+        await async_wait_until(lambda: client.stats().retries >= 1, 10, "a 429 and a scheduled retry")
+        assert client.stats().last_error == "HTTP 429"
+        # Three seconds later the client has still made exactly one refused attempt: it honours
+        # the ~60 s Retry-After rather than retrying on its own shorter backoff.
+        await asyncio.sleep(3)
+        stats = client.stats()
+        assert (stats.sent, stats.retries, stats.queued + stats.in_flight) == (1, 1, 1)
+        assert refused() == before + 1
+        await client.aclose(0.1)  # the deadline passes: the queued event is dropped, counted
+    assert client.stats().dropped_shutdown == 1
