@@ -179,12 +179,9 @@ class Validator:
         self._item_decoder = msgspec.json.Decoder(metric)
         self._encode = msgspec.json.Encoder().encode
 
-    def decode(self, body: bytes, *, allowed_service: str | None = None) -> Batch:
-        """Validate ``body``; raise for a body of the wrong shape, else return the batch.
-
-        ``allowed_service``: the service the key was issued for; another one raises ``Forbidden``
-        via ``check_service`` in the caller (kept separate so the body is parsed once).
-        """
+    def decode(self, body: bytes) -> Batch:
+        """Validate ``body``: raise for a body of the wrong shape, else return the batch with
+        its valid rows and its rejected items."""
         try:
             envelope = self._decoder.decode(body)
             items = envelope.metrics
