@@ -268,7 +268,7 @@ async def cleanup(
 ) -> Response:
     app = state(request)
     tables = [_known_table(table)] if table is not None else None
-    results = await run_once(app.writer, app.settings, dry_run=dry_run, tables=tables, on_deleted=app.on_retention_deleted)
+    results = await run_once(app.writer, app.settings, dry_run=dry_run, tables=tables, on_deleted=app.telemetry.on_retention_deleted)
     return json_response({"dry_run": dry_run, "tables": [r.as_dict() for r in results]})
 
 

@@ -50,9 +50,6 @@ class AppState:
         if batch.rejections:
             self.telemetry.on_rejections(batch)
 
-    def on_retention_deleted(self, table: str, rows: int) -> None:
-        self.telemetry.add("metrics_service_retention_deleted_rows", (table,), rows)
-
     async def readiness(self) -> dict[str, bool]:
         def writable(conn: sqlite3.Connection) -> bool:
             # Taking the write lock and releasing it proves the file is writable, writing nothing.
@@ -138,9 +135,7 @@ def _build_state(settings: Settings) -> AppState:
         keys=keys,
         limiter=limiter,
         authenticator=authenticator,
-        retention=RetentionLoop(
-            writer, settings, on_deleted=lambda table, rows: telemetry.add("metrics_service_retention_deleted_rows", (table,), rows)
-        ),
+        retention=RetentionLoop(writer, settings, on_deleted=telemetry.on_retention_deleted),
         telemetry=telemetry,
     )
     return state

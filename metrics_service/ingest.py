@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from metrics_service import storage
 from metrics_service.errors import StorageError, Unavailable
@@ -247,11 +247,3 @@ class WriteQueue:
                     await self._task
         return self.pending_metrics
 
-
-def queue_stats(queue: WriteQueue) -> dict[str, Any]:
-    return {
-        "pending_metrics": queue.pending_metrics,
-        "healthy": queue.healthy,
-        "running": queue.running,
-        "last_error": queue.last_error,
-    }

@@ -73,10 +73,8 @@ class RateLimiter:
         try:
             allowed = await self._strategy.hit(item, namespace, ident)
             reset, remaining = await self._strategy.get_window_stats(item, namespace, ident)
-        except Exception:  # the storage is down: fail open, say so once
-            if not self._failing:
-                log.exception("rate-limit storage failed; letting requests through")
-                self._failing = True
+        except Exception:
+            self._storage_failed()
             return Decision(True, limit, limit, time.time() + 60)
         if self._failing:
             log.warning("rate-limit storage is back")
@@ -84,17 +82,25 @@ class RateLimiter:
         return Decision(allowed, limit, max(0, remaining), reset)
 
     async def stats(self, namespace: str, ident: str, limit: int) -> Decision:
+        """The budget left, spending nothing (fails open like ``hit``)."""
         item = self._item(limit)
-        reset, remaining = await self._strategy.get_window_stats(item, namespace, ident)
+        try:
+            reset, remaining = await self._strategy.get_window_stats(item, namespace, ident)
+        except Exception:
+            self._storage_failed()
+            return Decision(True, limit, limit, time.time() + 60)
         return Decision(remaining > 0, limit, max(0, remaining), reset)
 
     async def peek_exhausted(self, namespace: str, ident: str, limit: int) -> int | None:
         """Seconds until the budget frees up if it is exhausted, else None (takes nothing)."""
-        try:
-            decision = await self.stats(namespace, ident, limit)
-        except Exception:
-            return None
+        decision = await self.stats(namespace, ident, limit)
         return None if decision.allowed else decision.retry_after_s
+
+    def _storage_failed(self) -> None:
+        """The storage is down: fail open, and say so once per outage."""
+        if not self._failing:
+            log.exception("rate-limit storage failed; letting requests through")
+            self._failing = True
 
     async def check(self) -> bool:
         try:

@@ -331,6 +331,9 @@ class Telemetry:
     def on_request(self, status: int) -> None:
         self.totals["metrics_service_requests"].add((str(status),), 1)
 
+    def on_retention_deleted(self, table: str, rows: int) -> None:
+        self.totals["metrics_service_retention_deleted_rows"].add((table,), rows)
+
     def on_rejections(self, batch: Batch) -> None:
         totals = self.totals["metrics_service_metrics_rejected"]
         for rejection in batch.rejections:

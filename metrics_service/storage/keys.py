@@ -92,15 +92,17 @@ def reconcile_env_keys(
     counts = {"kept": 0, "added": 0, "revoked": 0}
     conn.execute("BEGIN IMMEDIATE")
     try:
-        current = [k for k in list_keys(conn, active_only=True) if k.source == "env"]
-        for key in current:
+        kept: set[tuple[str, str | None]] = set()
+        for key in list_keys(conn, active_only=True):
+            if key.source != "env":
+                continue
             want = wanted.get((key.role, key.service))
             if want is not None and want[0] == key.key_hash:
-                counts["kept"] += 1
+                kept.add((key.role, key.service))
                 continue
             revoke_key(conn, key.id)
             counts["revoked"] += 1
-        kept = {(k.role, k.service) for k in current if wanted.get((k.role, k.service), ("",))[0] == k.key_hash}
+        counts["kept"] = len(kept)
         for (role, service), (key_hash, prefix) in wanted.items():
             if (role, service) in kept:
                 continue
