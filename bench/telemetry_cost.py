@@ -15,27 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _workload import bodies
+
 from metrics_service.settings import Settings
 from metrics_service.telemetry import Telemetry
 from metrics_service.validation import Validator
-
-
-def bodies(n_requests: int, batch: int) -> list[bytes]:
-    out = []
-    for r in range(n_requests):
-        metrics = []
-        for i in range(batch):
-            k = (r * batch + i) % 4
-            if k == 0:
-                metrics.append({"type": "auth_request", "duration_ms": 5 + i % 50, "dimensions": {"success": i % 10 != 0, "method": "jwt", "server": "auth-1", "user_hash": f"u{i}"}})
-            elif k == 1:
-                metrics.append({"type": "tool_execution", "duration_ms": 20 + i % 300, "dimensions": {"method": "tools/call", "tool_name": f"tool-{i % 12}", "server_name": "srv", "client_name": "claude", "success": True, "input_size_bytes": 100 + i, "output_size_bytes": 2000 + i}})
-            elif k == 2:
-                metrics.append({"type": "tool_discovery", "duration_ms": 40, "dimensions": {"query": f"q{i}", "results_count": i % 10, "embedding_time_ms": 12, "search_time_ms": 3}})
-            else:
-                metrics.append({"type": "protocol_latency", "duration_ms": 100 + i, "dimensions": {"flow_step": "initialize->tools/list", "server_name": "srv"}})
-        out.append(json.dumps({"service": "svc", "version": "1", "metrics": metrics}).encode())
-    return out
 
 
 def main() -> None:
