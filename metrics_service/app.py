@@ -20,7 +20,8 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from metrics_service import __version__, auth, storage
-from metrics_service.api import admin, install_error_handlers, router, schema_components
+from metrics_service.analytics.routes import router as analytics_router
+from metrics_service.api import INGEST, admin, install_error_handlers, router, schema_components
 from metrics_service.ingest import DbThread, WriteQueue
 from metrics_service.ratelimit import RateLimiter
 from metrics_service.retention import RetentionLoop
@@ -189,10 +190,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )
 
 
+class MetricsApp(FastAPI):
+    """FastAPI, with ``POST /metrics`` dispatched before the middleware stack, straight to the
+    plain-ASGI ingest endpoint (wrapped in the same request-id layer as every other route)."""
+
+    _ingest = RequestIdMiddleware(INGEST)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/metrics":
+            scope["app"] = self
+            await self._ingest(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the ASGI app. Nothing is opened until the lifespan starts."""
     settings = settings or load_settings()
-    app = FastAPI(
+    app = MetricsApp(
         title="MCP metrics service",
         version=__version__,
         description="Collects metric events from MCP services; stores them in SQLite and exports "
@@ -203,6 +218,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(analytics_router)
     if settings.admin_enabled:
         app.include_router(admin)
     schema_components(app)

@@ -6,6 +6,7 @@
     metrics-service keys revoke ID
     metrics-service retention run [--dry-run]
     metrics-service db stats [--json]
+    metrics-service report [--since 24h] [--until T] [--service X] [--limit N] [--format table|json|csv]
 
 Settings come from the environment (see the README); the CLI and a running service share the
 database, and keys created or revoked here reach the service within METRICS_KEY_RELOAD_INTERVAL_S.
@@ -24,7 +25,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from metrics_service import auth, storage
-from metrics_service.errors import ConfigError, StorageError
+from metrics_service.analytics import report
+from metrics_service.errors import ConfigError, InvalidPayload, StorageError
 from metrics_service.settings import Settings, env_api_keys, load_settings
 
 
@@ -62,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
     db_stats = db.add_parser("stats", help="rows per table, file and WAL size")
     db_stats.add_argument("--json", action="store_true")
+    report.add_parser(sub)
     return parser
 
 
@@ -138,6 +141,20 @@ async def _retention(settings: Settings, dry_run: bool) -> list[dict[str, Any]]:
         await writer.close()
 
 
+def _report(args: argparse.Namespace, settings: Settings) -> int:
+    conn = _open(settings)
+    try:
+        text = report.render(report.build(conn, args), args.format)
+    except InvalidPayload as exc:
+        for d in exc.details:
+            print(f"error: --{d['field']}: {d['message']} ({d['rule']})", file=sys.stderr)
+        return 2
+    finally:
+        conn.close()
+    print(text, end="" if args.format == "csv" else "\n")
+    return 0
+
+
 def _first_run_key(settings: Settings, service: str) -> None:
     if env_api_keys():
         return
@@ -163,6 +180,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from metrics_service import logs
     from metrics_service.app import create_app
+    from metrics_service.server import deadline_protocol
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     if overrides:
@@ -180,6 +198,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         server_header=False,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
         timeout_keep_alive=5,
+        # uvicorn has no deadline for a request head; without one a silent connection is held
+        # for ever (see metrics_service/server.py).
+        http=deadline_protocol(settings.request_timeout_s),
     )
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down gracefully; a no-op handler turns
     # that into a normal return, so a clean shutdown exits 0.
@@ -198,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args, settings)
         if args.command == "keys":
             return _keys(args, settings)
+        if args.command == "report":
+            return _report(args, settings)
         if args.command == "retention":
             results = asyncio.run(_retention(settings, args.dry_run))
             verb = "would delete" if args.dry_run else "deleted"

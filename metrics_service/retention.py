@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from metrics_service import storage
 from metrics_service.ingest import DbThread
 from metrics_service.settings import Settings
+from metrics_service.storage import rollups
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,34 @@ async def run_once(
         if deleted:
             log.info("retention deleted %d rows from %s older than %d days", deleted, table, policy.retention_days)
         results.append(TableResult(table, policy.retention_days, cutoff, deleted, True))
+    if tables is None:
+        results += await _rollups(writer, settings, now, dry_run, on_deleted)
+    return results
+
+
+async def _rollups(
+    writer: DbThread, settings: Settings, now: float, dry_run: bool, on_deleted: Callable[[str, int], None] | None
+) -> list[TableResult]:
+    """Compact complete days into the day rollups, then delete rollups past their own retention."""
+    if not dry_run:
+        await writer.run(lambda c: rollups.compact(c, int(now * 1000)))
+    days = settings.rollup_retention_days
+    cutoff = storage.cutoff_ms(days, now)
+    results = []
+    for table in rollups.TABLES:
+        if dry_run:
+            rows = await writer.run(lambda c, t=table: rollups.count_expired(c, t, cutoff))
+        else:
+            rows = 0
+            while chunk := await writer.run(
+                lambda c, t=table: rollups.delete_expired_chunk(c, t, cutoff, settings.retention_chunk_rows)
+            ):
+                rows += chunk
+                if on_deleted is not None:
+                    on_deleted(table, chunk)
+            if rows:
+                log.info("retention deleted %d rows from %s older than %d days", rows, table, days)
+        results.append(TableResult(table, days, cutoff, rows, True))
     return results
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from metrics_service.errors import StorageError
-from metrics_service.storage import migrations
+from metrics_service.storage import migrations, rollups
 from metrics_service.validation import DIMENSIONS, METADATA_COLUMNS
 
 #: metric type -> typed table.
@@ -100,6 +100,7 @@ def insert_rows(conn: sqlite3.Connection, parts: Sequence[dict[str, list[tuple[A
                 )
                 cursor = conn.executemany(INSERT_SQL[kind], rows)
                 count += cursor.rowcount
+            rollups.maintain(conn, parts)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import sqlite3
 import time
 
+from metrics_service.storage import rollups
+
 _COMMON = """
     id INTEGER PRIMARY KEY,
     ts INTEGER NOT NULL,
@@ -133,6 +135,8 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             )""",
         ],
     ),
+    # Rollup tables for analytics, filled from the raw rows already stored (see rollups.py).
+    (2, "rollups", rollups.migration_v2()),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

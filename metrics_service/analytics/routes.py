@@ -1,0 +1,144 @@
+"""HTTP routes: ``GET /analytics/<view>`` (viewer or admin key; JSON, or CSV with ``format=csv``)
+and the overview page ``/ui``."""
+
+from __future__ import annotations
+
+import csv
+import io
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from metrics_service.analytics import queries
+from metrics_service.api import _ERRORS, APIKey, client_address, json_response, state
+from metrics_service.errors import InvalidPayload, NotFound, RateLimited
+
+router = APIRouter(tags=["analytics"])
+
+_PARAMETERS = {
+    "since": "Start: ISO 8601, unix seconds, or a duration before now (24h, 30m, 7d). Default 24h.",
+    "until": "End (exclusive), same forms. Default now.",
+    "service": "Only this reporting service.",
+    "server": "Only this server (auth server or MCP server).",
+    "tool": "Only this tool.",
+    "client": "Only this client application.",
+    "tenant": "Only this tenant (tool_execution metadata tenant_id).",
+    "success": "true or false.",
+    "format": "json (default) or csv.",
+    "limit": "Rows per page, 1..1000 (default 10).",
+    "offset": "Rows to skip (default 0).",
+    "sort": "calls (default), errors, error_rate, p95 or tokens; descending.",
+    "by": "Grouping (see the endpoint).",
+    "resolution": "minute, hour (default) or day; at most 1500 points.",
+    "type": "tool_execution (default), auth_request, tool_discovery or protocol_latency.",
+}
+
+
+def _csv_cell(value: Any) -> Any:
+    # A cell starting with = + - @ is a formula to a spreadsheet: quote it (OWASP CSV injection).
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return "" if value is None else value
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    flat = [queries.flatten(r) for r in rows]
+    header: dict[str, None] = {}
+    for row in flat:
+        header.update(dict.fromkeys(row))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(header)
+    for row in flat:
+        writer.writerow([_csv_cell(row.get(h)) for h in header])
+    return out.getvalue()
+
+
+def csv_rows(view: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    if view == "timeseries":
+        return list(body["points"])
+    if view == "summary":
+        return [{k: v for k, v in body.items() if k not in ("filters", "source")}]
+    return list(body["rows"])
+
+
+def _route(view: str) -> Any:
+    fn, by, extra = queries.VIEWS[view]
+
+    async def endpoint(request: Request, x_api_key: APIKey = None) -> Response:
+        app = state(request)
+        principal = await app.authenticator.authenticate(x_api_key, client_address(request), "viewer", "admin")
+        limit = principal.rate_limit_per_min or app.settings.rate_limit_per_min
+        decision = await app.limiter.hit("key", str(principal.key_id), limit)
+        if not decision.allowed:
+            raise RateLimited("rate limit exceeded for this key", headers=decision.headers())
+        query = dict(request.query_params)
+        if len(query) != len(request.query_params.multi_items()):
+            raise InvalidPayload(
+                "the query parameters are invalid",
+                details=[{"field": "query", "rule": "unique", "message": "each parameter at most once"}],
+            )
+        fmt = query.get("format", "json")
+        if fmt not in ("json", "csv"):
+            raise InvalidPayload(
+                "the query parameters are invalid",
+                details=[{"field": "format", "rule": "enum", "message": "must be one of json, csv"}],
+            )
+        params = queries.parse_params(query, by=by, extra=extra, max_string_length=app.settings.max_string_length)
+        body = await app.reader.run(lambda conn: fn(conn, params))
+        if fmt == "csv":
+            return Response(
+                to_csv(csv_rows(view, body)), media_type="text/csv; charset=utf-8",
+                headers={"Content-Disposition": f'attachment; filename="{view}.csv"'},
+            )
+        return json_response(body)
+
+    names = ["since", "until", "service", "server", "tool", "client", "tenant", "success", "format", *extra]
+    if by != ("",):
+        names.append("by")
+    parameters = [
+        {"name": n, "in": "query", "required": False, "schema": {"type": "string"},
+         "description": _PARAMETERS[n] + (f" One of: {', '.join(by)}." if n == "by" else "")}
+        for n in names
+    ]
+    router.add_api_route(
+        f"/analytics/{view}", endpoint, methods=["GET"], name=f"analytics_{view}",
+        summary=(fn.__doc__ or view).split("\n\n")[0].replace("\n", " "),
+        responses={**_ERRORS, 422: {"description": "A query parameter is invalid (field and rule in details)."}},
+        openapi_extra={"parameters": parameters},
+    )
+
+
+for _view in queries.VIEWS:
+    _route(_view)
+
+
+_ASSETS = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+#: Everything the page needs is its own script and style; it talks only to this origin.
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self';"
+    " base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("metrics_service.ui").joinpath(name).read_bytes()
+
+
+@router.get("/ui", include_in_schema=False)
+async def ui_page() -> Response:
+    """The overview page; it reads /analytics with a viewer key kept in sessionStorage."""
+    return Response(
+        _asset("index.html"), media_type="text/html; charset=utf-8",
+        headers={"Content-Security-Policy": CSP, "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"},
+    )
+
+
+@router.get("/ui/{name}", include_in_schema=False)
+async def ui_asset(name: str) -> Response:
+    media = _ASSETS.get(name)
+    if media is None:
+        raise NotFound("no such asset")
+    return Response(_asset(name), media_type=media, headers={"Content-Security-Policy": CSP})

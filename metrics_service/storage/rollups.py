@@ -1,0 +1,559 @@
+"""Rollups: pre-aggregated history, kept up to date in the same transaction as each raw insert.
+
+Each *cube* groups one metric family by a few dimensions, per hour and per UTC day
+(``rollup_<cube>_hour``, ``rollup_<cube>_day``; WITHOUT ROWID, clustered by time bucket). A row
+holds the event count, the sum of ``value`` (calls), sums such as token counts, and for each
+latency column its count, sum, min, max and counts in the fixed buckets of ``BOUNDS_MS``, so that
+percentiles over any range come from summed bucket counts.
+
+Several narrow cubes rather than one wide one: a cube's size grows with the product of its
+dimensions' cardinalities, and a query reads the smallest cube holding its group and filter
+dimensions. A range is split into whole days (day table), whole hours (hour table) and the
+partial hours at its ends, aggregated from the raw rows with the same code as at ingest, so
+answers are exact over any range. Missing dimension values are stored as ``''`` (``-1`` for a
+missing ``success``): primary keys must not hold NULL.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sqlite3
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any
+
+from metrics_service.validation import DIMENSIONS, METADATA_COLUMNS
+
+# -- Frozen by schema migration 2: changing any of these needs a new migration. ----------------
+
+#: Upper bounds (ms, inclusive) of the latency buckets; the last bucket is everything above.
+BOUNDS_MS: tuple[float, ...] = (
+    0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750,
+    1_000, 1_500, 2_000, 3_000, 5_000, 7_500, 10_000, 15_000, 20_000, 30_000, 60_000,
+    120_000, 300_000, 600_000,
+)
+NBUCKETS = len(BOUNDS_MS) + 1
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+#: level -> bucket width, coarsest first.
+LEVELS: dict[str, int] = {"day": DAY_MS, "hour": HOUR_MS}
+#: latency column -> column prefix in rollup tables.
+_HIST_PREFIX = {"duration_ms": "lat", "embedding_time_ms": "emb", "search_time_ms": "srch"}
+
+
+def row_positions(kind: str) -> dict[str, int]:
+    """Column name -> position in the rows ``validation`` builds (and ``INSERT_SQL`` inserts)."""
+    names = ["ts", "received_at", "service", "service_version", "instance_id", "value", "duration_ms"]
+    names += [name for name, _ in DIMENSIONS[kind]]
+    if kind == "tool_execution":
+        names += [name for name, _ in METADATA_COLUMNS]
+    return {name: i for i, name in enumerate(names)}
+
+
+@dataclass(frozen=True, slots=True)
+class Cube:
+    name: str
+    kind: str  # metric type
+    dims: tuple[str, ...]  # raw column names, the key after the time bucket
+    sums: tuple[str, ...] = ()  # raw columns summed
+    hists: tuple[str, ...] = ()  # raw latency columns with a bucket histogram
+    levels: tuple[str, ...] = ("day", "hour")
+    positions: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "positions", row_positions(self.kind))
+
+    def table(self, level: str) -> str:
+        return f"rollup_{self.name}_{level}"
+
+    @property
+    def state_columns(self) -> list[str]:
+        """Rollup columns after the key, in the order of an accumulated state."""
+        columns = ["n", "calls", *(f"{c}_sum" for c in self.sums)]
+        for h in self.hists:
+            p = _HIST_PREFIX[h]
+            columns += [f"{p}_n", f"{p}_sum", f"{p}_min", f"{p}_max"]
+            columns += [f"{p}_b{i:02d}" for i in range(NBUCKETS)]
+        return columns
+
+    def hist_offset(self, column: str) -> int:
+        return 2 + len(self.sums) + self.hists.index(column) * (4 + NBUCKETS)
+
+
+_TOOL_SUMS = ("input_tokens", "output_tokens")
+CUBES: tuple[Cube, ...] = (
+    Cube("tools", "tool_execution", ("service", "server_name", "method", "tool_name", "success"), _TOOL_SUMS, ("duration_ms",)),
+    Cube("clients", "tool_execution", ("service", "server_name", "client_name", "agent_id", "success"), _TOOL_SUMS, ("duration_ms",)),
+    Cube("tenants", "tool_execution", ("service", "server_name", "tool_name", "tenant_id", "success"), _TOOL_SUMS, ("duration_ms",)),
+    Cube("auth", "auth_request", ("service", "server", "method", "success"), (), ("duration_ms",)),
+    # One row per user and hour would be about as many as raw rows: days only, by compaction.
+    Cube("users", "auth_request", ("service", "server", "user_hash", "success"), levels=("day",)),
+    Cube("discovery", "tool_discovery", ("service",), ("results_count",), ("duration_ms", "embedding_time_ms", "search_time_ms")),
+    Cube("protocol", "protocol_latency", ("service", "server_name", "client_name", "flow_step"), (), ("duration_ms",)),
+)
+
+# -- end of the frozen part --------------------------------------------------------------------
+
+TABLES = tuple(cube.table(level) for cube in CUBES for level in cube.levels)
+RAW_TABLE = {
+    "auth_request": "auth_metrics",
+    "tool_execution": "tool_metrics",
+    "tool_discovery": "discovery_metrics",
+    "protocol_latency": "protocol_latency_metrics",
+}
+_INT_DIMS = {"success"}
+_MIN_MAX = ("_min", "_max")
+
+
+def bucket_of(value_ms: float) -> int:
+    """Index of the latency bucket holding ``value_ms``: ``BOUNDS_MS[i-1] < v <= BOUNDS_MS[i]``."""
+    return bisect_left(BOUNDS_MS, value_ms)
+
+
+# -- schema (migration 2) ----------------------------------------------------------------------
+
+
+def _create_sql(cube: Cube, level: str) -> str:
+    dims = ", ".join(f"{d} {'INTEGER' if d in _INT_DIMS else 'TEXT'} NOT NULL" for d in cube.dims)
+    states = []
+    for column in cube.state_columns:
+        kind = "REAL" if column == "calls" or column.endswith(("_sum", *_MIN_MAX)) else "INTEGER"
+        default = "" if column.endswith(_MIN_MAX) else " NOT NULL DEFAULT 0"
+        states.append(f"{column} {kind}{default}")
+    return (
+        f"CREATE TABLE {cube.table(level)} (bucket INTEGER NOT NULL, {dims}, {', '.join(states)},"
+        f" PRIMARY KEY (bucket, {', '.join(cube.dims)})) WITHOUT ROWID"
+    )
+
+
+def _from_raw_sql(cube: Cube, level: str, where: str) -> str:
+    """Aggregate raw rows (``where`` picks them) into ``cube``'s ``level`` table."""
+    width = LEVELS[level]
+    keys = [f"coalesce({d}, {-1 if d in _INT_DIMS else repr('')})" for d in cube.dims]
+    values = ["count(*)", "total(value)", *(f"coalesce(sum({c}), 0)" for c in cube.sums)]
+    for h in cube.hists:
+        values += [f"count({h})", f"total({h})", f"min({h})", f"max({h})"]
+        for i in range(NBUCKETS):
+            if i == 0:
+                test = f"{h} <= {BOUNDS_MS[0]!r}"
+            elif i < NBUCKETS - 1:
+                test = f"{h} > {BOUNDS_MS[i - 1]!r} AND {h} <= {BOUNDS_MS[i]!r}"
+            else:
+                test = f"{h} > {BOUNDS_MS[-1]!r}"
+            values.append(f"count(CASE WHEN {test} THEN 1 END)")
+    return (
+        f"INSERT INTO {cube.table(level)} (bucket, {', '.join(cube.dims)}, {', '.join(cube.state_columns)})"
+        f" SELECT ts / {width} * {width}, {', '.join(keys)}, {', '.join(values)}"
+        f" FROM {RAW_TABLE[cube.kind]} WHERE {where}"
+        f" GROUP BY 1, {', '.join(str(i + 2) for i in range(len(cube.dims)))}"
+    )
+
+
+_TODAY_SQL = f"CAST(strftime('%s', 'now') AS INTEGER) * 1000 / {DAY_MS} * {DAY_MS}"
+
+
+def migration_v2() -> list[str]:
+    """Create the rollup tables and fill them from the raw rows already stored: hours from every
+    row, days up to the start of today (the compaction watermark)."""
+    statements = [
+        "CREATE TABLE rollup_watermark (name TEXT PRIMARY KEY, until_ms INTEGER NOT NULL)",
+        f"INSERT INTO rollup_watermark VALUES ('day', {_TODAY_SQL})",
+    ]
+    for cube in CUBES:
+        for level in cube.levels:
+            statements.append(_create_sql(cube, level))
+            where = "1" if level == "hour" else f"ts < (SELECT until_ms FROM rollup_watermark WHERE name = 'day')"
+            statements.append(_from_raw_sql(cube, level, where))
+    return statements
+
+
+# -- accumulation (ingest, and the raw ends of a query range) ----------------------------------
+
+
+class _Shape:
+    """How one cube's states are built, merged and written."""
+
+    def __init__(self, cube: Cube, dims: Sequence[str] | None = None) -> None:
+        self.cube = cube
+        self.dims = tuple(dims if dims is not None else cube.dims)
+        pos = cube.positions
+        idx = [pos[d] for d in self.dims]
+        self.key_of = (lambda r, i=idx[0]: (r[i],)) if len(idx) == 1 else itemgetter(*idx)
+        self.sums = [(pos[c], 2 + i) for i, c in enumerate(cube.sums)]
+        self.hists = [(pos[h], cube.hist_offset(h)) for h in cube.hists]
+        self.size = 2 + len(cube.sums) + len(cube.hists) * (4 + NBUCKETS)
+        template: list[Any] = [0] * self.size
+        self.mins = [o + 2 for _, o in self.hists]
+        self.maxs = [o + 3 for _, o in self.hists]
+        for i in self.mins:
+            template[i] = math.inf
+        for i in self.maxs:
+            template[i] = -math.inf
+        self.template = template
+        self.additive = [i for i in range(self.size) if i not in self.mins and i not in self.maxs]
+
+    def add_rows(self, rows: Iterable[tuple[Any, ...]], width: int, acc: dict[tuple[Any, ...], list[Any]]) -> None:
+        key_of, sums, hists, template = self.key_of, self.sums, self.hists, self.template
+        get = acc.get
+        for r in rows:
+            ts = r[0]
+            key = (ts - ts % width, *key_of(r))
+            st = get(key)
+            if st is None:
+                st = acc[key] = template.copy()
+            st[0] += 1
+            st[1] += r[5]
+            for p, o in sums:
+                v = r[p]
+                if v is not None:
+                    st[o] += v
+            for p, o in hists:
+                v = r[p]
+                if v is not None:
+                    st[o] += 1
+                    st[o + 1] += v
+                    if v < st[o + 2]:
+                        st[o + 2] = v
+                    if v > st[o + 3]:
+                        st[o + 3] = v
+                    st[o + 4 + bisect_left(BOUNDS_MS, v)] += 1
+
+    def merge(self, into: list[Any], other: Sequence[Any]) -> None:
+        for i in self.additive:
+            into[i] += other[i]
+        for i in self.mins:
+            if other[i] is not None and (into[i] is None or other[i] < into[i]):
+                into[i] = other[i]
+        for i in self.maxs:
+            if other[i] is not None and (into[i] is None or other[i] > into[i]):
+                into[i] = other[i]
+
+    def coarsen(self, acc: dict[tuple[Any, ...], list[Any]], width: int) -> dict[tuple[Any, ...], list[Any]]:
+        out: dict[tuple[Any, ...], list[Any]] = {}
+        for key, st in acc.items():
+            coarse = (key[0] - key[0] % width, *key[1:])
+            have = out.get(coarse)
+            if have is None:
+                out[coarse] = st.copy()
+            else:
+                self.merge(have, st)
+        return out
+
+
+_SHAPES = {cube.name: _Shape(cube) for cube in CUBES}
+_BY_KIND: dict[str, list[_Shape]] = {}
+for _cube in CUBES:
+    _BY_KIND.setdefault(_cube.kind, []).append(_SHAPES[_cube.name])
+
+
+def _upsert_sql(cube: Cube, level: str) -> str:
+    columns = ["bucket", *cube.dims, *cube.state_columns]
+    updates = []
+    for c in cube.state_columns:
+        if c.endswith("_min"):
+            updates.append(f"{c} = coalesce(min({c}, excluded.{c}), {c}, excluded.{c})")
+        elif c.endswith("_max"):
+            updates.append(f"{c} = coalesce(max({c}, excluded.{c}), {c}, excluded.{c})")
+        else:
+            updates.append(f"{c} = {c} + excluded.{c}")
+    return (
+        f"INSERT INTO {cube.table(level)} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        f" ON CONFLICT (bucket, {', '.join(cube.dims)}) DO UPDATE SET {', '.join(updates)}"
+    )
+
+
+_UPSERT = {(cube.name, level): _upsert_sql(cube, level) for cube in CUBES for level in cube.levels}
+
+
+def _stored(shape: _Shape, acc: dict[tuple[Any, ...], list[Any]]) -> Iterable[tuple[Any, ...]]:
+    ints = [i + 1 for i, d in enumerate(shape.dims) if d in _INT_DIMS]
+    for key, st in acc.items():
+        k = ["" if v is None else v for v in key]
+        for i in ints:
+            if key[i] is None:
+                k[i] = -1
+        for i in shape.mins:
+            if st[i] == math.inf:
+                st[i] = st[i + 1] = None
+        yield (*k, *st)
+
+
+def day_watermark(conn: sqlite3.Connection) -> int:
+    """Days before this (ms) are in the day tables; later ones are compacted once complete."""
+    return int(conn.execute("SELECT until_ms FROM rollup_watermark WHERE name = 'day'").fetchone()[0])
+
+
+def maintain(conn: sqlite3.Connection, parts: Sequence[dict[str, list[tuple[Any, ...]]]]) -> None:
+    """Add the rows being inserted to the hour tables (and, for a late event whose day is
+    already compacted, to the day tables); call inside the insert's transaction so that rollups
+    and raw rows commit or roll back together."""
+    kinds = {kind for part in parts for kind in part}
+    watermark: int | None = None
+    for kind in kinds:
+        for shape in _BY_KIND.get(kind, ()):
+            name = shape.cube.name
+            if watermark is None:
+                watermark = day_watermark(conn)
+            if "hour" in shape.cube.levels:
+                hours: dict[tuple[Any, ...], list[Any]] = {}
+                for part in parts:
+                    rows = part.get(kind)
+                    if rows:
+                        shape.add_rows(rows, HOUR_MS, hours)
+                late = {k: st for k, st in hours.items() if k[0] < watermark}
+                days = shape.coarsen(late, DAY_MS) if late else {}
+                conn.executemany(_UPSERT[(name, "hour")], _stored(shape, hours))
+            else:
+                days = {}
+                for part in parts:
+                    rows = part.get(kind)
+                    if rows:
+                        shape.add_rows([r for r in rows if r[0] < watermark], DAY_MS, days)
+            if days:
+                conn.executemany(_UPSERT[(name, "day")], _stored(shape, days))
+
+
+def _compact_sql(cube: Cube) -> str:
+    upsert = _UPSERT[(cube.name, "day")]
+    conflict = upsert[upsert.index(" ON CONFLICT") :]
+    if "hour" not in cube.levels:
+        return _from_raw_sql(cube, "day", "ts >= ? AND ts < ?") + conflict
+    values = []
+    for c in cube.state_columns:
+        values.append(f"{'min' if c.endswith('_min') else 'max' if c.endswith('_max') else 'sum'}({c})")
+    dims = ", ".join(cube.dims)
+    return (
+        f"INSERT INTO {cube.table('day')} (bucket, {dims}, {', '.join(cube.state_columns)})"
+        f" SELECT bucket / {DAY_MS} * {DAY_MS}, {dims}, {', '.join(values)} FROM {cube.table('hour')}"
+        f" WHERE bucket >= ? AND bucket < ? GROUP BY {dims}{conflict}"
+    )
+
+
+_COMPACT = {cube.name: _compact_sql(cube) for cube in CUBES}
+
+
+def compact(conn: sqlite3.Connection, now_ms: int) -> int:
+    """Fill the day tables for every complete day past the watermark, one transaction per day;
+    return the number of days compacted."""
+    today = now_ms // DAY_MS * DAY_MS
+    done = 0
+    while (day := day_watermark(conn)) < today:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if day_watermark(conn) == day:
+                for cube in CUBES:
+                    conn.execute(_COMPACT[cube.name], (day, day + DAY_MS))
+                conn.execute("UPDATE rollup_watermark SET until_ms = ? WHERE name = 'day'", (day + DAY_MS,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        done += 1
+    return done
+
+
+# -- retention ---------------------------------------------------------------------------------
+
+
+def delete_expired_chunk(conn: sqlite3.Connection, table: str, before_ms: int, limit: int) -> int:
+    """Delete about ``limit`` rows (whole buckets) of rollup ``table`` older than ``before_ms``."""
+    if table not in TABLES:
+        raise ValueError(f"unknown rollup table {table!r}")
+    row = conn.execute(
+        f"SELECT bucket FROM {table} WHERE bucket < ? ORDER BY bucket LIMIT 1 OFFSET ?", (before_ms, limit - 1)
+    ).fetchone()
+    upto = before_ms if row is None else row[0] + 1
+    return int(conn.execute(f"DELETE FROM {table} WHERE bucket < ?", (upto,)).rowcount)
+
+
+def count_expired(conn: sqlite3.Connection, table: str, before_ms: int) -> int:
+    if table not in TABLES:
+        raise ValueError(f"unknown rollup table {table!r}")
+    return int(conn.execute(f"SELECT count(*) FROM {table} WHERE bucket < ?", (before_ms,)).fetchone()[0])
+
+
+# -- queries -----------------------------------------------------------------------------------
+
+
+def cube_for(kind: str, dims: Iterable[str]) -> Cube | None:
+    """The smallest cube of ``kind`` holding all ``dims`` (cubes are listed narrowest first)."""
+    wanted = set(dims)
+    for cube in CUBES:
+        if cube.kind == kind and wanted <= set(cube.dims):
+            return cube
+    return None
+
+
+def plan(
+    cube: Cube, since_ms: int, until_ms: int, watermark_ms: int, finest_ms: int | None = None
+) -> list[tuple[str, int, int]]:
+    """Split ``[since, until)`` into (level, start, end) segments: whole compacted days, whole
+    hours, then raw rows for the rest. ``finest_ms`` (a series resolution) excludes coarser
+    levels."""
+    levels = [
+        (name, w) for name, w in LEVELS.items()
+        if name in cube.levels and (finest_ms is None or (w <= finest_ms and finest_ms % w == 0))
+    ]
+    segments: list[tuple[str, int, int]] = []
+
+    def split(lo: int, hi: int, i: int) -> None:
+        if lo >= hi:
+            return
+        if i == len(levels):
+            segments.append(("raw", lo, hi))
+            return
+        name, w = levels[i]
+        a, b = -(-lo // w) * w, hi // w * w
+        if name == "day":
+            b = min(b, watermark_ms)
+        if a >= b:
+            split(lo, hi, i + 1)
+            return
+        segments.append((name, a, b))
+        split(lo, a, i + 1)
+        split(b, hi, i + 1)
+
+    split(since_ms, until_ms, 0)
+    return segments
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    kind: str
+    since_ms: int
+    until_ms: int
+    group: tuple[str, ...] = ()
+    filters: dict[str, str | int] = field(default_factory=dict)
+    series_ms: int | None = None
+
+
+def aggregate(conn: sqlite3.Connection, q: Query) -> tuple[Cube, dict[tuple[Any, ...], list[Any]], str]:
+    """States per group key ``(time bucket or 0, *group values)`` over the range; also the cube
+    the states are shaped by and the source used (``rollup`` or ``raw``: no cube covers the
+    dimensions asked for, so every raw row in the range is read)."""
+    dims = (*q.group, *q.filters)
+    cube = cube_for(q.kind, dims)
+    if cube is not None:
+        shape = _SHAPES[cube.name]
+        source = "rollup"
+        segments = plan(cube, q.since_ms, q.until_ms, day_watermark(conn), q.series_ms)
+    else:
+        family = next(c for c in CUBES if c.kind == q.kind)
+        cube = Cube(family.name, q.kind, tuple(dict.fromkeys(dims)), family.sums, family.hists)
+        shape = _Shape(cube)
+        source = "raw"
+        segments = [("raw", q.since_ms, q.until_ms)]
+    out: dict[tuple[Any, ...], list[Any]] = {}
+    for level, lo, hi in segments:
+        if level == "raw":
+            _raw_segment(conn, shape, q, lo, hi, out)
+        else:
+            _rollup_segment(conn, shape, q, level, lo, hi, out)
+    for st in out.values():
+        for i in shape.mins:
+            if st[i] == math.inf:
+                st[i] = st[i + 1] = None
+    return cube, out, source
+
+
+def _filter_sql(filters: dict[str, str | int]) -> tuple[str, list[Any]]:
+    # Column names come from the cubes' fixed dimension lists; values are bound.
+    return "".join(f" AND {column} = ?" for column in filters), list(filters.values())
+
+
+def _rollup_segment(
+    conn: sqlite3.Connection, shape: _Shape, q: Query, level: str, lo: int, hi: int,
+    out: dict[tuple[Any, ...], list[Any]],
+) -> None:
+    cube = shape.cube
+    select = [f"bucket / {int(q.series_ms)} * {int(q.series_ms)}" if q.series_ms else "0", *q.group]
+    for c in cube.state_columns:
+        select.append(f"{'min' if c.endswith('_min') else 'max' if c.endswith('_max') else 'sum'}({c})")
+    where, params = _filter_sql(q.filters)
+    group = f" GROUP BY {', '.join(str(i + 1) for i in range(1 + len(q.group)))}"
+    sql = f"SELECT {', '.join(select)} FROM {cube.table(level)} WHERE bucket >= ? AND bucket < ?{where}{group}"
+    keylen = 1 + len(q.group)
+    for row in conn.execute(sql, (lo, hi, *params)):
+        key = tuple(row[:keylen])
+        st = list(row[keylen:])
+        have = out.get(key)
+        if have is None:
+            out[key] = _fresh(shape, st)
+        else:
+            shape.merge(have, st)
+
+
+def _fresh(shape: _Shape, st: list[Any]) -> list[Any]:
+    for i in shape.mins:
+        if st[i] is None:
+            st[i], st[i + 1] = math.inf, -math.inf
+    return st
+
+
+def _raw_select(kind: str) -> str:
+    positions = row_positions(kind)
+    cols = []
+    for name in positions:
+        cols.append("0" if name == "received_at" else "NULL" if name in ("service_version", "instance_id") else name)
+    return ", ".join(cols)
+
+
+_RAW_SELECT = {kind: _raw_select(kind) for kind in RAW_TABLE}
+
+
+def _raw_segment(
+    conn: sqlite3.Connection, shape: _Shape, q: Query, lo: int, hi: int, out: dict[tuple[Any, ...], list[Any]]
+) -> None:
+    where, params = _filter_sql(q.filters)
+    sql = f"SELECT {_RAW_SELECT[q.kind]} FROM {RAW_TABLE[q.kind]} WHERE ts >= ? AND ts < ?{where}"
+    acc: dict[tuple[Any, ...], list[Any]] = {}
+    shape.add_rows(conn.execute(sql, (lo, hi, *params)), q.series_ms or 2**62, acc)
+    at = [shape.dims.index(d) + 1 for d in q.group]
+    ints = {j for j, d in enumerate(q.group) if d in _INT_DIMS}
+    for key, st in acc.items():
+        group = tuple(
+            (-1 if j in ints else "") if key[i] is None else key[i] for j, i in enumerate(at)
+        )
+        k = (key[0] if q.series_ms else 0, *group)
+        have = out.get(k)
+        if have is None:
+            out[k] = st
+        else:
+            shape.merge(have, st)
+
+
+def merge(cube: Cube, into: list[Any], other: Sequence[Any]) -> None:
+    """Add state ``other`` to ``into`` (both shaped by ``cube``)."""
+    _shape(cube).merge(into, other)
+
+
+@functools.lru_cache(maxsize=64)
+def _shape(cube: Cube) -> _Shape:
+    shape = _SHAPES.get(cube.name)
+    return shape if shape is not None and shape.cube == cube else _Shape(cube)
+
+
+def percentile(cube: Cube, state: Sequence[Any], column: str, q: float) -> float | None:
+    """The ``q`` quantile (nearest rank) of ``column`` from the bucket counts, interpolated
+    inside its bucket and clamped to the observed min and max: it lies in the bucket that holds
+    the exact value."""
+    o = cube.hist_offset(column)
+    n = state[o]
+    if not n:
+        return None
+    low_seen, high_seen = state[o + 2], state[o + 3]
+    rank = max(1, math.ceil(q * n))
+    seen = 0
+    for i in range(NBUCKETS):
+        c = state[o + 4 + i]
+        if seen + c >= rank:
+            lo = BOUNDS_MS[i - 1] if i else 0.0
+            hi = BOUNDS_MS[i] if i < len(BOUNDS_MS) else high_seen
+            lo, hi = max(lo, low_seen), min(hi, high_seen)
+            return float(lo + (hi - lo) * (rank - seen) / c)
+        seen += c
+    return float(high_seen)
