@@ -1,4 +1,4 @@
-"""HTTP routes. The ingest path reads top to bottom:
+"""HTTP routes. The ingest path (``IngestEndpoint``) reads top to bottom:
 auth -> rate limit -> content type and size -> validation -> write queue (commit) -> response.
 """
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
@@ -13,6 +14,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from metrics_service import auth, storage
 from metrics_service.errors import (
@@ -23,6 +25,8 @@ from metrics_service.errors import (
     PayloadTooLarge,
     RateLimited,
     RequestTimeout,
+    StorageError,
+    Unavailable,
     UnsupportedMediaType,
 )
 from metrics_service.models import (
@@ -67,12 +71,12 @@ def request_id(request: Request) -> str:
     return str(request.scope.get("request_id", ""))
 
 
+def error_body(error: ApiError, rid: str) -> dict[str, Any]:
+    return {"error": {"code": error.code, "message": error.message, "details": error.details}, "request_id": rid}
+
+
 def error_response(request: Request, error: ApiError) -> Response:
-    body = {
-        "error": {"code": error.code, "message": error.message, "details": error.details},
-        "request_id": request_id(request),
-    }
-    return json_response(body, error.status, error.headers)
+    return json_response(error_body(error, request_id(request)), error.status, error.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -99,6 +103,11 @@ def install_error_handlers(app: FastAPI) -> None:
         error.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(request, error)
 
+    async def database_error(request: Request, exc: Exception) -> Response:
+        # Locked by another process, disk full, I/O error: the database refused, retry later.
+        log.warning("database unavailable for %s %s: %s", request.method, request.url.path, exc)
+        return error_response(request, Unavailable("the database is unavailable, retry later", headers={"Retry-After": "1"}))
+
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(request, ApiError("internal error"))
@@ -106,6 +115,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(sqlite3.OperationalError, database_error)
+    app.add_exception_handler(StorageError, database_error)
     app.add_exception_handler(Exception, unexpected)
 
 
@@ -129,82 +140,114 @@ router = APIRouter()
 admin = APIRouter(prefix="/admin", tags=["admin"], responses=_ERRORS)
 
 
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived; there is no one to answer."""
+
+
+async def read_body(receive: Receive, declared: bytes | None, limit: int, timeout_s: float) -> bytes:
     """The body, refusing (413) as soon as it exceeds ``limit`` bytes (never buffering more) and
     (408) if it has not arrived within ``timeout_s``."""
-    declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is larger than {limit} bytes")
     chunks = []
     size = 0
     try:
         async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    raise ClientGone
+                chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLarge(f"the body is larger than {limit} bytes")
                 chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
     except TimeoutError:
         raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-@router.post(
-    "/metrics",
-    tags=["ingest"],
-    response_model=IngestResult,
-    responses={**_ERRORS, 422: {"model": ErrorResponse, "description": "No metric was valid, or the body has the wrong shape."}},
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MetricsPayload"}}},
-        }
-    },
-    summary="Ingest a batch of metric events",
-)
-async def ingest(request: Request, x_api_key: APIKey = None) -> Response:
-    """Store the valid metrics of the batch; report each rejected one by index, field and rule.
+class IngestEndpoint:
+    """``POST /metrics`` as a plain ASGI app: the ingest path reads top to bottom, with no
+    framework layer on it (FastAPI's routing, dependency solving and middleware cost more per
+    request than everything below; see the README's performance section).
 
-    200: at least one metric stored (``rejected`` may be > 0). 422: none stored.
-    With the default durable acknowledgement, 200 means committed to the database.
+    The app dispatches to it before its middleware stack; the route table holds it too, so that
+    other methods on ``/metrics`` get 405. Errors take the same shape as everywhere else.
     """
-    app = state(request)
-    principal = await app.authenticator.authenticate(x_api_key, client_address(request), "ingest")
-    decision = await app.limiter.hit(
-        "key", str(principal.key_id), principal.rate_limit_per_min or app.settings.rate_limit_per_min
-    )
-    if not decision.allowed:
-        app.telemetry.add("metrics_service_rate_limited_requests")
-        raise RateLimited("rate limit exceeded for this key", headers=decision.headers())
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType("Content-Type must be application/json")
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise UnsupportedMediaType("Content-Encoding is not supported; send the body uncompressed")
-    body = await read_body(request, app.settings.max_request_bytes, app.settings.request_timeout_s)
-    batch = app.validator.decode(body)
-    if batch.service != principal.service:
-        app.telemetry.add("metrics_service_auth_failures", ("wrong_service",))
-        raise Forbidden(f"this key was not issued for service {batch.service!r}")
-    await app.queue.submit(batch)
-    accepted = batch.accepted
-    errors = [r.as_dict() for r in batch.rejections]
-    app.on_ingested(batch)
-    result: dict[str, Any] = {
-        "accepted": accepted,
-        "rejected": len(errors),
-        "errors": errors,
-        "request_id": request_id(request),
-    }
-    if accepted == 0:
-        result["error"] = {
-            "code": "validation_failed",
-            "message": "no metric in the request was valid",
-            "details": errors,
-        }
-        return json_response(result, 422, decision.headers())
-    return json_response(result, 200, decision.headers())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rid = str(scope.get("request_id", ""))
+        try:
+            status, content, headers = await self.ingest(scope["app"].state.metrics, scope, receive, rid)
+        except ApiError as error:
+            status, content, headers = error.status, error_body(error, rid), error.headers
+        except ClientGone:
+            return
+        except Exception:
+            log.exception("unhandled error on POST /metrics")
+            error = ApiError("internal error")
+            status, content, headers = error.status, error_body(error, rid), {}
+        body = _encode(content)
+        raw_headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    async def ingest(
+        app: AppState, scope: Scope, receive: Receive, rid: str
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """Store the valid metrics of the batch; report each rejected one by index, field and rule."""
+        api_key = content_type = encoding = length = None
+        for name, value in scope["headers"]:
+            if name == b"x-api-key":
+                api_key = api_key or value.decode("latin-1")
+            elif name == b"content-type":
+                content_type = content_type or value
+            elif name == b"content-encoding":
+                encoding = encoding or value
+            elif name == b"content-length":
+                length = length or value
+        client = scope.get("client")
+        principal = await app.authenticator.authenticate(api_key, client[0] if client else "unknown", "ingest")
+        decision = await app.limiter.hit(
+            "key", str(principal.key_id), principal.rate_limit_per_min or app.settings.rate_limit_per_min
+        )
+        if not decision.allowed:
+            app.telemetry.add("metrics_service_rate_limited_requests")
+            raise RateLimited("rate limit exceeded for this key", headers=decision.headers())
+        if content_type is None or content_type.split(b";", 1)[0].strip().lower() != b"application/json":
+            raise UnsupportedMediaType("Content-Type must be application/json")
+        if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
+            raise UnsupportedMediaType("Content-Encoding is not supported; send the body uncompressed")
+        body = await read_body(receive, length, app.settings.max_request_bytes, app.settings.request_timeout_s)
+        batch = app.validator.decode(body)
+        if batch.service != principal.service:
+            app.telemetry.add("metrics_service_auth_failures", ("wrong_service",))
+            raise Forbidden(f"this key was not issued for service {batch.service!r}")
+        await app.queue.submit(batch)
+        accepted = batch.accepted
+        errors = [r.as_dict() for r in batch.rejections]
+        app.on_ingested(batch)
+        result: dict[str, Any] = {"accepted": accepted, "rejected": len(errors), "errors": errors, "request_id": rid}
+        if accepted == 0:
+            result["error"] = {
+                "code": "validation_failed",
+                "message": "no metric in the request was valid",
+                "details": errors,
+            }
+            return 422, result, decision.headers()
+        return 200, result, decision.headers()
+
+
+INGEST = IngestEndpoint()
+router.add_route("/metrics", INGEST, methods=["POST"], include_in_schema=False)
 
 
 @router.get("/rate-limit", tags=["ingest"], response_model=RateLimitStatus, responses=_ERRORS)
@@ -315,8 +358,32 @@ async def revoke_key(request: Request, key_id: int, _: Admin) -> Response:
     return json_response(record.public())
 
 
+def _json_content(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
+
+
+#: ``POST /metrics`` in OpenAPI, written out: the endpoint is plain ASGI, not a FastAPI route.
+_INGEST_OPERATION: dict[str, Any] = {
+    "tags": ["ingest"],
+    "summary": "Ingest a batch of metric events",
+    "description": "Store the valid metrics of the batch; report each rejected one by index, field and rule.\n\n"
+    "200: at least one metric stored (``rejected`` may be > 0). 422: none stored.\n"
+    "With the default durable acknowledgement, 200 means committed to the database.",
+    "operationId": "ingest_metrics_post",
+    "parameters": [
+        {"name": "X-API-Key", "in": "header", "required": False, "description": "The caller's API key.", "schema": {"type": "string"}}
+    ],
+    "requestBody": {"required": True, "content": _json_content("MetricsPayload")},
+    "responses": {
+        "200": {"description": "At least one metric stored.", "content": _json_content("IngestResult")},
+        **{str(code): {"description": spec["description"], "content": _json_content("ErrorResponse")} for code, spec in _ERRORS.items()},
+        "422": {"description": "No metric was valid, or the body has the wrong shape.", "content": _json_content("ErrorResponse")},
+    },
+}
+
+
 def schema_components(app: FastAPI) -> None:
-    """Add ``MetricsPayload`` to the OpenAPI components (the ingest route parses it itself)."""
+    """Add ``MetricsPayload``, ``IngestResult`` and ``POST /metrics`` (plain ASGI) to OpenAPI."""
     original = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -326,7 +393,12 @@ def schema_components(app: FastAPI) -> None:
         defs = MetricsPayload.model_json_schema(ref_template="#/components/schemas/{model}")
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(defs.pop("$defs", {}))
+        for model in (IngestResult, ErrorResponse):
+            model_defs = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_defs.pop("$defs", {}))
+            components.setdefault(model.__name__, model_defs)
         components["MetricsPayload"] = defs
+        schema.setdefault("paths", {})["/metrics"] = {"post": _INGEST_OPERATION}
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
