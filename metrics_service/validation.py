@@ -276,18 +276,17 @@ class Validator:
                 raise _Reject("value", "le", f"a latency must be <= {MAX_DURATION_MS:.0f} ms")
             duration = value
             value = 1.0
-        dims = m.dimensions
-        typed = [_typed(dims.get(name), name, kind_) for name, kind_ in spec] if spec else []
-        for name in REQUIRED[kind]:
-            if dims.get(name) is None:
-                raise _Reject(f"dimensions.{name}", "required", f"is required for {kind}")
-        if kind == "tool_execution" and dims.get("method") == "tools/call" and not dims.get("tool_name"):
-            raise _Reject("dimensions.tool_name", "required", "is required when method is tools/call")
-        known = _KNOWN[kind]
-        if dims and not dims.keys() <= known:
-            extra_json = self._encode({k: v for k, v in dims.items() if k not in known}).decode()
+        typed = _dimension_columns(kind, m.dimensions)
+        if typed.__class__ is tuple:  # (columns, extra dimensions)
+            typed, extra = typed
+            extra_json = self._encode(extra).decode()
         else:
             extra_json = None
+        for name, pos in _REQUIRED_POSITIONS[kind]:
+            if typed[pos] is None:
+                raise _Reject(f"dimensions.{name}", "required", f"is required for {kind}")
+        if kind == "tool_execution" and typed[_TOOL_METHOD] == "tools/call" and not typed[_TOOL_NAME]:
+            raise _Reject("dimensions.tool_name", "required", "is required when method is tools/call")
         meta = m.metadata
         if meta:
             meta_json = self._encode(meta).decode()
@@ -297,15 +296,48 @@ class Validator:
                 )
         else:
             meta_json = None
-        row: tuple[Any, ...] = (int(ts_s * 1000), received_ms, *head, value, duration, *typed)
         if kind == "tool_execution":
-            row += tuple(
-                _typed(meta.get(name), name, kind_, "metadata") for name, kind_ in METADATA_COLUMNS
-            )
-        return kind, (*row, extra_json, meta_json)
+            if meta:
+                typed += [_typed(meta.get(name), name, kind_, "metadata") for name, kind_ in METADATA_COLUMNS]
+            else:
+                typed += _NO_METADATA
+        return kind, (int(ts_s * 1000), received_ms, *head, value, duration, *typed, extra_json, meta_json)
 
 
-_KNOWN = {kind: frozenset(name for name, _ in spec) for kind, spec in DIMENSIONS.items()}
+#: metric type -> {dimension: (column position, kind)}.
+_POSITIONS = {kind: {name: (i, k) for i, (name, k) in enumerate(spec)} for kind, spec in DIMENSIONS.items()}
+_REQUIRED_POSITIONS = {kind: [(name, _POSITIONS[kind][name][0]) for name in names] for kind, names in REQUIRED.items()}
+_TOOL_METHOD = _POSITIONS["tool_execution"]["method"][0]
+_TOOL_NAME = _POSITIONS["tool_execution"]["tool_name"][0]
+_NO_METADATA = [None] * len(METADATA_COLUMNS)
+
+
+def _dimension_columns(kind: str, dims: dict[str, Any]) -> Any:
+    """The typed columns of ``kind`` from ``dims`` (a list, None where absent), or, if ``dims``
+    has names that are not columns, ``(columns, those extra dimensions)``.
+
+    The hot loop of validation: it visits the dimensions present (usually fewer than the
+    columns) and checks the common kinds inline; ``_typed`` raises the precise rejection."""
+    positions = _POSITIONS[kind]
+    columns: list[Any] = [None] * len(positions)
+    extra = None
+    for name, value in dims.items():
+        found = positions.get(name)
+        if found is None:
+            if extra is None:
+                extra = {}
+            extra[name] = value
+            continue
+        if value is None:
+            continue
+        pos, k = found
+        if k == "str" and value.__class__ is str:
+            columns[pos] = value
+        elif k == "bool" and (value is True or value is False):
+            columns[pos] = int(value)
+        else:
+            columns[pos] = _typed(value, name, k)
+    return columns if extra is None else (columns, extra)
 
 
 def _typed(value: Any, name: str, kind: str, where: str = "dimensions") -> Any:
