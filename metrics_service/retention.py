@@ -86,7 +86,8 @@ async def _rollups(
     if not dry_run:
         await writer.run(lambda c: rollups.compact(c, int(now * 1000)))
     days = settings.rollup_retention_days
-    cutoff = storage.cutoff_ms(days, now)
+    # Whole days, so that the hour and day tables always cover the same history.
+    cutoff = storage.cutoff_ms(days, now) // rollups.DAY_MS * rollups.DAY_MS
     results = []
     for table in rollups.TABLES:
         if dry_run:
