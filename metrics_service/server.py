@@ -1,0 +1,56 @@
+"""The HTTP server's connection protocol: uvicorn's, with a deadline on receiving a request head.
+
+uvicorn times out idle keep-alive connections only after a response, and any byte received
+cancels that timer; a connection that never completes its request line and headers (a client
+that connects and says nothing, or trickles a header a byte at a time: slowloris) is held open
+for ever. ``deadline_protocol(timeout_s)`` closes a connection whose next request head has not
+fully arrived ``timeout_s`` after the connection opened or after the previous response. The
+body has its own deadline in ``api.read_body`` (408), so a whole request is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+
+def deadline_protocol(
+    timeout_s: float, base: type[asyncio.Protocol] = AutoHTTPProtocol
+) -> type[asyncio.Protocol]:
+    """A subclass of uvicorn's HTTP protocol (httptools or h11) enforcing the head deadline."""
+
+    class DeadlineProtocol(base):  # type: ignore[valid-type,misc]
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            # The request cycle is replaced when a new request head has been parsed; if it is
+            # still the same one at the deadline, no request arrived in time.
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(timeout_s, self._head_deadline, self.cycle)
+
+        def _head_deadline(self, cycle: Any) -> None:
+            self._head_timer = None
+            # Still the same cycle, and it is not a request being served (pipelined ones too).
+            idle = cycle is None or cycle.response_complete
+            if self.cycle is cycle and idle and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            super().connection_lost(exc)
+
+    return DeadlineProtocol
