@@ -115,7 +115,9 @@ for _view in queries.VIEWS:
     _route(_view)
 
 
-_ASSETS = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+_ASSETS = {
+    "app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8", "favicon.svg": "image/svg+xml",
+}
 #: Everything the page needs is its own script and style; it talks only to this origin.
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self';"
