@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from metrics_service.errors import InvalidPayload
@@ -72,7 +72,7 @@ def _invalid(field_name: str, rule: str, message: str) -> InvalidPayload:
 
 
 def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def parse_time(name: str, text: str, now_ms: int) -> int:
@@ -95,7 +95,7 @@ def parse_time(name: str, text: str, now_ms: int) -> int:
 def _iso_ms(text: str) -> int:
     parsed = datetime.fromisoformat(text)
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return int(parsed.timestamp() * 1000)
 
 
@@ -287,7 +287,7 @@ def summary(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
         auth: dict[str, Any] | None = None
         users: int | None = None
         if set(p.filters) <= set(FILTERS["auth_request"]):
-            acube, afolded, _ = _grouped(conn, p, "auth_request", ())
+            _, afolded, _ = _grouped(conn, p, "auth_request", ())
             ast, afail = afolded.get((0,), (None, 0.0))
             _, ufolded, _ = _grouped(conn, p, "auth_request", ("user_hash",))
             users = sum(1 for k, (s, _) in ufolded.items() if k[1] != "" and s[1] > 0)
