@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
@@ -145,6 +146,10 @@ def _bulk_works() -> bool:
     except Exception:
         log.exception("bulk histogram self-test failed")
         return False
+
+
+#: The longest that histogram values wait for the SDK when no reader collects.
+HAND_OVER_S = 1.0
 
 
 class _Hist:
@@ -302,9 +307,16 @@ class Telemetry:
                 meter.create_observable_counter(name, callbacks=[totals.observe], unit=unit, description=desc)
             else:
                 self.histograms[name] = meter.create_histogram(name, unit=unit, description=desc)
+        # Histogram measurements gathered since the last hand-over, per instrument; handed to the
+        # SDK when a reader collects (the first callback below: the SDK runs every asynchronous
+        # callback before it reads the synchronous instruments) or when they grow old or large.
+        self._pending: dict[str, _Hist] = {}
+        self._pending_groups_max = 4 * limit
+        self._pending_since = time.monotonic()
+        self._pending_lock = threading.Lock()
         meter.create_observable_gauge(
             "metrics_service_queue_depth",
-            callbacks=[lambda _o: [Observation(queue_depth())]],
+            callbacks=[self._hand_over_callback, lambda _o: [Observation(queue_depth())]],
             description="Metrics waiting for a commit",
         )
         meter.create_observable_gauge(
@@ -340,24 +352,43 @@ class Telemetry:
             totals.add((rejection.rule,), 1)
 
     def on_commit(self, batches: Sequence[Batch], size: int, elapsed_s: float) -> None:
-        hists: dict[str, _Hist] = {}
-
-        def hist(name: str) -> _Hist:
-            h = hists.get(name)
-            if h is None:
-                h = hists[name] = _Hist(INSTRUMENTS[name][3], not self.bulk)
-            return h
-
+        """Account a commit: counters at once; histogram values into the pending groups, which
+        reach the SDK once per collection (or every ``HAND_OVER_S``), not once per commit."""
         accepted = self.totals["metrics_service_metrics_accepted"]
-        for batch in batches:
-            for kind, rows in batch.rows.items():
-                accepted.add((kind,), len(rows))
-                record = _RECORDERS.get(kind)
-                if record is not None:
-                    record(self, rows, hist)
-        hist("metrics_service_commit_batch_metrics").add((), size)
-        hist("metrics_service_commit_duration_seconds").add((), elapsed_s)
-        self._flush(hists)
+        with self._pending_lock:
+            hists = self._pending
+
+            def hist(name: str) -> _Hist:
+                h = hists.get(name)
+                if h is None:
+                    h = hists[name] = _Hist(INSTRUMENTS[name][3], not self.bulk)
+                return h
+
+            for batch in batches:
+                for kind, rows in batch.rows.items():
+                    accepted.add((kind,), len(rows))
+                    record = _RECORDERS.get(kind)
+                    if record is not None:
+                        record(self, rows, hist)
+            hist("metrics_service_commit_batch_metrics").add((), size)
+            hist("metrics_service_commit_duration_seconds").add((), elapsed_s)
+            due = (
+                time.monotonic() - self._pending_since > HAND_OVER_S
+                or sum(len(h.groups) for h in hists.values()) > self._pending_groups_max
+            )
+        if due:
+            self.hand_over()
+
+    def hand_over(self) -> None:
+        """Record the pending histogram groups in the SDK (one bulk measurement per label set)."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+            self._pending_since = time.monotonic()
+        self._flush(pending)
+
+    def _hand_over_callback(self, _options: CallbackOptions) -> Iterable[Observation]:
+        self.hand_over()
+        return ()
 
     def _flush(self, hists: dict[str, _Hist]) -> None:
         for name, acc in hists.items():

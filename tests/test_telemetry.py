@@ -110,3 +110,44 @@ def test_label_sets_beyond_the_cap_go_to_one_overflow_series(app_client: TestCli
     assert sum(executions.values()) == 200
     durations = s["mcp_tool_execution_duration_seconds_count"]
     assert len(durations) == 21 and sum(durations.values()) == 200
+
+
+def test_histogram_values_reach_the_sdk_at_collection_and_never_pile_up(tmp_path: Path) -> None:
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from metrics_service.telemetry import Telemetry
+    from metrics_service.validation import Validator
+
+    reader = InMemoryMetricReader()
+    settings = Settings(db_path=tmp_path / "m.db", otel_prometheus_enabled=False, otel_cardinality_limit=10)
+    telemetry = Telemetry(settings, extra_readers=[reader])
+    validator = Validator(settings)
+
+    def commit(tools: list[str]) -> None:
+        batch = validator.decode(httpx.Request("POST", "/", json=payload(metrics=[tool_event(t) for t in tools])).content)
+        telemetry.on_commit([batch], batch.accepted, 0.001)
+
+    def durations() -> dict[str, int]:
+        data = reader.get_metrics_data()
+        assert data is not None
+        points = [
+            p
+            for m in data.resource_metrics[0].scope_metrics[0].metrics
+            if m.name == "mcp_tool_execution_duration_seconds"
+            for p in m.data.data_points
+        ]
+        return {str(p.attributes.get("tool_name")): p.count for p in points}
+
+    try:
+        commit(["search"] * 3)
+        assert telemetry._pending, "values wait for a collection instead of one SDK call per commit"
+        assert durations() == {"search": 3}  # the collection takes them in
+        assert not telemetry._pending
+        # 50 label sets for a cap of 10: handed over at once, so memory stays bounded without
+        # any reader collecting; the SDK folds the excess into its overflow series.
+        commit([f"tool-{i}" for i in range(50)])
+        assert not telemetry._pending
+        counts = durations()
+        assert sum(counts.values()) == 53 and len(counts) <= 11
+    finally:
+        telemetry.shutdown()
