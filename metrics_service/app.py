@@ -99,6 +99,8 @@ class RequestIdMiddleware:
             (b"x-request-id", rid.encode()),
             (b"x-content-type-options", b"nosniff"),
             (b"cache-control", b"no-store"),
+            (b"x-frame-options", b"DENY"),
+            (b"referrer-policy", b"no-referrer"),
         ]
 
         ingest = scope["path"] == "/metrics" and scope["method"] == "POST"

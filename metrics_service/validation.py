@@ -190,7 +190,7 @@ class Validator:
             envelope = self._decode_loose(body)
             items = envelope.metrics
             fast = False
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # invalid UTF-8 in a string
             raise BadRequest(f"request body is not valid JSON: {exc}") from None
         except RecursionError:
             raise BadRequest("request body is nested too deeply") from None
@@ -216,7 +216,7 @@ class Validator:
                 "the request body is invalid",
                 details=[{"field": path or "$", "rule": rule, "message": message}],
             ) from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # invalid UTF-8 in a string
             raise BadRequest(f"request body is not valid JSON: {exc}") from None
         except RecursionError:
             raise BadRequest("request body is nested too deeply") from None
@@ -240,7 +240,7 @@ class Validator:
                 table, row = self._row(item, head, received_ms, oldest_s, newest_s)
             except _Reject as rej:
                 batch.rejections.append(
-                    Rejection(index, f"metrics[{index}].{rej.field}", rej.rule, rej.message)
+                    Rejection(index, f"metrics[{index}].{rej.field}".rstrip("."), rej.rule, rej.message)
                 )
                 continue
             bucket = rows.get(table)

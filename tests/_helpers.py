@@ -94,6 +94,7 @@ class ServiceProcess:
     log_path: Path
     port: int = field(default_factory=free_port)
     args: list[str] = field(default_factory=list)
+    unset_env: list[str] = field(default_factory=list)  # variables to leave out (defaults apply)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -109,6 +110,8 @@ class ServiceProcess:
             "OTEL_PROMETHEUS_PORT": "0",
             **self.env,
         }
+        for name in self.unset_env:
+            env.pop(name, None)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "metrics_service", "serve", *self.args], env=env, stdout=log, stderr=log, cwd=self.db_path.parent

@@ -1,0 +1,392 @@
+"""Security: SQL injection on every parameter that reaches SQL, key guessing and key scope, keys
+never in plain text (log, responses, database file), security headers, CORS off, admin off,
+loopback by default.
+
+Already covered elsewhere: injection on admin table names, key ids and key services and in
+ingest values (tests/test_admin.py); failed-auth throttling of a burst (tests/test_ratelimit.py);
+label cardinality (tests/test_telemetry_cardinality.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sqlite3
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from metrics_service import Settings, create_app
+from metrics_service.auth import hash_key
+from tests._helpers import ADMIN_KEY, INGEST_KEY, ServiceProcess, db_rows, payload
+from tests._traffic import auth, discovery, protocol, tool
+from tests.test_admin import INJECTIONS
+
+H = {"X-API-Key": INGEST_KEY}
+ADMIN = {"X-API-Key": ADMIN_KEY}
+MORE_INJECTIONS = [
+    *INJECTIONS,
+    "x' UNION SELECT key_hash, key_hash, key_hash FROM api_keys --",
+    "' || (SELECT key_hash FROM api_keys LIMIT 1) || '",
+    "1) OR (1=1",
+    "%",
+    "_",
+    "\\",
+    "x\x00y",
+    "'; ATTACH DATABASE '/tmp/pwn.db' AS pwn; --",
+]
+FILTERS = ("service", "server", "tool", "client", "tenant")
+
+
+def _snapshot(db: Path) -> dict[str, Any]:
+    """What an injection could change: the schema, the row counts, the keys."""
+    tables = [
+        name for (name,) in db_rows(db, "SELECT name FROM sqlite_master WHERE type = 'table'")
+    ]
+    return {
+        "schema": db_rows(db, "SELECT type, name, sql FROM sqlite_master ORDER BY name"),
+        "rows": {t: db_rows(db, f'SELECT count(*) FROM "{t}"')[0][0] for t in tables},
+        "keys": db_rows(db, "SELECT id, key_hash, revoked_at FROM api_keys ORDER BY id"),
+        "policies": db_rows(db, "SELECT * FROM retention_policies ORDER BY table_name"),
+    }
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """The suite's settings, with a rate limit the injection matrix cannot reach."""
+    return Settings(
+        db_path=tmp_path / "m.db", admin_api_key=ADMIN_KEY, rate_limit_per_min=1_000_000
+    )
+
+
+@pytest.fixture
+def seeded(client: TestClient, settings: Settings) -> TestClient:
+    metrics = [
+        auth(),
+        auth(False, "oauth"),
+        tool("search"),
+        tool("fetch", client="cursor"),
+        discovery(),
+        protocol(),
+    ]
+    r = client.post("/metrics", json=payload(metrics=metrics), headers=H)
+    assert r.status_code == 200 and r.json()["accepted"] == len(metrics)
+    return client
+
+
+def _analytics_routes(schema: dict[str, Any]) -> dict[str, list[str]]:
+    return {
+        path: [p["name"] for p in ops["get"].get("parameters", []) if p["in"] == "query"]
+        for path, ops in schema["paths"].items()
+        if path.startswith("/analytics/") and "get" in ops
+    }
+
+
+def test_sql_injection_in_every_query_parameter_changes_nothing_and_leaks_nothing(
+    seeded: TestClient, settings: Settings
+) -> None:
+    """Every query parameter of every analytics view, from the service's own OpenAPI schema,
+    with each injection: 200 or 422, never a 5xx; a filter that is an injection matches
+    nothing (as any unknown value would); no key hash comes back; the database is unchanged."""
+    client = seeded
+    routes = _analytics_routes(client.get("/openapi.json").json())
+    hashes = [h for (h,) in db_rows(settings.db_path, "SELECT key_hash FROM api_keys")]
+    before = _snapshot(settings.db_path)
+    window = {"since": str(int(time.time()) - 3600), "until": str(int(time.time()) + 60)}
+    tried = Counter[int]()
+    for path, names in routes.items():
+        for name in names:
+            baseline = None
+            if name in FILTERS:
+                baseline = client.get(path, params={**window, name: "no-such-value"}, headers=ADMIN)
+                assert baseline.status_code in (200, 422), (path, baseline.text)
+            for value in MORE_INJECTIONS:
+                r = client.get(path, params={**window, name: value}, headers=ADMIN)
+                tried[r.status_code] += 1
+                assert r.status_code in (200, 422), (path, name, value, r.status_code, r.text[:300])
+                assert not any(h in r.text for h in hashes)
+                if (
+                    baseline is not None and baseline.status_code == 422
+                ):  # a filter this view has not
+                    assert r.status_code == 422
+                elif r.status_code == 200 and baseline is not None:
+                    assert _without(r.json(), value) == _without(
+                        baseline.json(), "no-such-value"
+                    ), (path, name, value)
+    assert len(routes) >= 5 and tried[200] > 0 and tried[422] > 0, (routes, tried)
+    assert _snapshot(settings.db_path) == before
+
+
+def _without(body: Any, value: str) -> Any:
+    """The body with the filter's echo (any string equal to ``value``) taken out."""
+    if isinstance(body, dict):
+        return {k: _without(v, value) for k, v in body.items()}
+    if isinstance(body, list):
+        return [_without(v, value) for v in body]
+    return "<value>" if body == value else body
+
+
+def test_sql_injection_in_admin_bodies_and_the_key_header(
+    client: TestClient, settings: Settings
+) -> None:
+    before = _snapshot(settings.db_path)
+    for value in MORE_INJECTIONS:
+        # As a key: looked up by hash in memory, never in SQL.
+        assert client.get(
+            "/admin/keys", headers={"X-API-Key": value.replace("\x00", "")}
+        ).status_code in (401, 429)
+        # Where a string is free text it is stored verbatim; where it must be a number or a
+        # choice it is refused.
+        r = client.post("/admin/keys", json={"service": "svc", "description": value}, headers=ADMIN)
+        assert r.status_code == 201 and r.json()["description"] == value
+        for body in (
+            {"service": "svc", "role": value},
+            {"service": "svc", "rate_limit_per_min": value},
+        ):
+            assert client.post("/admin/keys", json=body, headers=ADMIN).status_code == 422
+        r = client.put(
+            "/admin/retention/policies/custom_metrics",
+            json={"retention_days": value},
+            headers=ADMIN,
+        )
+        assert r.status_code == 422
+    descriptions = {
+        d for (d,) in db_rows(settings.db_path, "SELECT description FROM api_keys") if d
+    }
+    assert descriptions == set(MORE_INJECTIONS)
+    after = _snapshot(settings.db_path)
+    assert after["schema"] == before["schema"] and after["policies"] == before["policies"]
+    assert after["keys"][: len(before["keys"])] == before["keys"]
+    # The ingest values that become typed columns are data too.
+    evil = MORE_INJECTIONS[1]
+    metrics = [
+        tool(evil, server=evil, client=evil, session_id=evil),
+        auth(method=evil, server=evil, user_hash=evil),
+    ]
+    r = client.post(
+        "/metrics", json=payload(metrics=metrics, instance_id=evil, version=evil[:64]), headers=H
+    )
+    assert r.status_code == 200 and r.json()["accepted"] == 2
+    assert db_rows(
+        settings.db_path,
+        "SELECT tool_name, server_name, client_name, instance_id FROM tool_metrics",
+    ) == [(evil, evil, evil, evil)]
+    assert db_rows(settings.db_path, "SELECT method, server, user_hash FROM auth_metrics") == [
+        (evil, evil, evil)
+    ]
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+def test_every_admin_and_analytics_endpoint_refuses_the_wrong_role(client: TestClient) -> None:
+    """From the OpenAPI schema: an ingest key gets 403 on every admin and analytics operation,
+    a viewer key on every admin operation and on ingest, the admin key on ingest."""
+    viewer = client.post("/admin/keys", json={"role": "viewer"}, headers=ADMIN).json()["key"]
+    schema = client.get("/openapi.json").json()
+    operations = [
+        (method.upper(), re.sub(r"\{[^}]+\}", "1", path))
+        for path, ops in schema["paths"].items()
+        for method in ops
+        if path.startswith(("/admin/", "/analytics/"))
+    ]
+    assert len(operations) >= 12
+    for method, path in operations:
+        r = client.request(method, path, headers=H, json={})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", (
+            method,
+            path,
+            r.text,
+        )
+        if path.startswith("/admin/"):
+            assert (
+                client.request(method, path, headers={"X-API-Key": viewer}, json={}).status_code
+                == 403
+            )
+        assert client.request(method, path, json={}).status_code == 401
+    assert client.post("/metrics", json=payload(), headers={"X-API-Key": viewer}).status_code == 403
+    assert client.post("/metrics", json=payload(), headers=ADMIN).status_code == 403
+    # And an ingest key reports only for its own service.
+    assert client.post("/metrics", json=payload(service="other"), headers=H).status_code == 403
+
+
+async def _burst(url: str, n: int, key: str, local_address: str) -> Counter[int]:
+    transport = httpx.AsyncHTTPTransport(local_address=local_address)
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=url, timeout=30, transport=transport, limits=limits) as c:
+        await asyncio.gather(*(c.get("/health") for _ in range(8)))
+        responses = await asyncio.gather(
+            *(c.post("/metrics", json=payload(), headers={"X-API-Key": key}) for _ in range(n))
+        )
+    return Counter(r.status_code for r in responses)
+
+
+def test_key_guessing_burst_is_throttled_for_that_address_only(service: ServiceProcess) -> None:
+    service.env["METRICS_AUTH_FAILURE_LIMIT"] = "20"
+    service.start()
+    guesses = asyncio.run(_burst(service.url, 300, "mcpm_" + "A" * 43, "127.0.0.1"))
+    assert guesses == {401: 20, 429: 280}
+    # Even the right key is refused from the guessing address; from another one it works.
+    assert asyncio.run(_burst(service.url, 1, INGEST_KEY, "127.0.0.1")) == {429: 1}
+    assert asyncio.run(_burst(service.url, 5, INGEST_KEY, "127.0.0.2")) == {200: 5}
+    assert db_rows(service.db_path, "SELECT count(*) FROM custom_metrics") == [(5,)]
+
+
+def _secret_parts(key: str) -> list[str]:
+    """The key, and its secret part past the prefix that listings show."""
+    return [key, key[11:]]
+
+
+def test_keys_never_appear_in_plain_text_in_logs_responses_or_the_database(
+    service: ServiceProcess, tmp_path: Path
+) -> None:
+    wrong = "mcpm_" + "Zx9" * 14
+    service.env.update(METRICS_LOG_LEVEL="debug", METRICS_KEY_RELOAD_INTERVAL_S="0.2")
+    service.start()
+    seen: list[str] = []  # every response the service sent, but the one that shows a new key
+
+    def record(r: httpx.Response) -> httpx.Response:
+        seen.append(f"{r.status_code} {r.headers} {r.text}")
+        return r
+
+    with httpx.Client(base_url=service.url, timeout=10) as c:
+        created = c.post(
+            "/admin/keys", json={"service": "svc", "description": "rotating"}, headers=ADMIN
+        )
+        assert created.status_code == 201
+        new_key, new_id = created.json()["key"], created.json()["id"]
+        viewer = c.post("/admin/keys", json={"role": "viewer"}, headers=ADMIN).json()["key"]
+        record(c.get("/admin/keys", headers=ADMIN))
+        for key in (INGEST_KEY, new_key):
+            assert (
+                record(
+                    c.post("/metrics", json=payload(metrics=[tool()]), headers={"X-API-Key": key})
+                ).status_code
+                == 200
+            )
+            assert (
+                record(
+                    c.post("/metrics", json=payload(service="other"), headers={"X-API-Key": key})
+                ).status_code
+                == 403
+            )
+            assert record(c.get("/admin/db/stats", headers={"X-API-Key": key})).status_code == 403
+            assert record(c.get("/rate-limit", headers={"X-API-Key": key})).status_code == 200
+        assert record(c.get("/analytics/summary", headers={"X-API-Key": viewer})).status_code == 200
+        assert (
+            record(c.post("/metrics", json=payload(), headers={"X-API-Key": wrong})).status_code
+            == 401
+        )
+        assert (
+            record(c.post("/metrics", json=payload(), headers={"X-API-Key": viewer})).status_code
+            == 403
+        )
+        # Revoked: refused from the very next request.
+        assert record(c.delete(f"/admin/keys/{new_id}", headers=ADMIN)).status_code == 200
+        assert (
+            record(c.post("/metrics", json=payload(), headers={"X-API-Key": new_key})).status_code
+            == 401
+        )
+        record(c.get("/openapi.json"))
+        scrape_port = re.search(r"Prometheus endpoint on http://127.0.0.1:(\d+)", service.log())
+        assert scrape_port is not None
+        record(httpx.get(f"http://127.0.0.1:{scrape_port.group(1)}/metrics"))
+        files_running = b"".join(p.read_bytes() for p in service.db_path.parent.glob("m.db*"))
+    service.signal(signal.SIGTERM)
+    assert service.wait() == 0
+    files_stopped = b"".join(p.read_bytes() for p in service.db_path.parent.glob("m.db*"))
+    log = service.log()
+    assert "key" in log and "revoked" in log  # the log is there and talks about keys
+
+    for key in (INGEST_KEY, ADMIN_KEY, new_key, viewer, wrong):
+        for part in _secret_parts(key):
+            assert part not in log, f"a key in the log: {part[:8]}…"
+            assert not any(part in text for text in seen), f"a key in a response: {part[:8]}…"
+            assert part.encode() not in files_running and part.encode() not in files_stopped
+    # The database holds the hashes (so the files grepped are the right ones), never the keys.
+    for key in (INGEST_KEY, ADMIN_KEY, new_key, viewer):
+        assert hash_key(key).encode() in files_running + files_stopped
+    assert db_rows(
+        service.db_path, "SELECT count(*) FROM api_keys WHERE revoked_at IS NOT NULL"
+    ) == [(1,)]
+
+
+# -- headers, CORS, admin switch, bind address ------------------------------------------------
+
+
+def test_security_headers_and_no_cors(client: TestClient) -> None:
+    evil = {"Origin": "https://evil.example"}
+    responses = [
+        client.get("/health", headers=evil),
+        client.get("/admin/keys", headers={**evil, **ADMIN}),
+        client.post("/metrics", json=payload(), headers={**evil, **H}),
+        client.post(
+            "/metrics", content=b"{", headers={**evil, **H, "Content-Type": "application/json"}
+        ),
+        client.get("/nope", headers=evil),
+        client.get("/docs", headers=evil),
+    ]
+    preflight = client.options(
+        "/metrics",
+        headers={
+            **evil,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key",
+        },
+    )
+    for r in [*responses, preflight]:
+        assert r.headers["x-content-type-options"] == "nosniff", r.request.url
+        assert r.headers["cache-control"] == "no-store"
+        assert r.headers["x-frame-options"] == "DENY"
+        assert r.headers["referrer-policy"] == "no-referrer"
+        assert not any(h.lower().startswith("access-control-") for h in r.headers), r.headers
+        assert "server" not in r.headers or "uvicorn" not in r.headers["server"].lower()
+    # A preflight is not answered: browsers on other origins cannot call the API.
+    assert preflight.status_code in (404, 405)
+
+
+def test_admin_endpoints_can_be_switched_off_entirely(tmp_path: Path, keyed_env: None) -> None:
+    on = create_app(Settings(db_path=tmp_path / "on.db", admin_api_key=ADMIN_KEY))
+    admin_paths = [p for p in on.openapi()["paths"] if p.startswith("/admin")]
+    assert len(admin_paths) >= 5
+    off = Settings(db_path=tmp_path / "off.db", admin_api_key=ADMIN_KEY, admin_enabled=False)
+    with TestClient(create_app(off)) as c:
+        assert not [p for p in c.get("/openapi.json").json()["paths"] if p.startswith("/admin")]
+        for path in admin_paths:
+            for method in ("GET", "POST", "PUT", "DELETE"):
+                r = c.request(
+                    method, re.sub(r"\{[^}]+\}", "custom_metrics", path), headers=ADMIN, json={}
+                )
+                assert r.status_code in (404, 405), (method, path, r.status_code)
+        assert c.get("/health").status_code == 200
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) of the sockets listening on ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port_hex = fields[1].rsplit(":", 1)
+            if int(port_hex, 16) == port and fields[3] == "0A":  # TCP_LISTEN
+                found.append(address)
+    return found
+
+
+def test_binds_to_loopback_by_default(service: ServiceProcess) -> None:
+    assert Settings().host == "127.0.0.1" and Settings().otel_prometheus_host == "127.0.0.1"
+    service.unset_env = ["METRICS_SERVICE_HOST"]
+    service.env["METRICS_SERVICE_PORT"] = str(service.port)
+    service.start()
+    match = re.search(r"Prometheus endpoint on http://127.0.0.1:(\d+)", service.log())
+    assert match is not None
+    for port in (service.port, int(match.group(1))):
+        assert _listening(port) == ["0100007F"], (port, _listening(port))  # 127.0.0.1 only
+    with sqlite3.connect(service.db_path) as conn:
+        assert conn.execute("SELECT count(*) FROM api_keys").fetchone()[0] >= 1
