@@ -252,14 +252,18 @@ class Validator:
     def _row(
         self, m: Any, head: tuple[Any, ...], received_ms: int, oldest_s: float, newest_s: float
     ) -> tuple[str, tuple[Any, ...]]:
+        # The hot loop of ingest, run once per metric: one lookup for everything about the
+        # type, the dimensions present visited once (usually fewer than the columns), the
+        # common kinds checked inline; ``_typed`` raises the precise rejection.
         kind = m.type
-        spec = DIMENSIONS.get(kind)
-        if spec is None:
+        shape = _SHAPES.get(kind)
+        if shape is None:
             raise _Reject("type", "enum", "must be one of " + ", ".join(METRIC_TYPES))
+        positions, width, required = shape
         ts = m.timestamp
         if ts is None:
             ts_s = received_ms / 1000
-        elif isinstance(ts, str):
+        elif ts.__class__ is str:
             ts_s = _parse_iso(ts)
         else:
             ts_s = float(ts)
@@ -269,23 +273,39 @@ class Validator:
             raise _Reject("timestamp", "older_than_retention", "is older than the retention period")
         value = m.value
         duration = m.duration_ms
-        if kind != "custom" and value < 0:
+        if value < 0 and kind != "custom":
             raise _Reject("value", "ge", "must be >= 0 for this metric type")
-        if kind == "protocol_latency" and duration is None:
+        if duration is None and kind == "protocol_latency":
             if value > MAX_DURATION_MS:
                 raise _Reject("value", "le", f"a latency must be <= {MAX_DURATION_MS:.0f} ms")
             duration = value
             value = 1.0
-        typed = _dimension_columns(kind, m.dimensions)
-        if typed.__class__ is tuple:  # (columns, extra dimensions)
-            typed, extra = typed
-            extra_json = self._encode(extra).decode()
-        else:
-            extra_json = None
-        for name, pos in _REQUIRED_POSITIONS[kind]:
-            if typed[pos] is None:
+        columns: list[Any] = [None] * width
+        extra = None
+        for name, v in m.dimensions.items():
+            found = positions.get(name)
+            if found is None:
+                if extra is None:
+                    extra = {}
+                extra[name] = v
+            elif v is not None:
+                pos, k = found
+                cls = v.__class__
+                if k == "str":
+                    if cls is not str:
+                        _typed(v, name, k)
+                    columns[pos] = v
+                elif k == "bool" and cls is bool:
+                    columns[pos] = 1 if v else 0
+                elif k == "count" and cls is int and 0 <= v <= _MAX_COUNT:
+                    columns[pos] = v
+                else:
+                    columns[pos] = _typed(v, name, k)
+        for name, pos in required:
+            if columns[pos] is None:
                 raise _Reject(f"dimensions.{name}", "required", f"is required for {kind}")
-        if kind == "tool_execution" and typed[_TOOL_METHOD] == "tools/call" and not typed[_TOOL_NAME]:
+        tool = kind == "tool_execution"
+        if tool and columns[_TOOL_METHOD] == "tools/call" and not columns[_TOOL_NAME]:
             raise _Reject("dimensions.tool_name", "required", "is required when method is tools/call")
         meta = m.metadata
         if meta:
@@ -296,48 +316,29 @@ class Validator:
                 )
         else:
             meta_json = None
-        if kind == "tool_execution":
+        if tool:
             if meta:
-                typed += [_typed(meta.get(name), name, kind_, "metadata") for name, kind_ in METADATA_COLUMNS]
+                columns += [_typed(meta.get(name), name, k, "metadata") for name, k in METADATA_COLUMNS]
             else:
-                typed += _NO_METADATA
-        return kind, (int(ts_s * 1000), received_ms, *head, value, duration, *typed, extra_json, meta_json)
+                columns += _NO_METADATA
+        return kind, (
+            int(ts_s * 1000), received_ms, *head, value, duration, *columns,
+            None if extra is None else self._encode(extra).decode(), meta_json,
+        )
 
 
-#: metric type -> {dimension: (column position, kind)}.
-_POSITIONS = {kind: {name: (i, k) for i, (name, k) in enumerate(spec)} for kind, spec in DIMENSIONS.items()}
-_REQUIRED_POSITIONS = {kind: [(name, _POSITIONS[kind][name][0]) for name in names] for kind, names in REQUIRED.items()}
-_TOOL_METHOD = _POSITIONS["tool_execution"]["method"][0]
-_TOOL_NAME = _POSITIONS["tool_execution"]["tool_name"][0]
+#: metric type -> ({dimension: (column position, kind)}, number of columns, required (name, position)).
+_SHAPES = {
+    kind: (
+        {name: (i, k) for i, (name, k) in enumerate(spec)},
+        len(spec),
+        [(name, [n for n, _ in spec].index(name)) for name in REQUIRED[kind]],
+    )
+    for kind, spec in DIMENSIONS.items()
+}
+_TOOL_METHOD = _SHAPES["tool_execution"][0]["method"][0]
+_TOOL_NAME = _SHAPES["tool_execution"][0]["tool_name"][0]
 _NO_METADATA = [None] * len(METADATA_COLUMNS)
-
-
-def _dimension_columns(kind: str, dims: dict[str, Any]) -> Any:
-    """The typed columns of ``kind`` from ``dims`` (a list, None where absent), or, if ``dims``
-    has names that are not columns, ``(columns, those extra dimensions)``.
-
-    The hot loop of validation: it visits the dimensions present (usually fewer than the
-    columns) and checks the common kinds inline; ``_typed`` raises the precise rejection."""
-    positions = _POSITIONS[kind]
-    columns: list[Any] = [None] * len(positions)
-    extra = None
-    for name, value in dims.items():
-        found = positions.get(name)
-        if found is None:
-            if extra is None:
-                extra = {}
-            extra[name] = value
-            continue
-        if value is None:
-            continue
-        pos, k = found
-        if k == "str" and value.__class__ is str:
-            columns[pos] = value
-        elif k == "bool" and (value is True or value is False):
-            columns[pos] = int(value)
-        else:
-            columns[pos] = _typed(value, name, k)
-    return columns if extra is None else (columns, extra)
 
 
 def _typed(value: Any, name: str, kind: str, where: str = "dimensions") -> Any:
