@@ -10,7 +10,7 @@ import sqlite3
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -137,7 +137,16 @@ async def admin_principal(request: Request, x_api_key: APIKey = None) -> auth.Pr
 
 Admin = Annotated[auth.Principal, Depends(admin_principal)]
 router = APIRouter()
-admin = APIRouter(prefix="/admin", tags=["admin"], responses=_ERRORS)
+admin = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    # The real error model for 422 too (FastAPI would declare its own, which we never send).
+    responses={
+        **_ERRORS,
+        404: {"model": ErrorResponse, "description": "No such table or key id."},
+        422: {"model": ErrorResponse, "description": "A parameter or the body is invalid (field and rule in details)."},
+    },
+)
 
 
 class ClientGone(Exception):
@@ -269,7 +278,7 @@ async def health() -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get("/ready", tags=["health"])
+@router.get("/ready", tags=["health"], responses={503: {"description": "Not ready; the same body names the failing check."}})
 async def ready(request: Request) -> Response:
     """Ready: the database is writable and the writer is running."""
     checks = await state(request).readiness()
@@ -348,7 +357,9 @@ async def create_key(request: Request, body: KeyCreate, _: Admin) -> Response:
 
 
 @admin.delete("/keys/{key_id}", response_model=KeyInfo)
-async def revoke_key(request: Request, key_id: int, _: Admin) -> Response:
+async def revoke_key(
+    request: Request, key_id: Annotated[int, Path(ge=1, le=2**63 - 1, description="The key's id.")], _: Admin
+) -> Response:
     app = state(request)
     record = await app.writer.run(lambda c: storage.revoke_key(c, key_id))
     if record is None:
