@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,21 @@ TOOLS = ("search", "read_file", "write_file", "fetch", "weather")
 RSS_SLOPE_MAX_MIB_PER_MIN = 0.5
 FD_GROWTH_MAX = 4
 WAL_GROWTH_MAX_BYTES = 2**20
+
+
+#: The printed table: title, width, cell.
+COLUMNS: list[tuple[str, int, Callable[[dict[str, Any]], str]]] = [
+    ("t_s", 6, lambda r: f"{r['t_s']:.0f}"),
+    ("req/s", 7, lambda r: f"{r['requests_per_s']:.1f}"),
+    ("rss_MiB", 8, lambda r: f"{r['rss_kib'] / 1024:.1f}"),
+    ("fds", 4, lambda r: str(r["fds"])),
+    ("wal_KiB", 8, lambda r: f"{r['wal_bytes'] / 1024:.0f}"),
+    ("db_MiB", 7, lambda r: f"{r['db_bytes'] / 2**20:.1f}"),
+    ("scrape_KiB", 10, lambda r: f"{r['scrape_bytes'] / 1024:.1f}"),
+    ("p50_ms", 7, lambda r: f"{r['p50_ms']:.2f}"),
+    ("p99_ms", 7, lambda r: f"{r['p99_ms']:.2f}"),
+    ("non2xx", 6, lambda r: str(r["non_2xx"])),
+]
 
 
 def free_port() -> int:
@@ -267,8 +283,7 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     wal = workdir / "soak.db-wal"
     traffic = Traffic(args.rate, args.batch)
     samples: list[dict[str, Any]] = []
-    header = f"{'t_s':>6} {'req/s':>7} {'rss_MiB':>8} {'fds':>4} {'wal_KiB':>8} {'db_MiB':>7} {'scrape_KiB':>10} {'p50_ms':>7} {'p99_ms':>7} {'non2xx':>6}"
-    print(header, flush=True)
+    print(" ".join(f"{title:>{width}}" for title, width, _ in COLUMNS), flush=True)
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     try:
         async with (
@@ -309,12 +324,7 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 }
                 samples.append(row)
                 last = now
-                print(
-                    f"{row['t_s']:>6.0f} {row['requests_per_s']:>7.1f} {row['rss_kib'] / 1024:>8.1f} {row['fds']:>4}"
-                    f" {row['wal_bytes'] / 1024:>8.0f} {row['db_bytes'] / 2**20:>7.1f} {scrape / 1024:>10.1f}"
-                    f" {row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f} {row['non_2xx']:>6}",
-                    flush=True,
-                )
+                print(" ".join(f"{cell(row):>{width}}" for _, width, cell in COLUMNS), flush=True)
             await runner
     finally:
         proc.send_signal(signal.SIGTERM)
