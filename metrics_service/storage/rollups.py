@@ -86,7 +86,9 @@ class Cube:
 _TOOL_SUMS = ("input_tokens", "output_tokens")
 CUBES: tuple[Cube, ...] = (
     Cube("tools", "tool_execution", ("service", "server_name", "method", "tool_name", "success"), _TOOL_SUMS, ("duration_ms",)),
-    Cube("clients", "tool_execution", ("service", "server_name", "client_name", "agent_id", "success"), _TOOL_SUMS, ("duration_ms",)),
+    Cube("clients", "tool_execution", ("service", "server_name", "client_name", "success"), _TOOL_SUMS, ("duration_ms",)),
+    # An agent belongs to a tenant: keyed together they stay few.
+    Cube("agents", "tool_execution", ("service", "agent_id", "tenant_id", "success"), _TOOL_SUMS, ("duration_ms",)),
     Cube("tenants", "tool_execution", ("service", "server_name", "tool_name", "tenant_id", "success"), _TOOL_SUMS, ("duration_ms",)),
     Cube("auth", "auth_request", ("service", "server", "method", "success"), (), ("duration_ms",)),
     # One row per user and hour would be about as many as raw rows: days only, by compaction.
@@ -129,10 +131,12 @@ def _create_sql(cube: Cube, level: str) -> str:
     )
 
 
-def _from_raw_sql(cube: Cube, level: str, where: str) -> str:
-    """Aggregate raw rows (``where`` picks them) into ``cube``'s ``level`` table."""
-    width = LEVELS[level]
-    keys = [f"coalesce({d}, {-1 if d in _INT_DIMS else repr('')})" for d in cube.dims]
+def _keys_sql(dims: Iterable[str]) -> list[str]:
+    return [f"coalesce({d}, {-1 if d in _INT_DIMS else repr('')})" for d in dims]
+
+
+def _values_sql(cube: Cube) -> list[str]:
+    """SQL aggregates of raw rows into a state, in ``state_columns`` order."""
     values = ["count(*)", "total(value)", *(f"coalesce(sum({c}), 0)" for c in cube.sums)]
     for h in cube.hists:
         values += [f"count({h})", f"total({h})", f"min({h})", f"max({h})"]
@@ -144,6 +148,13 @@ def _from_raw_sql(cube: Cube, level: str, where: str) -> str:
             else:
                 test = f"{h} > {BOUNDS_MS[-1]!r}"
             values.append(f"count(CASE WHEN {test} THEN 1 END)")
+    return values
+
+
+def _from_raw_sql(cube: Cube, level: str, where: str) -> str:
+    """Aggregate raw rows (``where`` picks them) into ``cube``'s ``level`` table."""
+    width = LEVELS[level]
+    keys, values = _keys_sql(cube.dims), _values_sql(cube)
     return (
         f"INSERT INTO {cube.table(level)} (bucket, {', '.join(cube.dims)}, {', '.join(cube.state_columns)})"
         f" SELECT ts / {width} * {width}, {', '.join(keys)}, {', '.join(values)}"
@@ -165,7 +176,7 @@ def migration_v2() -> list[str]:
     for cube in CUBES:
         for level in cube.levels:
             statements.append(_create_sql(cube, level))
-            where = "1" if level == "hour" else f"ts < (SELECT until_ms FROM rollup_watermark WHERE name = 'day')"
+            where = "1" if level == "hour" else "ts < (SELECT until_ms FROM rollup_watermark WHERE name = 'day')"
             statements.append(_from_raw_sql(cube, level, where))
     return statements
 
@@ -449,10 +460,7 @@ def aggregate(conn: sqlite3.Connection, q: Query) -> tuple[Cube, dict[tuple[Any,
         segments = [("raw", q.since_ms, q.until_ms)]
     out: dict[tuple[Any, ...], list[Any]] = {}
     for level, lo, hi in segments:
-        if level == "raw":
-            _raw_segment(conn, shape, q, lo, hi, out)
-        else:
-            _rollup_segment(conn, shape, q, level, lo, hi, out)
+        _segment(conn, shape, q, level, lo, hi, out)
     for st in out.values():
         for i in shape.mins:
             if st[i] == math.inf:
@@ -465,63 +473,37 @@ def _filter_sql(filters: dict[str, str | int]) -> tuple[str, list[Any]]:
     return "".join(f" AND {column} = ?" for column in filters), list(filters.values())
 
 
-def _rollup_segment(
+def _segment(
     conn: sqlite3.Connection, shape: _Shape, q: Query, level: str, lo: int, hi: int,
     out: dict[tuple[Any, ...], list[Any]],
 ) -> None:
+    """Add the states of ``[lo, hi)`` from a rollup table, or from the raw rows (``level`` raw)
+    aggregated in SQL the same way, to ``out``."""
     cube = shape.cube
-    select = [f"bucket / {int(q.series_ms)} * {int(q.series_ms)}" if q.series_ms else "0", *q.group]
-    for c in cube.state_columns:
-        select.append(f"{'min' if c.endswith('_min') else 'max' if c.endswith('_max') else 'sum'}({c})")
+    if level == "raw":
+        table, time_col = RAW_TABLE[q.kind], "ts"
+        values = [*_keys_sql(q.group), *_values_sql(cube)]
+    else:
+        table, time_col = cube.table(level), "bucket"
+        values = [*q.group]
+        for c in cube.state_columns:
+            values.append(f"{'min' if c.endswith('_min') else 'max' if c.endswith('_max') else 'sum'}({c})")
+    t = f"{time_col} / {int(q.series_ms)} * {int(q.series_ms)}" if q.series_ms else "0"
     where, params = _filter_sql(q.filters)
-    group = f" GROUP BY {', '.join(str(i + 1) for i in range(1 + len(q.group)))}"
-    sql = f"SELECT {', '.join(select)} FROM {cube.table(level)} WHERE bucket >= ? AND bucket < ?{where}{group}"
     keylen = 1 + len(q.group)
+    sql = (
+        f"SELECT {t}, {', '.join(values)} FROM {table} WHERE {time_col} >= ? AND {time_col} < ?{where}"
+        f" GROUP BY {', '.join(str(i + 1) for i in range(keylen))}"
+    )
     for row in conn.execute(sql, (lo, hi, *params)):
         key = tuple(row[:keylen])
         st = list(row[keylen:])
+        for i in shape.mins:
+            if st[i] is None:
+                st[i], st[i + 1] = math.inf, -math.inf
         have = out.get(key)
         if have is None:
-            out[key] = _fresh(shape, st)
-        else:
-            shape.merge(have, st)
-
-
-def _fresh(shape: _Shape, st: list[Any]) -> list[Any]:
-    for i in shape.mins:
-        if st[i] is None:
-            st[i], st[i + 1] = math.inf, -math.inf
-    return st
-
-
-def _raw_select(kind: str) -> str:
-    positions = row_positions(kind)
-    cols = []
-    for name in positions:
-        cols.append("0" if name == "received_at" else "NULL" if name in ("service_version", "instance_id") else name)
-    return ", ".join(cols)
-
-
-_RAW_SELECT = {kind: _raw_select(kind) for kind in RAW_TABLE}
-
-
-def _raw_segment(
-    conn: sqlite3.Connection, shape: _Shape, q: Query, lo: int, hi: int, out: dict[tuple[Any, ...], list[Any]]
-) -> None:
-    where, params = _filter_sql(q.filters)
-    sql = f"SELECT {_RAW_SELECT[q.kind]} FROM {RAW_TABLE[q.kind]} WHERE ts >= ? AND ts < ?{where}"
-    acc: dict[tuple[Any, ...], list[Any]] = {}
-    shape.add_rows(conn.execute(sql, (lo, hi, *params)), q.series_ms or 2**62, acc)
-    at = [shape.dims.index(d) + 1 for d in q.group]
-    ints = {j for j, d in enumerate(q.group) if d in _INT_DIMS}
-    for key, st in acc.items():
-        group = tuple(
-            (-1 if j in ints else "") if key[i] is None else key[i] for j, i in enumerate(at)
-        )
-        k = (key[0] if q.series_ms else 0, *group)
-        have = out.get(k)
-        if have is None:
-            out[k] = st
+            out[key] = st
         else:
             shape.merge(have, st)
 
