@@ -3,6 +3,9 @@
     .venv/bin/python bench/ingest.py                       # the full matrix (about 6 minutes)
     .venv/bin/python bench/ingest.py --batch 100 --concurrency 16 --runs 3 --duration 8
     .venv/bin/python bench/ingest.py --prefill 10000000    # the same against a 10M-row database
+    .venv/bin/python bench/ingest.py --expired 2000000     # while retention deletes 2M old rows
+    .venv/bin/python bench/ingest.py --targets service --batch 100 --concurrency 16 --runs 1 \
+        --duration 600 --sample-every 10                  # memory over a 10-minute run
 
 For each batch size and concurrency, and for each of ``--runs`` rounds, the baseline
 (``bench/baseline_app.py``: FastAPI + the service's pydantic models, nothing stored) and the
@@ -13,6 +16,12 @@ metrics/s accepted, latency p50/p95/p99, responses by status, server CPU (share 
 peak RSS (VmHWM); for the service the rows in the database are counted after shutdown and compared
 with the metrics acknowledged (2xx). The table gives medians over the runs and the service/baseline
 ratio of those medians.
+
+``--prefill N`` copies a database already holding N events (7 days of history, built once with
+``bench/analytics.py``'s generator, rollups included) under every service run; ``--expired N``
+does the same with N events older than the retention period, so that the service's retention
+deletes them (in chunks, on the writer thread) while the load runs; ``--sample-every S`` records
+the server's RSS, open files and WAL size every S seconds.
 """
 
 from __future__ import annotations
@@ -119,12 +128,44 @@ class Server:
 
 # -- the load generator: keep-alive HTTP/1.1 connections on asyncio, parsed by hand ----------
 
+def sample(server: Server, db_path: Path | None) -> dict[str, float]:
+    """RSS (MB), open file descriptors and WAL size (MB) of the server now."""
+    rss = 0.0
+    for line in Path(f"/proc/{server.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) / 1024
+    wal = Path(f"{db_path}-wal") if db_path else None
+    return {
+        "rss_mb": rss,
+        "fds": len(os.listdir(f"/proc/{server.pid}/fd")),
+        "wal_mb": wal.stat().st_size / 2**20 if wal and wal.exists() else 0.0,
+    }
+
+
+async def sampler(server: Server, db_path: Path | None, every_s: float, out: list[dict[str, float]]) -> None:
+    while True:
+        out.append({"at": time.perf_counter(), **sample(server, db_path)})
+        await asyncio.sleep(every_s)
+
+
+def windows(samples: list[dict[str, float]], loads: tuple[Load, Load]) -> list[dict[str, float]]:
+    """The samples, each with the p99 latency of the responses since the previous one."""
+    done = [(t, ms) for load in loads for t, ms in zip(load.finished_at, load.latencies_ms, strict=True)]
+    out = []
+    for before, this in zip([{"at": 0.0}, *samples], samples, strict=False):
+        window = [ms for t, ms in done if before["at"] < t <= this["at"]]
+        row = {k: round(v, 2) for k, v in this.items() if k != "at"}
+        out.append({"t_s": round(this["at"] - samples[0]["at"], 1), **row, "p99_ms": round(percentile(window, 0.99), 1), "responses": len(window)})
+    return out
+
+
 @dataclass
 class Load:
     requests: int = 0
     accepted: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
+    finished_at: list[float] = field(default_factory=list)  # perf_counter() of each response
     errors: int = 0
     elapsed_s: float = 0.0
 
@@ -146,7 +187,9 @@ async def _connection(port: int, requests: list[bytes], stop_at: float, load: Lo
                 if line[:15].lower() == b"content-length:":
                     length = int(line[15:])
             body = await reader.readexactly(length)
-            load.latencies_ms.append((perf() - started) * 1000)
+            done = perf()
+            load.latencies_ms.append((done - started) * 1000)
+            load.finished_at.append(done)
             load.requests += 1
             load.statuses[status] += 1
             if 200 <= status < 300:
@@ -158,7 +201,8 @@ async def _connection(port: int, requests: list[bytes], stop_at: float, load: Lo
 
 
 async def drive(
-    port: int, payloads: list[bytes], concurrency: int, duration_s: float, warmup_s: float
+    port: int, payloads: list[bytes], concurrency: int, duration_s: float, warmup_s: float,
+    sample_on: tuple[Server, Path | None, float, list[dict[str, float]]] | None = None,
 ) -> tuple[Load, Load]:
     """Warm up for ``warmup_s``, then measure for ``duration_s``; the loads of both phases."""
     requests = [
@@ -167,6 +211,7 @@ async def drive(
         for p in payloads
     ]
     loads = []
+    sampling = asyncio.create_task(sampler(*sample_on)) if sample_on else None
     for seconds in (warmup_s, duration_s):
         load = Load()
         started = time.perf_counter()
@@ -175,6 +220,8 @@ async def drive(
         ))
         load.elapsed_s = time.perf_counter() - started
         loads.append(load)
+    if sampling is not None:
+        sampling.cancel()
     return loads[0], loads[1]
 
 
@@ -183,6 +230,16 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def expired_rows(db_path: Path) -> int:
+    """Rows older than 30 days (what ``--expired`` put there for retention to delete)."""
+    conn = sqlite3.connect(db_path)
+    cutoff = int((time.time() - 30 * 86_400) * 1000)
+    try:
+        return sum(conn.execute(f"SELECT count(*) FROM {t} WHERE ts < ?", (cutoff,)).fetchone()[0] for t in TABLES)
+    finally:
+        conn.close()
 
 
 def stored_rows(db_path: Path) -> int:
@@ -194,6 +251,7 @@ def stored_rows(db_path: Path) -> int:
 
 
 def run_one(kind: str, args: argparse.Namespace, batch: int, concurrency: int, prefilled: Path | None) -> dict[str, Any]:
+    """One run of one target on a fresh database (a copy of ``prefilled`` for the service)."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     db_path = workdir / "metrics.db"
     if prefilled is not None and kind == "service":
@@ -201,12 +259,15 @@ def run_one(kind: str, args: argparse.Namespace, batch: int, concurrency: int, p
             if Path(f"{prefilled}{suffix}").exists():
                 shutil.copyfile(f"{prefilled}{suffix}", f"{db_path}{suffix}")
     rows_before = stored_rows(db_path) if db_path.exists() else 0
-    server = Server(kind, args.server_cpu, db_path=db_path)
+    extra_env = {"METRICS_RETENTION_DAYS": "30"} if args.expired else {"METRICS_RETENTION_DAYS": "365"}
+    server = Server(kind, args.server_cpu, db_path=db_path, extra_env=extra_env)
+    samples: list[dict[str, float]] = []
     try:
         server.start()
         payloads = bodies(max(8, 2000 // batch), batch)
         cpu_before = server.cpu_seconds()
-        warm, load = asyncio.run(drive(server.port, payloads, concurrency, args.duration, args.warmup))
+        sample_on = (server, db_path if kind == "service" else None, args.sample_every, samples) if args.sample_every else None
+        warm, load = asyncio.run(drive(server.port, payloads, concurrency, args.duration, args.warmup, sample_on))
         cpu_after = server.cpu_seconds()
         peak = server.peak_rss_mb()
     finally:
@@ -219,17 +280,20 @@ def run_one(kind: str, args: argparse.Namespace, batch: int, concurrency: int, p
         "p95_ms": percentile(load.latencies_ms, 0.95),
         "p99_ms": percentile(load.latencies_ms, 0.99),
         "statuses": dict(load.statuses), "connection_errors": load.errors,
+        "samples": windows(samples, (warm, load)),
         "server_cpu": (cpu_after - cpu_before) / (warm.elapsed_s + load.elapsed_s),
         "cpu_us_per_request": (cpu_after - cpu_before) / max(1, warm.requests + load.requests) * 1e6, "peak_rss_mb": peak, "exit_code": code,
     }
     if kind == "service":
         # Everything acknowledged, warm-up included, must be stored, and nothing else.
-        stored = stored_rows(db_path) - rows_before
+        stored = stored_rows(db_path) - rows_before + (args.expired - expired_rows(db_path) if args.expired else 0)
         acknowledged = warm.accepted + load.accepted
         result["stored"] = stored
         result["acknowledged"] = acknowledged
         result["missing"] = max(0, acknowledged - stored)
         result["unexpected"] = max(0, stored - acknowledged)
+        if args.expired:
+            result["expired_left"] = expired_rows(db_path)
         result["bytes_per_metric"] = _bytes_per_metric(db_path, stored + rows_before)
     shutil.rmtree(workdir, ignore_errors=True)
     return result
@@ -242,6 +306,30 @@ def _bytes_per_metric(db_path: Path, rows: int) -> float:
     finally:
         conn.close()
     return db_path.stat().st_size / rows if rows else float("nan")
+
+
+def build_history(path: Path, events: int, expired: int) -> None:
+    """``events`` over the last 7 days and ``expired`` 40 to 33 days old, with their rollups."""
+    sys.path.insert(0, str(ROOT))
+    from bench.analytics import History
+
+    from metrics_service import storage
+
+    conn, _ = storage.open_database(path, synchronous="normal")
+    history = History()
+    now_ms = int(time.time() * 1000)
+    day = 86_400_000
+    started = time.perf_counter()
+    for count, start_ms, end_ms in ((expired, now_ms - 40 * day, now_ms - 33 * day), (events, now_ms - 7 * day, now_ms - 60_000)):
+        step = (end_ms - start_ms) * 10_000 // max(1, count)
+        done, t = 0, start_ms
+        while done < count:
+            n = min(10_000, count - done)
+            storage.insert_rows(conn, [history.rows(t, min(end_ms, t + step), n)])
+            done, t = done + n, t + step
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    print(f"history of {events:,} + {expired:,} expired events built in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
 
 def median(results: list[dict[str, Any]], key: str) -> float:
@@ -259,6 +347,8 @@ def main() -> None:
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
     parser.add_argument("--prefill", type=int, default=0, help="rows already in the service's database")
+    parser.add_argument("--expired", type=int, default=0, help="rows past retention, deleted during the run")
+    parser.add_argument("--sample-every", type=float, default=0, help="seconds between RSS/fd/WAL samples")
     parser.add_argument("--json", type=Path, help="write every run here")
     args = parser.parse_args()
     if args.client_cpu is not None and hasattr(os, "sched_setaffinity"):
@@ -270,11 +360,9 @@ def main() -> None:
     except ImportError:
         pass
     prefilled = None
-    if args.prefill:
-        from prefill import prefill
-
+    if args.prefill or args.expired:
         prefilled = Path(tempfile.mkdtemp(prefix="bench-prefill-")) / "metrics.db"
-        prefill(prefilled, args.prefill)
+        build_history(prefilled, args.prefill, args.expired)
     targets = args.targets.split(",")
     all_runs: list[dict[str, Any]] = []
     table = []

@@ -39,6 +39,11 @@ class TableResult:
         }
 
 
+def pause_after(chunk_s: float, share: float) -> float:
+    """The pause after a chunk that took ``chunk_s`` so that deleting takes ``share`` of the time."""
+    return chunk_s * (1 / share - 1)
+
+
 async def run_once(
     writer: DbThread,
     settings: Settings,
@@ -61,6 +66,7 @@ async def run_once(
             continue
         deleted = 0
         while True:
+            started = time.perf_counter()
             chunk = await writer.run(
                 lambda c, t=table, k=cutoff: storage.delete_expired_chunk(
                     c, t, k, settings.retention_chunk_rows
@@ -71,6 +77,8 @@ async def run_once(
                 on_deleted(table, chunk)
             if chunk < settings.retention_chunk_rows:
                 break
+            # A backlog: leave the writer to ingest for most of the time (README, performance).
+            await asyncio.sleep(pause_after(time.perf_counter() - started, settings.retention_max_share))
         if deleted:
             log.info("retention deleted %d rows from %s older than %d days", deleted, table, policy.retention_days)
         results.append(TableResult(table, policy.retention_days, cutoff, deleted, True))

@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     retention_days: int = _env("METRICS_RETENTION_DAYS", 90, ge=1, le=36_500)
     retention_interval_s: float = _env("METRICS_RETENTION_INTERVAL_S", 3600.0, gt=0)
     retention_chunk_rows: int = _env("METRICS_RETENTION_CHUNK_ROWS", 5000, ge=1)
+    retention_max_share: float = _env("METRICS_RETENTION_MAX_SHARE", 0.25, gt=0, le=1)
     rollup_retention_days: int = _env("METRICS_ROLLUP_RETENTION_DAYS", 400, ge=1, le=36_500)
 
     # OpenTelemetry export

@@ -127,3 +127,10 @@ def test_durable_commit_that_keeps_failing_is_503_and_stores_nothing(tmp_path: P
         assert r.status_code == 200
         assert c.get("/ready").status_code == 200
     assert db_rows(settings.db_path, "SELECT value FROM custom_metrics") == [(2.0,)]
+
+
+def test_retention_of_a_backlog_leaves_the_writer_to_ingest_between_chunks() -> None:
+    from metrics_service.retention import pause_after
+
+    assert pause_after(0.010, 0.25) == pytest.approx(0.030)  # deleting takes a quarter of the time
+    assert pause_after(0.010, 1.0) == 0
