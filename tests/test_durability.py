@@ -10,6 +10,7 @@ import random
 import signal
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,9 @@ KILLS = 7  # per run; three runs (in parallel under xdist): 21 kills
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_kill9_at_random_moments_under_load_loses_no_acknowledged_metric(service: ServiceProcess, seed: int) -> None:
+def test_kill9_at_random_moments_under_load_loses_no_acknowledged_metric(
+    service: ServiceProcess, seed: int, record_property: Callable[[str, object], None]
+) -> None:
     """kill -9 at random moments of a run under load (from right after the first 200 to ~0.4 s
     into it); after every restart each acknowledged metric is stored exactly once."""
     rng = random.Random(seed)
@@ -143,5 +146,7 @@ def test_kill9_at_random_moments_under_load_loses_no_acknowledged_metric(service
     service.start()
     assert len(acked) > KILLS * 10
     assert_all_acked_stored_once(service.db_path, acked)
+    record_property("kills", KILLS)
+    record_property("acknowledged_checked", len(acked))
     service.signal(signal.SIGTERM)
     assert service.wait() == 0

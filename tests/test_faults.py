@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -123,7 +123,10 @@ def fill(directory: Path) -> Path:
 
 @pytest.mark.parametrize("ack_mode", ["durable", "buffered"])
 def test_disk_full_is_503_loses_nothing_and_recovers_by_itself(
-    disk_service: ServiceProcess, tmpfs: Path, ack_mode: str
+    disk_service: ServiceProcess,
+    tmpfs: Path,
+    ack_mode: str,
+    record_property: Callable[[str, object], None],
 ) -> None:
     disk_service.env.update(
         METRICS_ACK_MODE=ack_mode, METRICS_FLUSH_INTERVAL_S="0.1", METRICS_QUEUE_MAX_METRICS="1000"
@@ -156,6 +159,8 @@ def test_disk_full_is_503_loses_nothing_and_recovers_by_itself(
     assert poster.statuses[503] >= 1 and len(poster.acked) >= 6 * 20
     assert_all_acked_stored_once(disk_service.db_path, poster.acked)
     assert "commits succeed again" in disk_service.log()
+    record_property("statuses", dict(poster.statuses))
+    record_property("acknowledged_checked", len(poster.acked))
 
 
 # -- the database locked by another process ----------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,9 @@ schema = schemathesis.openapi.from_dict(SCHEMA)
     deadline=None,
     suppress_health_check=list(HealthCheck),
 )
-def test_every_operation_conforms_with_and_without_keys(case: Any, service_url: str) -> None:
+def test_every_operation_conforms_with_and_without_keys(
+    case: Any, service_url: str, record_property: Callable[[str, object], None]
+) -> None:
     for role, key in KEYS.items():
         if (
             role == "admin"
@@ -102,3 +104,4 @@ def test_every_operation_conforms_with_and_without_keys(case: Any, service_url: 
         headers = {"X-API-Key": key} if key is not None else None
         response = case.call_and_validate(base_url=service_url, headers=headers, checks=CHECKS)
         STATUSES[(role, response.status_code)] += 1
+    record_property("requests_by_role_and_status", dict(STATUSES))

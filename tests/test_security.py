@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def _analytics_routes(schema: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def test_sql_injection_in_every_query_parameter_changes_nothing_and_leaks_nothing(
-    seeded: TestClient, settings: Settings
+    seeded: TestClient, settings: Settings, record_property: Callable[[str, object], None]
 ) -> None:
     """Every query parameter of every analytics view, from the service's own OpenAPI schema,
     with each injection: 200 or 422, never a 5xx; a filter that is an injection matches
@@ -120,6 +121,7 @@ def test_sql_injection_in_every_query_parameter_changes_nothing_and_leaks_nothin
                         baseline.json(), "no-such-value"
                     ), (path, name, value)
     assert len(routes) >= 5 and tried[200] > 0 and tried[422] > 0, (routes, tried)
+    record_property("injections_by_status", dict(tried))
     assert _snapshot(settings.db_path) == before
 
 
