@@ -74,6 +74,7 @@ class Server:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    program: list[str] = field(default_factory=lambda: [sys.executable, "-m", "metrics_service", "serve"])
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("METRICS_", "SQLITE_", "OTEL_"))}
@@ -88,7 +89,7 @@ class Server:
                 "OTEL_PROMETHEUS_PORT": "0",
                 **self.extra_env,
             })
-            cmd = [sys.executable, "-m", "metrics_service", "serve"]
+            cmd = self.program
         else:
             cmd = [
                 sys.executable, "-m", "uvicorn", "baseline_app:app", "--app-dir", "bench", "--port", str(self.port),

@@ -52,3 +52,10 @@ def test_middleware_overhead_bench_times_every_path() -> None:
     timed = {line.rsplit(None, 1)[0].strip(): float(line.rsplit(None, 1)[1]) for line in rows}
     assert "MCP tools/call through the 2.x middleware (overhead)" in timed
     assert "ASGI auth route, recorded (overhead)" in timed and len(timed) >= 8
+
+
+def test_breakdown_bench_splits_the_cpu_per_metric_by_stage() -> None:
+    out = run(["bench/breakdown.py", "--batch", "10", "--concurrency", "2", "--duration", "1"])
+    assert out.returncode == 0, out.stderr
+    stages = {line.split("  ")[1].strip() for line in out.stdout.splitlines()[1:]}
+    assert {"storage", "validation", "rollups", "opentelemetry", "total"} <= stages
