@@ -458,6 +458,8 @@ def aggregate(conn: sqlite3.Connection, q: Query) -> tuple[Cube, dict[tuple[Any,
         shape = _Shape(cube)
         source = "raw"
         segments = [("raw", q.since_ms, q.until_ms)]
+    if all(level == "raw" for level, _, _ in segments):
+        source = "raw"  # e.g. a minute series: no rollup is that fine
     out: dict[tuple[Any, ...], list[Any]] = {}
     for level, lo, hi in segments:
         _segment(conn, shape, q, level, lo, hi, out)
