@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -390,5 +389,7 @@ def test_binds_to_loopback_by_default(service: ServiceProcess) -> None:
     assert match is not None
     for port in (service.port, int(match.group(1))):
         assert _listening(port) == ["0100007F"], (port, _listening(port))  # 127.0.0.1 only
-    with sqlite3.connect(service.db_path) as conn:
-        assert conn.execute("SELECT count(*) FROM api_keys").fetchone()[0] >= 1
+    # The real server's responses carry the same headers, and no Server header.
+    r = httpx.get(service.url + "/health", headers={"Origin": "https://evil.example"})
+    assert r.headers["x-frame-options"] == "DENY" and "server" not in r.headers
+    assert not any(h.lower().startswith("access-control-") for h in r.headers)
