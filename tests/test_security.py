@@ -4,7 +4,9 @@ loopback by default.
 
 Already covered elsewhere: injection on admin table names, key ids and key services and in
 ingest values (tests/test_admin.py); failed-auth throttling of a burst (tests/test_ratelimit.py);
-label cardinality (tests/test_telemetry_cardinality.py).
+label cardinality (tests/test_telemetry_cardinality.py). The keys-in-plain-text test here widens
+tests/test_keys.py's: debug logging, viewer and revoked keys, wrong guesses, every response, the
+scrape, the files while running and after stopping, and the secret part past the listed prefix.
 """
 
 from __future__ import annotations
