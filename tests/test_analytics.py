@@ -137,9 +137,13 @@ def test_filters_narrow_every_view_and_uncovered_combinations_read_raw_rows(seed
     client, seed, span = seeded
     body = client.get("/analytics/tools", params={**span, "client": "claude", "success": "false"}, headers=ADMIN).json()
     mine = [m for m in seed.tools(client_name="claude") if not m["dimensions"]["success"]]
-    assert body["source"] == "raw"  # no cube holds tool and client together
+    assert body["source"] == "rollup"  # the tool-and-client cube (migration 4)
     assert {r["tool"]: r["calls"] for r in body["rows"]} == Counter(m["dimensions"]["tool_name"] for m in mine)
     assert body["filters"] == {"client": "claude", "success": False}
+    body = client.get("/analytics/tools", params={**span, "client": "claude", "tenant": "acme"}, headers=ADMIN).json()
+    assert body["source"] == "raw"  # no cube holds tool, client and tenant together
+    mine = seed.tools(client_name="claude", tenant_id="acme")
+    assert {r["tool"]: r["calls"] for r in body["rows"]} == Counter(m["dimensions"]["tool_name"] for m in mine)
     summary = client.get("/analytics/summary", params={**span, "tenant": "acme", "tool": "search"}, headers=ADMIN).json()
     assert summary["calls"] == len(seed.tools(tenant_id="acme", tool_name="search"))
     assert summary["distinct_users"] is None and summary["auth"] is None  # auth events have no tenant

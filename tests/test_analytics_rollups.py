@@ -167,3 +167,85 @@ def test_rollups_outlive_raw_retention_and_have_their_own(tmp_path: Path, monkey
     for table in rollups.TABLES:
         assert conn.execute(f"SELECT count(*) FROM {table} WHERE bucket < ?", (cutoff,)).fetchone() == (0,), table
     conn.close()
+
+
+TOOL_AND_CLIENT = [("tools", {"client": "cursor"}), ("tools", {"client": "claude", "success": "false"}),
+                   ("clients", {"tool": "search"}), ("clients", {"tool": "fetch", "server": "srv-1"})]
+
+
+def _tool_and_client(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+    # An hour-unaligned start: the answer mixes day, hour and raw segments.
+    span = {"since": f"{now - 3.7 * 86_400:.3f}", "until": f"{now:.3f}", "limit": "1000"}
+    return {f"{view}?{extra}": queries.run(conn, view, {**span, **extra}) for view, extra in TOOL_AND_CLIENT}
+
+
+def _v3_rollups(m: pytest.MonkeyPatch) -> None:
+    """Make the code maintain and compact only the cubes a version 3 service had."""
+    m.setattr(rollups, "CUBES", rollups._V2_CUBES)
+    m.setattr(rollups, "_BY_KIND", {k: [s for s in v if s.cube in rollups._V2_CUBES] for k, v in rollups._BY_KIND.items()})
+
+
+def _history(conn: sqlite3.Connection, now: float, parts: list[dict[str, list[tuple[Any, ...]]]]) -> None:
+    """As a service that has run all along: a week of days compacted after the fact."""
+    week_ago = (int(now * 1000) - 7 * rollups.DAY_MS) // rollups.DAY_MS * rollups.DAY_MS
+    conn.execute("UPDATE rollup_watermark SET until_ms = ?", (week_ago,))
+    storage.insert_rows(conn, parts)
+    assert rollups.compact(conn, int(now * 1000)) == 7
+
+
+def test_tool_and_client_together_are_read_from_rollups_and_equal_the_raw_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(db_path=tmp_path / "m.db")
+    now, parts = seed_rows(settings)
+    conn, _ = storage.open_database(settings.db_path)
+    _history(conn, now, parts)
+    assert conn.execute("SELECT count(*) FROM rollup_tool_clients_day").fetchone()[0] > 0
+    got = _tool_and_client(conn, now)
+    with monkeypatch.context() as m:
+        m.setattr(rollups, "CUBES", rollups._V2_CUBES)  # no cube holds both: every raw row of the range
+        raw = _tool_and_client(conn, now)
+    for case, body in got.items():
+        assert body.pop("source") == "rollup", case
+        assert raw[case].pop("source") == "raw", case
+        assert body["rows"], case
+    assert got == raw
+    cursor = got["tools?{'client': 'cursor'}"]["rows"]
+    assert sum(r["calls"] for r in cursor) == queries.run(
+        conn, "clients", {"since": f"{now - 3.7 * 86_400:.3f}", "until": f"{now:.3f}", "client": "cursor"}
+    )["rows"][0]["calls"]
+    conn.close()
+
+
+def test_a_version_3_database_is_migrated_to_4_with_the_tool_and_client_cube_backfilled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(db_path=tmp_path / "old.db")
+    now, parts = seed_rows(settings)
+    with monkeypatch.context() as m:
+        m.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:3])
+        _v3_rollups(m)
+        old, applied = storage.open_database(tmp_path / "old.db")
+        assert applied == [1, 2, 3]
+        _history(old, now, parts)
+        assert old.execute("SELECT name FROM sqlite_master WHERE name LIKE 'rollup_tool_clients%'").fetchall() == []
+        before = _tool_and_client(old, now)
+    old.close()
+    migrated, applied = storage.open_database(tmp_path / "old.db")
+    assert applied == [4]
+    assert migrations.current_version(migrated) == 4
+    fresh, _ = storage.open_database(tmp_path / "new.db")
+    _history(fresh, now, parts)
+    # Migrated: hours and days from the raw rows; fresh: hours at commit, days by compaction.
+    tables = [rollups.CUBES[-1].table(level) for level in ("hour", "day")]
+    rows_migrated, rows_fresh = rollup_rows(migrated), rollup_rows(fresh)
+    assert all(rows_migrated[t] for t in tables)
+    assert _same({t: rows_migrated[t] for t in tables}, {t: rows_fresh[t] for t in tables})
+    assert _same(rows_migrated, rows_fresh)
+    after = _tool_and_client(migrated, now)
+    for case, body in after.items():
+        assert body.pop("source") == "rollup", case
+        assert before[case].pop("source") == "raw", case
+    assert after == before
+    migrated.close()
+    fresh.close()

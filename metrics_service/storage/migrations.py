@@ -152,6 +152,8 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             )
         ],
     ),
+    # Tool and client together (``tools?client=``, ``clients?tool=``) read raw rows without it.
+    (4, "rollup cube by tool and client", rollups.migration_v4()),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]
