@@ -133,7 +133,7 @@ CASES: list[tuple[str, dict[str, str]]] = [
     ("summary", {"service": "weather-mcp"}),
     ("tools", {"tenant": "tenant-3"}),
     ("timeseries", {"resolution": "minute", "since": "24h"}),
-    ("tools", {"client": "cursor"}),  # no cube holds tool and client: every raw row of the range
+    ("tools", {"client": "cursor"}),  # the tool-and-client cube (migration 4); raw rows before it
 ]
 
 
