@@ -63,12 +63,27 @@ def connect(
             path, isolation_level=None, check_same_thread=check_same_thread, timeout=busy_timeout_ms / 1000
         )
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        _wal(conn, busy_timeout_ms)
         conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
         conn.execute("PRAGMA temp_store = MEMORY")
     except sqlite3.Error as exc:
         raise StorageError(f"cannot open database {path}: {exc}") from exc
     return conn
+
+
+def _wal(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
+    """Switch to WAL. Changing the journal mode does not always wait on the busy handler (several
+    processes opening a new file at once get "database is locked" at once), so retry until the
+    busy timeout."""
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def open_database(path: Path | str, **kwargs: Any) -> tuple[sqlite3.Connection, list[int]]:
