@@ -79,10 +79,12 @@ class AppState:
 
 class RequestIdMiddleware:
     """Pure ASGI: every response carries ``X-Request-Id`` (the caller's if well-formed) and
-    conservative security headers."""
+    conservative security headers; with ``count_statuses`` (the ingest endpoint's copy), each
+    response's status is counted in ``metrics_service_requests_total``."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, count_statuses: bool = False) -> None:
         self.app = app
+        self.count_statuses = count_statuses
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -103,12 +105,12 @@ class RequestIdMiddleware:
             (b"referrer-policy", b"no-referrer"),
         ]
 
-        ingest = scope["path"] == "/metrics" and scope["method"] == "POST"
+        count = self.count_statuses
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), *extra]
-                if ingest:
+                if count:
                     state = getattr(scope["app"].state, "metrics", None)
                     if state is not None:
                         state.telemetry.on_request(message["status"])
@@ -196,7 +198,7 @@ class MetricsApp(FastAPI):
     """FastAPI, with ``POST /metrics`` dispatched before the middleware stack, straight to the
     plain-ASGI ingest endpoint (wrapped in the same request-id layer as every other route)."""
 
-    _ingest = RequestIdMiddleware(INGEST)
+    _ingest = RequestIdMiddleware(INGEST, count_statuses=True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/metrics":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,29 @@ def pause_after(chunk_s: float, share: float) -> float:
     return chunk_s * (1 / share - 1)
 
 
+async def _delete_expired(
+    writer: DbThread,
+    settings: Settings,
+    table: str,
+    delete_chunk: Callable[[sqlite3.Connection, int], int],
+    on_deleted: Callable[[str, int], None] | None,
+) -> int:
+    """Delete ``table``'s expired rows by ``delete_chunk(conn, limit)``, one short transaction per
+    chunk; after each full chunk (a backlog) pause so that deleting leaves the writer to ingest for
+    most of the time (``METRICS_RETENTION_MAX_SHARE``; README, performance)."""
+    limit = settings.retention_chunk_rows
+    deleted = 0
+    while True:
+        started = time.perf_counter()
+        chunk = await writer.run(lambda c: delete_chunk(c, limit))
+        deleted += chunk
+        if on_deleted is not None and chunk:
+            on_deleted(table, chunk)
+        if chunk < limit:
+            return deleted
+        await asyncio.sleep(pause_after(time.perf_counter() - started, settings.retention_max_share))
+
+
 async def run_once(
     writer: DbThread,
     settings: Settings,
@@ -64,21 +88,9 @@ async def run_once(
             rows = await writer.run(lambda c, t=table, k=cutoff: storage.count_expired(c, t, k))
             results.append(TableResult(table, policy.retention_days, cutoff, rows if dry_run else 0, policy.enabled))
             continue
-        deleted = 0
-        while True:
-            started = time.perf_counter()
-            chunk = await writer.run(
-                lambda c, t=table, k=cutoff: storage.delete_expired_chunk(
-                    c, t, k, settings.retention_chunk_rows
-                )
-            )
-            deleted += chunk
-            if on_deleted is not None and chunk:
-                on_deleted(table, chunk)
-            if chunk < settings.retention_chunk_rows:
-                break
-            # A backlog: leave the writer to ingest for most of the time (README, performance).
-            await asyncio.sleep(pause_after(time.perf_counter() - started, settings.retention_max_share))
+        deleted = await _delete_expired(
+            writer, settings, table, lambda c, n: storage.delete_expired_chunk(c, table, cutoff, n), on_deleted
+        )
         if deleted:
             log.info("retention deleted %d rows from %s older than %d days", deleted, table, policy.retention_days)
         results.append(TableResult(table, policy.retention_days, cutoff, deleted, True))
@@ -101,13 +113,9 @@ async def _rollups(
         if dry_run:
             rows = await writer.run(lambda c, t=table: rollups.count_expired(c, t, cutoff))
         else:
-            rows = 0
-            while chunk := await writer.run(
-                lambda c, t=table: rollups.delete_expired_chunk(c, t, cutoff, settings.retention_chunk_rows)
-            ):
-                rows += chunk
-                if on_deleted is not None:
-                    on_deleted(table, chunk)
+            rows = await _delete_expired(
+                writer, settings, table, lambda c, n: rollups.delete_expired_chunk(c, table, cutoff, n), on_deleted
+            )
             if rows:
                 log.info("retention deleted %d rows from %s older than %d days", rows, table, days)
         results.append(TableResult(table, days, cutoff, rows, True))

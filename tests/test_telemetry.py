@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def test_histogram_values_reach_the_sdk_at_collection_and_never_pile_up(tmp_path
     validator = Validator(settings)
 
     def commit(tools: list[str]) -> None:
-        batch = validator.decode(httpx.Request("POST", "/", json=payload(metrics=[tool_event(t) for t in tools])).content)
+        batch = validator.decode(json.dumps(payload(metrics=[tool_event(t) for t in tools])).encode())
         telemetry.on_commit([batch], batch.accepted, 0.001)
 
     def durations() -> dict[str, int]:
