@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from bisect import bisect_left
+from operator import itemgetter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -174,6 +175,20 @@ class _Hist:
             group[3] = value
         if self.keep_values:
             group[4].append(value)
+
+    def add_all(self, key: tuple[str, ...], values: list[float]) -> None:
+        """``add`` for each of ``values`` (not empty), with one lookup of the group."""
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = [[0] * (len(self.bounds) + 1), 0.0, values[0], values[0], []]
+        counts, bounds = group[0], self.bounds
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+        group[1] += sum(values)
+        group[2] = min(group[2], min(values))
+        group[3] = max(group[3], max(values))
+        if self.keep_values:
+            group[4].extend(values)
 
 
 class _Totals:
@@ -430,68 +445,93 @@ class Telemetry:
             log.info("OpenTelemetry stopped in %.1f s", time.monotonic() - started)
 
 
-def _ms(value: float | None) -> float | None:
-    return None if value is None else value / 1000.0
+Row = tuple[Any, ...]
 
 
-def _auth(t: Telemetry, rows: list[tuple[Any, ...]], hist: Callable[[str], _Hist]) -> None:
+def _by_label(rows: list[Row], *columns: int) -> dict[Any, list[Row]]:
+    """Rows grouped by the values of ``columns``. The per-label work is then done once per group
+    and the per-row work is a few comprehensions: a commit holds few label sets and many rows."""
+    key_of = itemgetter(*columns)
+    groups: dict[Any, list[Row]] = {}
+    get = groups.get
+    for r in rows:
+        key = key_of(r)
+        group = get(key)
+        if group is None:
+            groups[key] = [r]
+        else:
+            group.append(r)
+    return groups
+
+
+def _labels(values: Iterable[str | None]) -> tuple[str, ...]:
+    return tuple("" if v is None else v for v in values)
+
+
+def _seconds(group: list[Row], i: int) -> list[float]:
+    return [r[i] / 1000.0 for r in group if r[i] is not None]
+
+
+def _present(group: list[Row], i: int) -> list[Any]:
+    return [r[i] for r in group if r[i] is not None]
+
+
+def _auth(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
     c = _COL["auth_request"]
-    i_success, i_method, i_server = c["success"], c["method"], c["server"]
     totals = t.totals["mcp_auth_requests"]
     durations = hist("mcp_auth_request_duration_seconds")
-    for r in rows:
-        key = (r[2], r[i_server] or "", r[i_method] or "", _SUCCESS[r[i_success]])
-        totals.add(key, r[5])
-        if r[6] is not None:
-            durations.add(key, r[6] / 1000.0)
+    for (*text, success), group in _by_label(rows, 2, c["server"], c["method"], c["success"]).items():
+        key = (*_labels(text), _SUCCESS[success])
+        totals.add(key, sum(r[5] for r in group))
+        if values := _seconds(group, 6):
+            durations.add_all(key, values)
 
 
-def _tool(t: Telemetry, rows: list[tuple[Any, ...]], hist: Callable[[str], _Hist]) -> None:
+def _tool(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
     c = _COL["tool_execution"]
-    i_method, i_tool, i_server, i_client = c["method"], c["tool_name"], c["server_name"], c["client_name"]
-    i_success, i_in, i_out = c["success"], c["input_size_bytes"], c["output_size_bytes"]
+    i_in, i_out = c["input_size_bytes"], c["output_size_bytes"]
+    columns = (2, c["server_name"], c["method"], c["tool_name"], c["client_name"], c["success"])
     totals = t.totals["mcp_tool_executions"]
     durations = hist("mcp_tool_execution_duration_seconds")
     inputs = hist("mcp_tool_input_size_bytes")
     outputs = hist("mcp_tool_output_size_bytes")
-    for r in rows:
-        key = (r[2], r[i_server] or "", r[i_method] or "", r[i_tool] or "", r[i_client] or "", _SUCCESS[r[i_success]])
-        totals.add(key, r[5])
-        if r[6] is not None:
-            durations.add(key, r[6] / 1000.0)
-        if r[i_in] is not None:
-            inputs.add(key, r[i_in])
-        if r[i_out] is not None:
-            outputs.add(key, r[i_out])
+    for (*text, success), group in _by_label(rows, *columns).items():
+        key = (*_labels(text), _SUCCESS[success])
+        totals.add(key, sum(r[5] for r in group))
+        if values := _seconds(group, 6):
+            durations.add_all(key, values)
+        if sizes := _present(group, i_in):
+            inputs.add_all(key, sizes)
+        if sizes := _present(group, i_out):
+            outputs.add_all(key, sizes)
 
 
-def _discovery(t: Telemetry, rows: list[tuple[Any, ...]], hist: Callable[[str], _Hist]) -> None:
+def _discovery(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
     c = _COL["tool_discovery"]
     i_results, i_embed, i_search = c["results_count"], c["embedding_time_ms"], c["search_time_ms"]
     totals = t.totals["mcp_tool_discovery"]
-    for r in rows:
-        key = (r[2],)
-        totals.add(key, r[5])
-        for name, value in (
-            ("mcp_tool_discovery_duration_seconds", _ms(r[6])),
-            ("mcp_tool_discovery_embedding_duration_seconds", _ms(r[i_embed])),
-            ("mcp_tool_discovery_search_duration_seconds", _ms(r[i_search])),
-            ("mcp_tool_discovery_results", r[i_results]),
+    for service, group in _by_label(rows, 2).items():
+        key = (service,)
+        totals.add(key, sum(r[5] for r in group))
+        for name, values in (
+            ("mcp_tool_discovery_duration_seconds", _seconds(group, 6)),
+            ("mcp_tool_discovery_embedding_duration_seconds", _seconds(group, i_embed)),
+            ("mcp_tool_discovery_search_duration_seconds", _seconds(group, i_search)),
+            ("mcp_tool_discovery_results", _present(group, i_results)),
         ):
-            if value is not None:
-                hist(name).add(key, value)
+            if values:
+                hist(name).add_all(key, values)
 
 
-def _protocol(t: Telemetry, rows: list[tuple[Any, ...]], hist: Callable[[str], _Hist]) -> None:
+def _protocol(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
     c = _COL["protocol_latency"]
-    i_step, i_server, i_client = c["flow_step"], c["server_name"], c["client_name"]
     latency = hist("mcp_protocol_latency_seconds")
-    for r in rows:
-        if r[6] is not None:
-            latency.add((r[2], r[i_server] or "", r[i_client] or "", r[i_step] or ""), r[6] / 1000.0)
+    for text, group in _by_label(rows, 2, c["server_name"], c["client_name"], c["flow_step"]).items():
+        if values := _seconds(group, 6):
+            latency.add_all(_labels(text), values)
 
 
-_RECORDERS: dict[str, Callable[[Telemetry, list[tuple[Any, ...]], Callable[[str], _Hist]], None]] = {
+_RECORDERS: dict[str, Callable[[Telemetry, list[Row], Callable[[str], _Hist]], None]] = {
     "auth_request": _auth,
     "tool_execution": _tool,
     "tool_discovery": _discovery,

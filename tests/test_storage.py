@@ -79,7 +79,10 @@ def test_concurrent_starts_apply_each_migration_once(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(results, key=len) == [[]] * 5 + [[v for v, _, _ in migrations.MIGRATIONS]]
+    # Each version runs in its own transaction, so two starters may share the work (one applies
+    # version 1, another the rest); what matters is that every version is applied exactly once.
+    assert len(results) == 6
+    assert sorted(v for applied in results for v in applied) == [v for v, _, _ in migrations.MIGRATIONS]
     assert db_rows(db, "SELECT count(*) FROM schema_migrations") == [(len(migrations.MIGRATIONS),)]
 
 

@@ -20,7 +20,7 @@ import functools
 import math
 import sqlite3
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
@@ -225,32 +225,6 @@ class _Shape:
         self.template = template
         self.additive = [i for i in range(self.size) if i not in self.mins and i not in self.maxs]
 
-    def add_rows(self, rows: Iterable[tuple[Any, ...]], width: int, acc: dict[tuple[Any, ...], list[Any]]) -> None:
-        key_of, sums, hists, template = self.key_of, self.sums, self.hists, self.template
-        get = acc.get
-        for r in rows:
-            ts = r[0]
-            key = (ts - ts % width, *key_of(r))
-            st = get(key)
-            if st is None:
-                st = acc[key] = template.copy()
-            st[0] += 1
-            st[1] += r[5]
-            for p, o in sums:
-                v = r[p]
-                if v is not None:
-                    st[o] += v
-            for p, o in hists:
-                v = r[p]
-                if v is not None:
-                    st[o] += 1
-                    st[o + 1] += v
-                    if v < st[o + 2]:
-                        st[o + 2] = v
-                    if v > st[o + 3]:
-                        st[o + 3] = v
-                    st[o + 4 + bisect_left(BOUNDS_MS, v)] += 1
-
     def merge(self, into: list[Any], other: Sequence[Any]) -> None:
         for i in self.additive:
             into[i] += other[i]
@@ -323,27 +297,91 @@ def maintain(conn: sqlite3.Connection, parts: Sequence[dict[str, list[tuple[Any,
     kinds = {kind for part in parts for kind in part}
     watermark: int | None = None
     for kind in kinds:
-        for shape in _BY_KIND.get(kind, ()):
-            name = shape.cube.name
-            if watermark is None:
-                watermark = day_watermark(conn)
-            if "hour" in shape.cube.levels:
-                hours: dict[tuple[Any, ...], list[Any]] = {}
-                for part in parts:
-                    rows = part.get(kind)
-                    if rows:
-                        shape.add_rows(rows, HOUR_MS, hours)
+        shapes = _BY_KIND.get(kind, ())
+        if not shapes:
+            continue
+        if watermark is None:
+            watermark = day_watermark(conn)
+        hourly = tuple(shape for shape in shapes if "hour" in shape.cube.levels)
+        if hourly:
+            accs: list[dict[tuple[Any, ...], list[Any]]] = [{} for _ in hourly]
+            accumulate = _accumulator(hourly)
+            for part in parts:
+                rows = part.get(kind)
+                if rows:
+                    accumulate(rows, HOUR_MS, accs)
+            for shape, hours in zip(hourly, accs, strict=True):
+                name = shape.cube.name
                 late = {k: st for k, st in hours.items() if k[0] < watermark}
-                days = shape.coarsen(late, DAY_MS) if late else {}
                 conn.executemany(_UPSERT[(name, "hour")], _stored(shape, hours))
-            else:
-                days = {}
-                for part in parts:
-                    rows = part.get(kind)
-                    if rows:
-                        shape.add_rows([r for r in rows if r[0] < watermark], DAY_MS, days)
-            if days:
-                conn.executemany(_UPSERT[(name, "day")], _stored(shape, days))
+                if late:
+                    conn.executemany(_UPSERT[(name, "day")], _stored(shape, shape.coarsen(late, DAY_MS)))
+        for shape in shapes:
+            if shape in hourly:
+                continue
+            days: dict[tuple[Any, ...], list[Any]] = {}
+            late_rows = [r for part in parts for r in part.get(kind, ()) if r[0] < watermark]
+            if late_rows:
+                _accumulator((shape,))(late_rows, DAY_MS, [days])
+                conn.executemany(_UPSERT[(shape.cube.name, "day")], _stored(shape, days))
+
+
+Accumulator = Callable[[Iterable[tuple[Any, ...]], int, list[dict[tuple[Any, ...], list[Any]]]], None]
+
+
+@functools.lru_cache(maxsize=32)
+def _accumulator(shapes: tuple[_Shape, ...]) -> Accumulator:
+    """``accumulate(rows, width, accs)``: add ``rows`` to the states of every cube in ``shapes``
+    (``accs[i]`` for ``shapes[i]``, keyed by time bucket of ``width`` and the cube's dimensions)
+    in one pass over the rows.
+
+    Generated, as ``dataclasses`` generates ``__init__``: the column positions and state offsets
+    of the cubes are literals in straight-line code, so each row is read once and each value is
+    bucketed once for all the cubes of its family. A generic loop over cubes, sums and histograms
+    costed twice as much per row (about 0.7 us per row and cube)."""
+    hist_columns = sorted({p for shape in shapes for p, _ in shape.hists})
+    sum_columns = sorted({p for shape in shapes for p, _ in shape.sums})
+    names = ", ".join(f"a{i}" for i in range(len(shapes)))
+    lines = [
+        "def accumulate(rows, width, accs):",
+        f"    {names}, = accs",
+        *(f"    g{i} = a{i}.get" for i in range(len(shapes))),
+        "    for r in rows:",
+        "        ts = r[0]",
+        "        t = ts - ts % width",
+        "        calls = r[5]",
+    ]
+    for p in sum_columns:
+        lines.append(f"        v{p} = r[{p}]")
+    for p in hist_columns:
+        lines += [f"        v{p} = r[{p}]", f"        if v{p} is not None:", f"            b{p} = bisect(BOUNDS, v{p})"]
+    for i, shape in enumerate(shapes):
+        idx = [shape.cube.positions[d] for d in shape.dims]
+        lines += [
+            f"        k = (t, {', '.join(f'r[{j}]' for j in idx)})",
+            f"        st = g{i}(k)",
+            "        if st is None:",
+            f"            st = a{i}[k] = T{i}.copy()",
+            "        st[0] += 1",
+            "        st[1] += calls",
+        ]
+        for p, o in shape.sums:
+            lines += [f"        if v{p} is not None:", f"            st[{o}] += v{p}"]
+        for p, o in shape.hists:
+            lines += [
+                f"        if v{p} is not None:",
+                f"            st[{o}] += 1",
+                f"            st[{o + 1}] += v{p}",
+                f"            if v{p} < st[{o + 2}]:",
+                f"                st[{o + 2}] = v{p}",
+                f"            if v{p} > st[{o + 3}]:",
+                f"                st[{o + 3}] = v{p}",
+                f"            st[{o + 4} + b{p}] += 1",
+            ]
+    namespace: dict[str, Any] = {"bisect": bisect_left, "BOUNDS": BOUNDS_MS}
+    namespace.update({f"T{i}": shape.template for i, shape in enumerate(shapes)})
+    exec("\n".join(lines), namespace)  # noqa: S102 - the source is built above from the fixed cubes
+    return namespace["accumulate"]  # type: ignore[no-any-return]
 
 
 def _compact_sql(cube: Cube) -> str:
