@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import json
 import os
 import signal
@@ -56,6 +57,16 @@ def _child(report: Path) -> None:
     timed(storage, "insert_rows", "storage")
     timed(rollups, "maintain", "rollups")
     database.rollups = rollups  # insert_rows looks maintain up through this module attribute
+    collecting: dict[str, float] = {}
+
+    def gc_timer(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collecting["since"] = time.thread_time()
+        elif "since" in collecting:
+            key = f"garbage collection, generation {info['generation']}"
+            spent[key] = spent.get(key, 0.0) + time.thread_time() - collecting.pop("since")
+
+    gc.callbacks.append(gc_timer)
     started = time.process_time()
 
     def dump(*_: Any) -> None:
@@ -92,7 +103,8 @@ def main() -> None:
     server.proc.wait(timeout=30)
     spent = json.loads(report.read_text())
     metrics = warm.accepted + load.accepted
-    stages = {k: v for k, v in spent.items() if k != "process"}
+    collections = {k: v for k, v in spent.items() if k.startswith("garbage")}
+    stages = {k: v for k, v in spent.items() if k != "process" and k not in collections}
     stages["storage"] -= stages.get("rollups", 0.0)
     stages["other (HTTP, auth, limits, queue, loop, GC)"] = spent["process"] - sum(stages.values())
     total = spent["process"]
@@ -101,6 +113,9 @@ def main() -> None:
     for name, seconds in sorted(stages.items(), key=lambda kv: -kv[1]):
         print(f"  {name:45s} {seconds / metrics * 1e6:7.2f} us  {seconds / total:6.1%}")
     print(f"  {'total':45s} {total / metrics * 1e6:7.2f} us")
+    print("of which (inside the stages above, wherever a collection was triggered):")
+    for name, seconds in sorted(collections.items()):
+        print(f"  {name:45s} {seconds / metrics * 1e6:7.2f} us  {seconds / total:6.1%}")
 
 
 if __name__ == "__main__":

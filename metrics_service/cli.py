@@ -180,7 +180,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from metrics_service import logs
     from metrics_service.app import create_app
-    from metrics_service.server import deadline_protocol
+    from metrics_service.server import deadline_protocol, tune_gc
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     if overrides:
@@ -207,6 +207,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     received: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda num, _frame: received.append(num))
+    tune_gc()
     uvicorn.Server(config).run()
     return 0
 

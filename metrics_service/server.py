@@ -1,4 +1,5 @@
-"""The HTTP server's connection protocol: uvicorn's, with a deadline on receiving a request head.
+"""The HTTP server's process: uvicorn's connection protocol with a deadline on receiving a request
+head, and the garbage collector's settings for a long-running ingest process.
 
 uvicorn times out idle keep-alive connections only after a response, and any byte received
 cancels that timer; a connection that never completes its request line and headers (a client
@@ -11,6 +12,7 @@ body has its own deadline in ``api.read_body`` (408), so a whole request is boun
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
@@ -54,3 +56,21 @@ def deadline_protocol(
             super().connection_lost(exc)
 
     return DeadlineProtocol
+
+
+#: Container allocations between young-generation collections (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Freeze what start-up allocated and collect the young generation less often.
+
+    Ingest allocates a few container objects per metric (structs, row tuples) that die with their
+    request and are freed by reference counting; the cycle collector finds nothing in them but
+    ran about every 7 metrics, and each full collection walked every object of the imported
+    modules. ``bench/breakdown.py`` measured 0.6 us of collection per metric at batch 100 with
+    the defaults, 0.02 us with these. Cyclic garbage is still collected, in larger steps.
+    """
+    gc.freeze()
+    _gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, gen1, gen2)
