@@ -240,6 +240,8 @@ def test_every_response_has_a_request_id(client: TestClient) -> None:
     assert r.headers["x-request-id"] == "trace-123"
     r = client.get("/health", headers={"X-Request-Id": "bad id\twith spaces"})
     assert r.headers["x-request-id"] != "bad id\twith spaces"
+    ids = [client.post("/metrics", json=payload(), headers=H).headers["x-request-id"] for _ in range(50)]
+    assert len(set(ids)) == 50 and all(len(i) == 32 for i in ids)
 
 
 def test_health_ready_docs(client: TestClient) -> None:

@@ -60,3 +60,11 @@ def test_breakdown_bench_splits_the_cpu_per_metric_by_stage() -> None:
     stages = {line.split("  ")[1].strip() for line in out.stdout.splitlines()[1:] if line.startswith("  ")}
     assert {"storage", "validation", "rollups", "opentelemetry", "total"} <= stages
     assert any(stage.startswith("garbage collection, generation") for stage in stages), out.stdout
+
+
+def test_stages_bench_times_each_stage_alone() -> None:
+    out = run(["bench/stages.py", "--requests", "4", "--batch", "20", "--per-commit", "2", "--repeat", "2"])
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert set(result) == {"validation", "insert", "rollups", "opentelemetry"}
+    assert all(v > 0 for v in result.values())

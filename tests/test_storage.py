@@ -137,3 +137,15 @@ def test_retention_of_a_backlog_leaves_the_writer_to_ingest_between_chunks() -> 
 
     assert pause_after(0.010, 0.25) == pytest.approx(0.030)  # deleting takes a quarter of the time
     assert pause_after(0.010, 1.0) == 0
+
+
+def test_none_binds_as_null_through_the_registered_adapter(tmp_path: Path) -> None:
+    conn, _ = storage.open_database(tmp_path / "m.db")
+    assert sqlite3.adapters[(type(None), sqlite3.PrepareProtocol)] is not None
+    conn.execute("CREATE TEMP TABLE t (a, b, c, d)")
+    conn.executemany("INSERT INTO t VALUES (?, ?, ?, ?)", [(None, 1, 1.5, "x"), (None, None, None, None)])
+    assert conn.execute("SELECT typeof(a), typeof(b), typeof(c), typeof(d) FROM t ORDER BY rowid").fetchall() == [
+        ("null", "integer", "real", "text"),
+        ("null", "null", "null", "null"),
+    ]
+    assert conn.execute("SELECT count(*) FROM t WHERE a IS NULL").fetchone() == (2,)

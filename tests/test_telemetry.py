@@ -72,6 +72,28 @@ def test_counters_and_histograms_match_what_was_posted(app_client: TestClient) -
     assert len(SECONDS_BUCKETS) == 15
 
 
+def test_an_absent_and_an_empty_dimension_are_one_series(app_client: TestClient) -> None:
+    # Recording groups rows by their raw values (None and "" apart) before labelling them; the
+    # groups that end up with the same labels must add up, not overwrite each other.
+    step = {"type": "protocol_latency", "dimensions": {"flow_step": "initialize->tools/list"}}
+    events = [{**step, "duration_ms": 3}, {**step, "duration_ms": 40, "dimensions": {**step["dimensions"], "server_name": ""}}]
+    events += [{**tool_event("search"), "duration_ms": 8}, {**tool_event("search"), "duration_ms": 700}]
+    events[-1]["dimensions"] = {**events[-1]["dimensions"], "client_name": ""}
+    events[-2]["dimensions"] = {k: v for k, v in events[-2]["dimensions"].items() if k != "client_name"}
+    assert app_client.post("/metrics", json=payload(metrics=events), headers=H).json()["accepted"] == 4
+    s = scrape(app_client)
+    flow = (("flow_step", "initialize->tools/list"), ("service", "svc"))
+    assert s["mcp_protocol_latency_seconds_count"][flow] == 2
+    assert s["mcp_protocol_latency_seconds_sum"][flow] == pytest.approx(0.043)
+    assert s["mcp_protocol_latency_seconds_bucket"][tuple(sorted((*flow, ("le", "0.005"))))] == 1
+    assert s["mcp_protocol_latency_seconds_bucket"][tuple(sorted((*flow, ("le", "0.05"))))] == 2
+    tool = (("method", "tools/call"), ("server", "srv"), ("service", "svc"), ("success", "true"), ("tool_name", "search"))
+    assert s["mcp_tool_executions_total"][tool] == 2
+    assert s["mcp_tool_execution_duration_seconds_count"][tool] == 2
+    assert s["mcp_tool_execution_duration_seconds_bucket"][tuple(sorted((*tool, ("le", "0.01"))))] == 1
+    assert s["mcp_tool_execution_duration_seconds_bucket"][tuple(sorted((*tool, ("le", "1.0"))))] == 2
+
+
 def test_never_labels_user_hashes_queries_or_sessions(app_client: TestClient) -> None:
     secret_like = ["user-hash-abc", "select secret query", "session-123"]
     events = [

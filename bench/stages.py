@@ -1,0 +1,103 @@
+"""CPU per metric of each stage of the ingest path, one stage at a time, in one process.
+
+    .venv/bin/python bench/stages.py [--requests 80] [--batch 100] [--per-commit 8] [--repeat 7]
+
+Where ``bench/breakdown.py`` splits the CPU of the real server under load (the honest total, but
+noisy on a shared machine), this times each stage alone on the same bodies (``bench/_workload.py``)
+and keeps the minimum of ``--repeat`` rounds, steady enough to see a change of a few tenths of a
+microsecond:
+
+- ``validation``: ``Validator.decode`` of each request body;
+- ``insert``: the raw rows of ``--per-commit`` requests per transaction (``executemany`` per
+  table, ``COMMIT`` with ``synchronous=FULL``), without the rollups;
+- ``rollups``: ``rollups.maintain`` for the same commits (its own transactions);
+- ``opentelemetry``: ``Telemetry.on_commit`` for the same commits and the hand-over to the SDK.
+
+Prints one JSON object: microseconds of thread CPU per metric for each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _workload import bodies  # noqa: E402
+
+from metrics_service import storage  # noqa: E402
+from metrics_service.settings import Settings  # noqa: E402
+from metrics_service.storage import database, rollups  # noqa: E402
+from metrics_service.telemetry import Telemetry  # noqa: E402
+from metrics_service.validation import Validator  # noqa: E402
+
+
+def best_us_per_metric(fn: Callable[[], object], metrics: int, repeat: int) -> float:
+    rounds = []
+    for _ in range(repeat):
+        gc.collect()
+        started = time.thread_time()
+        fn()
+        rounds.append(time.thread_time() - started)
+    return min(rounds) / metrics * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=80)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--per-commit", type=int, default=8, help="requests per transaction")
+    parser.add_argument("--repeat", type=int, default=7)
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-stages-"))
+    settings = Settings(db_path=workdir / "metrics.db", otel_prometheus_enabled=False)
+    validator = Validator(settings)
+    payloads = bodies(args.requests, args.batch)
+    metrics = args.requests * args.batch
+    batches = [validator.decode(body) for body in payloads]
+    commits = [batches[i : i + args.per_commit] for i in range(0, len(batches), args.per_commit)]
+    gc.freeze()  # as the server does after start-up (server.tune_gc)
+    conn, _ = storage.open_database(settings.db_path)
+    telemetry = Telemetry(settings)
+
+    def validate() -> None:
+        for body in payloads:
+            validator.decode(body)
+
+    def insert() -> None:
+        for commit in commits:
+            conn.execute("BEGIN IMMEDIATE")
+            for kind in {kind for batch in commit for kind in batch.rows}:
+                rows = [row for batch in commit for row in batch.rows.get(kind, ())]
+                conn.executemany(database.INSERT_SQL[kind], rows)
+            conn.execute("COMMIT")
+
+    def maintain() -> None:
+        for commit in commits:
+            conn.execute("BEGIN IMMEDIATE")
+            rollups.maintain(conn, [batch.rows for batch in commit])
+            conn.execute("COMMIT")
+
+    def record() -> None:
+        for commit in commits:
+            telemetry.on_commit(commit, sum(batch.accepted for batch in commit), 0.01)
+        telemetry.hand_over()
+
+    result = {
+        name: round(best_us_per_metric(fn, metrics, args.repeat), 3)
+        for name, fn in (("validation", validate), ("insert", insert), ("rollups", maintain), ("opentelemetry", record))
+    }
+    conn.close()
+    telemetry.shutdown()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
