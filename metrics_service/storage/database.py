@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from metrics_service.errors import StorageError
 from metrics_service.storage import migrations, rollups
@@ -52,7 +52,7 @@ INSERT_SQL = {kind: _insert_sql(kind) for kind in TABLE_OF_TYPE}
 # five to ten of them (absent dimensions). An adapter for ``NoneType`` that returns ``None`` (a
 # C-level ``dict.get`` of an empty dict, so no Python frame) makes the lookup succeed, and NULL
 # is bound as before. It is process-wide, like every sqlite3 adapter, and changes no value.
-sqlite3.register_adapter(type(None), {}.get)
+sqlite3.register_adapter(type(None), cast(Callable[[None], None], {}.get))
 
 
 def connect(
