@@ -19,6 +19,7 @@ import functools
 import gc
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -102,6 +103,7 @@ def main() -> None:
     server.proc.send_signal(signal.SIGUSR1)
     server.proc.wait(timeout=30)
     spent = json.loads(report.read_text())
+    shutil.rmtree(workdir, ignore_errors=True)
     metrics = warm.accepted + load.accepted
     collections = {k: v for k, v in spent.items() if k.startswith("garbage")}
     stages = {k: v for k, v in spent.items() if k != "process" and k not in collections}
