@@ -22,8 +22,8 @@ import os
 import threading
 import time
 from bisect import bisect_left
-from operator import itemgetter
 from collections.abc import Callable, Iterable, Sequence
+from operator import itemgetter
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -164,17 +164,7 @@ class _Hist:
         self.keep_values = keep_values  # only for the one-record-per-value fallback
 
     def add(self, key: tuple[str, ...], value: float) -> None:
-        group = self.groups.get(key)
-        if group is None:
-            group = self.groups[key] = [[0] * (len(self.bounds) + 1), 0.0, value, value, []]
-        group[0][bisect_left(self.bounds, value)] += 1
-        group[1] += value
-        if value < group[2]:
-            group[2] = value
-        elif value > group[3]:
-            group[3] = value
-        if self.keep_values:
-            group[4].append(value)
+        self.add_all(key, [value])
 
     def add_all(self, key: tuple[str, ...], values: list[float]) -> None:
         """``add`` for each of ``values`` (not empty), with one lookup of the group."""

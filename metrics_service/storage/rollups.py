@@ -22,7 +22,6 @@ import sqlite3
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Any
 
 from metrics_service.validation import DIMENSIONS, METADATA_COLUMNS
@@ -210,8 +209,6 @@ class _Shape:
         self.cube = cube
         self.dims = tuple(dims if dims is not None else cube.dims)
         pos = cube.positions
-        idx = [pos[d] for d in self.dims]
-        self.key_of = (lambda r, i=idx[0]: (r[i],)) if len(idx) == 1 else itemgetter(*idx)
         self.sums = [(pos[c], 2 + i) for i, c in enumerate(cube.sums)]
         self.hists = [(pos[h], cube.hist_offset(h)) for h in cube.hists]
         self.size = 2 + len(cube.sums) + len(cube.hists) * (4 + NBUCKETS)
@@ -303,6 +300,7 @@ def maintain(conn: sqlite3.Connection, parts: Sequence[dict[str, list[tuple[Any,
         if watermark is None:
             watermark = day_watermark(conn)
         hourly = tuple(shape for shape in shapes if "hour" in shape.cube.levels)
+        daily = [shape for shape in shapes if "hour" not in shape.cube.levels]
         if hourly:
             accs: list[dict[tuple[Any, ...], list[Any]]] = [{} for _ in hourly]
             accumulate = _accumulator(hourly)
@@ -316,12 +314,12 @@ def maintain(conn: sqlite3.Connection, parts: Sequence[dict[str, list[tuple[Any,
                 conn.executemany(_UPSERT[(name, "hour")], _stored(shape, hours))
                 if late:
                     conn.executemany(_UPSERT[(name, "day")], _stored(shape, shape.coarsen(late, DAY_MS)))
-        for shape in shapes:
-            if shape in hourly:
-                continue
-            days: dict[tuple[Any, ...], list[Any]] = {}
-            late_rows = [r for part in parts for r in part.get(kind, ()) if r[0] < watermark]
-            if late_rows:
+        # Day-only cubes take only the events of days already compacted; the rest reach them
+        # through compaction.
+        late_rows = [r for part in parts for r in part.get(kind, ()) if r[0] < watermark] if daily else []
+        if late_rows:
+            for shape in daily:
+                days: dict[tuple[Any, ...], list[Any]] = {}
                 _accumulator((shape,))(late_rows, DAY_MS, [days])
                 conn.executemany(_UPSERT[(shape.cube.name, "day")], _stored(shape, days))
 
