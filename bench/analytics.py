@@ -46,7 +46,11 @@ class History:
 
     def __init__(self, seed: int = 1) -> None:
         self.rng = random.Random(seed)
-        self.tool_w, self.client_w, self.tenant_w = _zipf(len(TOOLS)), _zipf(len(CLIENTS)), _zipf(len(TENANTS))
+        self.tool_w, self.client_w, self.tenant_w = (
+            _zipf(len(TOOLS)),
+            _zipf(len(CLIENTS)),
+            _zipf(len(TENANTS)),
+        )
         self.tool_mu = [self.rng.uniform(2.0, 5.5) for _ in TOOLS]
 
     def rows(self, start_ms: int, end_ms: int, n: int) -> dict[str, list[tuple[Any, ...]]]:
@@ -56,35 +60,102 @@ class History:
         tools = rng.choices(range(len(TOOLS)), weights=self.tool_w, k=n)
         clients = rng.choices(CLIENTS, weights=self.client_w, k=n)
         tenants = rng.choices(range(len(TENANTS)), weights=self.tenant_w, k=n)
-        out: dict[str, list[tuple[Any, ...]]] = {"tool_execution": [], "auth_request": [], "tool_discovery": [], "protocol_latency": []}
+        out: dict[str, list[tuple[Any, ...]]] = {
+            "tool_execution": [],
+            "auth_request": [],
+            "tool_discovery": [],
+            "protocol_latency": [],
+        }
         for i in range(n):
             t, k = ts[i], kinds[i]
             if k == 0:
                 service, server, tool = TOOLS[tools[i]]
                 ok = rng.random() < 0.97
                 tenant = tenants[i]
-                out["tool_execution"].append((
-                    t, t, service, "1.0.0", None, 1.0, rng.lognormvariate(self.tool_mu[tools[i]], 0.8),
-                    "tools/call", tool, server, clients[i], "1.0", int(ok), 200, 4000, "stdio", None,
-                    f"agent-{tenant}-{i % 3}", TENANTS[tenant], rng.randrange(50, 2000), rng.randrange(100, 8000),
-                    None, None,
-                ))
+                out["tool_execution"].append(
+                    (
+                        t,
+                        t,
+                        service,
+                        "1.0.0",
+                        None,
+                        1.0,
+                        rng.lognormvariate(self.tool_mu[tools[i]], 0.8),
+                        "tools/call",
+                        tool,
+                        server,
+                        clients[i],
+                        "1.0",
+                        int(ok),
+                        200,
+                        4000,
+                        "stdio",
+                        None,
+                        f"agent-{tenant}-{i % 3}",
+                        TENANTS[tenant],
+                        rng.randrange(50, 2000),
+                        rng.randrange(100, 8000),
+                        None,
+                        None,
+                    )
+                )
             elif k == 1:
-                out["auth_request"].append((
-                    t, t, "auth-server", "1.0.0", None, 1.0, rng.lognormvariate(2.0, 0.6),
-                    int(rng.random() < 0.95), rng.choice(("jwt", "oauth", "jwt", "jwt")), "auth-1",
-                    f"user-{int(rng.paretovariate(1.2)) % 5000}", None, None,
-                ))
+                out["auth_request"].append(
+                    (
+                        t,
+                        t,
+                        "auth-server",
+                        "1.0.0",
+                        None,
+                        1.0,
+                        rng.lognormvariate(2.0, 0.6),
+                        int(rng.random() < 0.95),
+                        rng.choice(("jwt", "oauth", "jwt", "jwt")),
+                        "auth-1",
+                        f"user-{int(rng.paretovariate(1.2)) % 5000}",
+                        None,
+                        None,
+                    )
+                )
             elif k == 2:
                 emb, search = rng.lognormvariate(2.5, 0.5), rng.lognormvariate(1.5, 0.5)
-                out["tool_discovery"].append((
-                    t, t, "registry", "1.0.0", None, 1.0, emb + search + 1, None, rng.randrange(0, 10), 10, 3, emb, search, None, None,
-                ))
+                out["tool_discovery"].append(
+                    (
+                        t,
+                        t,
+                        "registry",
+                        "1.0.0",
+                        None,
+                        1.0,
+                        emb + search + 1,
+                        None,
+                        rng.randrange(0, 10),
+                        10,
+                        3,
+                        emb,
+                        search,
+                        None,
+                        None,
+                    )
+                )
             else:
-                out["protocol_latency"].append((
-                    t, t, TOOLS[tools[i]][0], "1.0.0", None, 1.0, rng.lognormvariate(4.5, 1.0), FLOWS[i % 3],
-                    TOOLS[tools[i]][1], clients[i], None, None, None,
-                ))
+                out["protocol_latency"].append(
+                    (
+                        t,
+                        t,
+                        TOOLS[tools[i]][0],
+                        "1.0.0",
+                        None,
+                        1.0,
+                        rng.lognormvariate(4.5, 1.0),
+                        FLOWS[i % 3],
+                        TOOLS[tools[i]][1],
+                        clients[i],
+                        None,
+                        None,
+                        None,
+                    )
+                )
         return out
 
 
@@ -95,7 +166,9 @@ def build(path: Path, events: int, days: int, commit_rows: int = 10_000) -> dict
     now_ms = int(time.time() * 1000)
     start_ms = now_ms - days * rollups.DAY_MS
     # As a service that has run all along: days are compacted after the fact, not as late events.
-    conn.execute("UPDATE rollup_watermark SET until_ms = ?", (start_ms // rollups.DAY_MS * rollups.DAY_MS,))
+    conn.execute(
+        "UPDATE rollup_watermark SET until_ms = ?", (start_ms // rollups.DAY_MS * rollups.DAY_MS,)
+    )
     history = History()
     started = time.perf_counter()
     step = (now_ms - start_ms) * commit_rows // events
@@ -147,11 +220,15 @@ def time_views(path: Path, days: int, repeat: int) -> list[dict[str, Any]]:
             started = time.perf_counter()
             body = queries.run(conn, view, query)
             times.append(time.perf_counter() - started)
-        results.append({
-            "case": f"/analytics/{view}" + ("?" + "&".join(f"{k}={v}" for k, v in extra.items()) if extra else ""),
-            "median_ms": statistics.median(times) * 1000, "max_ms": max(times) * 1000,
-            "source": body["source"],
-        })
+        results.append(
+            {
+                "case": f"/analytics/{view}"
+                + ("?" + "&".join(f"{k}={v}" for k, v in extra.items()) if extra else ""),
+                "median_ms": statistics.median(times) * 1000,
+                "max_ms": max(times) * 1000,
+                "source": body["source"],
+            }
+        )
     conn.close()
     return results
 
@@ -165,13 +242,19 @@ def maintenance_cost(tmp: Path, metrics: int) -> list[dict[str, Any]]:
     for batch in (100, 1000, 10_000):
         n = max(batch * 5, metrics)
         workloads = {
-            "bench workload (_workload.py)": [validator.decode(b).rows for b in bodies(n // min(batch, 1000), min(batch, 1000))],
+            "bench workload (_workload.py)": [
+                validator.decode(b).rows for b in bodies(n // min(batch, 1000), min(batch, 1000))
+            ],
             "this bench's mix (Zipf, 40 tools, 25 tenants, 5000 users)": [
-                history.rows(now_ms - 600_000 + i, now_ms + i, min(batch, 1000)) for i in range(n // min(batch, 1000))
+                history.rows(now_ms - 600_000 + i, now_ms + i, min(batch, 1000))
+                for i in range(n // min(batch, 1000))
             ],
         }
         for name, parts in workloads.items():
-            commits = [parts[i : i + max(1, batch // 1000)] for i in range(0, len(parts), max(1, batch // 1000))]
+            commits = [
+                parts[i : i + max(1, batch // 1000)]
+                for i in range(0, len(parts), max(1, batch // 1000))
+            ]
             cost = {}
             for mode in ("without", "with"):
                 path = tmp / f"cost-{mode}.db"
@@ -191,24 +274,38 @@ def maintenance_cost(tmp: Path, metrics: int) -> list[dict[str, Any]]:
                 finally:
                     rollups.maintain = original  # type: ignore[assignment]
                     conn.close()
-            out.append({"workload": name, "commit_rows": batch, "insert_us": cost["without"],
-                        "with_rollups_us": cost["with"], "rollups_us": cost["with"] - cost["without"]})
+            out.append(
+                {
+                    "workload": name,
+                    "commit_rows": batch,
+                    "insert_us": cost["without"],
+                    "with_rollups_us": cost["with"],
+                    "rollups_us": cost["with"] - cost["without"],
+                }
+            )
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--db", type=Path, default=Path("/tmp/metrics-analytics-bench.db"))
     parser.add_argument("--reuse", action="store_true", help="time the views on an existing --db")
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--maintenance-metrics", type=int, default=50_000, help="metrics per maintenance cost run")
+    parser.add_argument(
+        "--maintenance-metrics", type=int, default=50_000, help="metrics per maintenance cost run"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     report: dict[str, Any] = {"events": args.events, "days": args.days}
     if not args.reuse:
-        print(f"building {args.events:,} events over {args.days} days in {args.db} ...", file=sys.stderr)
+        print(
+            f"building {args.events:,} events over {args.days} days in {args.db} ...",
+            file=sys.stderr,
+        )
         report["build"] = build(args.db, args.events, args.days)
     report["views"] = time_views(args.db, args.days, args.repeat)
     report["maintenance"] = maintenance_cost(args.db.parent, args.maintenance_metrics)
@@ -217,14 +314,22 @@ def main() -> None:
         return
     if "build" in report:
         b = report["build"]
-        print(f"built in {b['insert_s']:.0f} s ({b['insert_s'] / args.events * 1e6:.1f} µs/event incl. rollups), "
-              f"compaction {b['compact_s']:.1f} s, {b['bytes'] / 2**30:.2f} GiB")
-    print(f"\n| view, {args.days} days over {args.events:,} events | median ms | max ms | source |\n|---|---|---|---|")
+        print(
+            f"built in {b['insert_s']:.0f} s ({b['insert_s'] / args.events * 1e6:.1f} µs/event incl. rollups), "
+            f"compaction {b['compact_s']:.1f} s, {b['bytes'] / 2**30:.2f} GiB"
+        )
+    print(
+        f"\n| view, {args.days} days over {args.events:,} events | median ms | max ms | source |\n|---|---|---|---|"
+    )
     for v in report["views"]:
         print(f"| `{v['case']}` | {v['median_ms']:.0f} | {v['max_ms']:.0f} | {v['source']} |")
-    print("\n| workload | commit rows | insert µs/metric | with rollups | rollups µs/metric |\n|---|---|---|---|---|")
+    print(
+        "\n| workload | commit rows | insert µs/metric | with rollups | rollups µs/metric |\n|---|---|---|---|---|"
+    )
     for m in report["maintenance"]:
-        print(f"| {m['workload']} | {m['commit_rows']:,} | {m['insert_us']:.1f} | {m['with_rollups_us']:.1f} | {m['rollups_us']:.1f} |")
+        print(
+            f"| {m['workload']} | {m['commit_rows']:,} | {m['insert_us']:.1f} | {m['with_rollups_us']:.1f} | {m['rollups_us']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

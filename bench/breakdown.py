@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import ROOT, Server, bodies, drive  # noqa: E402
+from ingest import ROOT, Server, bodies, drive
 
 
 def _child(report: Path) -> None:
@@ -79,7 +79,9 @@ def _child(report: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration", type=float, default=10.0)
@@ -95,11 +97,22 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-breakdown-"))
     report = workdir / "report.json"
     server = Server(
-        "service", args.server_cpu, db_path=workdir / "metrics.db", extra_env={"PYTHONPATH": str(ROOT)},
+        "service",
+        args.server_cpu,
+        db_path=workdir / "metrics.db",
+        extra_env={"PYTHONPATH": str(ROOT)},
         program=[sys.executable, str(Path(__file__).resolve()), "--child", str(report)],
     )
     server.start()
-    warm, load = asyncio.run(drive(server.port, bodies(max(8, 2000 // args.batch), args.batch), args.concurrency, args.duration, 1.0))
+    warm, load = asyncio.run(
+        drive(
+            server.port,
+            bodies(max(8, 2000 // args.batch), args.batch),
+            args.concurrency,
+            args.duration,
+            1.0,
+        )
+    )
     server.proc.send_signal(signal.SIGUSR1)
     server.proc.wait(timeout=30)
     spent = json.loads(report.read_text())
@@ -110,8 +123,10 @@ def main() -> None:
     stages["storage"] -= stages.get("rollups", 0.0)
     stages["other (HTTP, auth, limits, queue, loop, GC)"] = spent["process"] - sum(stages.values())
     total = spent["process"]
-    print(f"batch {args.batch}, concurrency {args.concurrency}: {load.requests / load.elapsed_s:,.0f} req/s, "
-          f"{load.accepted / load.elapsed_s:,.0f} metrics/s; CPU per metric (the server's start-up included)")
+    print(
+        f"batch {args.batch}, concurrency {args.concurrency}: {load.requests / load.elapsed_s:,.0f} req/s, "
+        f"{load.accepted / load.elapsed_s:,.0f} metrics/s; CPU per metric (the server's start-up included)"
+    )
     for name, seconds in sorted(stages.items(), key=lambda kv: -kv[1]):
         print(f"  {name:45s} {seconds / metrics * 1e6:7.2f} us  {seconds / total:6.1%}")
     print(f"  {'total':45s} {total / metrics * 1e6:7.2f} us")

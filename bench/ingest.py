@@ -40,16 +40,22 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _workload import bodies  # noqa: E402
+from _workload import bodies
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-ingest-key-0123456789abcdefghijklmnop"
-TABLES = ("auth_metrics", "tool_metrics", "discovery_metrics", "protocol_latency_metrics", "custom_metrics")
+TABLES = (
+    "auth_metrics",
+    "tool_metrics",
+    "discovery_metrics",
+    "protocol_latency_metrics",
+    "custom_metrics",
+)
 
 
 def free_port() -> int:
@@ -74,26 +80,43 @@ class Server:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
-    program: list[str] = field(default_factory=lambda: [sys.executable, "-m", "metrics_service", "serve"])
+    program: list[str] = field(
+        default_factory=lambda: [sys.executable, "-m", "metrics_service", "serve"]
+    )
 
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("METRICS_", "SQLITE_", "OTEL_"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("METRICS_", "SQLITE_", "OTEL_"))
+        }
         if self.kind == "service":
             assert self.db_path is not None
-            env.update({
-                "SQLITE_DB_PATH": str(self.db_path),
-                "METRICS_SERVICE_PORT": str(self.port),
-                "METRICS_API_KEY_SVC": KEY,
-                "METRICS_RATE_LIMIT": "100000000",
-                "METRICS_LOG_LEVEL": "WARNING",
-                "OTEL_PROMETHEUS_PORT": "0",
-                **self.extra_env,
-            })
+            env.update(
+                {
+                    "SQLITE_DB_PATH": str(self.db_path),
+                    "METRICS_SERVICE_PORT": str(self.port),
+                    "METRICS_API_KEY_SVC": KEY,
+                    "METRICS_RATE_LIMIT": "100000000",
+                    "METRICS_LOG_LEVEL": "WARNING",
+                    "OTEL_PROMETHEUS_PORT": "0",
+                    **self.extra_env,
+                }
+            )
             cmd = self.program
         else:
             cmd = [
-                sys.executable, "-m", "uvicorn", "baseline_app:app", "--app-dir", "bench", "--port", str(self.port),
-                "--no-access-log", "--log-level", "warning",
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "baseline_app:app",
+                "--app-dir",
+                "bench",
+                "--port",
+                str(self.port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
             ]
         self.proc = subprocess.Popen(pinned(cmd, self.cpu), cwd=ROOT, env=env)
         deadline = time.monotonic() + 60
@@ -129,6 +152,7 @@ class Server:
 
 # -- the load generator: keep-alive HTTP/1.1 connections on asyncio, parsed by hand ----------
 
+
 def sample(server: Server, db_path: Path | None) -> dict[str, float]:
     """RSS (MB), open file descriptors and WAL size (MB) of the server now."""
     rss = 0.0
@@ -143,7 +167,9 @@ def sample(server: Server, db_path: Path | None) -> dict[str, float]:
     }
 
 
-async def sampler(server: Server, db_path: Path | None, every_s: float, out: list[dict[str, float]]) -> None:
+async def sampler(
+    server: Server, db_path: Path | None, every_s: float, out: list[dict[str, float]]
+) -> None:
     while True:
         out.append({"at": time.perf_counter(), **sample(server, db_path)})
         await asyncio.sleep(every_s)
@@ -151,12 +177,21 @@ async def sampler(server: Server, db_path: Path | None, every_s: float, out: lis
 
 def windows(samples: list[dict[str, float]], loads: tuple[Load, Load]) -> list[dict[str, float]]:
     """The samples, each with the p99 latency of the responses since the previous one."""
-    done = [(t, ms) for load in loads for t, ms in zip(load.finished_at, load.latencies_ms, strict=True)]
+    done = [
+        (t, ms) for load in loads for t, ms in zip(load.finished_at, load.latencies_ms, strict=True)
+    ]
     out = []
     for before, this in zip([{"at": 0.0}, *samples], samples, strict=False):
         window = [ms for t, ms in done if before["at"] < t <= this["at"]]
         row = {k: round(v, 2) for k, v in this.items() if k != "at"}
-        out.append({"t_s": round(this["at"] - samples[0]["at"], 1), **row, "p99_ms": round(percentile(window, 0.99), 1), "responses": len(window)})
+        out.append(
+            {
+                "t_s": round(this["at"] - samples[0]["at"], 1),
+                **row,
+                "p99_ms": round(percentile(window, 0.99), 1),
+                "responses": len(window),
+            }
+        )
     return out
 
 
@@ -171,7 +206,9 @@ class Load:
     elapsed_s: float = 0.0
 
 
-async def _connection(port: int, requests: list[bytes], stop_at: float, load: Load, offset: int) -> None:
+async def _connection(
+    port: int, requests: list[bytes], stop_at: float, load: Load, offset: int
+) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     n = len(requests)
     i = offset
@@ -202,13 +239,22 @@ async def _connection(port: int, requests: list[bytes], stop_at: float, load: Lo
 
 
 async def drive(
-    port: int, payloads: list[bytes], concurrency: int, duration_s: float, warmup_s: float,
+    port: int,
+    payloads: list[bytes],
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
     sample_on: tuple[Server, Path | None, float, list[dict[str, float]]] | None = None,
 ) -> tuple[Load, Load]:
     """Warm up for ``warmup_s``, then measure for ``duration_s``; the loads of both phases."""
     requests = [
         b"POST /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        b"X-API-Key: " + KEY.encode() + b"\r\nContent-Length: " + str(len(p)).encode() + b"\r\n\r\n" + p
+        b"X-API-Key: "
+        + KEY.encode()
+        + b"\r\nContent-Length: "
+        + str(len(p)).encode()
+        + b"\r\n\r\n"
+        + p
         for p in payloads
     ]
     loads = []
@@ -216,9 +262,12 @@ async def drive(
     for seconds in (warmup_s, duration_s):
         load = Load()
         started = time.perf_counter()
-        await asyncio.gather(*(
-            _connection(port, requests, started + seconds, load, c * 7) for c in range(concurrency)
-        ))
+        await asyncio.gather(
+            *(
+                _connection(port, requests, started + seconds, load, c * 7)
+                for c in range(concurrency)
+            )
+        )
         load.elapsed_s = time.perf_counter() - started
         loads.append(load)
     if sampling is not None:
@@ -238,7 +287,10 @@ def expired_rows(db_path: Path) -> int:
     conn = sqlite3.connect(db_path)
     cutoff = int((time.time() - 30 * 86_400) * 1000)
     try:
-        return sum(conn.execute(f"SELECT count(*) FROM {t} WHERE ts < ?", (cutoff,)).fetchone()[0] for t in TABLES)
+        return sum(
+            conn.execute(f"SELECT count(*) FROM {t} WHERE ts < ?", (cutoff,)).fetchone()[0]
+            for t in TABLES
+        )
     finally:
         conn.close()
 
@@ -251,7 +303,9 @@ def stored_rows(db_path: Path) -> int:
         conn.close()
 
 
-def run_one(kind: str, args: argparse.Namespace, batch: int, concurrency: int, prefilled: Path | None) -> dict[str, Any]:
+def run_one(
+    kind: str, args: argparse.Namespace, batch: int, concurrency: int, prefilled: Path | None
+) -> dict[str, Any]:
     """One run of one target on a fresh database (a copy of ``prefilled`` for the service)."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     db_path = workdir / "metrics.db"
@@ -260,34 +314,53 @@ def run_one(kind: str, args: argparse.Namespace, batch: int, concurrency: int, p
             if Path(f"{prefilled}{suffix}").exists():
                 shutil.copyfile(f"{prefilled}{suffix}", f"{db_path}{suffix}")
     rows_before = stored_rows(db_path) if db_path.exists() else 0
-    extra_env = {"METRICS_RETENTION_DAYS": "30"} if args.expired else {"METRICS_RETENTION_DAYS": "365"}
+    extra_env = (
+        {"METRICS_RETENTION_DAYS": "30"} if args.expired else {"METRICS_RETENTION_DAYS": "365"}
+    )
     server = Server(kind, args.server_cpu, db_path=db_path, extra_env=extra_env)
     samples: list[dict[str, float]] = []
     try:
         server.start()
         payloads = bodies(max(8, 2000 // batch), batch)
         cpu_before = server.cpu_seconds()
-        sample_on = (server, db_path if kind == "service" else None, args.sample_every, samples) if args.sample_every else None
-        warm, load = asyncio.run(drive(server.port, payloads, concurrency, args.duration, args.warmup, sample_on))
+        sample_on = (
+            (server, db_path if kind == "service" else None, args.sample_every, samples)
+            if args.sample_every
+            else None
+        )
+        warm, load = asyncio.run(
+            drive(server.port, payloads, concurrency, args.duration, args.warmup, sample_on)
+        )
         cpu_after = server.cpu_seconds()
         peak = server.peak_rss_mb()
     finally:
         code = server.stop()
     result: dict[str, Any] = {
-        "kind": kind, "batch": batch, "concurrency": concurrency,
+        "kind": kind,
+        "batch": batch,
+        "concurrency": concurrency,
         "requests_per_s": load.requests / load.elapsed_s,
         "metrics_per_s": load.accepted / load.elapsed_s,
         "p50_ms": percentile(load.latencies_ms, 0.50),
         "p95_ms": percentile(load.latencies_ms, 0.95),
         "p99_ms": percentile(load.latencies_ms, 0.99),
-        "statuses": dict(load.statuses), "connection_errors": load.errors,
+        "statuses": dict(load.statuses),
+        "connection_errors": load.errors,
         "samples": windows(samples, (warm, load)),
         "server_cpu": (cpu_after - cpu_before) / (warm.elapsed_s + load.elapsed_s),
-        "cpu_us_per_request": (cpu_after - cpu_before) / max(1, warm.requests + load.requests) * 1e6, "peak_rss_mb": peak, "exit_code": code,
+        "cpu_us_per_request": (cpu_after - cpu_before)
+        / max(1, warm.requests + load.requests)
+        * 1e6,
+        "peak_rss_mb": peak,
+        "exit_code": code,
     }
     if kind == "service":
         # Everything acknowledged, warm-up included, must be stored, and nothing else.
-        stored = stored_rows(db_path) - rows_before + (args.expired - expired_rows(db_path) if args.expired else 0)
+        stored = (
+            stored_rows(db_path)
+            - rows_before
+            + (args.expired - expired_rows(db_path) if args.expired else 0)
+        )
         acknowledged = warm.accepted + load.accepted
         result["stored"] = stored
         result["acknowledged"] = acknowledged
@@ -313,7 +386,6 @@ def build_history(path: Path, events: int, expired: int) -> None:
     """``events`` over the last 7 days and ``expired`` 40 to 33 days old, with their rollups."""
     sys.path.insert(0, str(ROOT))
     from bench.analytics import History
-
     from metrics_service import storage
 
     conn, _ = storage.open_database(path, synchronous="normal")
@@ -321,7 +393,10 @@ def build_history(path: Path, events: int, expired: int) -> None:
     now_ms = int(time.time() * 1000)
     day = 86_400_000
     started = time.perf_counter()
-    for count, start_ms, end_ms in ((expired, now_ms - 40 * day, now_ms - 33 * day), (events, now_ms - 7 * day, now_ms - 60_000)):
+    for count, start_ms, end_ms in (
+        (expired, now_ms - 40 * day, now_ms - 33 * day),
+        (events, now_ms - 7 * day, now_ms - 60_000),
+    ):
         step = (end_ms - start_ms) * 10_000 // max(1, count)
         done, t = 0, start_ms
         while done < count:
@@ -330,7 +405,10 @@ def build_history(path: Path, events: int, expired: int) -> None:
             done, t = done + n, t + step
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
-    print(f"history of {events:,} + {expired:,} expired events built in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    print(
+        f"history of {events:,} + {expired:,} expired events built in {time.perf_counter() - started:.0f} s",
+        file=sys.stderr,
+    )
 
 
 def median(results: list[dict[str, Any]], key: str) -> float:
@@ -338,18 +416,30 @@ def median(results: list[dict[str, Any]], key: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", default="1,100", help="comma-separated batch sizes")
-    parser.add_argument("--concurrency", default="1,16,64", help="comma-separated connection counts")
+    parser.add_argument(
+        "--concurrency", default="1,16,64", help="comma-separated connection counts"
+    )
     parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per run")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load first")
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="seconds of unmeasured load first"
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--targets", default="baseline,service")
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
-    parser.add_argument("--prefill", type=int, default=0, help="rows already in the service's database")
-    parser.add_argument("--expired", type=int, default=0, help="rows past retention, deleted during the run")
-    parser.add_argument("--sample-every", type=float, default=0, help="seconds between RSS/fd/WAL samples")
+    parser.add_argument(
+        "--prefill", type=int, default=0, help="rows already in the service's database"
+    )
+    parser.add_argument(
+        "--expired", type=int, default=0, help="rows past retention, deleted during the run"
+    )
+    parser.add_argument(
+        "--sample-every", type=float, default=0, help="seconds between RSS/fd/WAL samples"
+    )
     parser.add_argument("--json", type=Path, help="write every run here")
     args = parser.parse_args()
     if args.client_cpu is not None and hasattr(os, "sched_setaffinity"):
@@ -384,18 +474,32 @@ def main() -> None:
         shutil.rmtree(prefilled.parent, ignore_errors=True)
     missing = sum(r.get("missing", 0) + r.get("unexpected", 0) for r in all_runs)
     if missing:
-        print(f"MISMATCH: {missing} metrics acknowledged but not stored, or stored but not acknowledged", file=sys.stderr)
+        print(
+            f"MISMATCH: {missing} metrics acknowledged but not stored, or stored but not acknowledged",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 
-def summarise(batch: int, concurrency: int, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def summarise(
+    batch: int, concurrency: int, runs: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
     row: dict[str, Any] = {"batch": batch, "concurrency": concurrency}
     for kind, results in runs.items():
-        for key in ("requests_per_s", "metrics_per_s", "p50_ms", "p99_ms", "server_cpu", "peak_rss_mb"):
+        for key in (
+            "requests_per_s",
+            "metrics_per_s",
+            "p50_ms",
+            "p99_ms",
+            "server_cpu",
+            "peak_rss_mb",
+        ):
             row[f"{kind}_{key}"] = median(results, key)
         if kind == "service":
             row["service_missing"] = sum(r["missing"] for r in results)
-            row["service_non_2xx"] = sum(n for r in results for s, n in r["statuses"].items() if not 200 <= s < 300)
+            row["service_non_2xx"] = sum(
+                n for r in results for s, n in r["statuses"].items() if not 200 <= s < 300
+            )
             row["service_bytes_per_metric"] = median(results, "bytes_per_metric")
     if "baseline" in runs and "service" in runs:
         row["ratio"] = row["service_metrics_per_s"] / row["baseline_metrics_per_s"]
@@ -410,8 +514,10 @@ def print_table(table: list[dict[str, Any]]) -> None:
     print(header)
     print("-" * len(header))
     for row in table:
+
         def g(key: str, fmt: str) -> str:
             return format(row[key], fmt) if key in row else "-"
+
         print(
             f"{row['batch']:>5} {row['concurrency']:>4} | {g('baseline_requests_per_s', '>10,.0f')} "
             f"{g('baseline_metrics_per_s', '>9,.0f')} {g('baseline_p99_ms', '>6.1f')} | "

@@ -29,13 +29,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _workload import bodies  # noqa: E402
+from _workload import bodies
 
-from metrics_service import storage  # noqa: E402
-from metrics_service.settings import Settings  # noqa: E402
-from metrics_service.storage import database, rollups  # noqa: E402
-from metrics_service.telemetry import Telemetry  # noqa: E402
-from metrics_service.validation import Validator  # noqa: E402
+from metrics_service import storage
+from metrics_service.settings import Settings
+from metrics_service.storage import database, rollups
+from metrics_service.telemetry import Telemetry
+from metrics_service.validation import Validator
 
 
 def best_us_per_metric(fn: Callable[[], object], metrics: int, repeat: int) -> float:
@@ -49,7 +49,9 @@ def best_us_per_metric(fn: Callable[[], object], metrics: int, repeat: int) -> f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=80)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--per-commit", type=int, default=8, help="requests per transaction")
@@ -92,7 +94,12 @@ def main() -> None:
 
     result = {
         name: round(best_us_per_metric(fn, metrics, args.repeat), 3)
-        for name, fn in (("validation", validate), ("insert", insert), ("rollups", maintain), ("opentelemetry", record))
+        for name, fn in (
+            ("validation", validate),
+            ("insert", insert),
+            ("rollups", maintain),
+            ("opentelemetry", record),
+        )
     }
     conn.close()
     telemetry.shutdown()

@@ -42,7 +42,9 @@ def main() -> None:
             group = batches[i : i + 16]
             telemetry.on_commit(group, sum(b.accepted for b in group), 0.001)
         telemetry.hand_over()  # what a collection does: the pending values into the SDK
-        results[f"otel_{mode}_us_per_metric"] = round((time.perf_counter() - t) / args.metrics * 1e6, 2)
+        results[f"otel_{mode}_us_per_metric"] = round(
+            (time.perf_counter() - t) / args.metrics * 1e6, 2
+        )
         telemetry.shutdown()
     print(json.dumps(results))
 

@@ -63,8 +63,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(_encode(content), status_code=status, headers=headers, media_type="application/json")
+def json_response(
+    content: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        _encode(content), status_code=status, headers=headers, media_type="application/json"
+    )
 
 
 def request_id(request: Request) -> str:
@@ -72,7 +76,10 @@ def request_id(request: Request) -> str:
 
 
 def error_body(error: ApiError, rid: str) -> dict[str, Any]:
-    return {"error": {"code": error.code, "message": error.message, "details": error.details}, "request_id": rid}
+    return {
+        "error": {"code": error.code, "message": error.message, "details": error.details},
+        "request_id": rid,
+    }
 
 
 def error_response(request: Request, error: ApiError) -> Response:
@@ -100,13 +107,18 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         error = ApiError(str(exc.detail), headers=dict(exc.headers or {}))
         error.status = exc.status_code
-        error.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        error.code = {404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
         return error_response(request, error)
 
     async def database_error(request: Request, exc: Exception) -> Response:
         # Locked by another process, disk full, I/O error: the database refused, retry later.
         log.warning("database unavailable for %s %s: %s", request.method, request.url.path, exc)
-        return error_response(request, Unavailable("the database is unavailable, retry later", headers={"Retry-After": "1"}))
+        return error_response(
+            request,
+            Unavailable("the database is unavailable, retry later", headers={"Retry-After": "1"}),
+        )
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -132,7 +144,9 @@ APIKey = Annotated[str | None, Header(alias="X-API-Key", description="The caller
 
 
 async def admin_principal(request: Request, x_api_key: APIKey = None) -> auth.Principal:
-    return await state(request).authenticator.authenticate(x_api_key, client_address(request), "admin")
+    return await state(request).authenticator.authenticate(
+        x_api_key, client_address(request), "admin"
+    )
 
 
 Admin = Annotated[auth.Principal, Depends(admin_principal)]
@@ -144,7 +158,10 @@ admin = APIRouter(
     responses={
         **_ERRORS,
         404: {"model": ErrorResponse, "description": "No such table or key id."},
-        422: {"model": ErrorResponse, "description": "A parameter or the body is invalid (field and rule in details)."},
+        422: {
+            "model": ErrorResponse,
+            "description": "A parameter or the body is invalid (field and rule in details).",
+        },
     },
 )
 
@@ -153,7 +170,9 @@ class ClientGone(Exception):
     """The client disconnected before its request body arrived; there is no one to answer."""
 
 
-async def read_body(receive: Receive, declared: bytes | None, limit: int, timeout_s: float) -> bytes:
+async def read_body(
+    receive: Receive, declared: bytes | None, limit: int, timeout_s: float
+) -> bytes:
     """The body, refusing (413) as soon as it exceeds ``limit`` bytes (never buffering more) and
     (408) if it has not arrived within ``timeout_s``."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -190,7 +209,9 @@ class IngestEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rid = str(scope.get("request_id", ""))
         try:
-            status, content, headers = await self.ingest(scope["app"].state.metrics, scope, receive, rid)
+            status, content, headers = await self.ingest(
+                scope["app"].state.metrics, scope, receive, rid
+            )
         except ApiError as error:
             status, content, headers = error.status, error_body(error, rid), error.headers
         except ClientGone:
@@ -203,7 +224,10 @@ class IngestEndpoint:
         raw_headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
-            *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()),
+            *(
+                (name.lower().encode("latin-1"), value.encode("latin-1"))
+                for name, value in headers.items()
+            ),
         ]
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": body})
@@ -224,18 +248,29 @@ class IngestEndpoint:
             elif name == b"content-length":
                 length = length or value
         client = scope.get("client")
-        principal = await app.authenticator.authenticate(api_key, client[0] if client else "unknown", "ingest")
+        principal = await app.authenticator.authenticate(
+            api_key, client[0] if client else "unknown", "ingest"
+        )
         decision = await app.limiter.hit(
-            "key", str(principal.key_id), principal.rate_limit_per_min or app.settings.rate_limit_per_min
+            "key",
+            str(principal.key_id),
+            principal.rate_limit_per_min or app.settings.rate_limit_per_min,
         )
         if not decision.allowed:
             app.telemetry.add("metrics_service_rate_limited_requests")
             raise RateLimited("rate limit exceeded for this key", headers=decision.headers())
-        if content_type is None or content_type.split(b";", 1)[0].strip().lower() != b"application/json":
+        if (
+            content_type is None
+            or content_type.split(b";", 1)[0].strip().lower() != b"application/json"
+        ):
             raise UnsupportedMediaType("Content-Type must be application/json")
         if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
-            raise UnsupportedMediaType("Content-Encoding is not supported; send the body uncompressed")
-        body = await read_body(receive, length, app.settings.max_request_bytes, app.settings.request_timeout_s)
+            raise UnsupportedMediaType(
+                "Content-Encoding is not supported; send the body uncompressed"
+            )
+        body = await read_body(
+            receive, length, app.settings.max_request_bytes, app.settings.request_timeout_s
+        )
         batch = app.validator.decode(body)
         if batch.service != principal.service:
             app.telemetry.add("metrics_service_auth_failures", ("wrong_service",))
@@ -244,7 +279,12 @@ class IngestEndpoint:
         accepted = batch.accepted
         errors = [r.as_dict() for r in batch.rejections]
         app.on_ingested(batch)
-        result: dict[str, Any] = {"accepted": accepted, "rejected": len(errors), "errors": errors, "request_id": rid}
+        result: dict[str, Any] = {
+            "accepted": accepted,
+            "rejected": len(errors),
+            "errors": errors,
+            "request_id": rid,
+        }
         if accepted == 0:
             result["error"] = {
                 "code": "validation_failed",
@@ -279,20 +319,36 @@ async def health() -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get("/ready", tags=["health"], responses={503: {"description": "Not ready; the same body names the failing check."}})
+@router.get(
+    "/ready",
+    tags=["health"],
+    responses={503: {"description": "Not ready; the same body names the failing check."}},
+)
 async def ready(request: Request) -> Response:
     """Ready: the database is writable and the writer is running."""
     checks = await state(request).readiness()
     ok = all(checks.values())
-    return json_response({"status": "ready" if ok else "not_ready", "checks": checks}, 200 if ok else 503)
+    return json_response(
+        {"status": "ready" if ok else "not_ready", "checks": checks}, 200 if ok else 503
+    )
 
 
 @admin.get("/retention/policies", response_model=list[PolicyInfo])
 async def list_policies(request: Request, _: Admin) -> Response:
     app = state(request)
-    policies = await app.reader.run(lambda c: storage.retention_policies(c, app.settings.retention_days))
+    policies = await app.reader.run(
+        lambda c: storage.retention_policies(c, app.settings.retention_days)
+    )
     return json_response(
-        [{"table": p.table, "retention_days": p.retention_days, "is_default": p.is_default, "enabled": p.enabled} for p in policies]
+        [
+            {
+                "table": p.table,
+                "retention_days": p.retention_days,
+                "is_default": p.is_default,
+                "enabled": p.enabled,
+            }
+            for p in policies
+        ]
     )
 
 
@@ -316,12 +372,20 @@ async def update_policy(request: Request, table: str, update: PolicyUpdate, _: A
 async def cleanup(
     request: Request,
     _: Admin,
-    dry_run: Annotated[bool, Query(description="Count what would be deleted, delete nothing.")] = False,
+    dry_run: Annotated[
+        bool, Query(description="Count what would be deleted, delete nothing.")
+    ] = False,
     table: Annotated[str | None, Query(description="Only this table.")] = None,
 ) -> Response:
     app = state(request)
     tables = [_known_table(table)] if table is not None else None
-    results = await run_once(app.writer, app.settings, dry_run=dry_run, tables=tables, on_deleted=app.telemetry.on_retention_deleted)
+    results = await run_once(
+        app.writer,
+        app.settings,
+        dry_run=dry_run,
+        tables=tables,
+        on_deleted=app.telemetry.on_retention_deleted,
+    )
     return json_response({"dry_run": dry_run, "tables": [r.as_dict() for r in results]})
 
 
@@ -344,22 +408,35 @@ async def create_key(request: Request, body: KeyCreate, _: Admin) -> Response:
     if body.role == "ingest" and not body.service:
         raise InvalidPayload(
             "an ingest key needs a service",
-            details=[{"field": "service", "rule": "required", "message": "required when role is ingest"}],
+            details=[
+                {"field": "service", "rule": "required", "message": "required when role is ingest"}
+            ],
         )
     secret, record = await app.writer.run(
         lambda c: auth.create_key(
-            c, service=body.service, role=body.role, rate_limit_per_min=body.rate_limit_per_min,
-            source="api", description=body.description,
+            c,
+            service=body.service,
+            role=body.role,
+            rate_limit_per_min=body.rate_limit_per_min,
+            source="api",
+            description=body.description,
         )
     )
     app.keys.add(record)
-    log.info("key %d created for %s (%s) through the admin API", record.id, record.service or "-", record.role)
+    log.info(
+        "key %d created for %s (%s) through the admin API",
+        record.id,
+        record.service or "-",
+        record.role,
+    )
     return json_response({**record.public(), "key": secret}, 201)
 
 
 @admin.delete("/keys/{key_id}", response_model=KeyInfo)
 async def revoke_key(
-    request: Request, key_id: Annotated[int, Path(ge=1, le=2**63 - 1, description="The key's id.")], _: Admin
+    request: Request,
+    key_id: Annotated[int, Path(ge=1, le=2**63 - 1, description="The key's id.")],
+    _: Admin,
 ) -> Response:
     app = state(request)
     record = await app.writer.run(lambda c: storage.revoke_key(c, key_id))
@@ -383,13 +460,31 @@ _INGEST_OPERATION: dict[str, Any] = {
     "With the default durable acknowledgement, 200 means committed to the database.",
     "operationId": "ingest_metrics_post",
     "parameters": [
-        {"name": "X-API-Key", "in": "header", "required": False, "description": "The caller's API key.", "schema": {"type": "string"}}
+        {
+            "name": "X-API-Key",
+            "in": "header",
+            "required": False,
+            "description": "The caller's API key.",
+            "schema": {"type": "string"},
+        }
     ],
     "requestBody": {"required": True, "content": _json_content("MetricsPayload")},
     "responses": {
-        "200": {"description": "At least one metric stored.", "content": _json_content("IngestResult")},
-        **{str(code): {"description": spec["description"], "content": _json_content("ErrorResponse")} for code, spec in _ERRORS.items()},
-        "422": {"description": "No metric was valid, or the body has the wrong shape.", "content": _json_content("ErrorResponse")},
+        "200": {
+            "description": "At least one metric stored.",
+            "content": _json_content("IngestResult"),
+        },
+        **{
+            str(code): {
+                "description": spec["description"],
+                "content": _json_content("ErrorResponse"),
+            }
+            for code, spec in _ERRORS.items()
+        },
+        "422": {
+            "description": "No metric was valid, or the body has the wrong shape.",
+            "content": _json_content("ErrorResponse"),
+        },
     },
 }
 

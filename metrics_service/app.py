@@ -63,7 +63,11 @@ class AppState:
             db_ok = await asyncio.wait_for(self.writer.run(writable), 5)
         except Exception:
             db_ok = False
-        return {"database_writable": db_ok, "writer_running": self.queue.running, "commits_healthy": self.queue.healthy}
+        return {
+            "database_writable": db_ok,
+            "writer_running": self.queue.running,
+            "commits_healthy": self.queue.healthy,
+        }
 
     async def reload_keys(self) -> None:
         records = await self.reader.run(lambda c: storage.list_keys(c, active_only=True))
@@ -137,7 +141,10 @@ def _build_state(settings: Settings) -> AppState:
     queue.add_listener(telemetry.on_commit)
     queue.on_failure = lambda: telemetry.add("metrics_service_commit_failures")
     authenticator = auth.Authenticator(
-        keys, limiter, settings, on_failure=lambda reason: telemetry.add("metrics_service_auth_failures", (reason,))
+        keys,
+        limiter,
+        settings,
+        on_failure=lambda reason: telemetry.add("metrics_service_auth_failures", (reason,)),
     )
     state = AppState(
         settings=settings,
@@ -161,7 +168,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.metrics = state
     log.info(
         "metrics-service %s starting: database %s, %s acknowledgement",
-        __version__, settings.db_path.resolve(), settings.ack_mode.value,
+        __version__,
+        settings.db_path.resolve(),
+        settings.ack_mode.value,
     )
     await state.writer.open()
     if state.writer.applied_migrations:
@@ -171,7 +180,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     counts = await state.writer.run(lambda c: auth.reconcile_env(c, settings))
     log.info(
         "environment keys reconciled: %d kept, %d added, %d revoked",
-        counts["kept"], counts["added"], counts["revoked"],
+        counts["kept"],
+        counts["added"],
+        counts["revoked"],
     )
     await state.reload_keys()
     if state.keys.count_role("ingest") == 0:
@@ -198,7 +209,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.reader.close()
         log.info(
             "stopped after %.0f s: %d metrics committed, %d left uncommitted",
-            time.monotonic() - started, state.queue.committed_metrics, left,
+            time.monotonic() - started,
+            state.queue.committed_metrics,
+            left,
         )
 
 

@@ -80,10 +80,14 @@ def create_key(
 def reconcile_env(conn: sqlite3.Connection, settings: Settings) -> dict[str, int]:
     """Make the env-sourced keys match ``METRICS_API_KEY_*`` and ``METRICS_ADMIN_API_KEY``."""
     wanted: dict[tuple[str, str | None], tuple[str, str]] = {
-        ("ingest", service): (hash_key(key), key_prefix(key)) for service, key in env_api_keys().items()
+        ("ingest", service): (hash_key(key), key_prefix(key))
+        for service, key in env_api_keys().items()
     }
     if settings.admin_api_key:
-        wanted[("admin", None)] = (hash_key(settings.admin_api_key), key_prefix(settings.admin_api_key))
+        wanted[("admin", None)] = (
+            hash_key(settings.admin_api_key),
+            key_prefix(settings.admin_api_key),
+        )
     return storage.reconcile_env_keys(conn, wanted)
 
 

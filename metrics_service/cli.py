@@ -21,7 +21,7 @@ import signal
 import sqlite3
 import sys
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from metrics_service import auth, storage
@@ -31,7 +31,9 @@ from metrics_service.settings import Settings, env_api_keys, load_settings
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metrics-service", description="MCP metrics collection service")
+    parser = argparse.ArgumentParser(
+        prog="metrics-service", description="MCP metrics collection service"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP service")
@@ -43,10 +45,14 @@ def _parser() -> argparse.ArgumentParser:
         help="if the database has no key at all, create an ingest key for SERVICE and print it once",
     )
 
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
     create = keys.add_parser("create", help="create a key and print it once")
     create.add_argument("--service", help="the service this ingest key reports for")
-    create.add_argument("--rate-limit", type=int, help="requests per minute (default METRICS_RATE_LIMIT)")
+    create.add_argument(
+        "--rate-limit", type=int, help="requests per minute (default METRICS_RATE_LIMIT)"
+    )
     create.add_argument("--role", choices=auth.ROLES, default="ingest")
     create.add_argument("--description")
     listing = keys.add_parser("list", help="list keys (never their secrets)")
@@ -80,12 +86,15 @@ def _open(settings: Settings) -> sqlite3.Connection:
 def _time(ms: int | None) -> str:
     if ms is None:
         return "-"
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
 
 
 def _keys(args: argparse.Namespace, settings: Settings) -> int:
@@ -96,10 +105,16 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
                 print("error: an ingest key needs --service NAME", file=sys.stderr)
                 return 2
             secret, record = auth.create_key(
-                conn, service=args.service, role=args.role, rate_limit_per_min=args.rate_limit,
-                source="cli", description=args.description,
+                conn,
+                service=args.service,
+                role=args.role,
+                rate_limit_per_min=args.rate_limit,
+                source="cli",
+                description=args.description,
             )
-            print(f"Created key {record.id} ({record.role}{', service ' + record.service if record.service else ''}).")
+            print(
+                f"Created key {record.id} ({record.role}{', service ' + record.service if record.service else ''})."
+            )
             print("It is shown only this once; only its hash is stored:\n")
             print(f"    {secret}\n")
             return 0
@@ -111,9 +126,14 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
             rows = [["ID", "ROLE", "SERVICE", "PREFIX", "RATE/MIN", "SOURCE", "CREATED", "REVOKED"]]
             rows += [
                 [
-                    str(r.id), r.role, r.service or "-", r.key_prefix + "…",
+                    str(r.id),
+                    r.role,
+                    r.service or "-",
+                    r.key_prefix + "…",
                     str(r.rate_limit_per_min or f"{settings.rate_limit_per_min} (default)"),
-                    r.source, _time(r.created_at), _time(r.revoked_at),
+                    r.source,
+                    _time(r.created_at),
+                    _time(r.revoked_at),
                 ]
                 for r in records
             ]
@@ -123,7 +143,9 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
         if record is None:
             print(f"error: no key with id {args.id}", file=sys.stderr)
             return 1
-        print(f"Key {record.id} revoked; a running service refuses it within {settings.key_reload_interval_s:g} s.")
+        print(
+            f"Key {record.id} revoked; a running service refuses it within {settings.key_reload_interval_s:g} s."
+        )
         return 0
     finally:
         conn.close()
@@ -227,7 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             verb = "would delete" if args.dry_run else "deleted"
             for r in results:
                 state = "" if r["enabled"] else " (policy disabled)"
-                print(f"{r['table']}: {verb} {r['rows']} rows older than {r['retention_days']} days{state}")
+                print(
+                    f"{r['table']}: {verb} {r['rows']} rows older than {r['retention_days']} days{state}"
+                )
             return 0
         stats = storage.stats(conn := _open(settings), settings.db_path)
         conn.close()

@@ -81,7 +81,9 @@ class DbThread:
             self._conn = storage.connect(self._settings.db_path, **options)
             self._conn.execute("PRAGMA query_only = ON")
         else:
-            self._conn, self.applied_migrations = storage.open_database(self._settings.db_path, **options)
+            self._conn, self.applied_migrations = storage.open_database(
+                self._settings.db_path, **options
+            )
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -195,10 +197,13 @@ class WriteQueue:
                 self.last_error = str(exc)
                 log.error("commit of %d metrics failed (attempt %d): %s", size, attempt, exc)
                 if self._durable and attempt > self._settings.commit_retries:
-                    self._finish(entries, Unavailable(
-                        "the metrics could not be stored, retry later",
-                        headers={"Retry-After": "1"},
-                    ))
+                    self._finish(
+                        entries,
+                        Unavailable(
+                            "the metrics could not be stored, retry later",
+                            headers={"Retry-After": "1"},
+                        ),
+                    )
                     return
                 await asyncio.sleep(min(5.0, 0.05 * 2**attempt))
                 continue
@@ -241,9 +246,10 @@ class WriteQueue:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
             except TimeoutError:
-                log.error("shutdown deadline passed with %d metrics uncommitted", self.pending_metrics)
+                log.error(
+                    "shutdown deadline passed with %d metrics uncommitted", self.pending_metrics
+                )
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
         return self.pending_metrics
-

@@ -11,7 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MetricType = Literal["auth_request", "tool_execution", "tool_discovery", "protocol_latency", "custom"]
+MetricType = Literal[
+    "auth_request", "tool_execution", "tool_discovery", "protocol_latency", "custom"
+]
 
 
 class Metric(BaseModel):
@@ -22,18 +24,25 @@ class Metric(BaseModel):
         "the latency in ms for protocol_latency when duration_ms is absent; any finite number "
         "for custom.",
     )
-    duration_ms: float | None = Field(None, ge=0, le=86_400_000, description="Duration in milliseconds.")
+    duration_ms: float | None = Field(
+        None, ge=0, le=86_400_000, description="Duration in milliseconds."
+    )
     timestamp: datetime | float | None = Field(
-        None, description="Event time: ISO 8601 (no offset = UTC) or unix seconds. Default: receive time."
+        None,
+        description="Event time: ISO 8601 (no offset = UTC) or unix seconds. Default: receive time.",
     )
     dimensions: dict[str, str | int | float | bool | None] = Field(
         default_factory=dict, description="Typed per family; see the README."
     )
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form JSON, stored as is.")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="Free-form JSON, stored as is."
+    )
 
 
 class MetricsPayload(BaseModel):
-    service: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Must match the key's service.")
+    service: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Must match the key's service."
+    )
     version: str = Field(max_length=64)
     instance_id: str | None = Field(None, max_length=128)
     metrics: list[Metric] = Field(min_length=1, max_length=1000)
@@ -98,7 +107,9 @@ class KeyCreated(KeyInfo):
 class PolicyUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     retention_days: int | None = Field(
-        description="Days to keep; null returns the table to METRICS_RETENTION_DAYS.", ge=1, le=36_500
+        description="Days to keep; null returns the table to METRICS_RETENTION_DAYS.",
+        ge=1,
+        le=36_500,
     )
     enabled: bool | None = None
 

@@ -65,7 +65,9 @@ async def _delete_expired(
             on_deleted(table, chunk)
         if chunk < limit:
             return deleted
-        await asyncio.sleep(pause_after(time.perf_counter() - started, settings.retention_max_share))
+        await asyncio.sleep(
+            pause_after(time.perf_counter() - started, settings.retention_max_share)
+        )
 
 
 async def run_once(
@@ -86,13 +88,26 @@ async def run_once(
         table = policy.table
         if dry_run or not policy.enabled:
             rows = await writer.run(lambda c, t=table, k=cutoff: storage.count_expired(c, t, k))
-            results.append(TableResult(table, policy.retention_days, cutoff, rows if dry_run else 0, policy.enabled))
+            results.append(
+                TableResult(
+                    table, policy.retention_days, cutoff, rows if dry_run else 0, policy.enabled
+                )
+            )
             continue
         deleted = await _delete_expired(
-            writer, settings, table, lambda c, n: storage.delete_expired_chunk(c, table, cutoff, n), on_deleted
+            writer,
+            settings,
+            table,
+            lambda c, n: storage.delete_expired_chunk(c, table, cutoff, n),
+            on_deleted,
         )
         if deleted:
-            log.info("retention deleted %d rows from %s older than %d days", deleted, table, policy.retention_days)
+            log.info(
+                "retention deleted %d rows from %s older than %d days",
+                deleted,
+                table,
+                policy.retention_days,
+            )
         results.append(TableResult(table, policy.retention_days, cutoff, deleted, True))
     if tables is None:
         results += await _rollups(writer, settings, now, dry_run, on_deleted)
@@ -100,7 +115,11 @@ async def run_once(
 
 
 async def _rollups(
-    writer: DbThread, settings: Settings, now: float, dry_run: bool, on_deleted: Callable[[str, int], None] | None
+    writer: DbThread,
+    settings: Settings,
+    now: float,
+    dry_run: bool,
+    on_deleted: Callable[[str, int], None] | None,
 ) -> list[TableResult]:
     """Compact complete days into the day rollups, then delete rollups past their own retention."""
     if not dry_run:
@@ -114,7 +133,11 @@ async def _rollups(
             rows = await writer.run(lambda c, t=table: rollups.count_expired(c, t, cutoff))
         else:
             rows = await _delete_expired(
-                writer, settings, table, lambda c, n: rollups.delete_expired_chunk(c, table, cutoff, n), on_deleted
+                writer,
+                settings,
+                table,
+                lambda c, n: rollups.delete_expired_chunk(c, table, cutoff, n),
+                on_deleted,
             )
             if rows:
                 log.info("retention deleted %d rows from %s older than %d days", rows, table, days)
@@ -126,7 +149,10 @@ class RetentionLoop:
     """Runs retention at start-up and then every ``METRICS_RETENTION_INTERVAL_S``."""
 
     def __init__(
-        self, writer: DbThread, settings: Settings, on_deleted: Callable[[str, int], None] | None = None
+        self,
+        writer: DbThread,
+        settings: Settings,
+        on_deleted: Callable[[str, int], None] | None = None,
     ) -> None:
         self._writer = writer
         self._settings = settings

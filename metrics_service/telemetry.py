@@ -46,14 +46,32 @@ from metrics_service.validation import DIMENSIONS, Batch
 
 log = logging.getLogger(__name__)
 
-SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SECONDS_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 BYTES_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
 RESULTS_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100)
 BATCH_BUCKETS = (1, 10, 100, 1000, 5000, 10000, 50000)
 OVERFLOW = {"otel.metric.overflow": True}
 
 # Column positions of the typed dimensions in the rows built by ``validation``.
-_COL = {kind: {name: 7 + i for i, (name, _) in enumerate(spec)} for kind, spec in DIMENSIONS.items()}
+_COL = {
+    kind: {name: 7 + i for i, (name, _) in enumerate(spec)} for kind, spec in DIMENSIONS.items()
+}
 _SUCCESS = {1: "true", 0: "false", None: "unknown"}
 
 AUTH_LABELS = ("service", "server", "method", "success")
@@ -65,26 +83,116 @@ SERVICE_LABELS = ("service",)
 INSTRUMENTS: dict[str, tuple[str, str, tuple[str, ...], Sequence[float], str]] = {
     "mcp_auth_requests": ("counter", "", AUTH_LABELS, (), "Authentication events (sum of value)"),
     "mcp_tool_executions": ("counter", "", TOOL_LABELS, (), "MCP method calls (sum of value)"),
-    "mcp_tool_discovery": ("counter", "", SERVICE_LABELS, (), "Tool discovery searches (sum of value)"),
-    "mcp_auth_request_duration_seconds": ("histogram", "s", AUTH_LABELS, SECONDS_BUCKETS, "Authentication time"),
-    "mcp_tool_execution_duration_seconds": ("histogram", "s", TOOL_LABELS, SECONDS_BUCKETS, "MCP method execution time"),
-    "mcp_tool_input_size_bytes": ("histogram", "By", TOOL_LABELS, BYTES_BUCKETS, "Tool call input size"),
-    "mcp_tool_output_size_bytes": ("histogram", "By", TOOL_LABELS, BYTES_BUCKETS, "Tool call output size"),
-    "mcp_tool_discovery_duration_seconds": ("histogram", "s", SERVICE_LABELS, SECONDS_BUCKETS, "Discovery total time"),
-    "mcp_tool_discovery_embedding_duration_seconds": ("histogram", "s", SERVICE_LABELS, SECONDS_BUCKETS, "Discovery embedding time"),
-    "mcp_tool_discovery_search_duration_seconds": ("histogram", "s", SERVICE_LABELS, SECONDS_BUCKETS, "Discovery index search time"),
-    "mcp_tool_discovery_results": ("histogram", "", SERVICE_LABELS, RESULTS_BUCKETS, "Results returned per discovery"),
-    "mcp_protocol_latency_seconds": ("histogram", "s", PROTOCOL_LABELS, SECONDS_BUCKETS, "Time between MCP protocol steps"),
+    "mcp_tool_discovery": (
+        "counter",
+        "",
+        SERVICE_LABELS,
+        (),
+        "Tool discovery searches (sum of value)",
+    ),
+    "mcp_auth_request_duration_seconds": (
+        "histogram",
+        "s",
+        AUTH_LABELS,
+        SECONDS_BUCKETS,
+        "Authentication time",
+    ),
+    "mcp_tool_execution_duration_seconds": (
+        "histogram",
+        "s",
+        TOOL_LABELS,
+        SECONDS_BUCKETS,
+        "MCP method execution time",
+    ),
+    "mcp_tool_input_size_bytes": (
+        "histogram",
+        "By",
+        TOOL_LABELS,
+        BYTES_BUCKETS,
+        "Tool call input size",
+    ),
+    "mcp_tool_output_size_bytes": (
+        "histogram",
+        "By",
+        TOOL_LABELS,
+        BYTES_BUCKETS,
+        "Tool call output size",
+    ),
+    "mcp_tool_discovery_duration_seconds": (
+        "histogram",
+        "s",
+        SERVICE_LABELS,
+        SECONDS_BUCKETS,
+        "Discovery total time",
+    ),
+    "mcp_tool_discovery_embedding_duration_seconds": (
+        "histogram",
+        "s",
+        SERVICE_LABELS,
+        SECONDS_BUCKETS,
+        "Discovery embedding time",
+    ),
+    "mcp_tool_discovery_search_duration_seconds": (
+        "histogram",
+        "s",
+        SERVICE_LABELS,
+        SECONDS_BUCKETS,
+        "Discovery index search time",
+    ),
+    "mcp_tool_discovery_results": (
+        "histogram",
+        "",
+        SERVICE_LABELS,
+        RESULTS_BUCKETS,
+        "Results returned per discovery",
+    ),
+    "mcp_protocol_latency_seconds": (
+        "histogram",
+        "s",
+        PROTOCOL_LABELS,
+        SECONDS_BUCKETS,
+        "Time between MCP protocol steps",
+    ),
     "metrics_service_metrics_accepted": ("counter", "", ("type",), (), "Metrics stored"),
-    "metrics_service_metrics_rejected": ("counter", "", ("reason",), (), "Metrics rejected, by the rule they broke"),
+    "metrics_service_metrics_rejected": (
+        "counter",
+        "",
+        ("reason",),
+        (),
+        "Metrics rejected, by the rule they broke",
+    ),
     "metrics_service_requests": ("counter", "", ("status",), (), "Ingest requests by HTTP status"),
-    "metrics_service_rate_limited_requests": ("counter", "", (), (), "Ingest requests refused by the rate limit"),
+    "metrics_service_rate_limited_requests": (
+        "counter",
+        "",
+        (),
+        (),
+        "Ingest requests refused by the rate limit",
+    ),
     "metrics_service_auth_failures": ("counter", "", ("reason",), (), "Failed authentications"),
     "metrics_service_commit_failures": ("counter", "", (), (), "Failed commit attempts"),
-    "metrics_service_retention_deleted_rows": ("counter", "", ("table",), (), "Rows deleted by retention"),
+    "metrics_service_retention_deleted_rows": (
+        "counter",
+        "",
+        ("table",),
+        (),
+        "Rows deleted by retention",
+    ),
     "metrics_service_export_failures": ("counter", "", ("exporter",), (), "Failed OTLP exports"),
-    "metrics_service_commit_batch_metrics": ("histogram", "", (), BATCH_BUCKETS, "Metrics per commit"),
-    "metrics_service_commit_duration_seconds": ("histogram", "s", (), SECONDS_BUCKETS, "Commit duration"),
+    "metrics_service_commit_batch_metrics": (
+        "histogram",
+        "",
+        (),
+        BATCH_BUCKETS,
+        "Metrics per commit",
+    ),
+    "metrics_service_commit_duration_seconds": (
+        "histogram",
+        "s",
+        (),
+        SECONDS_BUCKETS,
+        "Commit duration",
+    ),
 }
 
 
@@ -142,7 +250,10 @@ def _bulk_works() -> bool:
         provider.shutdown()
         point = data.resource_metrics[0].scope_metrics[0].metrics[0].data.data_points[0]  # type: ignore[union-attr]
         return bool(
-            list(point.bucket_counts) == [1, 1, 0] and point.count == 2 and point.min == 0.5 and point.max == 1.75
+            list(point.bucket_counts) == [1, 1, 0]
+            and point.count == 2
+            and point.min == 0.5
+            and point.max == 1.75
         )
     except Exception:
         log.exception("bulk histogram self-test failed")
@@ -221,7 +332,9 @@ class _CountingExporter(MetricExporter):
         self._on_failure = on_failure
         self._failing = False
 
-    def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+    def export(
+        self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
         try:
             result = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
         except Exception:
@@ -233,7 +346,9 @@ class _CountingExporter(MetricExporter):
         else:
             self._on_failure()
             if not self._failing:
-                log.warning("OTLP export failed; counting failures in metrics_service_export_failures_total")
+                log.warning(
+                    "OTLP export failed; counting failures in metrics_service_export_failures_total"
+                )
             self._failing = True
         return result
 
@@ -249,10 +364,17 @@ def _otlp_exporter(settings: Settings) -> MetricExporter:
     headers = settings.otlp_header_map() or None
     base = (settings.otlp_endpoint or "").rstrip("/")
     if settings.otlp_protocol is OtlpProtocol.grpc:
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as Grpc
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+            OTLPMetricExporter as Grpc,
+        )
 
         endpoint = settings.otlp_metrics_endpoint or base
-        return Grpc(endpoint=endpoint, insecure=endpoint.startswith("http://"), headers=headers, timeout=timeout_s)
+        return Grpc(
+            endpoint=endpoint,
+            insecure=endpoint.startswith("http://"),
+            headers=headers,
+            timeout=timeout_s,
+        )
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as Http
 
     endpoint = settings.otlp_metrics_endpoint or f"{base}/v1/metrics"
@@ -283,21 +405,38 @@ class Telemetry:
             readers.append(PrometheusMetricReader(registry=self.registry, scope_info_enabled=False))
         self.otlp_enabled = bool(settings.otlp_endpoint or settings.otlp_metrics_endpoint)
         if self.otlp_enabled:
-            exporter = _CountingExporter(_otlp_exporter(settings), lambda: self.add("metrics_service_export_failures", ("otlp",)))
-            readers.append(PeriodicExportingMetricReader(exporter, export_interval_millis=settings.otel_export_interval_ms))
+            exporter = _CountingExporter(
+                _otlp_exporter(settings),
+                lambda: self.add("metrics_service_export_failures", ("otlp",)),
+            )
+            readers.append(
+                PeriodicExportingMetricReader(
+                    exporter, export_interval_millis=settings.otel_export_interval_ms
+                )
+            )
         limit = settings.otel_cardinality_limit
         self.bulk = _bulk_works()
         if not self.bulk:
-            log.warning("the installed OpenTelemetry SDK does not take bulk histogram measurements; recording each value")
+            log.warning(
+                "the installed OpenTelemetry SDK does not take bulk histogram measurements; recording each value"
+            )
         views = []
         for name, (kind, _unit, _labels, buckets, _desc) in INSTRUMENTS.items():
             if kind == "histogram":
-                views.append(View(instrument_name=name, aggregation=BulkHistogramAggregation(buckets), aggregation_cardinality_limit=limit))
+                views.append(
+                    View(
+                        instrument_name=name,
+                        aggregation=BulkHistogramAggregation(buckets),
+                        aggregation_cardinality_limit=limit,
+                    )
+                )
             else:
                 views.append(View(instrument_name=name, aggregation_cardinality_limit=limit))
         self.provider = MeterProvider(
             metric_readers=readers,
-            resource=Resource.create({"service.name": settings.otel_service_name, "service.version": __version__}),
+            resource=Resource.create(
+                {"service.name": settings.otel_service_name, "service.version": __version__}
+            ),
             views=views,
             exemplar_filter=AlwaysOffExemplarFilter(),
         )
@@ -309,7 +448,9 @@ class Telemetry:
             self.labels[name] = labels
             if kind == "counter":
                 totals = self.totals[name] = _Totals(labels, limit)
-                meter.create_observable_counter(name, callbacks=[totals.observe], unit=unit, description=desc)
+                meter.create_observable_counter(
+                    name, callbacks=[totals.observe], unit=unit, description=desc
+                )
             else:
                 self.histograms[name] = meter.create_histogram(name, unit=unit, description=desc)
         # Histogram measurements gathered since the last hand-over, per instrument; handed to the
@@ -470,7 +611,9 @@ def _auth(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
     c = _COL["auth_request"]
     totals = t.totals["mcp_auth_requests"]
     durations = hist("mcp_auth_request_duration_seconds")
-    for (*text, success), group in _by_label(rows, 2, c["server"], c["method"], c["success"]).items():
+    for (*text, success), group in _by_label(
+        rows, 2, c["server"], c["method"], c["success"]
+    ).items():
         key = (*_labels(text), _SUCCESS[success])
         totals.add(key, sum(r[5] for r in group))
         if values := _seconds(group, 6):
@@ -516,7 +659,9 @@ def _discovery(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> N
 def _protocol(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
     c = _COL["protocol_latency"]
     latency = hist("mcp_protocol_latency_seconds")
-    for text, group in _by_label(rows, 2, c["server_name"], c["client_name"], c["flow_step"]).items():
+    for text, group in _by_label(
+        rows, 2, c["server_name"], c["client_name"], c["flow_step"]
+    ).items():
         if values := _seconds(group, 6):
             latency.add_all(_labels(text), values)
 

@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -25,7 +25,12 @@ METRIC_TYPES = ("auth_request", "tool_execution", "tool_discovery", "protocol_la
 
 #: dimension name -> kind, per metric type; these become typed columns, in this order.
 DIMENSIONS: dict[str, tuple[tuple[str, str], ...]] = {
-    "auth_request": (("success", "bool"), ("method", "str"), ("server", "str"), ("user_hash", "str")),
+    "auth_request": (
+        ("success", "bool"),
+        ("method", "str"),
+        ("server", "str"),
+        ("user_hash", "str"),
+    ),
     "tool_execution": (
         ("method", "str"),
         ("tool_name", "str"),
@@ -62,7 +67,12 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "custom": (),
 }
 #: metadata keys that also get typed columns in ``tool_metrics``.
-METADATA_COLUMNS = (("agent_id", "str"), ("tenant_id", "str"), ("input_tokens", "count"), ("output_tokens", "count"))
+METADATA_COLUMNS = (
+    ("agent_id", "str"),
+    ("tenant_id", "str"),
+    ("input_tokens", "count"),
+    ("output_tokens", "count"),
+)
 
 MAX_DURATION_MS = 86_400_000.0  # one day
 MAX_VALUE = 1e15
@@ -80,7 +90,12 @@ class Rejection:
     message: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "field": self.field, "rule": self.rule, "message": self.message}
+        return {
+            "index": self.index,
+            "field": self.field,
+            "rule": self.rule,
+            "message": self.message,
+        }
 
 
 @dataclass(slots=True)
@@ -105,7 +120,9 @@ def _structs(s: Settings) -> tuple[type[Struct], type[Struct], type[Struct]]:
     text = Annotated[str, Meta(max_length=s.max_string_length)]
     finite = Annotated[float, Meta(ge=-MAX_VALUE, le=MAX_VALUE)]
     dim_value = text | int | finite | bool | None
-    dims = Annotated[dict[Annotated[str, Meta(max_length=64)], dim_value], Meta(max_length=s.max_dimensions)]
+    dims = Annotated[
+        dict[Annotated[str, Meta(max_length=64)], dim_value], Meta(max_length=s.max_dimensions)
+    ]
 
     # Built with defstruct: the limits come from settings, and string annotations (this module
     # uses postponed evaluation) could not see these local types.
@@ -127,7 +144,10 @@ def _structs(s: Settings) -> tuple[type[Struct], type[Struct], type[Struct]]:
             [
                 ("service", Annotated[str, Meta(min_length=1, max_length=64)]),
                 ("version", Annotated[str, Meta(max_length=64)]),
-                ("metrics", Annotated[list[item], Meta(min_length=1, max_length=s.max_metrics_per_request)]),
+                (
+                    "metrics",
+                    Annotated[list[item], Meta(min_length=1, max_length=s.max_metrics_per_request)],
+                ),
                 ("instance_id", Annotated[str, Meta(max_length=128)] | None, None),
             ],
         )
@@ -240,7 +260,9 @@ class Validator:
                 table, row = self._row(item, head, received_ms, oldest_s, newest_s)
             except _Reject as rej:
                 batch.rejections.append(
-                    Rejection(index, f"metrics[{index}].{rej.field}".rstrip("."), rej.rule, rej.message)
+                    Rejection(
+                        index, f"metrics[{index}].{rej.field}".rstrip("."), rej.rule, rej.message
+                    )
                 )
                 continue
             bucket = rows.get(table)
@@ -306,24 +328,36 @@ class Validator:
                 raise _Reject(f"dimensions.{name}", "required", f"is required for {kind}")
         tool = kind == "tool_execution"
         if tool and columns[_TOOL_METHOD] == "tools/call" and not columns[_TOOL_NAME]:
-            raise _Reject("dimensions.tool_name", "required", "is required when method is tools/call")
+            raise _Reject(
+                "dimensions.tool_name", "required", "is required when method is tools/call"
+            )
         meta = m.metadata
         if meta:
             meta_json = self._encode(meta).decode()
             if len(meta_json) > self._settings.max_metadata_bytes:
                 raise _Reject(
-                    "metadata", "max_bytes", f"must encode to <= {self._settings.max_metadata_bytes} bytes"
+                    "metadata",
+                    "max_bytes",
+                    f"must encode to <= {self._settings.max_metadata_bytes} bytes",
                 )
         else:
             meta_json = None
         if tool:
             if meta:
-                columns += [_typed(meta.get(name), name, k, "metadata") for name, k in METADATA_COLUMNS]
+                columns += [
+                    _typed(meta.get(name), name, k, "metadata") for name, k in METADATA_COLUMNS
+                ]
             else:
                 columns += _NO_METADATA
         return kind, (
-            int(ts_s * 1000), received_ms, *head, value, duration, *columns,
-            None if extra is None else self._encode(extra).decode(), meta_json,
+            int(ts_s * 1000),
+            received_ms,
+            *head,
+            value,
+            duration,
+            *columns,
+            None if extra is None else self._encode(extra).decode(),
+            meta_json,
         )
 
 
@@ -359,7 +393,11 @@ def _typed(value: Any, name: str, kind: str, where: str = "dimensions") -> Any:
     # "ms"
     if type(value) in (int, float) and 0 <= value <= MAX_DURATION_MS:
         return float(value)
-    raise _Reject(f"{where}.{name}", "range", f"must be a number of milliseconds in [0, {MAX_DURATION_MS:.0f}]")
+    raise _Reject(
+        f"{where}.{name}",
+        "range",
+        f"must be a number of milliseconds in [0, {MAX_DURATION_MS:.0f}]",
+    )
 
 
 def _parse_iso(text: str) -> float:
@@ -368,5 +406,5 @@ def _parse_iso(text: str) -> float:
     except ValueError:
         raise _Reject("timestamp", "format", "must be an ISO 8601 time or unix seconds") from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()

@@ -44,38 +44,58 @@ def make_seed(n: int = 600, days: float = 3.0, seed: int = 7, now: float | None 
         r = rng.random()
         if r < 0.55:
             tool = rng.choice(TOOLS)
-            meta: dict[str, Any] = {"tenant_id": rng.choice(TENANTS), "agent_id": rng.choice(("a1", "a2"))}
+            meta: dict[str, Any] = {
+                "tenant_id": rng.choice(TENANTS),
+                "agent_id": rng.choice(("a1", "a2")),
+            }
             if rng.random() < 0.8:
                 meta["input_tokens"] = rng.randrange(1, 500)
                 meta["output_tokens"] = rng.randrange(1, 2000)
             m: dict[str, Any] = {
-                "type": "tool_execution", "timestamp": ts, "duration_ms": round(rng.lognormvariate(3.5, 1.2), 3),
+                "type": "tool_execution",
+                "timestamp": ts,
+                "duration_ms": round(rng.lognormvariate(3.5, 1.2), 3),
                 "dimensions": {
-                    "method": "tools/call", "tool_name": tool, "server_name": f"srv-{TOOLS.index(tool) % 2}",
-                    "client_name": rng.choice(CLIENTS), "success": rng.random() < 0.88,
+                    "method": "tools/call",
+                    "tool_name": tool,
+                    "server_name": f"srv-{TOOLS.index(tool) % 2}",
+                    "client_name": rng.choice(CLIENTS),
+                    "success": rng.random() < 0.88,
                 },
                 "metadata": meta,
             }
         elif r < 0.8:
             m = {
-                "type": "auth_request", "timestamp": ts, "duration_ms": round(rng.uniform(1, 80), 3),
+                "type": "auth_request",
+                "timestamp": ts,
+                "duration_ms": round(rng.uniform(1, 80), 3),
                 "dimensions": {
-                    "success": rng.random() < 0.9, "method": rng.choice(("jwt", "oauth")), "server": "auth-1",
+                    "success": rng.random() < 0.9,
+                    "method": rng.choice(("jwt", "oauth")),
+                    "server": "auth-1",
                     "user_hash": f"u{rng.randrange(20)}",
                 },
             }
         elif r < 0.9:
             m = {
-                "type": "tool_discovery", "timestamp": ts, "duration_ms": round(rng.uniform(10, 90), 3),
+                "type": "tool_discovery",
+                "timestamp": ts,
+                "duration_ms": round(rng.uniform(10, 90), 3),
                 "dimensions": {
-                    "results_count": rng.randrange(0, 10), "embedding_time_ms": round(rng.uniform(2, 40), 3),
+                    "results_count": rng.randrange(0, 10),
+                    "embedding_time_ms": round(rng.uniform(2, 40), 3),
                     "search_time_ms": round(rng.uniform(1, 20), 3),
                 },
             }
         else:
             m = {
-                "type": "protocol_latency", "timestamp": ts, "value": round(rng.uniform(5, 900), 3),
-                "dimensions": {"flow_step": rng.choice(("initialize->tools/list", "tools/list->tools/call")), "server_name": "srv-0"},
+                "type": "protocol_latency",
+                "timestamp": ts,
+                "value": round(rng.uniform(5, 900), 3),
+                "dimensions": {
+                    "flow_step": rng.choice(("initialize->tools/list", "tools/list->tools/call")),
+                    "server_name": "srv-0",
+                },
             }
         s.metrics.append(m)
     return s

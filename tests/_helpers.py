@@ -30,7 +30,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.02) -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.02
+) -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -48,7 +50,9 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
 
 
-def payload(service: str = "svc", metrics: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
+def payload(
+    service: str = "svc", metrics: list[dict[str, Any]] | None = None, **extra: Any
+) -> dict[str, Any]:
     return {"service": service, "version": "1.0.0", "metrics": metrics or [custom(1)], **extra}
 
 
@@ -56,7 +60,9 @@ def custom(value: float, **dims: Any) -> dict[str, Any]:
     return {"type": "custom", "value": value, "dimensions": dims}
 
 
-def auth_event(success: bool = True, method: str = "jwt", duration_ms: float = 12.5) -> dict[str, Any]:
+def auth_event(
+    success: bool = True, method: str = "jwt", duration_ms: float = 12.5
+) -> dict[str, Any]:
     return {
         "type": "auth_request",
         "value": 1,
@@ -70,8 +76,14 @@ def tool_event(tool: str = "search", success: bool = True) -> dict[str, Any]:
         "type": "tool_execution",
         "duration_ms": 30.0,
         "dimensions": {
-            "method": "tools/call", "tool_name": tool, "server_name": "srv", "client_name": "claude",
-            "client_version": "1.2", "success": success, "input_size_bytes": 120, "output_size_bytes": 2048,
+            "method": "tools/call",
+            "tool_name": tool,
+            "server_name": "srv",
+            "client_name": "claude",
+            "client_version": "1.2",
+            "success": success,
+            "input_size_bytes": 120,
+            "output_size_bytes": 2048,
         },
         "metadata": {"tenant_id": "acme", "input_tokens": 10},
     }
@@ -114,7 +126,11 @@ class ServiceProcess:
             env.pop(name, None)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "metrics_service", "serve", *self.args], env=env, stdout=log, stderr=log, cwd=self.db_path.parent
+            [sys.executable, "-m", "metrics_service", "serve", *self.args],
+            env=env,
+            stdout=log,
+            stderr=log,
+            cwd=self.db_path.parent,
         )
         log.close()
 
@@ -175,9 +191,21 @@ def start_redis(workdir: Path) -> RedisServer:
     binary = require_binary("redis-server", "redis-server")
     port = free_port()
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
     def up() -> bool:

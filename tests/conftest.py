@@ -7,7 +7,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from metrics_service import Settings, create_app
-from tests._helpers import ADMIN_KEY, INGEST_KEY, OTHER_KEY, RedisServer, ServiceProcess, start_redis
+from tests._helpers import (
+    ADMIN_KEY,
+    INGEST_KEY,
+    OTHER_KEY,
+    RedisServer,
+    ServiceProcess,
+    start_redis,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -29,24 +29,41 @@ def test_policies_default_to_retention_days_and_can_be_changed(client: TestClien
     policies = client.get("/admin/retention/policies", headers=ADMIN).json()
     assert {p["table"] for p in policies} == set(TABLES)
     assert all(p["retention_days"] == 90 and p["is_default"] for p in policies)
-    r = client.put("/admin/retention/policies/tool_metrics", json={"retention_days": 7}, headers=ADMIN)
+    r = client.put(
+        "/admin/retention/policies/tool_metrics", json={"retention_days": 7}, headers=ADMIN
+    )
     assert r.status_code == 200
     tool = next(p for p in r.json() if p["table"] == "tool_metrics")
-    assert tool == {"table": "tool_metrics", "retention_days": 7, "is_default": False, "enabled": True}
-    r = client.put("/admin/retention/policies/tool_metrics", json={"retention_days": None}, headers=ADMIN)
+    assert tool == {
+        "table": "tool_metrics",
+        "retention_days": 7,
+        "is_default": False,
+        "enabled": True,
+    }
+    r = client.put(
+        "/admin/retention/policies/tool_metrics", json={"retention_days": None}, headers=ADMIN
+    )
     assert next(p for p in r.json() if p["table"] == "tool_metrics")["retention_days"] == 90
 
 
-def test_retention_deletes_by_event_time_with_dry_run_first(client: TestClient, settings: Settings) -> None:
+def test_retention_deletes_by_event_time_with_dry_run_first(
+    client: TestClient, settings: Settings
+) -> None:
     post_aged(client, [40, 35, 20, 1, 0])
-    client.put("/admin/retention/policies/custom_metrics", json={"retention_days": 30}, headers=ADMIN)
+    client.put(
+        "/admin/retention/policies/custom_metrics", json={"retention_days": 30}, headers=ADMIN
+    )
     dry = client.post("/admin/retention/cleanup?dry_run=true", headers=ADMIN).json()
     custom_row = next(t for t in dry["tables"] if t["table"] == "custom_metrics")
     assert dry["dry_run"] is True and custom_row["rows"] == 2
     assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(5,)]
     done = client.post("/admin/retention/cleanup", headers=ADMIN).json()
     assert next(t for t in done["tables"] if t["table"] == "custom_metrics")["rows"] == 2
-    assert db_rows(settings.db_path, "SELECT value FROM custom_metrics ORDER BY value") == [(2.0,), (3.0,), (4.0,)]
+    assert db_rows(settings.db_path, "SELECT value FROM custom_metrics ORDER BY value") == [
+        (2.0,),
+        (3.0,),
+        (4.0,),
+    ]
 
 
 def test_retention_deletes_a_backlog_in_chunks(tmp_path: Path, keyed_env: None) -> None:
@@ -61,7 +78,11 @@ def test_retention_deletes_a_backlog_in_chunks(tmp_path: Path, keyed_env: None) 
 
 def test_disabled_policy_deletes_nothing(client: TestClient, settings: Settings) -> None:
     post_aged(client, [40])
-    client.put("/admin/retention/policies/custom_metrics", json={"retention_days": 30, "enabled": False}, headers=ADMIN)
+    client.put(
+        "/admin/retention/policies/custom_metrics",
+        json={"retention_days": 30, "enabled": False},
+        headers=ADMIN,
+    )
     client.post("/admin/retention/cleanup", headers=ADMIN)
     assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(1,)]
 
@@ -74,14 +95,21 @@ def test_db_stats(client: TestClient, settings: Settings) -> None:
     assert stats["schema_version"] >= 1
 
 
-def test_keys_api_create_list_revoke_never_shows_secrets(client: TestClient, settings: Settings) -> None:
-    created = client.post("/admin/keys", json={"service": "svc", "description": "ci"}, headers=ADMIN)
+def test_keys_api_create_list_revoke_never_shows_secrets(
+    client: TestClient, settings: Settings
+) -> None:
+    created = client.post(
+        "/admin/keys", json={"service": "svc", "description": "ci"}, headers=ADMIN
+    )
     assert created.status_code == 201
     secret = created.json()["key"]
     listing = client.get("/admin/keys", headers=ADMIN)
     assert secret not in listing.text and INGEST_KEY not in listing.text
     assert {k["service"] for k in listing.json()} >= {"svc"}
-    assert client.delete(f"/admin/keys/{created.json()['id']}", headers=ADMIN).json()["active"] is False
+    assert (
+        client.delete(f"/admin/keys/{created.json()['id']}", headers=ADMIN).json()["active"]
+        is False
+    )
     assert client.delete("/admin/keys/999999", headers=ADMIN).status_code == 404
     raw = settings.db_path.read_bytes() + Path(f"{settings.db_path}-wal").read_bytes()
     assert secret.encode() not in raw and INGEST_KEY.encode() not in raw
@@ -106,7 +134,9 @@ INJECTIONS = [
 
 
 @pytest.mark.parametrize("table", INJECTIONS)
-def test_sql_injection_on_admin_paths_is_refused(client: TestClient, settings: Settings, table: str) -> None:
+def test_sql_injection_on_admin_paths_is_refused(
+    client: TestClient, settings: Settings, table: str
+) -> None:
     client.post("/metrics", json=payload(metrics=[custom(1)]), headers=H)
     r = client.put(f"/admin/retention/policies/{table}", json={"retention_days": 1}, headers=ADMIN)
     assert r.status_code == 404
@@ -124,12 +154,18 @@ def test_sql_injection_on_admin_paths_is_refused(client: TestClient, settings: S
     # Nothing was dropped or deleted.
     assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(1,)]
     assert len(db_rows(settings.db_path, "SELECT id FROM api_keys")) >= 3
-    assert sorted(p["table"] for p in client.get("/admin/retention/policies", headers=ADMIN).json()) == sorted(TABLES)
+    assert sorted(
+        p["table"] for p in client.get("/admin/retention/policies", headers=ADMIN).json()
+    ) == sorted(TABLES)
 
 
-def test_sql_injection_in_ingest_values_is_stored_as_data(client: TestClient, settings: Settings) -> None:
+def test_sql_injection_in_ingest_values_is_stored_as_data(
+    client: TestClient, settings: Settings
+) -> None:
     evil = "x'); DROP TABLE tool_metrics; --"
     r = client.post("/metrics", json=payload(metrics=[custom(1, name=evil)]), headers=H)
     assert r.status_code == 200
-    assert db_rows(settings.db_path, "SELECT json_extract(dimensions, '$.name') FROM custom_metrics") == [(evil,)]
+    assert db_rows(
+        settings.db_path, "SELECT json_extract(dimensions, '$.name') FROM custom_metrics"
+    ) == [(evil,)]
     assert db_rows(settings.db_path, "SELECT count(*) FROM tool_metrics") == [(0,)]

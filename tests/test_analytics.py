@@ -17,7 +17,18 @@ from tests._helpers import ADMIN_KEY, INGEST_KEY
 
 ADMIN = {"X-API-Key": ADMIN_KEY}
 H = {"X-API-Key": INGEST_KEY}
-VIEWS = ("summary", "tools", "clients", "services", "tenants", "users", "auth", "discovery", "protocol", "timeseries")
+VIEWS = (
+    "summary",
+    "tools",
+    "clients",
+    "services",
+    "tenants",
+    "users",
+    "auth",
+    "discovery",
+    "protocol",
+    "timeseries",
+)
 
 
 @pytest.fixture
@@ -28,7 +39,9 @@ def seeded(client: TestClient) -> tuple[TestClient, Seed, dict[str, str]]:
 
 
 def viewer_key(client: TestClient) -> dict[str, str]:
-    r = client.post("/admin/keys", json={"role": "viewer", "description": "analytics"}, headers=ADMIN)
+    r = client.post(
+        "/admin/keys", json={"role": "viewer", "description": "analytics"}, headers=ADMIN
+    )
     assert r.status_code == 201, r.text
     return {"X-API-Key": r.json()["key"]}
 
@@ -70,15 +83,23 @@ def test_breakdowns_by_tool_client_tenant_and_service_match_the_events(seeded: A
         assert_same_bucket(row["latency_ms"]["p95"], durations(mine), 0.95)
 
     clients = client.get("/analytics/clients", params=span, headers=ADMIN).json()
-    assert {r["client"]: r["calls"] for r in clients["rows"]} == Counter(m["dimensions"]["client_name"] for m in seed.tools())
+    assert {r["client"]: r["calls"] for r in clients["rows"]} == Counter(
+        m["dimensions"]["client_name"] for m in seed.tools()
+    )
     agents = client.get("/analytics/clients", params={**span, "by": "agent"}, headers=ADMIN).json()
-    assert {r["agent"]: r["calls"] for r in agents["rows"]} == Counter(m["metadata"]["agent_id"] for m in seed.tools())
+    assert {r["agent"]: r["calls"] for r in agents["rows"]} == Counter(
+        m["metadata"]["agent_id"] for m in seed.tools()
+    )
 
-    servers = client.get("/analytics/services", params={**span, "by": "server"}, headers=ADMIN).json()
+    servers = client.get(
+        "/analytics/services", params={**span, "by": "server"}, headers=ADMIN
+    ).json()
     assert {(r["service"], r["server"]): r["calls"] for r in servers["rows"]} == Counter(
         ("svc", m["dimensions"]["server_name"]) for m in seed.tools()
     )
-    tenants = client.get("/analytics/tenants", params={**span, "sort": "tokens"}, headers=ADMIN).json()
+    tenants = client.get(
+        "/analytics/tenants", params={**span, "sort": "tokens"}, headers=ADMIN
+    ).json()
     for row in tenants["rows"]:
         mine = seed.tools(tenant_id=row["tenant"])
         assert row["calls"] == len(mine)
@@ -87,11 +108,19 @@ def test_breakdowns_by_tool_client_tenant_and_service_match_the_events(seeded: A
 
 def test_tenant_and_tool_csv_for_billing(seeded: Any) -> None:
     client, seed, span = seeded
-    r = client.get("/analytics/tenants", params={**span, "by": "tool", "format": "csv", "limit": "100"}, headers=ADMIN)
+    r = client.get(
+        "/analytics/tenants",
+        params={**span, "by": "tool", "format": "csv", "limit": "100"},
+        headers=ADMIN,
+    )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
     assert 'filename="tenants.csv"' in r.headers["content-disposition"]
     rows = list(csv.DictReader(io.StringIO(r.text)))
-    assert len(rows) == len(seed_pairs := {(m["metadata"]["tenant_id"], m["dimensions"]["tool_name"]) for m in seed.tools()})
+    assert len(rows) == len(
+        seed_pairs := {
+            (m["metadata"]["tenant_id"], m["dimensions"]["tool_name"]) for m in seed.tools()
+        }
+    )
     for row in rows:
         mine = seed.tools(tenant_id=row["tenant"], tool_name=row["tool"])
         assert (row["tenant"], row["tool"]) in seed_pairs
@@ -104,27 +133,42 @@ def test_tenant_and_tool_csv_for_billing(seeded: Any) -> None:
 def test_users_auth_discovery_and_protocol(seeded: Any) -> None:
     client, seed, span = seeded
     auth = seed.of("auth_request")
-    users = client.get("/analytics/users", params={**span, "limit": "5", "offset": "0"}, headers=ADMIN).json()
+    users = client.get(
+        "/analytics/users", params={**span, "limit": "5", "offset": "0"}, headers=ADMIN
+    ).json()
     per_user = Counter(m["dimensions"]["user_hash"] for m in auth)
     assert users["total"] == len(per_user) and len(users["rows"]) == 5
     assert [r["calls"] for r in users["rows"]] == sorted(per_user.values(), reverse=True)[:5]
-    page2 = client.get("/analytics/users", params={**span, "limit": "5", "offset": "5"}, headers=ADMIN).json()
+    page2 = client.get(
+        "/analytics/users", params={**span, "limit": "5", "offset": "5"}, headers=ADMIN
+    ).json()
     assert not {r["user"] for r in page2["rows"]} & {r["user"] for r in users["rows"]}
 
     methods = client.get("/analytics/auth", params=span, headers=ADMIN).json()["rows"]
     for row in methods:
         mine = [m for m in auth if m["dimensions"]["method"] == row["method"]]
         ok = sum(1 for m in mine if m["dimensions"]["success"])
-        assert row["calls"] == len(mine) and row["success_rate"] == pytest.approx(ok / len(mine), abs=1e-6)
+        assert row["calls"] == len(mine) and row["success_rate"] == pytest.approx(
+            ok / len(mine), abs=1e-6
+        )
         assert_same_bucket(row["latency_ms"]["p50"], durations(mine), 0.5)
 
     searches = seed.of("tool_discovery")
     disc = client.get("/analytics/discovery", params=span, headers=ADMIN).json()["rows"]
     assert len(disc) == 1 and disc[0]["calls"] == len(searches)
-    for name, column in (("total", "duration_ms"), ("embedding", "embedding_time_ms"), ("search", "search_time_ms")):
-        values = [m["dimensions"][column] if column != "duration_ms" else m["duration_ms"] for m in searches]
+    for name, column in (
+        ("total", "duration_ms"),
+        ("embedding", "embedding_time_ms"),
+        ("search", "search_time_ms"),
+    ):
+        values = [
+            m["dimensions"][column] if column != "duration_ms" else m["duration_ms"]
+            for m in searches
+        ]
         assert_same_bucket(disc[0]["latency_ms"][name]["p95"], values, 0.95)
-        assert disc[0]["latency_ms"][name]["avg"] == pytest.approx(sum(values) / len(values), abs=1e-3)
+        assert disc[0]["latency_ms"][name]["avg"] == pytest.approx(
+            sum(values) / len(values), abs=1e-3
+        )
 
     flows = seed.of("protocol_latency")
     for row in client.get("/analytics/protocol", params=span, headers=ADMIN).json()["rows"]:
@@ -135,19 +179,33 @@ def test_users_auth_discovery_and_protocol(seeded: Any) -> None:
 
 def test_filters_narrow_every_view_and_uncovered_combinations_read_raw_rows(seeded: Any) -> None:
     client, seed, span = seeded
-    body = client.get("/analytics/tools", params={**span, "client": "claude", "success": "false"}, headers=ADMIN).json()
+    body = client.get(
+        "/analytics/tools", params={**span, "client": "claude", "success": "false"}, headers=ADMIN
+    ).json()
     mine = [m for m in seed.tools(client_name="claude") if not m["dimensions"]["success"]]
     assert body["source"] == "rollup"  # the tool-and-client cube (migration 4)
-    assert {r["tool"]: r["calls"] for r in body["rows"]} == Counter(m["dimensions"]["tool_name"] for m in mine)
+    assert {r["tool"]: r["calls"] for r in body["rows"]} == Counter(
+        m["dimensions"]["tool_name"] for m in mine
+    )
     assert body["filters"] == {"client": "claude", "success": False}
-    body = client.get("/analytics/tools", params={**span, "client": "claude", "tenant": "acme"}, headers=ADMIN).json()
+    body = client.get(
+        "/analytics/tools", params={**span, "client": "claude", "tenant": "acme"}, headers=ADMIN
+    ).json()
     assert body["source"] == "raw"  # no cube holds tool, client and tenant together
     mine = seed.tools(client_name="claude", tenant_id="acme")
-    assert {r["tool"]: r["calls"] for r in body["rows"]} == Counter(m["dimensions"]["tool_name"] for m in mine)
-    summary = client.get("/analytics/summary", params={**span, "tenant": "acme", "tool": "search"}, headers=ADMIN).json()
+    assert {r["tool"]: r["calls"] for r in body["rows"]} == Counter(
+        m["dimensions"]["tool_name"] for m in mine
+    )
+    summary = client.get(
+        "/analytics/summary", params={**span, "tenant": "acme", "tool": "search"}, headers=ADMIN
+    ).json()
     assert summary["calls"] == len(seed.tools(tenant_id="acme", tool_name="search"))
-    assert summary["distinct_users"] is None and summary["auth"] is None  # auth events have no tenant
-    other = client.get("/analytics/summary", params={**span, "service": "nope"}, headers=ADMIN).json()
+    assert (
+        summary["distinct_users"] is None and summary["auth"] is None
+    )  # auth events have no tenant
+    other = client.get(
+        "/analytics/summary", params={**span, "service": "nope"}, headers=ADMIN
+    ).json()
     assert other["calls"] == 0 and other["latency_ms"]["p50"] is None
 
 
@@ -155,27 +213,39 @@ def test_timeseries_points_add_up_and_fill_empty_intervals(seeded: Any) -> None:
     client, seed, span = seeded
     total = len(seed.tools())
     for resolution, step_ms in (("hour", 3_600_000), ("day", 86_400_000)):
-        body = client.get("/analytics/timeseries", params={**span, "resolution": resolution}, headers=ADMIN).json()
+        body = client.get(
+            "/analytics/timeseries", params={**span, "resolution": resolution}, headers=ADMIN
+        ).json()
         points = body["points"]
         assert sum(p["calls"] for p in points) == total
         since_ms, until_ms = int(float(span["since"]) * 1000), int(float(span["until"]) * 1000)
         assert len(points) == len(range(since_ms // step_ms * step_ms, until_ms, step_ms))
         assert points[0]["t"] <= body["since"] and points[-1]["t"] <= body["until"]
     hours = client.get("/analytics/timeseries", params=span, headers=ADMIN).json()["points"]
-    assert any(p["calls"] == 0 and p["latency_ms"]["p50"] is None for p in hours[:24])  # the seed starts 3 days back
+    assert any(
+        p["calls"] == 0 and p["latency_ms"]["p50"] is None for p in hours[:24]
+    )  # the seed starts 3 days back
     recent = {"since": f"{seed.now - 6 * 3600:.3f}", "until": span["until"]}
-    minutes = client.get("/analytics/timeseries", params={**recent, "resolution": "minute", "type": "auth_request"}, headers=ADMIN).json()
+    minutes = client.get(
+        "/analytics/timeseries",
+        params={**recent, "resolution": "minute", "type": "auth_request"},
+        headers=ADMIN,
+    ).json()
     assert len(minutes["points"]) in (360, 361)
     in_range = [m for m in seed.of("auth_request") if m["timestamp"] >= seed.now - 6 * 3600]
     assert sum(p["calls"] for p in minutes["points"]) == len(in_range)
-    assert sum(p["errors"] for p in minutes["points"]) == sum(1 for m in in_range if not m["dimensions"]["success"])
+    assert sum(p["errors"] for p in minutes["points"]) == sum(
+        1 for m in in_range if not m["dimensions"]["success"]
+    )
 
 
 def test_viewer_and_admin_keys_read_ingest_keys_get_403(seeded: Any) -> None:
     client, _, span = seeded
     viewer = viewer_key(client)
     for view in VIEWS:
-        assert client.get(f"/analytics/{view}", params=span, headers=viewer).status_code == 200, view
+        assert client.get(f"/analytics/{view}", params=span, headers=viewer).status_code == 200, (
+            view
+        )
     r = client.get("/analytics/summary", headers=H)
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
     assert client.get("/analytics/summary").status_code == 401
@@ -191,7 +261,12 @@ def test_viewer_and_admin_keys_read_ingest_keys_get_403(seeded: Any) -> None:
     [
         ("summary", {"since": "yesterday"}, "since", "format"),
         ("summary", {"until": "2026-13-45"}, "until", "format"),
-        ("summary", {"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"}, "since", "order"),
+        (
+            "summary",
+            {"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"},
+            "since",
+            "order",
+        ),
         ("tools", {"limit": "0"}, "limit", "ge"),
         ("tools", {"limit": "1001"}, "limit", "le"),
         ("tools", {"limit": "ten"}, "limit", "integer"),
@@ -223,15 +298,25 @@ def test_bad_parameters_are_422_naming_field_and_rule(
 
 def test_filter_values_are_bound_never_sql(seeded: Any) -> None:
     client, _, span = seeded
-    for value in ("' OR 1=1 --", "search'; DROP TABLE rollup_tools_hour; --", "=HYPERLINK(\"x\")"):
-        r = client.get("/analytics/tools", params={**span, "tool": value, "tenant": value}, headers=ADMIN)
+    for value in ("' OR 1=1 --", "search'; DROP TABLE rollup_tools_hour; --", '=HYPERLINK("x")'):
+        r = client.get(
+            "/analytics/tools", params={**span, "tool": value, "tenant": value}, headers=ADMIN
+        )
         assert r.status_code == 200 and r.json()["rows"] == [], r.text
     assert client.get("/analytics/tools", params=span, headers=ADMIN).json()["total"] == 3
 
 
 def test_csv_cells_that_look_like_formulas_are_quoted(client: TestClient) -> None:
-    metric = {"type": "tool_execution", "dimensions": {"method": "tools/call", "tool_name": "=cmd|calc", "success": True}}
-    assert client.post("/metrics", json={"service": "svc", "version": "1", "metrics": [metric]}, headers=H).status_code == 200
+    metric = {
+        "type": "tool_execution",
+        "dimensions": {"method": "tools/call", "tool_name": "=cmd|calc", "success": True},
+    }
+    assert (
+        client.post(
+            "/metrics", json={"service": "svc", "version": "1", "metrics": [metric]}, headers=H
+        ).status_code
+        == 200
+    )
     text = client.get("/analytics/tools", params={"format": "csv"}, headers=ADMIN).text
     assert "'=cmd|calc" in text and ",=cmd" not in text
 

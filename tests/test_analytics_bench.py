@@ -12,13 +12,44 @@ from tests._helpers import ROOT, clean_env
 
 def test_bench_builds_a_history_and_times_every_view(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "analytics.py"), "--events", "3000", "--days", "2", "--repeat", "1",
-         "--maintenance-metrics", "500", "--db", str(tmp_path / "bench.db"), "--json"],
-        capture_output=True, text=True, timeout=120, env=clean_env(), cwd=ROOT,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "analytics.py"),
+            "--events",
+            "3000",
+            "--days",
+            "2",
+            "--repeat",
+            "1",
+            "--maintenance-metrics",
+            "500",
+            "--db",
+            str(tmp_path / "bench.db"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     views = {v["case"].split("?")[0] for v in report["views"]}
-    assert views == {f"/analytics/{v}" for v in ("summary", "tools", "clients", "services", "tenants", "users", "auth", "discovery", "protocol", "timeseries")}
+    assert views == {
+        f"/analytics/{v}"
+        for v in (
+            "summary",
+            "tools",
+            "clients",
+            "services",
+            "tenants",
+            "users",
+            "auth",
+            "discovery",
+            "protocol",
+            "timeseries",
+        )
+    }
     assert {v["source"] for v in report["views"]} == {"rollup", "raw"}
     assert {m["commit_rows"] for m in report["maintenance"]} == {100, 1000, 10_000}

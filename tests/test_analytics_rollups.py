@@ -23,11 +23,17 @@ ADMIN = {"X-API-Key": ADMIN_KEY}
 VIEWS = [v for v in queries.VIEWS if v != "timeseries"]
 
 
-def seed_rows(settings: Settings, n: int = 500) -> tuple[float, list[dict[str, list[tuple[Any, ...]]]]]:
+def seed_rows(
+    settings: Settings, n: int = 500
+) -> tuple[float, list[dict[str, list[tuple[Any, ...]]]]]:
     seed = make_seed(n)
     # Some events without optional dimensions or durations: NULLs must round-trip through keys.
     seed.metrics += [
-        {"type": "tool_execution", "timestamp": seed.now - 3600, "dimensions": {"method": "tools/list", "success": True}},
+        {
+            "type": "tool_execution",
+            "timestamp": seed.now - 3600,
+            "dimensions": {"method": "tools/list", "success": True},
+        },
         {"type": "auth_request", "timestamp": seed.now - 7200, "dimensions": {"success": False}},
     ]
     validator = Validator(settings)
@@ -43,7 +49,9 @@ def seed_rows(settings: Settings, n: int = 500) -> tuple[float, list[dict[str, l
 def answers(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     span = {"since": f"{now - 4 * 86_400:.3f}", "until": f"{now:.3f}"}
     out = {
-        view: queries.run(conn, view, {**span, "limit": "1000"} if "limit" in queries.VIEWS[view][2] else span)
+        view: queries.run(
+            conn, view, {**span, "limit": "1000"} if "limit" in queries.VIEWS[view][2] else span
+        )
         for view in VIEWS
     }
     out["timeseries"] = queries.run(conn, "timeseries", {**span, "resolution": "hour"})
@@ -53,7 +61,10 @@ def answers(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
 
 
 def rollup_rows(conn: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
-    return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3, 4, 5").fetchall() for t in rollups.TABLES}
+    return {
+        t: conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3, 4, 5").fetchall()
+        for t in rollups.TABLES
+    }
 
 
 def test_every_commit_keeps_hour_rollups_equal_to_aggregating_the_raw_rows(tmp_path: Path) -> None:
@@ -70,7 +81,9 @@ def test_every_commit_keeps_hour_rollups_equal_to_aggregating_the_raw_rows(tmp_p
         conn.execute(f"DELETE FROM {table}")
         conn.execute(rollups._from_raw_sql(cube, "hour", "1"))
         rebuilt = conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2, 3, 4, 5, 6").fetchall()
-        assert [tuple(map(_round, r)) for r in kept] == [tuple(map(_round, r)) for r in rebuilt], table
+        assert [tuple(map(_round, r)) for r in kept] == [tuple(map(_round, r)) for r in rebuilt], (
+            table
+        )
         assert kept, table
     conn.close()
 
@@ -104,7 +117,9 @@ def test_a_version_1_database_is_backfilled_by_migration_2_with_the_same_answers
 
 
 def _same(a: dict[str, list[tuple[Any, ...]]], b: dict[str, list[tuple[Any, ...]]]) -> bool:
-    return all([tuple(map(_round, r)) for r in a[t]] == [tuple(map(_round, r)) for r in b[t]] for t in a)
+    return all(
+        [tuple(map(_round, r)) for r in a[t]] == [tuple(map(_round, r)) for r in b[t]] for t in a
+    )
 
 
 def _strip(body: Any) -> Any:
@@ -128,10 +143,26 @@ def test_compaction_fills_days_and_changes_no_answer(tmp_path: Path) -> None:
     assert rollups.compact(conn, int(now * 1000)) == 0
 
     # A late event for a compacted day goes to that day's rollup too.
-    late = Validator(settings).decode(json.dumps({"service": "svc", "version": "1", "metrics": [
-        {"type": "tool_execution", "timestamp": now - 2.5 * 86_400, "duration_ms": 5,
-         "dimensions": {"method": "tools/call", "tool_name": "late", "success": False}},
-    ]}).encode())
+    late = Validator(settings).decode(
+        json.dumps(
+            {
+                "service": "svc",
+                "version": "1",
+                "metrics": [
+                    {
+                        "type": "tool_execution",
+                        "timestamp": now - 2.5 * 86_400,
+                        "duration_ms": 5,
+                        "dimensions": {
+                            "method": "tools/call",
+                            "tool_name": "late",
+                            "success": False,
+                        },
+                    },
+                ],
+            }
+        ).encode()
+    )
     storage.insert_rows(conn, [late.rows])
     after = answers(conn, now)
     assert after["summary"]["calls"] == before["summary"]["calls"] + 1
@@ -140,7 +171,9 @@ def test_compaction_fills_days_and_changes_no_answer(tmp_path: Path) -> None:
     conn.close()
 
 
-def test_rollups_outlive_raw_retention_and_have_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rollups_outlive_raw_retention_and_have_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("METRICS_API_KEY_SVC", INGEST_KEY)
     settings = Settings(db_path=tmp_path / "m.db", admin_api_key=ADMIN_KEY)
     seed = make_seed(300)
@@ -148,13 +181,19 @@ def test_rollups_outlive_raw_retention_and_have_their_own(tmp_path: Path, monkey
     span = {"since": str(since_ms / 1000), "until": f"{seed.now:.3f}"}
     with TestClient(create_app(settings)) as client:
         post_seed(client, seed, {"X-API-Key": INGEST_KEY})
-        assert client.get("/analytics/summary", params=span, headers=ADMIN).json()["calls"] == len(seed.tools())
+        assert client.get("/analytics/summary", params=span, headers=ADMIN).json()["calls"] == len(
+            seed.tools()
+        )
         # Raw tool rows kept one day: the whole history stays in the rollups.
-        client.put("/admin/retention/policies/tool_metrics", json={"retention_days": 1}, headers=ADMIN)
+        client.put(
+            "/admin/retention/policies/tool_metrics", json={"retention_days": 1}, headers=ADMIN
+        )
         done = client.post("/admin/retention/cleanup", headers=ADMIN).json()["tables"]
         assert next(t for t in done if t["table"] == "tool_metrics")["rows"] > 0
         assert next(t for t in done if t["table"] == "rollup_tools_hour")["rows"] == 0
-        assert client.get("/analytics/summary", params=span, headers=ADMIN).json()["calls"] == len(seed.tools())
+        assert client.get("/analytics/summary", params=span, headers=ADMIN).json()["calls"] == len(
+            seed.tools()
+        )
 
     # Rollups have their own retention, by whole days so that hours and days agree.
     with TestClient(create_app(settings.model_copy(update={"rollup_retention_days": 2}))) as client:
@@ -165,27 +204,42 @@ def test_rollups_outlive_raw_retention_and_have_their_own(tmp_path: Path, monkey
         assert kept == sum(1 for m in seed.tools() if m["timestamp"] * 1000 >= cutoff)
     conn = sqlite3.connect(settings.db_path)
     for table in rollups.TABLES:
-        assert conn.execute(f"SELECT count(*) FROM {table} WHERE bucket < ?", (cutoff,)).fetchone() == (0,), table
+        assert conn.execute(
+            f"SELECT count(*) FROM {table} WHERE bucket < ?", (cutoff,)
+        ).fetchone() == (0,), table
     conn.close()
 
 
-TOOL_AND_CLIENT = [("tools", {"client": "cursor"}), ("tools", {"client": "claude", "success": "false"}),
-                   ("clients", {"tool": "search"}), ("clients", {"tool": "fetch", "server": "srv-1"})]
+TOOL_AND_CLIENT = [
+    ("tools", {"client": "cursor"}),
+    ("tools", {"client": "claude", "success": "false"}),
+    ("clients", {"tool": "search"}),
+    ("clients", {"tool": "fetch", "server": "srv-1"}),
+]
 
 
 def _tool_and_client(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     # An hour-unaligned start: the answer mixes day, hour and raw segments.
     span = {"since": f"{now - 3.7 * 86_400:.3f}", "until": f"{now:.3f}", "limit": "1000"}
-    return {f"{view}?{extra}": queries.run(conn, view, {**span, **extra}) for view, extra in TOOL_AND_CLIENT}
+    return {
+        f"{view}?{extra}": queries.run(conn, view, {**span, **extra})
+        for view, extra in TOOL_AND_CLIENT
+    }
 
 
 def _v3_rollups(m: pytest.MonkeyPatch) -> None:
     """Make the code maintain and compact only the cubes a version 3 service had."""
     m.setattr(rollups, "CUBES", rollups._V2_CUBES)
-    m.setattr(rollups, "_BY_KIND", {k: [s for s in v if s.cube in rollups._V2_CUBES] for k, v in rollups._BY_KIND.items()})
+    m.setattr(
+        rollups,
+        "_BY_KIND",
+        {k: [s for s in v if s.cube in rollups._V2_CUBES] for k, v in rollups._BY_KIND.items()},
+    )
 
 
-def _history(conn: sqlite3.Connection, now: float, parts: list[dict[str, list[tuple[Any, ...]]]]) -> None:
+def _history(
+    conn: sqlite3.Connection, now: float, parts: list[dict[str, list[tuple[Any, ...]]]]
+) -> None:
     """As a service that has run all along: a week of days compacted after the fact."""
     week_ago = (int(now * 1000) - 7 * rollups.DAY_MS) // rollups.DAY_MS * rollups.DAY_MS
     conn.execute("UPDATE rollup_watermark SET until_ms = ?", (week_ago,))
@@ -203,7 +257,9 @@ def test_tool_and_client_together_are_read_from_rollups_and_equal_the_raw_answer
     assert conn.execute("SELECT count(*) FROM rollup_tool_clients_day").fetchone()[0] > 0
     got = _tool_and_client(conn, now)
     with monkeypatch.context() as m:
-        m.setattr(rollups, "CUBES", rollups._V2_CUBES)  # no cube holds both: every raw row of the range
+        m.setattr(
+            rollups, "CUBES", rollups._V2_CUBES
+        )  # no cube holds both: every raw row of the range
         raw = _tool_and_client(conn, now)
     for case, body in got.items():
         assert body.pop("source") == "rollup", case
@@ -211,9 +267,14 @@ def test_tool_and_client_together_are_read_from_rollups_and_equal_the_raw_answer
         assert body["rows"], case
     assert got == raw
     cursor = got["tools?{'client': 'cursor'}"]["rows"]
-    assert sum(r["calls"] for r in cursor) == queries.run(
-        conn, "clients", {"since": f"{now - 3.7 * 86_400:.3f}", "until": f"{now:.3f}", "client": "cursor"}
-    )["rows"][0]["calls"]
+    assert (
+        sum(r["calls"] for r in cursor)
+        == queries.run(
+            conn,
+            "clients",
+            {"since": f"{now - 3.7 * 86_400:.3f}", "until": f"{now:.3f}", "client": "cursor"},
+        )["rows"][0]["calls"]
+    )
     conn.close()
 
 
@@ -228,7 +289,12 @@ def test_a_version_3_database_is_migrated_to_4_with_the_tool_and_client_cube_bac
         old, applied = storage.open_database(tmp_path / "old.db")
         assert applied == [1, 2, 3]
         _history(old, now, parts)
-        assert old.execute("SELECT name FROM sqlite_master WHERE name LIKE 'rollup_tool_clients%'").fetchall() == []
+        assert (
+            old.execute(
+                "SELECT name FROM sqlite_master WHERE name LIKE 'rollup_tool_clients%'"
+            ).fetchall()
+            == []
+        )
         before = _tool_and_client(old, now)
     old.close()
     migrated, applied = storage.open_database(tmp_path / "old.db")

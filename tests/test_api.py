@@ -11,9 +11,9 @@ from fastapi.testclient import TestClient
 
 from metrics_service import Settings, create_app
 from tests._helpers import (
-    ServiceProcess,
     ADMIN_KEY,
     INGEST_KEY,
+    ServiceProcess,
     auth_event,
     custom,
     db_rows,
@@ -32,39 +32,75 @@ def error_of(response: object) -> dict[str, object]:
     return body["error"]  # type: ignore[no-any-return]
 
 
-def test_accepts_every_family_and_stores_in_typed_tables_and_metrics_view(client: TestClient, settings: Settings) -> None:
+def test_accepts_every_family_and_stores_in_typed_tables_and_metrics_view(
+    client: TestClient, settings: Settings
+) -> None:
     metrics = [
         auth_event(),
         tool_event(),
-        {"type": "tool_discovery", "duration_ms": 80, "dimensions": {"query": "weather tools", "results_count": 5, "top_k": 10, "top_n": 5, "embedding_time_ms": 12.5, "search_time_ms": 3.25}},
-        {"type": "protocol_latency", "duration_ms": 250, "dimensions": {"flow_step": "initialize->tools/list"}},
+        {
+            "type": "tool_discovery",
+            "duration_ms": 80,
+            "dimensions": {
+                "query": "weather tools",
+                "results_count": 5,
+                "top_k": 10,
+                "top_n": 5,
+                "embedding_time_ms": 12.5,
+                "search_time_ms": 3.25,
+            },
+        },
+        {
+            "type": "protocol_latency",
+            "duration_ms": 250,
+            "dimensions": {"flow_step": "initialize->tools/list"},
+        },
         custom(7.5, region="eu"),
     ]
     r = client.post("/metrics", json=payload(metrics=metrics), headers=H)
     assert r.status_code == 200, r.text
     assert r.json()["accepted"] == 5 and r.json()["rejected"] == 0
     db = settings.db_path
-    assert db_rows(db, "SELECT success, method, server, user_hash, duration_ms FROM auth_metrics") == [(1, "jwt", "auth-1", "u1", 12.5)]
-    assert db_rows(db, "SELECT tool_name, client_name, success, input_size_bytes, output_size_bytes, tenant_id, input_tokens FROM tool_metrics") == [
-        ("search", "claude", 1, 120, 2048, "acme", 10)
+    assert db_rows(
+        db, "SELECT success, method, server, user_hash, duration_ms FROM auth_metrics"
+    ) == [(1, "jwt", "auth-1", "u1", 12.5)]
+    assert db_rows(
+        db,
+        "SELECT tool_name, client_name, success, input_size_bytes, output_size_bytes, tenant_id, input_tokens FROM tool_metrics",
+    ) == [("search", "claude", 1, 120, 2048, "acme", 10)]
+    assert db_rows(
+        db,
+        "SELECT query, results_count, top_k, top_n, embedding_time_ms, search_time_ms FROM discovery_metrics",
+    ) == [("weather tools", 5, 10, 5, 12.5, 3.25)]
+    assert db_rows(db, "SELECT flow_step, duration_ms FROM protocol_latency_metrics") == [
+        ("initialize->tools/list", 250.0)
     ]
-    assert db_rows(db, "SELECT query, results_count, top_k, top_n, embedding_time_ms, search_time_ms FROM discovery_metrics") == [
-        ("weather tools", 5, 10, 5, 12.5, 3.25)
-    ]
-    assert db_rows(db, "SELECT flow_step, duration_ms FROM protocol_latency_metrics") == [("initialize->tools/list", 250.0)]
     by_type = dict(db_rows(db, "SELECT type, count(*) FROM metrics GROUP BY type"))
-    assert by_type == {"auth_request": 1, "tool_execution": 1, "tool_discovery": 1, "protocol_latency": 1, "custom": 1}
+    assert by_type == {
+        "auth_request": 1,
+        "tool_execution": 1,
+        "tool_discovery": 1,
+        "protocol_latency": 1,
+        "custom": 1,
+    }
     (dims,) = db_rows(db, "SELECT dimensions FROM metrics WHERE type = 'custom'")[0]
     assert json.loads(dims) == {"region": "eu"}
     (dims,) = db_rows(db, "SELECT dimensions FROM metrics WHERE type = 'auth_request'")[0]
-    assert json.loads(dims) == {"success": True, "method": "jwt", "server": "auth-1", "user_hash": "u1"}
+    assert json.loads(dims) == {
+        "success": True,
+        "method": "jwt",
+        "server": "auth-1",
+        "user_hash": "u1",
+    }
 
 
 def test_event_time_and_receive_time_are_both_kept(client: TestClient, settings: Settings) -> None:
     import time
 
     event_s = int(time.time()) - 3600
-    r = client.post("/metrics", json=payload(metrics=[{**custom(1), "timestamp": event_s}]), headers=H)
+    r = client.post(
+        "/metrics", json=payload(metrics=[{**custom(1), "timestamp": event_s}]), headers=H
+    )
     assert r.status_code == 200
     ((ts, received),) = db_rows(settings.db_path, "SELECT ts, received_at FROM custom_metrics")
     assert ts == event_s * 1000
@@ -97,7 +133,10 @@ def test_partial_success_names_index_field_and_rule(client: TestClient, settings
         (6, "metrics[6].timestamp", "max_future_skew"),
         (7, "metrics[7].value", "ge"),
     }
-    assert db_rows(settings.db_path, "SELECT value FROM custom_metrics ORDER BY value") == [(1.0,), (2.0,)]
+    assert db_rows(settings.db_path, "SELECT value FROM custom_metrics ORDER BY value") == [
+        (1.0,),
+        (2.0,),
+    ]
 
 
 def test_all_rejected_is_422_and_stores_nothing(client: TestClient, settings: Settings) -> None:
@@ -118,7 +157,9 @@ def test_all_rejected_is_422_and_stores_nothing(client: TestClient, settings: Se
         ([1, 2], "$", "type"),
     ],
 )
-def test_wrong_shape_is_422_with_field_path(client: TestClient, body: object, field: str, rule: str) -> None:
+def test_wrong_shape_is_422_with_field_path(
+    client: TestClient, body: object, field: str, rule: str
+) -> None:
     r = client.post("/metrics", json=body, headers=H)
     assert r.status_code == 422
     details = error_of(r)["details"]
@@ -140,7 +181,9 @@ def test_invalid_json_is_400(client: TestClient, raw: bytes) -> None:
 
 def test_missing_unknown_and_revoked_keys_are_401(client: TestClient) -> None:
     assert client.post("/metrics", json=payload()).status_code == 401
-    r = client.post("/metrics", json=payload(), headers={"X-API-Key": "wrong-key-wrong-key-wrong-key"})
+    r = client.post(
+        "/metrics", json=payload(), headers={"X-API-Key": "wrong-key-wrong-key-wrong-key"}
+    )
     assert r.status_code == 401 and error_of(r)["code"] == "unauthorized"
     created = client.post("/admin/keys", json={"service": "svc"}, headers=ADMIN)
     assert created.status_code == 201
@@ -151,14 +194,21 @@ def test_missing_unknown_and_revoked_keys_are_401(client: TestClient) -> None:
     assert client.post("/metrics", json=payload(), headers={"X-API-Key": key}).status_code == 401
 
 
-def test_key_for_another_service_is_403_and_stores_nothing(client: TestClient, settings: Settings) -> None:
+def test_key_for_another_service_is_403_and_stores_nothing(
+    client: TestClient, settings: Settings
+) -> None:
     r = client.post("/metrics", json=payload(service="other"), headers=H)
     assert r.status_code == 403 and error_of(r)["code"] == "forbidden"
     assert db_rows(settings.db_path, "SELECT count(*) FROM metrics") == [(0,)]
 
 
 def test_ingest_key_cannot_use_admin_endpoints(client: TestClient) -> None:
-    for method, path in [("GET", "/admin/keys"), ("GET", "/admin/db/stats"), ("GET", "/admin/retention/policies"), ("POST", "/admin/retention/cleanup")]:
+    for method, path in [
+        ("GET", "/admin/keys"),
+        ("GET", "/admin/db/stats"),
+        ("GET", "/admin/retention/policies"),
+        ("POST", "/admin/retention/cleanup"),
+    ]:
         r = client.request(method, path, headers=H)
         assert r.status_code == 403, (path, r.text)
     assert client.get("/admin/keys").status_code == 401
@@ -185,7 +235,14 @@ def test_body_over_limit_is_413_by_header_and_by_stream(tmp_path: Path, keyed_en
         assert db_rows(settings.db_path, "SELECT count(*) FROM metrics") == [(0,)]
 
 
-@pytest.mark.parametrize("headers", [{"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "application/json", "Content-Encoding": "br"}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Content-Type": "text/plain"},
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        {"Content-Type": "application/json", "Content-Encoding": "br"},
+    ],
+)
 def test_wrong_content_type_is_415(client: TestClient, headers: dict[str, str]) -> None:
     r = client.post("/metrics", content=json.dumps(payload()).encode(), headers={**H, **headers})
     assert r.status_code == 415 and error_of(r)["code"] == "unsupported_media_type"
@@ -207,7 +264,9 @@ def test_rate_limit_is_429_with_headers(tmp_path: Path, keyed_env: None) -> None
 
 
 def test_per_key_rate_limit_override(client: TestClient) -> None:
-    created = client.post("/admin/keys", json={"service": "svc", "rate_limit_per_min": 1}, headers=ADMIN).json()
+    created = client.post(
+        "/admin/keys", json={"service": "svc", "rate_limit_per_min": 1}, headers=ADMIN
+    ).json()
     h = {"X-API-Key": created["key"]}
     assert client.post("/metrics", json=payload(), headers=h).status_code == 200
     assert client.post("/metrics", json=payload(), headers=h).status_code == 429
@@ -216,9 +275,20 @@ def test_per_key_rate_limit_override(client: TestClient) -> None:
 
 
 def test_queue_full_is_503_with_retry_after(tmp_path: Path, keyed_env: None) -> None:
-    settings = Settings(db_path=tmp_path / "m.db", ack_mode="buffered", flush_interval_s=3600, queue_max_metrics=5, commit_max_rows=1000)
+    settings = Settings(
+        db_path=tmp_path / "m.db",
+        ack_mode="buffered",
+        flush_interval_s=3600,
+        queue_max_metrics=5,
+        commit_max_rows=1000,
+    )
     with TestClient(create_app(settings)) as c:
-        assert c.post("/metrics", json=payload(metrics=[custom(i) for i in range(5)]), headers=H).status_code == 200
+        assert (
+            c.post(
+                "/metrics", json=payload(metrics=[custom(i) for i in range(5)]), headers=H
+            ).status_code
+            == 200
+        )
         r = c.post("/metrics", json=payload(), headers=H)
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
         assert error_of(r)["code"] == "unavailable"
@@ -234,13 +304,21 @@ def test_shutting_down_is_503(client: TestClient) -> None:
 
 
 def test_every_response_has_a_request_id(client: TestClient) -> None:
-    for r in [client.get("/health"), client.get("/nope"), client.post("/metrics", json=payload()), client.post("/metrics", json=payload(), headers=H)]:
+    for r in [
+        client.get("/health"),
+        client.get("/nope"),
+        client.post("/metrics", json=payload()),
+        client.post("/metrics", json=payload(), headers=H),
+    ]:
         assert len(r.headers["x-request-id"]) >= 16
     r = client.get("/health", headers={"X-Request-Id": "trace-123"})
     assert r.headers["x-request-id"] == "trace-123"
     r = client.get("/health", headers={"X-Request-Id": "bad id\twith spaces"})
     assert r.headers["x-request-id"] != "bad id\twith spaces"
-    ids = [client.post("/metrics", json=payload(), headers=H).headers["x-request-id"] for _ in range(50)]
+    ids = [
+        client.post("/metrics", json=payload(), headers=H).headers["x-request-id"]
+        for _ in range(50)
+    ]
     assert len(set(ids)) == 50 and all(len(i) == 32 for i in ids)
 
 
@@ -261,7 +339,11 @@ def test_unknown_route_and_method_use_the_error_shape(client: TestClient) -> Non
 
 
 def test_admin_endpoints_can_be_disabled(tmp_path: Path, keyed_env: None) -> None:
-    with TestClient(create_app(Settings(db_path=tmp_path / "m.db", admin_api_key=ADMIN_KEY, admin_enabled=False))) as c:
+    with TestClient(
+        create_app(
+            Settings(db_path=tmp_path / "m.db", admin_api_key=ADMIN_KEY, admin_enabled=False)
+        )
+    ) as c:
         assert c.get("/admin/db/stats", headers=ADMIN).status_code == 404
 
 
@@ -280,7 +362,10 @@ def test_a_body_trickled_too_slowly_is_408_and_others_are_served(service: Servic
         )
         slow.sendall(head.encode() + body[:5])
         # Meanwhile another client is served at once.
-        assert httpx.post(service.url + "/metrics", json=payload(), headers=H, timeout=5).status_code == 200
+        assert (
+            httpx.post(service.url + "/metrics", json=payload(), headers=H, timeout=5).status_code
+            == 200
+        )
         slow.settimeout(10)
         response = b""
         while b'"request_timeout"' not in response:

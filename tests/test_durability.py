@@ -62,7 +62,9 @@ class Load:
             values = list(range(self.next_value, self.next_value + self.batch))
             self.next_value += self.batch
             try:
-                r = await client.post("/metrics", json=payload(metrics=[tagged(v) for v in values]), headers=H)
+                r = await client.post(
+                    "/metrics", json=payload(metrics=[tagged(v) for v in values]), headers=H
+                )
             except httpx.HTTPError as exc:
                 self.statuses[type(exc).__name__] += 1
                 await asyncio.sleep(0.01)
@@ -79,7 +81,9 @@ class Load:
 
 
 def stored_ids(db: Path) -> Counter[int]:
-    return Counter(int(v) for (v,) in db_rows(db, "SELECT json_extract(metadata, '$.id') FROM metrics"))
+    return Counter(
+        int(v) for (v,) in db_rows(db, "SELECT json_extract(metadata, '$.id') FROM metrics")
+    )
 
 
 def assert_all_acked_stored_once(db: Path, acked: list[int]) -> None:
@@ -96,7 +100,11 @@ def test_sigterm_commits_pending_buffered_metrics_and_exits_0(service: ServicePr
     service.start()
     with httpx.Client(base_url=service.url, timeout=10) as c:
         for i in range(10):
-            r = c.post("/metrics", json=payload(metrics=[tagged(i * 100 + j) for j in range(100)]), headers=H)
+            r = c.post(
+                "/metrics",
+                json=payload(metrics=[tagged(i * 100 + j) for j in range(100)]),
+                headers=H,
+            )
             assert r.status_code == 200
     # Nothing is committed yet: the flush interval is an hour.
     assert db_rows(service.db_path, "SELECT count(*) FROM custom_metrics") == [(0,)]
@@ -118,7 +126,9 @@ def test_sigterm_under_load_loses_nothing(service: ServiceProcess) -> None:
     assert_all_acked_stored_once(service.db_path, load.acked)
     # Requests caught by the shutdown were refused cleanly (503 or a closed connection), never
     # answered with another 5xx; the pending ones were committed.
-    assert not {s for s in load.statuses if isinstance(s, int) and s >= 500 and s != 503}, load.statuses
+    assert not {s for s in load.statuses if isinstance(s, int) and s >= 500 and s != 503}, (
+        load.statuses
+    )
     assert " 0 left uncommitted" in service.log()
 
 

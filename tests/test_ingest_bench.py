@@ -13,15 +13,39 @@ from tests._helpers import ROOT, clean_env
 
 def run(args: list[str], timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=timeout_s, env=clean_env(), cwd=ROOT
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=clean_env(),
+        cwd=ROOT,
     )
 
 
-def test_ingest_bench_measures_service_and_baseline_and_counts_every_acknowledged_metric(tmp_path: Path) -> None:
-    out = run([
-        "bench/ingest.py", "--batch", "3", "--concurrency", "2", "--runs", "1", "--duration", "1",
-        "--warmup", "0.3", "--expired", "2000", "--sample-every", "0.5", "--json", str(tmp_path / "r.json"),
-    ])
+def test_ingest_bench_measures_service_and_baseline_and_counts_every_acknowledged_metric(
+    tmp_path: Path,
+) -> None:
+    out = run(
+        [
+            "bench/ingest.py",
+            "--batch",
+            "3",
+            "--concurrency",
+            "2",
+            "--runs",
+            "1",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.3",
+            "--expired",
+            "2000",
+            "--sample-every",
+            "0.5",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     runs = {r["kind"]: r for r in report["runs"]}
@@ -41,12 +65,18 @@ def test_telemetry_cost_bench_reports_each_mode() -> None:
     out = run(["bench/telemetry_cost.py", "--metrics", "2000"])
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert set(result) == {"validate_us_per_metric", "otel_bulk_us_per_metric", "otel_per_value_us_per_metric"}
+    assert set(result) == {
+        "validate_us_per_metric",
+        "otel_bulk_us_per_metric",
+        "otel_per_value_us_per_metric",
+    }
     assert all(v > 0 for v in result.values())
 
 
 def test_middleware_overhead_bench_times_every_path() -> None:
-    out = run(["bench/middleware_overhead.py", "--events", "200", "--requests", "50", "--repeat", "1"])
+    out = run(
+        ["bench/middleware_overhead.py", "--events", "200", "--requests", "50", "--repeat", "1"]
+    )
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line and not line.startswith("path")]
     timed = {line.rsplit(None, 1)[0].strip(): float(line.rsplit(None, 1)[1]) for line in rows}
@@ -57,13 +87,27 @@ def test_middleware_overhead_bench_times_every_path() -> None:
 def test_breakdown_bench_splits_the_cpu_per_metric_by_stage() -> None:
     out = run(["bench/breakdown.py", "--batch", "10", "--concurrency", "2", "--duration", "1"])
     assert out.returncode == 0, out.stderr
-    stages = {line.split("  ")[1].strip() for line in out.stdout.splitlines()[1:] if line.startswith("  ")}
+    stages = {
+        line.split("  ")[1].strip() for line in out.stdout.splitlines()[1:] if line.startswith("  ")
+    }
     assert {"storage", "validation", "rollups", "opentelemetry", "total"} <= stages
     assert any(stage.startswith("garbage collection, generation") for stage in stages), out.stdout
 
 
 def test_stages_bench_times_each_stage_alone() -> None:
-    out = run(["bench/stages.py", "--requests", "4", "--batch", "20", "--per-commit", "2", "--repeat", "2"])
+    out = run(
+        [
+            "bench/stages.py",
+            "--requests",
+            "4",
+            "--batch",
+            "20",
+            "--per-commit",
+            "2",
+            "--repeat",
+            "2",
+        ]
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert set(result) == {"validation", "insert", "rollups", "opentelemetry"}

@@ -10,19 +10,35 @@ from pathlib import Path
 
 import httpx
 
-from tests._helpers import ADMIN_KEY, INGEST_KEY, ServiceProcess, clean_env, db_rows, payload, wait_for
+from tests._helpers import (
+    ADMIN_KEY,
+    INGEST_KEY,
+    ServiceProcess,
+    clean_env,
+    db_rows,
+    payload,
+    wait_for,
+)
 
 NEW_KEY = "rotated-ingest-key-0123456789abcdefghijklmn"
 
 
 def post(url: str, key: str, service: str = "svc") -> int:
-    return httpx.post(url + "/metrics", json=payload(service=service), headers={"X-API-Key": key}).status_code
+    return httpx.post(
+        url + "/metrics", json=payload(service=service), headers={"X-API-Key": key}
+    ).status_code
 
 
-def cli(db: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    db: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**clean_env(), "SQLITE_DB_PATH": str(db), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "metrics_service", *args], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "metrics_service", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -39,9 +55,14 @@ def test_env_keys_are_reconciled_at_start(service: ServiceProcess) -> None:
     service.start()
     assert post(service.url, NEW_KEY) == 200
     assert post(service.url, INGEST_KEY) == 401, "the replaced key must stop working"
-    assert post(service.url, "billing-key-0123456789abcdefghijklmnop", "billing") == 401, "a removed key is revoked"
+    assert post(service.url, "billing-key-0123456789abcdefghijklmnop", "billing") == 401, (
+        "a removed key is revoked"
+    )
     assert "1 kept, 1 added, 2 revoked" in service.log()
-    rows = db_rows(service.db_path, "SELECT service, revoked_at IS NULL FROM api_keys WHERE source = 'env' AND role = 'ingest' ORDER BY id")
+    rows = db_rows(
+        service.db_path,
+        "SELECT service, revoked_at IS NULL FROM api_keys WHERE source = 'env' AND role = 'ingest' ORDER BY id",
+    )
     assert rows == [("svc", 0), ("billing", 0), ("svc", 1)]
 
 
@@ -69,7 +90,9 @@ def test_keys_never_appear_in_logs_responses_or_the_database(service: ServicePro
     with httpx.Client(base_url=service.url) as c:
         c.post("/metrics", json=payload(), headers={"X-API-Key": INGEST_KEY})
         c.post("/metrics", json=payload(), headers={"X-API-Key": INGEST_KEY + "x"})
-        created = c.post("/admin/keys", json={"service": "svc"}, headers={"X-API-Key": ADMIN_KEY}).json()["key"]
+        created = c.post(
+            "/admin/keys", json={"service": "svc"}, headers={"X-API-Key": ADMIN_KEY}
+        ).json()["key"]
         listing = c.get("/admin/keys", headers={"X-API-Key": ADMIN_KEY}).text
     service.stop()
     for secret in (INGEST_KEY, ADMIN_KEY, created):

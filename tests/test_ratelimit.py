@@ -21,7 +21,10 @@ async def burst(urls: list[str], n: int, headers: dict[str, str] = H) -> Counter
         # Open the connections first so the burst really arrives at once.
         await asyncio.gather(*(c.get("/health") for c in clients for _ in range(4)))
         responses = await asyncio.gather(
-            *(clients[i % len(clients)].post("/metrics", json=payload(), headers=headers) for i in range(n))
+            *(
+                clients[i % len(clients)].post("/metrics", json=payload(), headers=headers)
+                for i in range(n)
+            )
         )
     finally:
         await asyncio.gather(*(c.aclose() for c in clients))
@@ -41,7 +44,9 @@ def test_exactly_k_pass_across_two_replicas_sharing_redis(
     env = {"METRICS_RATE_LIMIT": "30", "METRICS_RATE_LIMIT_STORAGE_URI": redis_server.url}
     service.env.update(env)
     service.start()
-    replica = ServiceProcess(db_path=service.db_path, env=dict(service.env), log_path=tmp_path / "replica.log")
+    replica = ServiceProcess(
+        db_path=service.db_path, env=dict(service.env), log_path=tmp_path / "replica.log"
+    )
     replica.start()
     try:
         counts = asyncio.run(burst([service.url, replica.url], 100))

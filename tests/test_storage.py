@@ -30,7 +30,9 @@ def test_migrations_are_idempotent_and_keep_existing_data(tmp_path: Path) -> Non
     assert applied == []
     assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations.LATEST_VERSION
     assert conn.execute("SELECT value FROM metrics").fetchall() == [(5.0,)]
-    assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == len(migrations.MIGRATIONS)
+    assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == len(
+        migrations.MIGRATIONS
+    )
     conn.close()
 
 
@@ -45,7 +47,9 @@ def test_migrations_apply_to_a_database_that_already_holds_other_tables(tmp_path
     conn.close()
 
 
-def test_a_failing_migration_is_rolled_back_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_migration_is_rolled_back_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     db = tmp_path / "m.db"
     storage.open_database(db)[0].close()
     broken = (99, "broken", ["CREATE TABLE half_done (x)", "THIS IS NOT SQL"])
@@ -54,7 +58,9 @@ def test_a_failing_migration_is_rolled_back_whole(tmp_path: Path, monkeypatch: p
         storage.open_database(db)
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations.LATEST_VERSION
-    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'half_done'").fetchone() == (0,)
+    assert conn.execute(
+        "SELECT count(*) FROM sqlite_master WHERE name = 'half_done'"
+    ).fetchone() == (0,)
     conn.close()
     fixed = (99, "fixed", ["CREATE TABLE half_done (x)"])
     monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS[:-1], fixed])
@@ -82,7 +88,9 @@ def test_concurrent_starts_apply_each_migration_once(tmp_path: Path) -> None:
     # Each version runs in its own transaction, so two starters may share the work (one applies
     # version 1, another the rest); what matters is that every version is applied exactly once.
     assert len(results) == 6
-    assert sorted(v for applied in results for v in applied) == [v for v, _, _ in migrations.MIGRATIONS]
+    assert sorted(v for applied in results for v in applied) == [
+        v for v, _, _ in migrations.MIGRATIONS
+    ]
     assert db_rows(db, "SELECT count(*) FROM schema_migrations") == [(len(migrations.MIGRATIONS),)]
 
 
@@ -92,14 +100,20 @@ def _hold_write_lock(db: Path) -> sqlite3.Connection:
     return other
 
 
-def test_a_commit_blocked_by_another_writer_is_retried_without_duplicates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_commit_blocked_by_another_writer_is_retried_without_duplicates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("METRICS_API_KEY_SVC", INGEST_KEY)
     settings = Settings(db_path=tmp_path / "m.db", sqlite_busy_timeout_ms=20, commit_retries=100)
     with TestClient(create_app(settings)) as c:
         other = _hold_write_lock(settings.db_path)
         result: dict[str, int] = {}
         poster = threading.Thread(
-            target=lambda: result.update(status=c.post("/metrics", json=payload(metrics=[custom(i) for i in range(50)]), headers=H).status_code)
+            target=lambda: result.update(
+                status=c.post(
+                    "/metrics", json=payload(metrics=[custom(i) for i in range(50)]), headers=H
+                ).status_code
+            )
         )
         poster.start()
         # Release only once the writer has failed at least once against the lock.
@@ -112,10 +126,14 @@ def test_a_commit_blocked_by_another_writer_is_retried_without_duplicates(tmp_pa
         poster.join(30)
         assert result == {"status": 200}
         assert state.queue.healthy
-    assert db_rows(settings.db_path, "SELECT count(*), count(DISTINCT value) FROM custom_metrics") == [(50, 50)]
+    assert db_rows(
+        settings.db_path, "SELECT count(*), count(DISTINCT value) FROM custom_metrics"
+    ) == [(50, 50)]
 
 
-def test_durable_commit_that_keeps_failing_is_503_and_stores_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_durable_commit_that_keeps_failing_is_503_and_stores_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("METRICS_API_KEY_SVC", INGEST_KEY)
     settings = Settings(db_path=tmp_path / "m.db", sqlite_busy_timeout_ms=10, commit_retries=1)
     with TestClient(create_app(settings)) as c:
@@ -143,8 +161,12 @@ def test_none_binds_as_null_through_the_registered_adapter(tmp_path: Path) -> No
     conn, _ = storage.open_database(tmp_path / "m.db")
     assert sqlite3.adapters[(type(None), sqlite3.PrepareProtocol)] is not None
     conn.execute("CREATE TEMP TABLE t (a, b, c, d)")
-    conn.executemany("INSERT INTO t VALUES (?, ?, ?, ?)", [(None, 1, 1.5, "x"), (None, None, None, None)])
-    assert conn.execute("SELECT typeof(a), typeof(b), typeof(c), typeof(d) FROM t ORDER BY rowid").fetchall() == [
+    conn.executemany(
+        "INSERT INTO t VALUES (?, ?, ?, ?)", [(None, 1, 1.5, "x"), (None, None, None, None)]
+    )
+    assert conn.execute(
+        "SELECT typeof(a), typeof(b), typeof(c), typeof(d) FROM t ORDER BY rowid"
+    ).fetchall() == [
         ("null", "integer", "real", "text"),
         ("null", "null", "null", "null"),
     ]

@@ -14,40 +14,59 @@ from tests._analytics_seed import make_seed
 from tests._helpers import INGEST_KEY, ServiceProcess, require_binary
 
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
 @pytest.fixture
 def browser() -> Any:
     binary = require_binary("chromium", "chromium")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no `playwright install`)")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="pip install playwright (no `playwright install`)"
+    )
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=binary, args=CHROMIUM_ARGS)
         yield b
         b.close()
 
 
-def test_overview_shows_the_seeded_numbers(service: ServiceProcess, browser: Any, tmp_path: Path) -> None:
+def test_overview_shows_the_seeded_numbers(
+    service: ServiceProcess, browser: Any, tmp_path: Path
+) -> None:
     sync_api = pytest.importorskip("playwright.sync_api")
     conn, _ = storage.open_database(service.db_path)
     viewer, _ = auth.create_key(conn, service=None, role="viewer", source="cli")
     conn.close()
     service.start()
     seed = make_seed(400)
-    r = httpx.post(service.url + "/metrics", json={"service": "svc", "version": "1", "metrics": seed.metrics},
-                   headers={"X-API-Key": INGEST_KEY}, timeout=30)
+    r = httpx.post(
+        service.url + "/metrics",
+        json={"service": "svc", "version": "1", "metrics": seed.metrics},
+        headers={"X-API-Key": INGEST_KEY},
+        timeout=30,
+    )
     assert r.status_code == 200 and r.json()["accepted"] == len(seed.metrics)
     calls = seed.tools()
     users = {m["dimensions"]["user_hash"] for m in seed.of("auth_request")}
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     problems: list[str] = []
-    page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+    page.on(
+        "console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None
+    )
     page.on("pageerror", lambda e: problems.append(str(e)))
     response = page.goto(service.url + "/ui")
-    assert response.status == 200 and "default-src 'none'" in response.headers["content-security-policy"]
+    assert (
+        response.status == 200
+        and "default-src 'none'" in response.headers["content-security-policy"]
+    )
     page.fill("#key", viewer)
     page.click("#key-form button[type=submit]")
     page.select_option("#range", "7d")
@@ -60,7 +79,11 @@ def test_overview_shows_the_seeded_numbers(service: ServiceProcess, browser: Any
     assert page.text_content("#p95").endswith(" ms")
     tools = page.locator("#top-tools tbody tr")
     assert tools.count() == 3
-    assert {tools.nth(i).locator("td").first.text_content() for i in range(3)} == {"search", "fetch", "write"}
+    assert {tools.nth(i).locator("td").first.text_content() for i in range(3)} == {
+        "search",
+        "fetch",
+        "write",
+    }
     assert page.locator("#top-clients tbody tr").count() == 2
     assert page.locator("#chart-calls svg rect.bar.calls").count() > 0
     assert page.locator("#chart-latency svg path.line.p95").count() == 1

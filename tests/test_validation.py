@@ -16,7 +16,12 @@ NOW = 1_800_000_000.0
 
 @pytest.fixture
 def validator(tmp_path: Any) -> Validator:
-    return Validator(Settings(db_path=tmp_path / "m.db", max_string_length=32, max_dimensions=4, max_metadata_bytes=64), clock=lambda: NOW)
+    return Validator(
+        Settings(
+            db_path=tmp_path / "m.db", max_string_length=32, max_dimensions=4, max_metadata_bytes=64
+        ),
+        clock=lambda: NOW,
+    )
 
 
 def decode(v: Validator, metrics: list[Any], **envelope: Any) -> Any:
@@ -32,7 +37,24 @@ def rejected(v: Validator, metric: dict[str, Any]) -> tuple[str, str]:
 
 
 def test_row_layout_of_a_tool_execution(validator: Validator) -> None:
-    batch = decode(validator, [{"type": "tool_execution", "timestamp": "2027-01-15T08:00:00+01:00", "duration_ms": 5, "dimensions": {"method": "tools/call", "tool_name": "t", "success": False, "extra": "e"}, "metadata": {"agent_id": "a1", "output_tokens": 7}}], instance_id="i-1")
+    batch = decode(
+        validator,
+        [
+            {
+                "type": "tool_execution",
+                "timestamp": "2027-01-15T08:00:00+01:00",
+                "duration_ms": 5,
+                "dimensions": {
+                    "method": "tools/call",
+                    "tool_name": "t",
+                    "success": False,
+                    "extra": "e",
+                },
+                "metadata": {"agent_id": "a1", "output_tokens": 7},
+            }
+        ],
+        instance_id="i-1",
+    )
     ((kind, rows),) = batch.rows.items()
     assert kind == "tool_execution"
     row = rows[0]
@@ -46,7 +68,14 @@ def test_row_layout_of_a_tool_execution(validator: Validator) -> None:
 
 
 def test_iso_timestamps_are_utc(validator: Validator) -> None:
-    batch = decode(validator, [{"type": "custom", "timestamp": "2027-01-15T08:00:00+01:00"}, {"type": "custom", "timestamp": "2027-01-15T07:00:00"}, {"type": "custom", "timestamp": "2027-01-15T07:00:00Z"}])
+    batch = decode(
+        validator,
+        [
+            {"type": "custom", "timestamp": "2027-01-15T08:00:00+01:00"},
+            {"type": "custom", "timestamp": "2027-01-15T07:00:00"},
+            {"type": "custom", "timestamp": "2027-01-15T07:00:00Z"},
+        ],
+    )
     assert len({row[0] for row in batch.rows["custom"]}) == 1
 
 
@@ -61,33 +90,86 @@ def test_iso_timestamps_are_utc(validator: Validator) -> None:
         ({"type": "custom", "timestamp": NOW - 91 * 86_400}, "timestamp", "older_than_retention"),
         ({"type": "custom", "timestamp": 12}, "timestamp", "older_than_retention"),
         ({"type": "custom", "dimensions": {"k": "x" * 33}}, "dimensions", "max_length"),
-        ({"type": "custom", "dimensions": {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}}, "dimensions", "max_length"),
+        (
+            {"type": "custom", "dimensions": {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}},
+            "dimensions",
+            "max_length",
+        ),
         ({"type": "custom", "dimensions": {"k": {"nested": 1}}}, "dimensions", "type"),
         ({"type": "custom", "metadata": {"blob": "x" * 100}}, "metadata", "max_bytes"),
         ({"type": "custom", "metadata": []}, "metadata", "type"),
         ({"value": 1}, "type", "required"),
-        ({"type": "tool_discovery", "dimensions": {"results_count": -1}}, "dimensions.results_count", "integer"),
-        ({"type": "tool_discovery", "dimensions": {"results_count": 2.5}}, "dimensions.results_count", "integer"),
-        ({"type": "tool_discovery", "dimensions": {"search_time_ms": -2}}, "dimensions.search_time_ms", "range"),
-        ({"type": "tool_execution", "dimensions": {"method": "tools/call", "success": True}}, "dimensions.tool_name", "required"),
-        ({"type": "tool_execution", "dimensions": {"method": "tools/call", "tool_name": "t", "success": True}, "metadata": {"input_tokens": "many"}}, "metadata.input_tokens", "integer"),
+        (
+            {"type": "tool_discovery", "dimensions": {"results_count": -1}},
+            "dimensions.results_count",
+            "integer",
+        ),
+        (
+            {"type": "tool_discovery", "dimensions": {"results_count": 2.5}},
+            "dimensions.results_count",
+            "integer",
+        ),
+        (
+            {"type": "tool_discovery", "dimensions": {"search_time_ms": -2}},
+            "dimensions.search_time_ms",
+            "range",
+        ),
+        (
+            {"type": "tool_execution", "dimensions": {"method": "tools/call", "success": True}},
+            "dimensions.tool_name",
+            "required",
+        ),
+        (
+            {
+                "type": "tool_execution",
+                "dimensions": {"method": "tools/call", "tool_name": "t", "success": True},
+                "metadata": {"input_tokens": "many"},
+            },
+            "metadata.input_tokens",
+            "integer",
+        ),
         ({"type": "protocol_latency", "value": 5}, "dimensions.flow_step", "required"),
-        ({"type": "protocol_latency", "value": 1e9, "dimensions": {"flow_step": "a"}}, "value", "le"),
+        (
+            {"type": "protocol_latency", "value": 1e9, "dimensions": {"flow_step": "a"}},
+            "value",
+            "le",
+        ),
         ({"type": "auth_request", "dimensions": {"success": 1}}, "dimensions.success", "type"),
     ],
 )
-def test_rejections_name_field_and_rule(validator: Validator, metric: dict[str, Any], field: str, rule: str) -> None:
+def test_rejections_name_field_and_rule(
+    validator: Validator, metric: dict[str, Any], field: str, rule: str
+) -> None:
     assert rejected(validator, metric) == (f"metrics[0].{field}", rule)
 
 
 def test_protocol_latency_takes_value_as_ms_when_no_duration(validator: Validator) -> None:
-    batch = decode(validator, [{"type": "protocol_latency", "value": 42.5, "dimensions": {"flow_step": "initialize->tools/call"}}])
+    batch = decode(
+        validator,
+        [
+            {
+                "type": "protocol_latency",
+                "value": 42.5,
+                "dimensions": {"flow_step": "initialize->tools/call"},
+            }
+        ],
+    )
     row = batch.rows["protocol_latency"][0]
     assert row[5:7] == (1.0, 42.5)
 
 
 def test_unknown_fields_are_ignored_and_unknown_dimensions_kept(validator: Validator) -> None:
-    batch = decode(validator, [{"type": "auth_request", "colour": "red", "dimensions": {"success": True, "region": "eu"}}], extra_field=1)
+    batch = decode(
+        validator,
+        [
+            {
+                "type": "auth_request",
+                "colour": "red",
+                "dimensions": {"success": True, "region": "eu"},
+            }
+        ],
+        extra_field=1,
+    )
     row = batch.rows["auth_request"][0]
     assert json.loads(row[-2]) == {"region": "eu"}
 
@@ -95,17 +177,28 @@ def test_unknown_fields_are_ignored_and_unknown_dimensions_kept(validator: Valid
 def test_overflowing_numbers_are_rejected_not_infinite(validator: Validator) -> None:
     body = b'{"service":"svc","version":"1","metrics":[{"type":"custom","value":1e400},{"type":"custom","value":-1e999}]}'
     batch = validator.decode(body)
-    assert [(r.field, r.rule) for r in batch.rejections] == [("metrics[0].value", "finite"), ("metrics[1].value", "finite")]
+    assert [(r.field, r.rule) for r in batch.rejections] == [
+        ("metrics[0].value", "finite"),
+        ("metrics[1].value", "finite"),
+    ]
 
 
-@pytest.mark.parametrize("body", [b"", b"{", b"nul", b'{"a":NaN}', b'{"a":Infinity}', b"\xc3\x28", b'{"a":' + b"[" * 100_000])
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"{", b"nul", b'{"a":NaN}', b'{"a":Infinity}', b"\xc3\x28", b'{"a":' + b"[" * 100_000],
+)
 def test_malformed_bodies_raise_bad_request(validator: Validator, body: bytes) -> None:
     with pytest.raises(BadRequest):
         validator.decode(body)
 
 
 def test_deep_nesting_in_metadata_is_a_clean_error(validator: Validator) -> None:
-    deep = '{"service":"svc","version":"1","metrics":[{"type":"custom","metadata":{"a":' + "[" * 50_000 + "]" * 50_000 + "}}]}"
+    deep = (
+        '{"service":"svc","version":"1","metrics":[{"type":"custom","metadata":{"a":'
+        + "[" * 50_000
+        + "]" * 50_000
+        + "}}]}"
+    )
     try:
         batch = validator.decode(deep.encode())
     except (BadRequest, InvalidPayload):

@@ -23,8 +23,12 @@ from metrics_service.storage import rollups
 #: API filter name -> column, per metric family (a filter a family lacks is refused).
 FILTERS: dict[str, dict[str, str]] = {
     "tool_execution": {
-        "service": "service", "server": "server_name", "tool": "tool_name", "client": "client_name",
-        "tenant": "tenant_id", "success": "success",
+        "service": "service",
+        "server": "server_name",
+        "tool": "tool_name",
+        "client": "client_name",
+        "tenant": "tenant_id",
+        "success": "success",
     },
     "auth_request": {"service": "service", "server": "server", "success": "success"},
     "tool_discovery": {"service": "service"},
@@ -88,7 +92,9 @@ def parse_time(name: str, text: str, now_ms: int) -> int:
         return int(float(text) * 1000) if re.fullmatch(r"\d{1,12}(\.\d+)?", text) else _iso_ms(text)
     except ValueError:
         raise _invalid(
-            name, "format", "must be an ISO 8601 time, unix seconds, 'now' or a duration like 24h, 30m, 7d"
+            name,
+            "format",
+            "must be an ISO 8601 time, unix seconds, 'now' or a duration like 24h, 30m, 7d",
         ) from None
 
 
@@ -121,17 +127,25 @@ def _choice(query: Mapping[str, str], name: str, choices: tuple[str, ...]) -> st
 
 
 def parse_params(
-    query: Mapping[str, str], *, by: tuple[str, ...] = ("",), extra: tuple[str, ...] = (),
-    max_string_length: int = 256, now_ms: int | None = None,
+    query: Mapping[str, str],
+    *,
+    by: tuple[str, ...] = ("",),
+    extra: tuple[str, ...] = (),
+    max_string_length: int = 256,
+    now_ms: int | None = None,
 ) -> Params:
     """Validate query parameters; raise ``InvalidPayload`` naming the field and rule."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     allowed = _COMMON_PARAMS | set(extra) | ({"by"} if by != ("",) else set())
     for name in query:
         if name not in allowed:
-            raise _invalid(name, "unknown", "not a parameter of this endpoint: " + ", ".join(sorted(allowed)))
+            raise _invalid(
+                name, "unknown", "not a parameter of this endpoint: " + ", ".join(sorted(allowed))
+            )
     until = parse_time("until", query.get("until", "now"), now_ms)
-    since = parse_time("since", query.get("since", "24h"), now_ms if "until" not in query else until)
+    since = parse_time(
+        "since", query.get("since", "24h"), now_ms if "until" not in query else until
+    )
     if since >= until:
         raise _invalid("since", "order", "must be before until")
     filters: dict[str, str | int] = {}
@@ -160,12 +174,18 @@ def parse_params(
         sort=_choice(query, "sort", SORTS),
         by=_choice(query, "by", by),
         resolution=_choice(query, "resolution", ("hour", "minute", "day")),
-        kind=_choice(query, "type", ("tool_execution", "auth_request", "tool_discovery", "protocol_latency")),
+        kind=_choice(
+            query, "type", ("tool_execution", "auth_request", "tool_discovery", "protocol_latency")
+        ),
     )
     if "resolution" in extra:
         points = -(-(until - since) // RESOLUTIONS[params.resolution])
         if points > MAX_POINTS:
-            raise _invalid("resolution", "max_points", f"{points} points; at most {MAX_POINTS}: use a coarser resolution or a shorter range")
+            raise _invalid(
+                "resolution",
+                "max_points",
+                f"{points} points; at most {MAX_POINTS}: use a coarser resolution or a shorter range",
+            )
     return params
 
 
@@ -183,12 +203,23 @@ def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 def _grouped(
-    conn: sqlite3.Connection, p: Params, kind: str, group: tuple[str, ...], series_ms: int | None = None
+    conn: sqlite3.Connection,
+    p: Params,
+    kind: str,
+    group: tuple[str, ...],
+    series_ms: int | None = None,
 ) -> tuple[rollups.Cube, dict[tuple[Any, ...], tuple[list[Any], float]], str]:
     """States by ``(time, *group)`` with the calls of failed events, folded over ``success``."""
     has_success = "success" in FILTERS[kind]
     columns = p.columns(kind)
-    query = rollups.Query(kind, p.since_ms, p.until_ms, (*group, "success") if has_success else group, columns, series_ms)
+    query = rollups.Query(
+        kind,
+        p.since_ms,
+        p.until_ms,
+        (*group, "success") if has_success else group,
+        columns,
+        series_ms,
+    )
     cube, out, source = rollups.aggregate(conn, query)
     folded: dict[tuple[Any, ...], tuple[list[Any], float]] = {}
     for key, st in out.items():
@@ -218,7 +249,9 @@ def _latency(cube: rollups.Cube, st: list[Any], column: str = "duration_ms") -> 
     return {
         "count": n,
         "avg": round(st[o + 1] / n, 3) if n else None,
-        "p50": q(0.5), "p95": q(0.95), "p99": q(0.99),
+        "p50": q(0.5),
+        "p95": q(0.95),
+        "p99": q(0.99),
         "max": st[o + 3] if n else None,
     }
 
@@ -247,12 +280,19 @@ _SORT_KEYS: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
-def _page(p: Params, rows: list[dict[str, Any]], source: str, names: tuple[str, ...]) -> dict[str, Any]:
+def _page(
+    p: Params, rows: list[dict[str, Any]], source: str, names: tuple[str, ...]
+) -> dict[str, Any]:
     rows.sort(key=lambda r: tuple(str(r[n]) for n in names))
     rows.sort(key=_SORT_KEYS[p.sort], reverse=True)
     return {
-        **p.echo(), "source": source, "sort": p.sort, "total": len(rows), "limit": p.limit,
-        "offset": p.offset, "rows": rows[p.offset : p.offset + p.limit],
+        **p.echo(),
+        "source": source,
+        "sort": p.sort,
+        "total": len(rows),
+        "limit": p.limit,
+        "offset": p.offset,
+        "rows": rows[p.offset : p.offset + p.limit],
     }
 
 
@@ -261,7 +301,11 @@ def _value(v: Any) -> Any:
 
 
 def _breakdown(
-    conn: sqlite3.Connection, p: Params, group: tuple[str, ...], names: tuple[str, ...], skip_empty: str | None = None
+    conn: sqlite3.Connection,
+    p: Params,
+    group: tuple[str, ...],
+    names: tuple[str, ...],
+    skip_empty: str | None = None,
 ) -> dict[str, Any]:
     with snapshot(conn):
         cube, folded, source = _grouped(conn, p, "tool_execution", group)
@@ -293,21 +337,45 @@ def summary(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
             users = sum(1 for k, (s, _) in ufolded.items() if k[1] != "" and s[1] > 0)
             requests = ast[1] if ast else 0
             auth = {
-                "requests": _num(requests), "failures": _num(afail),
+                "requests": _num(requests),
+                "failures": _num(afail),
                 "success_rate": round(1 - afail / requests, 6) if requests else None,
             }
-    body = _calls(cube, st, errors) if st else {
-        "calls": 0, "errors": 0, "error_rate": None,
-        "latency_ms": {"count": 0, "avg": None, "p50": None, "p95": None, "p99": None, "max": None},
-        "input_tokens": 0, "output_tokens": 0,
-    }
+    body = (
+        _calls(cube, st, errors)
+        if st
+        else {
+            "calls": 0,
+            "errors": 0,
+            "error_rate": None,
+            "latency_ms": {
+                "count": 0,
+                "avg": None,
+                "p50": None,
+                "p95": None,
+                "p99": None,
+                "max": None,
+            },
+            "input_tokens": 0,
+            "output_tokens": 0,
+        }
+    )
     distinct = sum(1 for k, (s, _) in clients.items() if k[1] != "" and s[1] > 0)
-    return {**p.echo(), "source": source, **body, "distinct_clients": distinct, "distinct_users": users, "auth": auth}
+    return {
+        **p.echo(),
+        "source": source,
+        **body,
+        "distinct_clients": distinct,
+        "distinct_users": users,
+        "auth": auth,
+    }
 
 
 def tools(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
     """``tools/call`` by tool (and its server and service)."""
-    return _breakdown(conn, p, ("service", "server_name", "tool_name"), ("service", "server", "tool"), "tool")
+    return _breakdown(
+        conn, p, ("service", "server_name", "tool_name"), ("service", "server", "tool"), "tool"
+    )
 
 
 def clients(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
@@ -340,10 +408,14 @@ def users(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
     for key, (st, failures) in folded.items():
         if key[1] == "":
             continue
-        rows.append({
-            "user": key[1], "calls": _num(st[1]), "errors": _num(failures),
-            "error_rate": round(failures / st[1], 6) if st[1] else None,
-        })
+        rows.append(
+            {
+                "user": key[1],
+                "calls": _num(st[1]),
+                "errors": _num(failures),
+                "error_rate": round(failures / st[1], 6) if st[1] else None,
+            }
+        )
     return _page(p, rows, source, ("user",))
 
 
@@ -364,15 +436,18 @@ def discovery(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
         cube, folded, source = _grouped(conn, p, "tool_discovery", ("service",))
     rows = []
     for key, (st, _) in folded.items():
-        rows.append({
-            "service": key[1], "calls": _num(st[1]),
-            "avg_results": round(st[2] / st[0], 3) if st[0] else None,
-            "latency_ms": {
-                "total": _latency(cube, st, "duration_ms"),
-                "embedding": _latency(cube, st, "embedding_time_ms"),
-                "search": _latency(cube, st, "search_time_ms"),
-            },
-        })
+        rows.append(
+            {
+                "service": key[1],
+                "calls": _num(st[1]),
+                "avg_results": round(st[2] / st[0], 3) if st[0] else None,
+                "latency_ms": {
+                    "total": _latency(cube, st, "duration_ms"),
+                    "embedding": _latency(cube, st, "embedding_time_ms"),
+                    "search": _latency(cube, st, "search_time_ms"),
+                },
+            }
+        )
     return _page(p, rows, source, ("service",))
 
 
@@ -401,17 +476,33 @@ def timeseries(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
         if st is None:
             point.update({"calls": 0, "errors": 0, "error_rate": None})
             if "duration_ms" in cube.hists:
-                point["latency_ms"] = {"count": 0, "avg": None, "p50": None, "p95": None, "p99": None, "max": None}
+                point["latency_ms"] = {
+                    "count": 0,
+                    "avg": None,
+                    "p50": None,
+                    "p95": None,
+                    "p99": None,
+                    "max": None,
+                }
         else:
             point.update(_calls(cube, st, errors))
         point.pop("input_tokens", None)
         point.pop("output_tokens", None)
         points.append(point)
-    return {**p.echo(), "source": source, "type": p.kind, "resolution": p.resolution, "points": points}
+    return {
+        **p.echo(),
+        "source": source,
+        "type": p.kind,
+        "resolution": p.resolution,
+        "points": points,
+    }
 
 
 #: view -> (function, allowed ``by`` values, extra parameters)
-VIEWS: dict[str, tuple[Callable[[sqlite3.Connection, Params], dict[str, Any]], tuple[str, ...], tuple[str, ...]]] = {
+VIEWS: dict[
+    str,
+    tuple[Callable[[sqlite3.Connection, Params], dict[str, Any]], tuple[str, ...], tuple[str, ...]],
+] = {
     "summary": (summary, ("",), ()),
     "tools": (tools, ("",), ("limit", "offset", "sort")),
     "clients": (clients, ("client", "agent"), ("limit", "offset", "sort")),
@@ -425,7 +516,9 @@ VIEWS: dict[str, tuple[Callable[[sqlite3.Connection, Params], dict[str, Any]], t
 }
 
 
-def run(conn: sqlite3.Connection, view: str, query: Mapping[str, str], max_string_length: int = 256) -> dict[str, Any]:
+def run(
+    conn: sqlite3.Connection, view: str, query: Mapping[str, str], max_string_length: int = 256
+) -> dict[str, Any]:
     """Parse ``query`` for ``view`` and answer it."""
     fn, by, extra = VIEWS[view]
     return fn(conn, parse_params(query, by=by, extra=extra, max_string_length=max_string_length))
@@ -440,4 +533,3 @@ def flatten(row: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
-

@@ -15,7 +15,9 @@ from metrics_service.analytics.routes import to_csv
 
 def add_parser(sub: Any) -> None:
     report = sub.add_parser("report", help="usage summary, top tools, clients and errors")
-    report.add_argument("--since", default="24h", help="ISO time, unix seconds or a duration before now (24h, 7d)")
+    report.add_argument(
+        "--since", default="24h", help="ISO time, unix seconds or a duration before now (24h, 7d)"
+    )
     report.add_argument("--until", default="now")
     report.add_argument("--service", help="only this service")
     report.add_argument("--limit", default="10", help="rows per table (default 10)")
@@ -25,7 +27,10 @@ def add_parser(sub: Any) -> None:
 def build(conn: sqlite3.Connection, args: argparse.Namespace) -> dict[str, Any]:
     """Raises ``InvalidPayload`` (field and rule) for a bad argument."""
     # Relative times count back from one instant, the same for every table.
-    query = {"since": args.since, "until": f"{time.time():.3f}" if args.until == "now" else args.until}
+    query = {
+        "since": args.since,
+        "until": f"{time.time():.3f}" if args.until == "now" else args.until,
+    }
     if args.service:
         query["service"] = args.service
     top = {**query, "limit": args.limit}
@@ -33,7 +38,9 @@ def build(conn: sqlite3.Connection, args: argparse.Namespace) -> dict[str, Any]:
         "summary": queries.run(conn, "summary", query),
         "tools": queries.run(conn, "tools", top)["rows"],
         "clients": queries.run(conn, "clients", top)["rows"],
-        "errors": [r for r in queries.run(conn, "tools", {**top, "sort": "errors"})["rows"] if r["errors"]],
+        "errors": [
+            r for r in queries.run(conn, "tools", {**top, "sort": "errors"})["rows"] if r["errors"]
+        ],
     }
 
 
@@ -51,15 +58,26 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [title]
     for row in [header, *rows]:
-        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        cells = [
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
         lines.append("  " + "  ".join(cells).rstrip())
     return "\n".join(lines)
 
 
 def _tool_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return [
-        [r["tool"], r["server"] or "-", f"{r['calls']:,}", f"{r['errors']:,}", _rate(r["error_rate"]),
-         _ms(r["latency_ms"]["p50"]), _ms(r["latency_ms"]["p95"]), _ms(r["latency_ms"]["p99"])]
+        [
+            r["tool"],
+            r["server"] or "-",
+            f"{r['calls']:,}",
+            f"{r['errors']:,}",
+            _rate(r["error_rate"]),
+            _ms(r["latency_ms"]["p50"]),
+            _ms(r["latency_ms"]["p95"]),
+            _ms(r["latency_ms"]["p99"]),
+        ]
         for r in rows
     ]
 
@@ -80,18 +98,28 @@ def as_table(report: dict[str, Any]) -> str:
         f"  distinct users    {'-' if s['distinct_users'] is None else format(s['distinct_users'], ',')}",
     ]
     if auth is not None:
-        lines.append(f"  authentications   {auth['requests']:,} ({_rate(auth['success_rate'])} succeeded)")
+        lines.append(
+            f"  authentications   {auth['requests']:,} ({_rate(auth['success_rate'])} succeeded)"
+        )
     tool_header = ["TOOL", "SERVER", "CALLS", "ERRORS", "ERROR %", "P50 MS", "P95 MS", "P99 MS"]
     client_rows = [
-        [r["client"] or "(none)", f"{r['calls']:,}", f"{r['errors']:,}", _rate(r["error_rate"]), _ms(r["latency_ms"]["p95"])]
+        [
+            r["client"] or "(none)",
+            f"{r['calls']:,}",
+            f"{r['errors']:,}",
+            _rate(r["error_rate"]),
+            _ms(r["latency_ms"]["p95"]),
+        ]
         for r in report["clients"]
     ]
-    return "\n\n".join([
-        "\n".join(lines),
-        _table("Top tools", tool_header, _tool_rows(report["tools"])),
-        _table("Top clients", ["CLIENT", "CALLS", "ERRORS", "ERROR %", "P95 MS"], client_rows),
-        _table("Most errors", tool_header, _tool_rows(report["errors"])),
-    ])
+    return "\n\n".join(
+        [
+            "\n".join(lines),
+            _table("Top tools", tool_header, _tool_rows(report["tools"])),
+            _table("Top clients", ["CLIENT", "CALLS", "ERRORS", "ERROR %", "P95 MS"], client_rows),
+            _table("Most errors", tool_header, _tool_rows(report["errors"])),
+        ]
+    )
 
 
 def as_csv(report: dict[str, Any]) -> str:

@@ -69,7 +69,9 @@ def _route(view: str) -> Any:
 
     async def endpoint(request: Request, x_api_key: APIKey = None) -> Response:
         app = state(request)
-        principal = await app.authenticator.authenticate(x_api_key, client_address(request), "viewer", "admin")
+        principal = await app.authenticator.authenticate(
+            x_api_key, client_address(request), "viewer", "admin"
+        )
         limit = principal.rate_limit_per_min or app.settings.rate_limit_per_min
         decision = await app.limiter.hit("key", str(principal.key_id), limit)
         if not decision.allowed:
@@ -78,35 +80,64 @@ def _route(view: str) -> Any:
         if len(query) != len(request.query_params.multi_items()):
             raise InvalidPayload(
                 "the query parameters are invalid",
-                details=[{"field": "query", "rule": "unique", "message": "each parameter at most once"}],
+                details=[
+                    {"field": "query", "rule": "unique", "message": "each parameter at most once"}
+                ],
             )
         fmt = query.get("format", "json")
         if fmt not in ("json", "csv"):
             raise InvalidPayload(
                 "the query parameters are invalid",
-                details=[{"field": "format", "rule": "enum", "message": "must be one of json, csv"}],
+                details=[
+                    {"field": "format", "rule": "enum", "message": "must be one of json, csv"}
+                ],
             )
-        params = queries.parse_params(query, by=by, extra=extra, max_string_length=app.settings.max_string_length)
+        params = queries.parse_params(
+            query, by=by, extra=extra, max_string_length=app.settings.max_string_length
+        )
         body = await app.reader.run(lambda conn: fn(conn, params))
         if fmt == "csv":
             return Response(
-                to_csv(csv_rows(view, body)), media_type="text/csv; charset=utf-8",
+                to_csv(csv_rows(view, body)),
+                media_type="text/csv; charset=utf-8",
                 headers={"Content-Disposition": f'attachment; filename="{view}.csv"'},
             )
         return json_response(body)
 
-    names = ["since", "until", "service", "server", "tool", "client", "tenant", "success", "format", *extra]
+    names = [
+        "since",
+        "until",
+        "service",
+        "server",
+        "tool",
+        "client",
+        "tenant",
+        "success",
+        "format",
+        *extra,
+    ]
     if by != ("",):
         names.append("by")
     parameters = [
-        {"name": n, "in": "query", "required": False, "schema": {"type": "string"},
-         "description": _PARAMETERS[n] + (f" One of: {', '.join(by)}." if n == "by" else "")}
+        {
+            "name": n,
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": _PARAMETERS[n] + (f" One of: {', '.join(by)}." if n == "by" else ""),
+        }
         for n in names
     ]
     router.add_api_route(
-        f"/analytics/{view}", endpoint, methods=["GET"], name=f"analytics_{view}",
+        f"/analytics/{view}",
+        endpoint,
+        methods=["GET"],
+        name=f"analytics_{view}",
         summary=(fn.__doc__ or view).split("\n\n")[0].replace("\n", " "),
-        responses={**_ERRORS, 422: {"description": "A query parameter is invalid (field and rule in details)."}},
+        responses={
+            **_ERRORS,
+            422: {"description": "A query parameter is invalid (field and rule in details)."},
+        },
         openapi_extra={"parameters": parameters},
     )
 
@@ -116,7 +147,9 @@ for _view in queries.VIEWS:
 
 
 _ASSETS = {
-    "app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8", "favicon.svg": "image/svg+xml",
+    "app.js": "text/javascript; charset=utf-8",
+    "app.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
 }
 #: Everything the page needs is its own script and style; it talks only to this origin.
 CSP = (
@@ -133,8 +166,13 @@ def _asset(name: str) -> bytes:
 async def ui_page() -> Response:
     """The overview page; it reads /analytics with a viewer key kept in sessionStorage."""
     return Response(
-        _asset("index.html"), media_type="text/html; charset=utf-8",
-        headers={"Content-Security-Policy": CSP, "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"},
+        _asset("index.html"),
+        media_type="text/html; charset=utf-8",
+        headers={
+            "Content-Security-Policy": CSP,
+            "X-Frame-Options": "DENY",
+            "Referrer-Policy": "no-referrer",
+        },
     )
 
 

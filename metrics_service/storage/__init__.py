@@ -15,7 +15,13 @@ from metrics_service.storage.database import (
     set_retention_policy,
     stats,
 )
-from metrics_service.storage.keys import KeyRecord, insert_key, list_keys, reconcile_env_keys, revoke_key
+from metrics_service.storage.keys import (
+    KeyRecord,
+    insert_key,
+    list_keys,
+    reconcile_env_keys,
+    revoke_key,
+)
 from metrics_service.storage.migrations import LATEST_VERSION
 
 __all__ = [

@@ -31,7 +31,13 @@ TABLE_OF_TYPE = {
 TABLES = tuple(TABLE_OF_TYPE.values())
 
 _COMMON_COLUMNS = (
-    "ts", "received_at", "service", "service_version", "instance_id", "value", "duration_ms",
+    "ts",
+    "received_at",
+    "service",
+    "service_version",
+    "instance_id",
+    "value",
+    "duration_ms",
 )
 
 
@@ -68,7 +74,10 @@ def connect(
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
         conn = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=check_same_thread, timeout=busy_timeout_ms / 1000
+            path,
+            isolation_level=None,
+            check_same_thread=check_same_thread,
+            timeout=busy_timeout_ms / 1000,
         )
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         _wal(conn, busy_timeout_ms)
@@ -89,7 +98,10 @@ def _wal(conn: sqlite3.Connection, busy_timeout_ms: int) -> None:
             conn.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as exc:
-            busy = getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            busy = getattr(exc, "sqlite_errorcode", None) in (
+                sqlite3.SQLITE_BUSY,
+                sqlite3.SQLITE_LOCKED,
+            )
             if not busy or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
@@ -157,7 +169,9 @@ def delete_expired_chunk(conn: sqlite3.Connection, table: str, before_ms: int, l
 def count_expired(conn: sqlite3.Connection, table: str, before_ms: int) -> int:
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}")
-    return int(conn.execute(f"SELECT count(*) FROM {table} WHERE ts < ?", (before_ms,)).fetchone()[0])
+    return int(
+        conn.execute(f"SELECT count(*) FROM {table} WHERE ts < ?", (before_ms,)).fetchone()[0]
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,7 +75,8 @@ def list_keys(conn: sqlite3.Connection, *, active_only: bool = False) -> list[Ke
 def revoke_key(conn: sqlite3.Connection, key_id: int) -> KeyRecord | None:
     """Revoke by id; return the record, or None if there is no such key."""
     conn.execute(
-        "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (_now_ms(), key_id)
+        "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+        (_now_ms(), key_id),
     )
     row = conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
     return KeyRecord(*row) if row else None
@@ -107,7 +108,9 @@ def reconcile_env_keys(
             if (role, service) in kept:
                 continue
             # The same secret may already exist (e.g. created once by the CLI): reuse that row.
-            row = conn.execute("SELECT id, revoked_at FROM api_keys WHERE key_hash = ?", (key_hash,)).fetchone()
+            row = conn.execute(
+                "SELECT id, revoked_at FROM api_keys WHERE key_hash = ?", (key_hash,)
+            ).fetchone()
             if row is not None:
                 conn.execute(
                     "UPDATE api_keys SET revoked_at = NULL, source = 'env', role = ?, service = ?"
@@ -116,8 +119,13 @@ def reconcile_env_keys(
                 )
             else:
                 insert_key(
-                    conn, service=service, role=role, key_hash=key_hash, key_prefix=prefix,
-                    rate_limit_per_min=None, source="env",
+                    conn,
+                    service=service,
+                    role=role,
+                    key_hash=key_hash,
+                    key_prefix=prefix,
+                    rate_limit_per_min=None,
+                    source="env",
                 )
             counts["added"] += 1
         conn.execute("COMMIT")

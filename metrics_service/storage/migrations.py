@@ -57,7 +57,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             " method TEXT, tool_name TEXT, server_name TEXT, client_name TEXT, client_version TEXT,"
             " success INTEGER, input_size_bytes INTEGER, output_size_bytes INTEGER,"
             " transport TEXT, session_id TEXT,"
-            " agent_id TEXT, tenant_id TEXT, input_tokens INTEGER, output_tokens INTEGER," + _TAIL + ")",
+            " agent_id TEXT, tenant_id TEXT, input_tokens INTEGER, output_tokens INTEGER,"
+            + _TAIL
+            + ")",
             "CREATE INDEX idx_tool_metrics_ts ON tool_metrics (ts)",
             "CREATE INDEX idx_tool_metrics_tool_name ON tool_metrics (tool_name, ts)",
             "CREATE INDEX idx_tool_metrics_client_name ON tool_metrics (client_name, ts)",
@@ -146,8 +148,12 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         [
             f"DROP INDEX IF EXISTS {name}"
             for name in (
-                "idx_auth_metrics_success", "idx_auth_metrics_user_hash", "idx_tool_metrics_tool_name",
-                "idx_tool_metrics_client_name", "idx_tool_metrics_method", "idx_discovery_metrics_results_count",
+                "idx_auth_metrics_success",
+                "idx_auth_metrics_user_hash",
+                "idx_tool_metrics_tool_name",
+                "idx_tool_metrics_client_name",
+                "idx_tool_metrics_method",
+                "idx_discovery_metrics_results_count",
                 "idx_protocol_latency_metrics_flow_step",
             )
         ],

@@ -30,9 +30,38 @@ from metrics_service.validation import DIMENSIONS, METADATA_COLUMNS
 
 #: Upper bounds (ms, inclusive) of the latency buckets; the last bucket is everything above.
 BOUNDS_MS: tuple[float, ...] = (
-    0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750,
-    1_000, 1_500, 2_000, 3_000, 5_000, 7_500, 10_000, 15_000, 20_000, 30_000, 60_000,
-    120_000, 300_000, 600_000,
+    0.5,
+    1,
+    2,
+    3,
+    5,
+    7.5,
+    10,
+    15,
+    20,
+    30,
+    50,
+    75,
+    100,
+    150,
+    200,
+    300,
+    500,
+    750,
+    1_000,
+    1_500,
+    2_000,
+    3_000,
+    5_000,
+    7_500,
+    10_000,
+    15_000,
+    20_000,
+    30_000,
+    60_000,
+    120_000,
+    300_000,
+    600_000,
 )
 NBUCKETS = len(BOUNDS_MS) + 1
 HOUR_MS = 3_600_000
@@ -45,7 +74,15 @@ _HIST_PREFIX = {"duration_ms": "lat", "embedding_time_ms": "emb", "search_time_m
 
 def row_positions(kind: str) -> dict[str, int]:
     """Column name -> position in the rows ``validation`` builds (and ``INSERT_SQL`` inserts)."""
-    names = ["ts", "received_at", "service", "service_version", "instance_id", "value", "duration_ms"]
+    names = [
+        "ts",
+        "received_at",
+        "service",
+        "service_version",
+        "instance_id",
+        "value",
+        "duration_ms",
+    ]
     names += [name for name, _ in DIMENSIONS[kind]]
     if kind == "tool_execution":
         names += [name for name, _ in METADATA_COLUMNS]
@@ -84,16 +121,52 @@ class Cube:
 
 _TOOL_SUMS = ("input_tokens", "output_tokens")
 _V2_CUBES: tuple[Cube, ...] = (
-    Cube("tools", "tool_execution", ("service", "server_name", "method", "tool_name", "success"), _TOOL_SUMS, ("duration_ms",)),
-    Cube("clients", "tool_execution", ("service", "server_name", "client_name", "success"), _TOOL_SUMS, ("duration_ms",)),
+    Cube(
+        "tools",
+        "tool_execution",
+        ("service", "server_name", "method", "tool_name", "success"),
+        _TOOL_SUMS,
+        ("duration_ms",),
+    ),
+    Cube(
+        "clients",
+        "tool_execution",
+        ("service", "server_name", "client_name", "success"),
+        _TOOL_SUMS,
+        ("duration_ms",),
+    ),
     # An agent belongs to a tenant: keyed together they stay few.
-    Cube("agents", "tool_execution", ("service", "agent_id", "tenant_id", "success"), _TOOL_SUMS, ("duration_ms",)),
-    Cube("tenants", "tool_execution", ("service", "server_name", "tool_name", "tenant_id", "success"), _TOOL_SUMS, ("duration_ms",)),
+    Cube(
+        "agents",
+        "tool_execution",
+        ("service", "agent_id", "tenant_id", "success"),
+        _TOOL_SUMS,
+        ("duration_ms",),
+    ),
+    Cube(
+        "tenants",
+        "tool_execution",
+        ("service", "server_name", "tool_name", "tenant_id", "success"),
+        _TOOL_SUMS,
+        ("duration_ms",),
+    ),
     Cube("auth", "auth_request", ("service", "server", "method", "success"), (), ("duration_ms",)),
     # One row per user and hour would be about as many as raw rows: days only, by compaction.
     Cube("users", "auth_request", ("service", "server", "user_hash", "success"), levels=("day",)),
-    Cube("discovery", "tool_discovery", ("service",), ("results_count",), ("duration_ms", "embedding_time_ms", "search_time_ms")),
-    Cube("protocol", "protocol_latency", ("service", "server_name", "client_name", "flow_step"), (), ("duration_ms",)),
+    Cube(
+        "discovery",
+        "tool_discovery",
+        ("service",),
+        ("results_count",),
+        ("duration_ms", "embedding_time_ms", "search_time_ms"),
+    ),
+    Cube(
+        "protocol",
+        "protocol_latency",
+        ("service", "server_name", "client_name", "flow_step"),
+        (),
+        ("duration_ms",),
+    ),
 )
 
 # -- end of the frozen part --------------------------------------------------------------------
@@ -101,7 +174,13 @@ _V2_CUBES: tuple[Cube, ...] = (
 #: Added by schema migration 4 (frozen there): tool *and* client, for ``tools?client=`` and
 #: ``clients?tool=``. Wider than the v2 cubes, so listed after them: ``cube_for`` takes the first fit.
 _V4_CUBES: tuple[Cube, ...] = (
-    Cube("tool_clients", "tool_execution", ("service", "server_name", "tool_name", "client_name", "success"), _TOOL_SUMS, ("duration_ms",)),
+    Cube(
+        "tool_clients",
+        "tool_execution",
+        ("service", "server_name", "tool_name", "client_name", "success"),
+        _TOOL_SUMS,
+        ("duration_ms",),
+    ),
 )
 CUBES: tuple[Cube, ...] = _V2_CUBES + _V4_CUBES
 
@@ -179,7 +258,11 @@ def _create_and_backfill(cubes: Iterable[Cube]) -> list[str]:
     for cube in cubes:
         for level in cube.levels:
             statements.append(_create_sql(cube, level))
-            where = "1" if level == "hour" else "ts < (SELECT until_ms FROM rollup_watermark WHERE name = 'day')"
+            where = (
+                "1"
+                if level == "hour"
+                else "ts < (SELECT until_ms FROM rollup_watermark WHERE name = 'day')"
+            )
             statements.append(_from_raw_sql(cube, level, where))
     return statements
 
@@ -232,7 +315,9 @@ class _Shape:
             if other[i] is not None and (into[i] is None or other[i] > into[i]):
                 into[i] = other[i]
 
-    def coarsen(self, acc: dict[tuple[Any, ...], list[Any]], width: int) -> dict[tuple[Any, ...], list[Any]]:
+    def coarsen(
+        self, acc: dict[tuple[Any, ...], list[Any]], width: int
+    ) -> dict[tuple[Any, ...], list[Any]]:
         out: dict[tuple[Any, ...], list[Any]] = {}
         for key, st in acc.items():
             coarse = (key[0] - key[0] % width, *key[1:])
@@ -284,7 +369,9 @@ def _stored(shape: _Shape, acc: dict[tuple[Any, ...], list[Any]]) -> Iterable[tu
 
 def day_watermark(conn: sqlite3.Connection) -> int:
     """Days before this (ms) are in the day tables; later ones are compacted once complete."""
-    return int(conn.execute("SELECT until_ms FROM rollup_watermark WHERE name = 'day'").fetchone()[0])
+    return int(
+        conn.execute("SELECT until_ms FROM rollup_watermark WHERE name = 'day'").fetchone()[0]
+    )
 
 
 def maintain(conn: sqlite3.Connection, parts: Sequence[dict[str, list[tuple[Any, ...]]]]) -> None:
@@ -313,10 +400,14 @@ def maintain(conn: sqlite3.Connection, parts: Sequence[dict[str, list[tuple[Any,
                 late = {k: st for k, st in hours.items() if k[0] < watermark}
                 conn.executemany(_UPSERT[(name, "hour")], _stored(shape, hours))
                 if late:
-                    conn.executemany(_UPSERT[(name, "day")], _stored(shape, shape.coarsen(late, DAY_MS)))
+                    conn.executemany(
+                        _UPSERT[(name, "day")], _stored(shape, shape.coarsen(late, DAY_MS))
+                    )
         # Day-only cubes take only the events of days already compacted; the rest reach them
         # through compaction.
-        late_rows = [r for part in parts for r in part.get(kind, ()) if r[0] < watermark] if daily else []
+        late_rows = (
+            [r for part in parts for r in part.get(kind, ()) if r[0] < watermark] if daily else []
+        )
         if late_rows:
             for shape in daily:
                 days: dict[tuple[Any, ...], list[Any]] = {}
@@ -324,7 +415,9 @@ def maintain(conn: sqlite3.Connection, parts: Sequence[dict[str, list[tuple[Any,
                 conn.executemany(_UPSERT[(shape.cube.name, "day")], _stored(shape, days))
 
 
-Accumulator = Callable[[Iterable[tuple[Any, ...]], int, list[dict[tuple[Any, ...], list[Any]]]], None]
+Accumulator = Callable[
+    [Iterable[tuple[Any, ...]], int, list[dict[tuple[Any, ...], list[Any]]]], None
+]
 
 
 @functools.lru_cache(maxsize=32)
@@ -352,7 +445,11 @@ def _accumulator(shapes: tuple[_Shape, ...]) -> Accumulator:
     for p in sum_columns:
         lines.append(f"        v{p} = r[{p}]")
     for p in hist_columns:
-        lines += [f"        v{p} = r[{p}]", f"        if v{p} is not None:", f"            b{p} = bisect(BOUNDS, v{p})"]
+        lines += [
+            f"        v{p} = r[{p}]",
+            f"        if v{p} is not None:",
+            f"            b{p} = bisect(BOUNDS, v{p})",
+        ]
     for i, shape in enumerate(shapes):
         idx = [shape.cube.positions[d] for d in shape.dims]
         lines += [
@@ -378,7 +475,7 @@ def _accumulator(shapes: tuple[_Shape, ...]) -> Accumulator:
             ]
     namespace: dict[str, Any] = {"bisect": bisect_left, "BOUNDS": BOUNDS_MS}
     namespace.update({f"T{i}": shape.template for i, shape in enumerate(shapes)})
-    exec("\n".join(lines), namespace)  # noqa: S102 - the source is built above from the fixed cubes
+    exec("\n".join(lines), namespace)
     return namespace["accumulate"]  # type: ignore[no-any-return]
 
 
@@ -389,7 +486,9 @@ def _compact_sql(cube: Cube) -> str:
         return _from_raw_sql(cube, "day", "ts >= ? AND ts < ?") + conflict
     values = []
     for c in cube.state_columns:
-        values.append(f"{'min' if c.endswith('_min') else 'max' if c.endswith('_max') else 'sum'}({c})")
+        values.append(
+            f"{'min' if c.endswith('_min') else 'max' if c.endswith('_max') else 'sum'}({c})"
+        )
     dims = ", ".join(cube.dims)
     return (
         f"INSERT INTO {cube.table('day')} (bucket, {dims}, {', '.join(cube.state_columns)})"
@@ -412,7 +511,9 @@ def compact(conn: sqlite3.Connection, now_ms: int) -> int:
             if day_watermark(conn) == day:
                 for cube in CUBES:
                     conn.execute(_COMPACT[cube.name], (day, day + DAY_MS))
-                conn.execute("UPDATE rollup_watermark SET until_ms = ? WHERE name = 'day'", (day + DAY_MS,))
+                conn.execute(
+                    "UPDATE rollup_watermark SET until_ms = ? WHERE name = 'day'", (day + DAY_MS,)
+                )
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -430,7 +531,8 @@ def delete_expired_chunk(conn: sqlite3.Connection, table: str, before_ms: int, l
     if table not in TABLES:
         raise ValueError(f"unknown rollup table {table!r}")
     row = conn.execute(
-        f"SELECT bucket FROM {table} WHERE bucket < ? ORDER BY bucket LIMIT 1 OFFSET ?", (before_ms, limit - 1)
+        f"SELECT bucket FROM {table} WHERE bucket < ? ORDER BY bucket LIMIT 1 OFFSET ?",
+        (before_ms, limit - 1),
     ).fetchone()
     upto = before_ms if row is None else row[0] + 1
     return int(conn.execute(f"DELETE FROM {table} WHERE bucket < ?", (upto,)).rowcount)
@@ -439,7 +541,9 @@ def delete_expired_chunk(conn: sqlite3.Connection, table: str, before_ms: int, l
 def count_expired(conn: sqlite3.Connection, table: str, before_ms: int) -> int:
     if table not in TABLES:
         raise ValueError(f"unknown rollup table {table!r}")
-    return int(conn.execute(f"SELECT count(*) FROM {table} WHERE bucket < ?", (before_ms,)).fetchone()[0])
+    return int(
+        conn.execute(f"SELECT count(*) FROM {table} WHERE bucket < ?", (before_ms,)).fetchone()[0]
+    )
 
 
 # -- queries -----------------------------------------------------------------------------------
@@ -461,7 +565,8 @@ def plan(
     hours, then raw rows for the rest. ``finest_ms`` (a series resolution) excludes coarser
     levels."""
     levels = [
-        (name, w) for name, w in LEVELS.items()
+        (name, w)
+        for name, w in LEVELS.items()
         if name in cube.levels and (finest_ms is None or (w <= finest_ms and finest_ms % w == 0))
     ]
     segments: list[tuple[str, int, int]] = []
@@ -497,7 +602,9 @@ class Query:
     series_ms: int | None = None
 
 
-def aggregate(conn: sqlite3.Connection, q: Query) -> tuple[Cube, dict[tuple[Any, ...], list[Any]], str]:
+def aggregate(
+    conn: sqlite3.Connection, q: Query
+) -> tuple[Cube, dict[tuple[Any, ...], list[Any]], str]:
     """States per group key ``(time bucket or 0, *group values)`` over the range; also the cube
     the states are shaped by and the source used (``rollup`` or ``raw``: no cube covers the
     dimensions asked for, so every raw row in the range is read)."""
@@ -531,7 +638,12 @@ def _filter_sql(filters: dict[str, str | int]) -> tuple[str, list[Any]]:
 
 
 def _segment(
-    conn: sqlite3.Connection, shape: _Shape, q: Query, level: str, lo: int, hi: int,
+    conn: sqlite3.Connection,
+    shape: _Shape,
+    q: Query,
+    level: str,
+    lo: int,
+    hi: int,
     out: dict[tuple[Any, ...], list[Any]],
 ) -> None:
     """Add the states of ``[lo, hi)`` from a rollup table, or from the raw rows (``level`` raw)
@@ -544,7 +656,9 @@ def _segment(
         table, time_col = cube.table(level), "bucket"
         values = [*q.group]
         for c in cube.state_columns:
-            values.append(f"{'min' if c.endswith('_min') else 'max' if c.endswith('_max') else 'sum'}({c})")
+            values.append(
+                f"{'min' if c.endswith('_min') else 'max' if c.endswith('_max') else 'sum'}({c})"
+            )
     t = f"{time_col} / {int(q.series_ms)} * {int(q.series_ms)}" if q.series_ms else "0"
     where, params = _filter_sql(q.filters)
     keylen = 1 + len(q.group)

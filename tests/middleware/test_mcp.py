@@ -158,8 +158,14 @@ async def test_mcp_rows_in_the_real_service(
         "METRICS_INSTANCE_ID": instance,
     }
     add_ok = frozenset(
-        {("tool_name", "add"), ("success", "true"), ("method", "tools/call"), ("service", "mw-mcp"),
-         ("client_name", "pytest-client"), ("server", "calc-server")}
+        {
+            ("tool_name", "add"),
+            ("success", "true"),
+            ("method", "tools/call"),
+            ("service", "mw-mcp"),
+            ("client_name", "pytest-client"),
+            ("server", "calc-server"),
+        }
     )
     before = metrics_service.series("mcp_tool_executions_total").get(add_ok, 0.0)
     async with target_for(transport, env) as target:
@@ -207,11 +213,17 @@ async def test_mcp_rows_in_the_real_service(
     # tests share this service, so compare against the count before this session).
     executions = metrics_service.series("mcp_tool_executions_total")
     assert executions[add_ok] == before + 1
-    failed = {k: v for k, v in executions.items() if ("tool_name", "fail") in k and ("success", "false") in k}
+    failed = {
+        k: v
+        for k, v in executions.items()
+        if ("tool_name", "fail") in k and ("success", "false") in k
+    }
     assert failed and all(("client_name", "pytest-client") in k for k in failed)
     steps = metrics_service.series("mcp_protocol_latency_seconds_count")
     assert {dict(k)["flow_step"] for k in steps} >= {
-        "initialize->tools/list", "tools/list->tools/call", "initialize->tools/call"
+        "initialize->tools/list",
+        "tools/list->tools/call",
+        "initialize->tools/call",
     }
     assert metrics_service.series("mcp_tool_input_size_bytes_count")
 

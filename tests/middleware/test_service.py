@@ -206,12 +206,27 @@ async def test_real_429_backs_off_until_retry_after(metrics_service: RunningServ
     from .conftest import SERVICE_PYTHON
 
     created = subprocess.run(
-        [SERVICE_PYTHON, "-m", "metrics_service", "keys", "create", "--service", "mw-test", "--rate-limit", "1"],
+        [
+            SERVICE_PYTHON,
+            "-m",
+            "metrics_service",
+            "keys",
+            "create",
+            "--service",
+            "mw-test",
+            "--rate-limit",
+            "1",
+        ],
         env={**os.environ, "SQLITE_DB_PATH": str(metrics_service.db_path)},
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     key = re.search(r"(mcpm_\S+)", created.stdout).group(1)  # type: ignore[union-attr]
-    client = MetricsClient(url=metrics_service.url, api_key=key, service="mw-test", flush_interval_s=0.05)
+    client = MetricsClient(
+        url=metrics_service.url, api_key=key, service="mw-test", flush_interval_s=0.05
+    )
 
     def refused() -> float:
         return sum(metrics_service.series("metrics_service_rate_limited_requests_total").values())
@@ -220,7 +235,10 @@ async def test_real_429_backs_off_until_retry_after(metrics_service: RunningServ
     # budget) twice a second only: each 401 counts against the per-address failed-auth limit
     # (30 a minute) that the other tests on this shared service also draw on.
     deadline = time.monotonic() + 15
-    while httpx.get(metrics_service.url + "/rate-limit", headers={"X-API-Key": key}).status_code != 200:
+    while (
+        httpx.get(metrics_service.url + "/rate-limit", headers={"X-API-Key": key}).status_code
+        != 200
+    ):
         assert time.monotonic() < deadline, "the new key was not loaded within 15 s"
         await asyncio.sleep(0.5)
     async with client:
@@ -228,7 +246,9 @@ async def test_real_429_backs_off_until_retry_after(metrics_service: RunningServ
         await async_wait_until(lambda: client.stats().sent == 1, 15, "the first event delivered")
         before = refused()
         client.record_custom("second")
-        await async_wait_until(lambda: client.stats().retries >= 1, 10, "a 429 and a scheduled retry")
+        await async_wait_until(
+            lambda: client.stats().retries >= 1, 10, "a 429 and a scheduled retry"
+        )
         assert client.stats().last_error == "HTTP 429"
         # Three seconds later the client has still made exactly one refused attempt: it honours
         # the ~60 s Retry-After rather than retrying on its own shorter backoff.
