@@ -321,13 +321,46 @@ def _breakdown(
 # -- views -------------------------------------------------------------------------------------
 
 
+def _no_calls() -> dict[str, Any]:
+    latency = {"count": 0, "avg": None, "p50": None, "p95": None, "p99": None, "max": None}
+    return {
+        "calls": 0,
+        "errors": 0,
+        "error_rate": None,
+        "latency_ms": latency,
+        "input_tokens": 0,
+        "output_tokens": 0,
+    }
+
+
+def _tool_calls(
+    conn: sqlite3.Connection, p: Params, series_ms: int | None = None
+) -> tuple[rollups.Cube, dict[int, tuple[list[Any], float]]]:
+    """States of the calls that name a tool (``tools/call``: the rows of the tools view), by time
+    bucket; grouped by tool so that every filter is read from a rollup, as the tools view is."""
+    cube, folded, _ = _grouped(conn, p, "tool_execution", ("tool_name",), series_ms)
+    out: dict[int, tuple[list[Any], float]] = {}
+    for (t, tool), (st, errors) in folded.items():
+        if _value(tool) is None:
+            continue
+        have = out.get(t)
+        if have is None:
+            out[t] = (list(st), errors)
+        else:
+            rollups.merge(cube, have[0], st)
+            out[t] = (have[0], have[1] + errors)
+    return cube, out
+
+
 def summary(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
-    """Calls (every MCP method call), errors, latency percentiles, tokens, distinct clients; and
-    authentications with distinct hashed users when the filters apply to them."""
+    """Calls (every MCP method call), errors, latency percentiles, tokens, distinct clients;
+    authentications with distinct hashed users when the filters apply to them; and the same
+    numbers for tool calls alone (``tool_calls``: the calls that name a tool)."""
     with snapshot(conn):
         cube, folded, source = _grouped(conn, p, "tool_execution", ())
         st, errors = folded.get((0,), (None, 0.0))
         _, clients, _ = _grouped(conn, p, "tool_execution", ("client_name",))
+        tool_cube, tool_calls = _tool_calls(conn, p)
         auth: dict[str, Any] | None = None
         users: int | None = None
         if set(p.filters) <= set(FILTERS["auth_request"]):
@@ -341,25 +374,8 @@ def summary(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
                 "failures": _num(afail),
                 "success_rate": round(1 - afail / requests, 6) if requests else None,
             }
-    body = (
-        _calls(cube, st, errors)
-        if st
-        else {
-            "calls": 0,
-            "errors": 0,
-            "error_rate": None,
-            "latency_ms": {
-                "count": 0,
-                "avg": None,
-                "p50": None,
-                "p95": None,
-                "p99": None,
-                "max": None,
-            },
-            "input_tokens": 0,
-            "output_tokens": 0,
-        }
-    )
+    body = _calls(cube, st, errors) if st else _no_calls()
+    tool_st, tool_errors = tool_calls.get(0, (None, 0.0))
     distinct = sum(1 for k, (s, _) in clients.items() if k[1] != "" and s[1] > 0)
     return {
         **p.echo(),
@@ -368,6 +384,7 @@ def summary(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
         "distinct_clients": distinct,
         "distinct_users": users,
         "auth": auth,
+        "tool_calls": _calls(tool_cube, tool_st, tool_errors) if tool_st else _no_calls(),
     }
 
 
@@ -464,10 +481,14 @@ def protocol(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
 
 def timeseries(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
     """Calls, errors and latency percentiles per minute, hour or day (``type`` picks the
-    family); empty intervals are present with zero calls."""
+    family; for tool executions each point also has ``tool_calls``, as in the summary); empty
+    intervals are present with zero calls."""
     width = RESOLUTIONS[p.resolution]
+    tool_calls: dict[int, tuple[list[Any], float]] | None = None
     with snapshot(conn):
         cube, folded, source = _grouped(conn, p, p.kind, (), width)
+        if p.kind == "tool_execution":
+            tool_cube, tool_calls = _tool_calls(conn, p, width)
     points = []
     start = p.since_ms // width * width
     for t in range(start, p.until_ms, width):
@@ -488,6 +509,12 @@ def timeseries(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
             point.update(_calls(cube, st, errors))
         point.pop("input_tokens", None)
         point.pop("output_tokens", None)
+        if tool_calls is not None:
+            tool_st, tool_errors = tool_calls.get(t, (None, 0.0))
+            tool = _calls(tool_cube, tool_st, tool_errors) if tool_st else _no_calls()
+            point["tool_calls"] = {
+                k: tool[k] for k in ("calls", "errors", "error_rate", "latency_ms")
+            }
         points.append(point)
     return {
         **p.echo(),

@@ -43,9 +43,40 @@ def _csv_cell(value: Any) -> Any:
     return "" if value is None else value
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
+def _latency_columns(prefix: str) -> tuple[str, ...]:
+    return tuple(f"{prefix}_{q}" for q in ("count", "avg", "p50", "p95", "p99", "max"))
+
+
+_CALLS = ("calls", "errors", "error_rate", *_latency_columns("latency_ms"))
+_TOOL_CALLS = (*_CALLS, "input_tokens", "output_tokens")
+#: The CSV header of each breakdown, by (view, ``by``), for an export with no rows (a non-empty
+#: export takes its header from the rows; tests/test_analytics_routes.py checks that they agree).
+CSV_COLUMNS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("tools", ""): ("service", "server", "tool", *_TOOL_CALLS),
+    ("clients", "client"): ("client", *_TOOL_CALLS),
+    ("clients", "agent"): ("agent", *_TOOL_CALLS),
+    ("services", "service"): ("service", *_TOOL_CALLS),
+    ("services", "server"): ("service", "server", *_TOOL_CALLS),
+    ("tenants", "tenant"): ("tenant", *_TOOL_CALLS),
+    ("tenants", "tool"): ("tenant", "tool", *_TOOL_CALLS),
+    ("users", ""): ("user", "calls", "errors", "error_rate"),
+    ("auth", ""): ("method", *_CALLS, "success_rate"),
+    ("discovery", ""): (
+        "service",
+        "calls",
+        "avg_results",
+        *_latency_columns("latency_ms_total"),
+        *_latency_columns("latency_ms_embedding"),
+        *_latency_columns("latency_ms_search"),
+    ),
+    ("protocol", ""): ("flow_step", "calls", *_latency_columns("latency_ms")),
+}
+
+
+def to_csv(rows: list[dict[str, Any]], columns: tuple[str, ...] = ()) -> str:
+    """Rows flattened to CSV; ``columns`` is the header when there are no rows."""
     flat = [queries.flatten(r) for r in rows]
-    header: dict[str, None] = {}
+    header: dict[str, None] = {} if flat else dict.fromkeys(columns)
     for row in flat:
         header.update(dict.fromkeys(row))
     out = io.StringIO()
@@ -98,7 +129,7 @@ def _route(view: str) -> Any:
         body = await app.reader.run(lambda conn: fn(conn, params))
         if fmt == "csv":
             return Response(
-                to_csv(csv_rows(view, body)),
+                to_csv(csv_rows(view, body), CSV_COLUMNS.get((view, params.by), ())),
                 media_type="text/csv; charset=utf-8",
                 headers={"Content-Disposition": f'attachment; filename="{view}.csv"'},
             )
