@@ -101,6 +101,26 @@ def make_seed(n: int = 600, days: float = 3.0, seed: int = 7, now: float | None 
     return s
 
 
+def handshakes(now: float, n: int = 60) -> list[dict[str, Any]]:
+    """MCP requests that are not tool calls (initialize, tools/list, server/discover), as the
+    middleware reports them, one in four failing."""
+    return [
+        {
+            "type": "tool_execution",
+            "timestamp": now - 120 - i * 3_000,
+            "duration_ms": 2.0 + i,
+            "dimensions": {
+                "method": ("initialize", "tools/list", "server/discover")[i % 3],
+                "server_name": "srv-0",
+                "client_name": "claude",
+                "success": i % 4 != 0,
+            },
+            "metadata": {"tenant_id": "acme"},
+        }
+        for i in range(n)
+    ]
+
+
 def exact_percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[max(1, math.ceil(q * len(ordered))) - 1]

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from metrics_service.analytics import queries
 from metrics_service.analytics.routes import CSV_COLUMNS
-from tests._analytics_seed import Seed, assert_same_bucket, make_seed, post_seed
+from tests._analytics_seed import Seed, assert_same_bucket, handshakes, make_seed, post_seed
 from tests._helpers import ADMIN_KEY, INGEST_KEY
 
 ADMIN = {"X-API-Key": ADMIN_KEY}
@@ -21,31 +21,10 @@ H = {"X-API-Key": INGEST_KEY}
 ALWAYS_ROWS = {"summary", "timeseries"}
 
 
-def handshakes(seed: Seed, n: int = 60) -> list[dict[str, Any]]:
-    """MCP requests that are not tool calls, as the middleware reports them, some failing."""
-    out = []
-    for i in range(n):
-        out.append(
-            {
-                "type": "tool_execution",
-                "timestamp": seed.now - 120 - i * 3_000,
-                "duration_ms": 2.0 + i,
-                "dimensions": {
-                    "method": ("initialize", "tools/list", "server/discover")[i % 3],
-                    "server_name": "srv-0",
-                    "client_name": "claude",
-                    "success": i % 4 != 0,
-                },
-                "metadata": {"tenant_id": "acme"},
-            }
-        )
-    return out
-
-
 @pytest.fixture
 def seeded(client: TestClient) -> tuple[TestClient, Seed, dict[str, str]]:
     seed = make_seed(400)
-    seed.metrics += handshakes(seed)
+    seed.metrics += handshakes(seed.now)
     post_seed(client, seed, H)
     return client, seed, {"since": f"{seed.now - 4 * 86_400:.3f}", "until": f"{seed.now:.3f}"}
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from metrics_service import auth, storage
-from tests._analytics_seed import make_seed
+from tests._analytics_seed import handshakes, make_seed
 from tests._helpers import INGEST_KEY, OTHER_KEY, ServiceProcess, require_binary
 
 CHROMIUM_ARGS = [
@@ -43,8 +43,8 @@ OVERVIEW_CARDS = {
     "tool-p50": ("summary", "tool_calls.latency_ms.p50"),
     "tool-p95": ("summary", "tool_calls.latency_ms.p95"),
     "tool-p99": ("summary", "tool_calls.latency_ms.p99"),
-    "input-tokens": ("summary", "tool_calls.input_tokens"),
-    "output-tokens": ("summary", "tool_calls.output_tokens"),
+    "tool-input-tokens": ("summary", "tool_calls.input_tokens"),
+    "tool-output-tokens": ("summary", "tool_calls.output_tokens"),
     "requests": ("summary", "calls"),
     "request-errors": ("summary", "errors"),
     "request-error-rate": ("summary", "error_rate"),
@@ -211,25 +211,6 @@ def post(service: ServiceProcess, metrics: list[dict[str, Any]], key: str = INGE
     assert r.status_code == 200 and r.json()["accepted"] == len(metrics), r.text
 
 
-def handshakes(now: float, n: int = 60) -> list[dict[str, Any]]:
-    """MCP requests that are not tool calls (initialize, tools/list, discover), some failing."""
-    return [
-        {
-            "type": "tool_execution",
-            "timestamp": now - 120 - i * 3_000,
-            "duration_ms": 2.0 + i,
-            "dimensions": {
-                "method": ("initialize", "tools/list", "server/discover")[i % 3],
-                "server_name": "srv-0",
-                "client_name": "claude",
-                "success": i % 4 != 0,
-            },
-            "metadata": {"tenant_id": "acme"},
-        }
-        for i in range(n)
-    ]
-
-
 class Page:
     """A page of the real browser with console errors, page errors and CSP violations kept."""
 
@@ -374,6 +355,28 @@ def check_charts(
     return len(page["bars"]) + len(page["dots"])
 
 
+def check_view(
+    page: dict[str, Any],
+    api: Api,
+    base: dict[str, str],
+    cards: dict[str, tuple[str, str]],
+    tables: dict[str, tuple[str, dict[str, str], list[tuple[str, str]]]],
+    bars: dict[str, tuple[str, str]],
+) -> tuple[Any, int, int]:
+    """Cards, tables and charts of one view against the API for ``base``: (the summary, cards and
+    cells compared, which are all of them, chart marks compared)."""
+    summary = api.get("summary", base)
+    compared = check_cards(page, cards, {"summary": summary})
+    compared += check_tables(page, tables, api, base)
+    assert compared == page["numbers"]  # every card and every table cell
+    query = {**base, "resolution": "hour"}
+    charted = check_charts(page, api.get("timeseries", query)["points"], bars)
+    link = urlsplit(page["timeseries_link"])
+    assert link.path == "/analytics/timeseries"
+    assert dict(parse_qsl(link.query)) == {**query, "format": "csv"}
+    return summary, compared, charted
+
+
 # -- tests -------------------------------------------------------------------------------------
 
 
@@ -392,23 +395,20 @@ def test_every_number_on_the_page_is_the_apis(
     assert page["view"] == "overview"
     assert not ui.page.is_visible("#key-form") and ui.page.is_visible("#controls")
     base = {"since": page["since"], "until": page["until"]}
-    answers = {"summary": api.get("summary", base)}
-    compared = check_cards(page, OVERVIEW_CARDS, answers)
-    compared += check_tables(page, OVERVIEW_TABLES, api, base)
-    assert compared == page["numbers"] > 60  # every card and every table cell
-    series = api.get("timeseries", {**base, "resolution": "hour"})
-    charted = check_charts(
+    summary, compared, charted = check_view(
         page,
-        series["points"],
+        api,
+        base,
+        OVERVIEW_CARDS,
+        OVERVIEW_TABLES,
         {
             "requests": ("chart-calls", "calls"),
             "calls": ("chart-calls", "tool_calls.calls"),
             "errors": ("chart-calls", "tool_calls.errors"),
         },
     )
-    assert charted > 100
+    assert compared > 60 and charted > 100
     # The headline counts tool calls, as its own table does (issue 18: 59 vs 33).
-    summary = answers["summary"]
     tools = api.get("tools", {**base, "limit": "1000"})["rows"]
     assert summary["tool_calls"]["calls"] == sum(r["calls"] for r in tools) < summary["calls"]
     assert page["cards"]["tool-calls"] == f"{sum(r['calls'] for r in tools):,}"
@@ -426,21 +426,19 @@ def test_every_number_on_the_page_is_the_apis(
     assert only == {"tool": tools[0]["tool"], "server": tools[0]["server"], "service": "svc"}
     assert page["title"] == f"Tool {only['tool']} (server {only['server']}, service svc)"
     base = {"since": page["since"], "until": page["until"], **only}
-    one = api.get("summary", base)
-    assert one["tool_calls"]["calls"] == tools[0]["calls"]
-    compared = check_cards(page, TOOL_CARDS, {"summary": one})
-    compared += check_tables(page, TOOL_TABLES, api, base)
-    assert compared == page["numbers"] > 20
-    series = api.get("timeseries", {**base, "resolution": "hour"})
-    charted = check_charts(
+    one, compared, charted = check_view(
         page,
-        series["points"],
+        api,
+        base,
+        TOOL_CARDS,
+        TOOL_TABLES,
         {
             "calls": ("tool-chart-calls", "tool_calls.calls"),
             "errors": ("tool-chart-calls", "tool_calls.errors"),
         },
     )
-    assert charted > 20
+    assert one["tool_calls"]["calls"] == tools[0]["calls"]
+    assert compared > 20 and charted > 20
     assert ui.page.evaluate("document.documentElement.scrollWidth") <= width
     ui.page.screenshot(path=str(tmp_path / f"tool-{width}.png"), full_page=True)
     ui.page.click("#back")

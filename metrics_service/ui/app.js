@@ -27,18 +27,23 @@ const label = (v) => (none(v) || v === "" ? "(none)" : String(v));
 
 // -- what the page shows -----------------------------------------------------------------------
 
-const tc = (s) => s.tool_calls;
+// Cards of the tool calls (summary.tool_calls), ids `${prefix}calls` and so on.
+const toolCallCards = (prefix, calls, extra = []) => {
+  const tc = (s) => s.tool_calls;
+  return [
+    [`${prefix}calls`, calls, (s) => tc(s).calls, count],
+    [`${prefix}errors`, "Errors", (s) => tc(s).errors, count],
+    [`${prefix}error-rate`, "Error rate", (s) => tc(s).error_rate, pct],
+    [`${prefix}p50`, "Latency p50", (s) => tc(s).latency_ms.p50, withMs],
+    [`${prefix}p95`, "p95", (s) => tc(s).latency_ms.p95, withMs],
+    [`${prefix}p99`, "p99", (s) => tc(s).latency_ms.p99, withMs],
+    ...extra,
+    [`${prefix}input-tokens`, "Input tokens", (s) => tc(s).input_tokens, count],
+    [`${prefix}output-tokens`, "Output tokens", (s) => tc(s).output_tokens, count],
+  ];
+};
 const CARDS = {
-  "cards-tool-calls": [
-    ["tool-calls", "Tool calls", (s) => tc(s).calls, count],
-    ["tool-errors", "Errors", (s) => tc(s).errors, count],
-    ["tool-error-rate", "Error rate", (s) => tc(s).error_rate, pct],
-    ["tool-p50", "Latency p50", (s) => tc(s).latency_ms.p50, withMs],
-    ["tool-p95", "p95", (s) => tc(s).latency_ms.p95, withMs],
-    ["tool-p99", "p99", (s) => tc(s).latency_ms.p99, withMs],
-    ["input-tokens", "Input tokens", (s) => tc(s).input_tokens, count],
-    ["output-tokens", "Output tokens", (s) => tc(s).output_tokens, count],
-  ],
+  "cards-tool-calls": toolCallCards("tool-", "Tool calls"),
   "cards-requests": [
     ["requests", "Requests", (s) => s.calls, count],
     ["request-errors", "Errors", (s) => s.errors, count],
@@ -52,17 +57,7 @@ const CARDS = {
     ["auth-success", "Success rate", (s) => s.auth && s.auth.success_rate, pct],
     ["users", "Users", (s) => s.distinct_users, count],
   ],
-  "cards-tool": [
-    ["one-tool-calls", "Calls", (s) => tc(s).calls, count],
-    ["one-tool-errors", "Errors", (s) => tc(s).errors, count],
-    ["one-tool-error-rate", "Error rate", (s) => tc(s).error_rate, pct],
-    ["one-tool-p50", "Latency p50", (s) => tc(s).latency_ms.p50, withMs],
-    ["one-tool-p95", "p95", (s) => tc(s).latency_ms.p95, withMs],
-    ["one-tool-p99", "p99", (s) => tc(s).latency_ms.p99, withMs],
-    ["one-tool-clients", "Clients", (s) => s.distinct_clients, count],
-    ["one-tool-input-tokens", "Input tokens", (s) => tc(s).input_tokens, count],
-    ["one-tool-output-tokens", "Output tokens", (s) => tc(s).output_tokens, count],
-  ],
+  "cards-tool": toolCallCards("one-tool-", "Calls", [["one-tool-clients", "Clients", (s) => s.distinct_clients, count]]),
 };
 
 const lat = (q) => (r) => r.latency_ms[q];
