@@ -238,7 +238,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Collects metric events from MCP services; stores them in SQLite and exports "
         "them through OpenTelemetry.",
         lifespan=lifespan,
-        docs_url="/docs",
+        # /docs is served from the package's own Swagger UI files (analytics/routes.py), not a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     install_error_handlers(app)

@@ -107,6 +107,7 @@ class ServiceProcess:
     port: int = field(default_factory=free_port)
     args: list[str] = field(default_factory=list)
     unset_env: list[str] = field(default_factory=list)  # variables to leave out (defaults apply)
+    python: str = sys.executable  # another venv's, to run what it has installed
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -126,7 +127,7 @@ class ServiceProcess:
             env.pop(name, None)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "metrics_service", "serve", *self.args],
+            [self.python, "-m", "metrics_service", "serve", *self.args],
             env=env,
             stdout=log,
             stderr=log,

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,6 +14,7 @@ from tests._helpers import (
     OTHER_KEY,
     RedisServer,
     ServiceProcess,
+    require_binary,
     start_redis,
 )
 
@@ -64,3 +66,29 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     yield server
     server.proc.terminate()
     server.proc.wait(10)
+
+
+#: Debian's chromium, headless, with nothing of its own going out.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """A real Chromium (Debian's package) driven by playwright, without `playwright install`."""
+    binary = require_binary("chromium", "chromium")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="pip install playwright (no `playwright install`)"
+    )
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=binary, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -18,18 +18,8 @@ import pytest
 
 from metrics_service import auth, storage
 from tests._analytics_seed import handshakes, make_seed
-from tests._helpers import INGEST_KEY, OTHER_KEY, ServiceProcess, require_binary
+from tests._helpers import INGEST_KEY, OTHER_KEY, ServiceProcess
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 LOAD_MS = 15_000
 NOTHING = "\N{EN DASH}"  # what the page shows for a value the API answers null
 
@@ -181,18 +171,6 @@ READ_PAGE = """() => {
 # -- fixtures ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def browser() -> Any:
-    binary = require_binary("chromium", "chromium")
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="pip install playwright (no `playwright install`)"
-    )
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=binary, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 def viewer_key(service: ServiceProcess) -> str:
     conn, _ = storage.open_database(service.db_path)
     key, _ = auth.create_key(conn, service=None, role="viewer", source="cli")
@@ -226,6 +204,7 @@ class Page:
         response = self.page.goto(service.url + "/ui")
         csp = response.headers["content-security-policy"]
         assert response.status == 200 and "default-src 'none'" in csp and "script-src 'self'" in csp
+        assert response.headers["x-frame-options"] == "DENY"  # once, not twice
 
     def connect(self, key: str, range_: str = "7d", service: str | None = None) -> None:
         self.page.fill("#key", key)

@@ -353,9 +353,11 @@ def _tool_calls(
 
 
 def summary(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
-    """Calls (every MCP method call), errors, latency percentiles, tokens, distinct clients;
-    authentications with distinct hashed users when the filters apply to them; and the same
-    numbers for tool calls alone (``tool_calls``: the calls that name a tool)."""
+    """Calls (every MCP method call), errors, latency percentiles, tokens, distinct clients, and
+    authentications with distinct hashed users when the filters apply to them; tool_calls: the
+    same for tools/call alone.
+
+    ``tool_calls`` holds the calls that name a tool, the rows of the tools view."""
     with snapshot(conn):
         cube, folded, source = _grouped(conn, p, "tool_execution", ())
         st, errors = folded.get((0,), (None, 0.0))

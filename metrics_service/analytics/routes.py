@@ -181,6 +181,12 @@ _ASSETS = {
     "app.js": "text/javascript; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
+    "docs.js": "text/javascript; charset=utf-8",
+}
+#: Swagger UI for /docs, vendored by scripts/vendor-swagger-ui (Apache-2.0, licence beside it).
+_SWAGGER_ASSETS = {
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "swagger-ui.css": "text/css; charset=utf-8",
 }
 #: Everything the page needs is its own script and style; it talks only to this origin.
 CSP = (
@@ -189,21 +195,45 @@ CSP = (
 )
 
 
-def _asset(name: str) -> bytes:
-    return resources.files("metrics_service.ui").joinpath(name).read_bytes()
+#: /docs: Swagger UI draws its icons from data: URIs; otherwise the same as the page's.
+DOCS_CSP = CSP.replace("img-src 'self';", "img-src 'self' data:;")
+
+
+def _asset(name: str, folder: str = "") -> bytes:
+    root = resources.files("metrics_service.ui")
+    return (root.joinpath(folder) if folder else root).joinpath(name).read_bytes()
+
+
+def _page(name: str, csp: str) -> Response:
+    # X-Frame-Options and Referrer-Policy come with every response (app.RequestIdMiddleware).
+    return Response(
+        _asset(name),
+        media_type="text/html; charset=utf-8",
+        headers={"Content-Security-Policy": csp},
+    )
 
 
 @router.get("/ui", include_in_schema=False)
 async def ui_page() -> Response:
     """The overview page; it reads /analytics with a viewer key kept in sessionStorage."""
+    return _page("index.html", CSP)
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs_page() -> Response:
+    """Interactive API docs (Swagger UI) from the package's own files: no CDN, works offline."""
+    return _page("docs.html", DOCS_CSP)
+
+
+@router.get("/ui/swagger-ui/{name}", include_in_schema=False)
+async def swagger_asset(name: str) -> Response:
+    media = _SWAGGER_ASSETS.get(name)
+    if media is None:
+        raise NotFound("no such asset")
     return Response(
-        _asset("index.html"),
-        media_type="text/html; charset=utf-8",
-        headers={
-            "Content-Security-Policy": CSP,
-            "X-Frame-Options": "DENY",
-            "Referrer-Policy": "no-referrer",
-        },
+        _asset(name, "swagger-ui"),
+        media_type=media,
+        headers={"Content-Security-Policy": DOCS_CSP},
     )
 
 
