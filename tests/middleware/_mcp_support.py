@@ -42,6 +42,21 @@ def server_env(url: str, service: str = "mw-mcp", api_key: str = API_KEY) -> dic
     }
 
 
+def wait_listening(proc: subprocess.Popen[bytes], port: int, timeout_s: float = 30) -> None:
+    """Until ``proc`` listens on the loopback ``port``; fails with its stderr if it exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"MCP server exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"MCP server did not listen within {timeout_s}s") from None
+            time.sleep(0.05)
+
+
 @contextmanager
 def http_server(transport: str, env: dict[str, str], *extra: str) -> Iterator[str]:
     """The app on a loopback port, as a process; yields its MCP URL."""
@@ -52,18 +67,8 @@ def http_server(transport: str, env: dict[str, str], *extra: str) -> Iterator[st
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 30
     try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"MCP server exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError("MCP server did not listen within 30s") from None
-                time.sleep(0.05)
+        wait_listening(proc, port)
         path = "/sse" if transport == "sse" else "/mcp"
         yield f"http://127.0.0.1:{port}{path}"
     finally:

@@ -4,16 +4,14 @@ not an MCP server) with one line on stderr and exit code 2, never a traceback.""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
-from ._mcp_support import connect, events, is_error, server_env
+from ._mcp_support import connect, events, is_error, server_env, wait_listening
 from .conftest import REPO_ROOT, IngestServer, async_wait_until, free_port, stop_process
 
 PLAIN = "tests.middleware.plain_mcp_server:server"
@@ -28,18 +26,8 @@ def launched(args: list[str], env: dict[str, str], port: int) -> Iterator[subpro
     proc = subprocess.Popen(
         args, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 30
     try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"launcher exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"nothing listened on port {port} within 30 s") from None
-                time.sleep(0.05)
+        wait_listening(proc, port)
         yield proc
     finally:
         stop_process(proc)
