@@ -143,6 +143,7 @@ def test_disk_full_is_503_loses_nothing_and_recovers_by_itself(
         # queue of acknowledged metrics filled up), never a 500.
         wait_for(lambda: poster.post().status_code == 503, 60, 0)
         assert set(poster.statuses) <= {200, 503}, poster.statuses
+
         # A commit can still fit into space SQLite already holds (a reused WAL), so the health
         # flag may flip back for a moment: await the failing state rather than sample it once.
         def unready() -> bool:

@@ -26,6 +26,8 @@ TABLE_OF_TYPE = {
     "tool_execution": "tool_metrics",
     "tool_discovery": "discovery_metrics",
     "protocol_latency": "protocol_latency_metrics",
+    "registry_operation": "registry_operation_metrics",
+    "health_check": "health_check_metrics",
     "custom": "custom_metrics",
 }
 TABLES = tuple(TABLE_OF_TYPE.values())
