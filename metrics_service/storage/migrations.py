@@ -149,6 +149,16 @@ def migration_v5() -> list[str]:
         "INSERT INTO retention_policies (table_name, updated_at) VALUES"
         " ('registry_operation_metrics', 0), ('health_check_metrics', 0)",
         "ALTER TABLE api_keys ADD COLUMN service_aliases TEXT",
+        # Progress of importing an adopted reference database (storage/reference.py).
+        """CREATE TABLE reference_import (
+            name TEXT PRIMARY KEY,
+            last_id INTEGER NOT NULL,
+            done INTEGER NOT NULL,
+            imported INTEGER NOT NULL DEFAULT 0,
+            expired INTEGER NOT NULL DEFAULT 0,
+            rejected INTEGER NOT NULL DEFAULT 0,
+            updated_at INTEGER NOT NULL
+        )""",
         *rollups.migration_v5(),
     ]
 
