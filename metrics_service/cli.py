@@ -10,8 +10,8 @@
                            [--format table|json|csv]
 
 Settings come from the environment (see the README); the CLI and a running service share the
-database: a key created here works on its first request to a running service (an unknown key makes it
-reload its keys), and a revoked key is refused within METRICS_KEY_RELOAD_INTERVAL_S.
+database: a key created here works on its first request to a running service (an unknown key
+makes it reload its keys), and a revoked key is refused within METRICS_KEY_RELOAD_INTERVAL_S.
 """
 
 from __future__ import annotations
