@@ -43,6 +43,7 @@ from metrics_service.models import (
     RateLimitStatus,
 )
 from metrics_service.retention import run_once
+from metrics_service.settings import Settings
 
 if TYPE_CHECKING:
     from metrics_service.app import AppState
@@ -91,6 +92,15 @@ def error_response(request: Request, error: ApiError) -> Response:
     return json_response(error_body(error, request_id(request)), error.status, error.headers)
 
 
+def _scrape_hint(settings: Settings) -> str:
+    """The 405 for ``GET /metrics`` on the API port (the usual Prometheus habit): where to look."""
+    hint = "/metrics on this port takes POST (metric ingest); "
+    if not settings.otel_prometheus_enabled:
+        return hint + "the Prometheus endpoint is off (OTEL_PROMETHEUS_ENABLED=false)"
+    host, port = settings.otel_prometheus_host, settings.otel_prometheus_port
+    return hint + f"Prometheus scrapes http://{host}:{port}/metrics (OTEL_PROMETHEUS_PORT)"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
@@ -110,7 +120,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        error = ApiError(str(exc.detail), headers=dict(exc.headers or {}))
+        message = str(exc.detail)
+        if exc.status_code == 405 and request.url.path == "/metrics":
+            message = _scrape_hint(request.app.state.settings)
+        error = ApiError(message, headers=dict(exc.headers or {}))
         error.status = exc.status_code
         error.code = {404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
@@ -253,7 +266,8 @@ class IngestEndpoint:
     async def ingest(
         app: AppState, scope: Scope, receive: Receive, rid: str
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
-        """Store the valid metrics of the batch; report each rejected one by index, field and rule."""
+        """Store the valid metrics of the batch; report each rejected one by index, field and
+        rule."""
         api_key = content_type = encoding = length = None
         for name, value in scope["headers"]:
             if name == b"x-api-key":
@@ -674,7 +688,8 @@ def _json_content(name: str) -> dict[str, Any]:
 _INGEST_OPERATION: dict[str, Any] = {
     "tags": ["ingest"],
     "summary": "Ingest a batch of metric events",
-    "description": "Store the valid metrics of the batch; report each rejected one by index, field and rule.\n\n"
+    "description": "Store the valid metrics of the batch; report each rejected one by index, "
+    "field and rule.\n\n"
     "200: at least one metric stored (``rejected`` may be > 0). 422: none stored.\n"
     "With the default durable acknowledgement, 200 means committed to the database.",
     "operationId": "ingest_metrics_post",

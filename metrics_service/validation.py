@@ -279,6 +279,8 @@ class Validator:
     def decode(self, body: bytes) -> Batch:
         """Validate ``body``: raise for a body of the wrong shape, else return the batch with
         its valid rows and its rejected items."""
+        # The structs are built at run time (defstruct), so their fields are not known statically.
+        envelope: Any
         try:
             envelope = self._decoder.decode(body)
             items = envelope.metrics
@@ -298,7 +300,8 @@ class Validator:
                     {
                         "field": "service",
                         "rule": "pattern",
-                        "message": "lower-case letters, digits, '.', '_' or '-', starting with a letter or digit",
+                        "message": "lower-case letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit",
                     }
                 ],
             )
@@ -367,6 +370,13 @@ class Validator:
         else:
             ts_s = float(ts)
         if ts_s > newest_s:
+            if ts.__class__ is not str and oldest_s <= ts_s / 1000 <= newest_s:
+                raise _Reject(
+                    "timestamp",
+                    "max_future_skew",
+                    "is too far in the future; it looks like unix milliseconds, "
+                    "send unix seconds (divide by 1000) or an ISO 8601 time",
+                )
             raise _Reject("timestamp", "max_future_skew", "is too far in the future")
         if ts_s < oldest_s or ts_s < _TS_MIN_S:
             raise _Reject("timestamp", "older_than_retention", "is older than the retention period")
@@ -457,7 +467,8 @@ class Validator:
         )
 
 
-#: metric type -> ({dimension: (column position, kind)}, number of columns, required (name, position)).
+#: metric type -> ({dimension: (column position, kind)}, number of columns,
+#: required (name, position)).
 _SHAPES = {
     kind: (
         {

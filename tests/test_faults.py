@@ -285,7 +285,10 @@ def test_slow_and_silent_clients_are_cut_off_and_others_are_served(service: Serv
         f"POST /metrics HTTP/1.1\r\nHost: x\r\nX-API-Key: {INGEST_KEY}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
-    slow_head = f"POST /metrics HTTP/1.1\r\nHost: x\r\nX-API-Key: {INGEST_KEY}\r\nX-Pad: {'a' * 500}\r\n\r\n".encode()
+    slow_head = (
+        f"POST /metrics HTTP/1.1\r\nHost: x\r\nX-API-Key: {INGEST_KEY}\r\n"
+        f"X-Pad: {'a' * 500}\r\n\r\n"
+    ).encode()
     stop = threading.Event()
     silent = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(100)]
     head_tricklers = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(5)]
