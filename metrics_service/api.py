@@ -396,7 +396,8 @@ async def flush(request: Request, x_api_key: APIKey = None) -> Response:
     return json_response(
         {
             "status": "success",
-            "message": "nothing to flush: accepted metrics are committed before POST /metrics answers"
+            "message": "nothing to flush: accepted metrics are committed before POST /metrics"
+            " answers"
             if app.settings.ack_mode.value == "durable"
             else f"buffered metrics are committed within {app.settings.flush_interval_s:g} s",
             "pending": app.queue.pending_metrics,

@@ -45,7 +45,7 @@ class LogFormat(StrEnum):
     json = "json"
 
 
-class BoolLabels(str, Enum):
+class BoolLabels(StrEnum):
     """How boolean labels (``success``) are exported: ``true``/``false`` (the default, as the
     newer upstream does) or ``True``/``False`` (dashboards built on the pinned reference)."""
 

@@ -132,9 +132,10 @@ FLOW_STEP_ALIASES = {
     "tools_list_to_tools_call": "tools/list->tools/call",
     "full_protocol_flow": "initialize->tools/call",
 }
-#: A ``tool_execution`` without ``method`` whose ``tool_name`` is one of these MCP methods (the
-#: registry reports ``tools/list`` that way) has that method; any other tool name is a
-#: ``tools/call`` of that tool.
+#: A ``tool_execution`` whose ``tool_name`` is one of these MCP methods other than tools/call
+#: (the reference's clients report ``tools/list`` and ``initialize`` that way), with no method
+#: or that same method, is a request for that method naming no tool; any other tool name without
+#: a method is a ``tools/call`` of that tool.
 MCP_METHODS = frozenset(
     (
         "initialize",
@@ -150,6 +151,8 @@ MCP_METHODS = frozenset(
         "logging/setLevel",
     )
 )
+
+_NOT_TOOLS = MCP_METHODS - {"tools/call"}
 
 MAX_DURATION_MS = 86_400_000.0  # one day
 MAX_VALUE = 1e15
@@ -417,9 +420,15 @@ class Validator:
                 else:
                     columns[pos] = _typed(v, name, k)
         tool = kind == "tool_execution"
-        if tool and columns[_TOOL_METHOD] is None and columns[_TOOL_NAME]:
+        if tool and columns[_TOOL_NAME]:
             name = columns[_TOOL_NAME]
-            columns[_TOOL_METHOD] = name if name in MCP_METHODS else "tools/call"
+            method = columns[_TOOL_METHOD]
+            if name in _NOT_TOOLS and (method is None or method == name):
+                # The reference's clients put the method in tool_name for every MCP request
+                # (tool_name "initialize"): that names no tool.
+                columns[_TOOL_METHOD], columns[_TOOL_NAME] = name, None
+            elif method is None:
+                columns[_TOOL_METHOD] = "tools/call"
         for name, pos in required:
             if columns[pos] is None:
                 raise _Reject(f"dimensions.{name}", "required", f"is required for {kind}")
