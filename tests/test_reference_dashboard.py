@@ -29,7 +29,9 @@ QUERIES: list[str] = [
     for t in p["targets"]
 ]
 #: histogram_quantile over a counter: no data on the reference either.
-NEVER = {i for i, q in enumerate(QUERIES) if q.startswith("histogram_quantile") and "_bucket" not in q}
+NEVER = {
+    i for i, q in enumerate(QUERIES) if q.startswith("histogram_quantile") and "_bucket" not in q
+}
 CAPITALIZED = {i for i, q in enumerate(QUERIES) if re.search(r'success="(True|False)"', q)}
 
 
@@ -50,7 +52,11 @@ def _with_data(service: ScrapedService) -> dict[int, list[dict[str, Any]]]:
     return {i: service.prom.query(q) for i, q in enumerate(QUERIES)}
 
 
-def _run(tmp_path: Path, mode: str | None) -> tuple[dict[int, list[dict[str, Any]]], ScrapedService]:
+Results = dict[int, list[dict[str, Any]]]
+
+
+def _run(tmp_path: Path, mode: str | None) -> Results:
+    """Each query's result (key ``-1 - i``: query ``i`` with its booleans in lower case)."""
     env = {"METRICS_API_KEY_" + s.upper().replace("-", "_"): k for s, k in _keys().items()}
     if mode is not None:
         env["METRICS_OTEL_BOOL_LABELS"] = mode
@@ -62,19 +68,20 @@ def _run(tmp_path: Path, mode: str | None) -> tuple[dict[int, list[dict[str, Any
         wait_for(lambda: len(s.prom.query("mcp_auth_requests_total[10s]")[0]["values"]) >= 3, 20)
         _feed(s)
         wait_for(lambda: (s.prom.value("sum(mcp_tool_executions_total)") or 0) > (first or 0), 20)
-        wait_for(lambda: s.prom.value("sum(rate(mcp_tool_executions_total[1m]))") not in (None, 0.0), 20)
+        rate = "sum(rate(mcp_tool_executions_total[1m]))"
+        wait_for(lambda: s.prom.value(rate) not in (None, 0.0), 20)
         results = _with_data(s)
         lower = {
             i: s.prom.query(QUERIES[i].replace('"True"', '"true"').replace('"False"', '"false"'))
             for i in CAPITALIZED
         }
-    return {**results, **{-1 - i: v for i, v in lower.items()}}, s
+    return {**results, **{-1 - i: v for i, v in lower.items()}}
 
 
 @pytest.mark.parametrize("mode", ["capitalized", None], ids=["capitalized", "default"])
 def test_the_reference_dashboard_queries_return_data(tmp_path: Path, mode: str | None) -> None:
     assert len(QUERIES) == 35 and len(NEVER) == 3 and len(CAPITALIZED) == 9
-    results, _ = _run(tmp_path, mode)
+    results = _run(tmp_path, mode)
     data = {i for i in range(len(QUERIES)) if results[i]}
     expected = set(range(len(QUERIES))) - NEVER
     if mode != "capitalized":
@@ -82,11 +89,16 @@ def test_the_reference_dashboard_queries_return_data(tmp_path: Path, mode: str |
         # Written in lower case, the same queries return data in the default mode.
         assert all(results[-1 - i] for i in CAPITALIZED)
     assert data == expected, {QUERIES[i]: bool(results[i]) for i in expected ^ data}
-    print(f"reference dashboard, {mode or 'default'} mode: {len(data)} of {len(QUERIES)} queries return data")
+    print(f"reference dashboard, {mode or 'default'} mode: {len(data)} of 35 queries return data")
     # The numbers are right, not only present: two rounds of the reference clients' traffic.
     bodies = ref.all_bodies().values()
     tools = sum(1 for b in bodies for m in b["metrics"] if m["type"] == "tool_execution")
-    assert float(results[QUERIES.index("sum(mcp_tool_executions_total) by (server_name)")][0]["value"][1]) > 0
+    assert (
+        float(
+            results[QUERIES.index("sum(mcp_tool_executions_total) by (server_name)")][0]["value"][1]
+        )
+        > 0
+    )
     total = sum(
         float(r["value"][1])
         for r in results[QUERIES.index("sum(mcp_tool_executions_total) by (server_name)")]
