@@ -8,6 +8,7 @@
     metrics-service retention run [--dry-run]
     metrics-service db stats [--json]
     metrics-service db drop-reference
+    metrics-service db reference-sql on|off|status
     metrics-service report [--since 24h] [--until T] [--service X] [--limit N]
                            [--format table|json|csv]
 
@@ -88,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
         "drop-reference",
         help="drop the reference_* tables left by adopting an MCP Gateway Registry database",
     )
+    sql = db.add_parser(
+        "reference-sql",
+        help="the text timestamp column the MCP Gateway Registry's documented SQL reads "
+        "(about 0.8 us per stored metric)",
+    )
+    sql.add_argument("state", choices=("on", "off", "status"))
     report.add_parser(sub)
     return parser
 
@@ -221,6 +228,21 @@ def _drop_reference(settings: Settings) -> int:
     return 0
 
 
+def _reference_sql(settings: Settings, state: str) -> int:
+    from metrics_service.storage import reference
+
+    conn = _open(settings)
+    try:
+        if state != "status":
+            reference.set_sql_columns(conn, state == "on")
+        on = reference.sql_columns_enabled(conn)
+    finally:
+        conn.close()
+    tables = ", ".join(reference.SQL_COLUMN_TABLES)
+    print(f"the timestamp column of {tables} is {'on' if on else 'off'}")
+    return 0
+
+
 def _first_run_key(settings: Settings, service: str) -> None:
     if env_api_keys():
         return
@@ -342,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.db_command == "drop-reference":
             return _drop_reference(settings)
+        if args.db_command == "reference-sql":
+            return _reference_sql(settings, args.state)
         stats = storage.stats(conn := _open(settings), settings.db_path)
         conn.close()
         if args.json:

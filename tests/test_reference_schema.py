@@ -188,6 +188,9 @@ def test_a_reference_database_is_adopted_at_start_up_keeping_its_rows(
     )
     ref_by_type["auth_request"] += 1
     assert by_type == ref_by_type
+    # The reference's SQL reads a text timestamp: turned on for an adopted file.
+    assert reference.sql_columns_enabled(sqlite3.connect(db))
+    assert db_rows(db, OBSERVABILITY_SQL["hourly volume"])
     # Typed columns filled from the reference's fields, as at ingest.
     assert db_rows(db, "SELECT count(*) FROM discovery_metrics WHERE results_count IS NULL") == [
         (1,)
@@ -302,7 +305,8 @@ OBSERVABILITY_SQL = {
 
 @pytest.fixture
 def fed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """This service's database after the reference clients' traffic."""
+    """This service's database after the reference clients' traffic, with the reference's
+    ``timestamp`` column turned on by the CLI."""
     services = {b["service"] for b in ref.all_bodies().values()}
     keys = {s: f"key-{s}-0123456789abcdefghijklmnopq" for s in services}
     for s, k in keys.items():
@@ -312,6 +316,8 @@ def fed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         for body in ref.all_bodies().values():
             r = c.post("/metrics", json=body, headers={"X-API-Key": keys[body["service"]]})
             assert r.status_code == 200, r.text
+    monkeypatch.setenv("SQLITE_DB_PATH", str(db))
+    assert cli(["db", "reference-sql", "on"]) == 0
     return db
 
 
@@ -338,10 +344,30 @@ def test_all_15_sql_examples_of_the_reference_docs_run(fed: Path) -> None:
     assert results["daily clients"][0][0] == now.strftime("%Y-%m-%d")
 
 
-def test_the_docs_sql_runs_on_a_fresh_empty_database(tmp_path: Path) -> None:
+def test_the_timestamp_column_is_one_command_away_on_a_fresh_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from metrics_service import storage
 
-    conn, _ = storage.open_database(tmp_path / "empty.db")
-    for sql in OBSERVABILITY_SQL.values():
-        conn.execute(sql).fetchall()  # raises on a missing table or column
+    db = tmp_path / "fresh.db"
+    conn, _ = storage.open_database(db)
+    # Off by default (it costs every insert); the queries that need it name it.
+    needs_it = {n for n, sql in OBSERVABILITY_SQL.items() if "timestamp" in sql}
+    assert len(needs_it) == 7
+    for name, sql in OBSERVABILITY_SQL.items():
+        if name in needs_it:
+            with pytest.raises(sqlite3.OperationalError, match="no such column: timestamp"):
+                conn.execute(sql)
+        else:
+            conn.execute(sql).fetchall()
     conn.close()
+    monkeypatch.setenv("SQLITE_DB_PATH", str(db))
+    assert cli(["db", "reference-sql", "status"]) == 0
+    assert capsys.readouterr().out.strip().endswith("is off")
+    assert cli(["db", "reference-sql", "on"]) == 0
+    for sql in OBSERVABILITY_SQL.values():
+        db_rows(db, sql)  # raises on a missing table or column
+    assert cli(["db", "reference-sql", "off"]) == 0
+    assert capsys.readouterr().out.strip().endswith("is off")
+    with pytest.raises(sqlite3.OperationalError):
+        db_rows(db, OBSERVABILITY_SQL["recent auth"])

@@ -113,8 +113,12 @@ def open_database(path: Path | str, **kwargs: Any) -> tuple[sqlite3.Connection, 
     """Connect and apply migrations; return the connection and the versions applied."""
     conn = connect(path, **kwargs)
     try:
-        reference.adopt_schema(conn)  # a file of the MCP Gateway Registry's metrics-service
+        # A file of the MCP Gateway Registry's metrics-service: its tables become reference_*
+        # (storage/reference.py) and, after the migrations, its SQL's timestamp column is added.
+        adopted = reference.adopt_schema(conn)
         applied = migrations.apply(conn)
+        if adopted:
+            reference.set_sql_columns(conn, True)
     except sqlite3.Error as exc:
         conn.close()
         raise StorageError(f"cannot migrate database {path}: {exc}") from exc

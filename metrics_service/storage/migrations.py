@@ -45,11 +45,14 @@ _BOOL = "json(CASE success WHEN 1 THEN 'true' WHEN 0 THEN 'false' END)"
 
 #: The event time as the MCP Gateway Registry's metrics-service stored it (text, UTC), so that its
 #: documented SQL (``datetime(timestamp)``, ``timestamp > datetime('now', '-24 hours')``) runs.
-_TEXT_TIME = "strftime('%Y-%m-%d %H:%M:%f', ts / 1000.0, 'unixepoch')"
+#: In the ``metrics`` view always; as a column of the raw tables only on request
+#: (``storage.reference.enable_sql_columns``): SQLite computes generated columns on every insert.
+TEXT_TIME = "strftime('%Y-%m-%d %H:%M:%f', ts / 1000.0, 'unixepoch')"
 
 
-def _compat_column(table: str, column: str, kind: str, expression: str) -> str:
-    """A virtual generated column: computed when read, nothing stored, no cost on insert."""
+def compat_column(table: str, column: str, kind: str, expression: str) -> str:
+    """A virtual generated column: nothing stored; SQLite evaluates it on insert too (an alias
+    of another column costs nothing measurable, a date function about 1 us per row)."""
     return (
         f"ALTER TABLE {table} ADD COLUMN {column} {kind} GENERATED ALWAYS AS ({expression}) VIRTUAL"
     )
@@ -114,7 +117,7 @@ def _view_v5() -> str:
     SELECT '{kind}' AS type, id AS source_id, ts, {_ISO} AS event_time, received_at,
            service, service_version, instance_id, value, duration_ms,
            json_patch(coalesce(dimensions, '{{}}'), json_object({typed})) AS dimensions, metadata,
-           '{kind}' AS metric_type, {_TEXT_TIME} AS timestamp
+           '{kind}' AS metric_type, {TEXT_TIME} AS timestamp
     FROM {table}"""
         )
     return "CREATE VIEW metrics AS" + " UNION ALL".join(selects)
@@ -122,8 +125,8 @@ def _view_v5() -> str:
 
 def migration_v5() -> list[str]:
     """Drop-in compatibility with the MCP Gateway Registry's metrics-service (docs/migrating.md):
-    its two further metric families with their rollups, the typed columns its clients send, the
-    columns its documented SQL reads (virtual), and key aliases."""
+    its two further metric families with their rollups, the typed columns its clients send, its
+    column names for ours (virtual aliases), and key aliases."""
     return [
         "ALTER TABLE auth_metrics ADD COLUMN error_code TEXT",
         "ALTER TABLE tool_metrics ADD COLUMN server_path TEXT",
@@ -137,13 +140,9 @@ def migration_v5() -> list[str]:
         " endpoint TEXT, status_code INTEGER, healthy INTEGER, server_name TEXT,"
         " error_code TEXT," + _TAIL + ")",
         "CREATE INDEX idx_health_check_metrics_ts ON health_check_metrics (ts)",
-        *(
-            _compat_column(table, "timestamp", "TEXT", _TEXT_TIME)
-            for table in ("auth_metrics", "tool_metrics", "discovery_metrics")
-        ),
-        _compat_column("discovery_metrics", "top_k_services", "INTEGER", "top_k"),
-        _compat_column("discovery_metrics", "top_n_tools", "INTEGER", "top_n"),
-        _compat_column("discovery_metrics", "faiss_search_time_ms", "REAL", "search_time_ms"),
+        compat_column("discovery_metrics", "top_k_services", "INTEGER", "top_k"),
+        compat_column("discovery_metrics", "top_n_tools", "INTEGER", "top_n"),
+        compat_column("discovery_metrics", "faiss_search_time_ms", "REAL", "search_time_ms"),
         "DROP VIEW metrics",
         _view_v5(),
         "INSERT INTO retention_policies (table_name, updated_at) VALUES"
