@@ -96,9 +96,9 @@ class Stored:
 class Claim:
     """A key to claim in the transaction that stores its batch's rows.
 
-    ``storage.insert_rows`` sets ``existing`` when the key was already committed (by another
-    process sharing the database, or by an attempt that finished after this one looked): the
-    batch's rows are then not inserted. ``settle`` is called once the claim is committed or given up.
+        ``storage.insert_rows`` sets ``existing`` when the key was already committed (by another
+        process sharing the database, or by an attempt that finished after this one looked): the
+    XX
     """
 
     service: str
@@ -206,17 +206,17 @@ class Registry:
                 if flight.fingerprint != print_:
                     raise KeyReused
                 try:
-                    stored = await asyncio.shield(flight.answer)
+                    answered = await asyncio.shield(flight.answer)
                 except Exception:
                     continue  # the first attempt failed: this one tries for itself
-                return replay(stored)
-            stored = None if lookup_committed is None else await lookup_committed()
+                return replay(answered)
+            committed = None if lookup_committed is None else await lookup_committed()
             if slot in self._flights:
                 continue  # another attempt started meanwhile: wait for it instead
-            if stored is not None:
-                if stored.fingerprint != print_:
+            if committed is not None:
+                if committed.fingerprint != print_:
                     raise KeyReused
-                return replay(stored)
+                return replay(committed)
             return await self._first(slot, print_, first, replay)
 
     async def _first(

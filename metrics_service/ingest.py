@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from metrics_service import storage
-from metrics_service.idempotency import Claim
 from metrics_service.errors import StorageError, Unavailable
+from metrics_service.idempotency import Claim
 from metrics_service.settings import AckMode, Settings
 from metrics_service.validation import Batch
 
