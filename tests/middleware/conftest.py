@@ -371,10 +371,12 @@ def _service_unavailable_reason() -> str | None:
 SERVICE_NAMES = ("mw-test", "mw-auth", "mw-registry", "mw-mcp")
 
 
-@contextmanager
-def run_service(tmp: Path, port: int, keys: dict[str, str]) -> Iterator[RunningService]:
-    """`python -m metrics_service serve` on `port`, storing into `tmp/m.db`, for the block."""
-    prometheus_port = free_port()
+def start_service(
+    tmp: Path, port: int, keys: dict[str, str], prometheus_port: int | None = None
+) -> tuple[subprocess.Popen[bytes], RunningService]:
+    """Start `python -m metrics_service serve` on `port`, storing into `tmp/m.db`, and wait
+    until it is ready. The caller stops the process (`stop_process`, or SIGKILL)."""
+    prometheus_port = prometheus_port or free_port()
     env = {
         **os.environ,
         "SQLITE_DB_PATH": str(tmp / "m.db"),
@@ -410,7 +412,18 @@ def run_service(tmp: Path, port: int, keys: dict[str, str]) -> Iterator[RunningS
 
     try:
         wait_until(ready, 30, "the metrics service to be ready")
-        yield RunningService(url, tmp / "m.db", keys, prometheus_port)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, RunningService(url, tmp / "m.db", keys, prometheus_port)
+
+
+@contextmanager
+def run_service(tmp: Path, port: int, keys: dict[str, str]) -> Iterator[RunningService]:
+    """`python -m metrics_service serve` on `port`, storing into `tmp/m.db`, for the block."""
+    proc, service = start_service(tmp, port, keys)
+    try:
+        yield service
     finally:
         stop_process(proc)
 
