@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from metrics_service import __version__, auth, compat, storage
 from metrics_service.analytics.routes import router as analytics_router
 from metrics_service.api import INGEST, admin, install_error_handlers, router, schema_components
+from metrics_service.idempotency import Registry
 from metrics_service.ingest import DbThread, WriteQueue
 from metrics_service.ratelimit import RateLimiter
 from metrics_service.retention import RetentionLoop
@@ -46,6 +47,7 @@ class AppState:
     authenticator: auth.Authenticator
     retention: RetentionLoop
     telemetry: Telemetry
+    idempotency: Registry
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def on_ingested(self, batch: Batch) -> None:
@@ -157,6 +159,7 @@ def _build_state(settings: Settings) -> AppState:
         authenticator=authenticator,
         retention=RetentionLoop(writer, settings, on_deleted=telemetry.on_retention_deleted),
         telemetry=telemetry,
+        idempotency=Registry(settings.idempotency_window_s),
     )
     authenticator.reload = state.reload_keys
     return state
