@@ -249,7 +249,8 @@ class IngestEndpoint:
     async def ingest(
         app: AppState, scope: Scope, receive: Receive, rid: str
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
-        """Store the valid metrics of the batch; report each rejected one by index, field and rule."""
+        """Store the valid metrics of the batch; report each rejected one by index, field and
+        rule."""
         api_key = content_type = encoding = length = None
         for name, value in scope["headers"]:
             if name == b"x-api-key":
@@ -468,7 +469,8 @@ def _json_content(name: str) -> dict[str, Any]:
 _INGEST_OPERATION: dict[str, Any] = {
     "tags": ["ingest"],
     "summary": "Ingest a batch of metric events",
-    "description": "Store the valid metrics of the batch; report each rejected one by index, field and rule.\n\n"
+    "description": "Store the valid metrics of the batch; report each rejected one by index, "
+    "field and rule.\n\n"
     "200: at least one metric stored (``rejected`` may be > 0). 422: none stored.\n"
     "With the default durable acknowledgement, 200 means committed to the database.",
     "operationId": "ingest_metrics_post",

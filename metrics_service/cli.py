@@ -6,10 +6,12 @@
     metrics-service keys revoke ID
     metrics-service retention run [--dry-run]
     metrics-service db stats [--json]
-    metrics-service report [--since 24h] [--until T] [--service X] [--limit N] [--format table|json|csv]
+    metrics-service report [--since 24h] [--until T] [--service X] [--limit N]
+                           [--format table|json|csv]
 
 Settings come from the environment (see the README); the CLI and a running service share the
-database, and keys created or revoked here reach the service within METRICS_KEY_RELOAD_INTERVAL_S.
+database: a key created here works on its first request to a running service (an unknown key
+makes it reload its keys), and a revoked key is refused within METRICS_KEY_RELOAD_INTERVAL_S.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--first-run-key",
         metavar="SERVICE",
-        help="if the database has no key at all, create an ingest key for SERVICE and print it once",
+        help="if the database has no key at all, create an ingest key for SERVICE and print it "
+        "once",
     )
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
@@ -115,7 +118,8 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
                 description=args.description,
             )
             print(
-                f"Created key {record.id} ({record.role}{', service ' + record.service if record.service else ''})."
+                f"Created key {record.id} "
+                f"({record.role}{', service ' + record.service if record.service else ''})."
             )
             print("It is shown only this once; only its hash is stored:\n")
             print(f"    {secret}\n")
@@ -141,12 +145,13 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
             ]
             print(_table(rows))
             return 0
-        record = storage.revoke_key(conn, args.id)
-        if record is None:
+        revoked = storage.revoke_key(conn, args.id)
+        if revoked is None:
             print(f"error: no key with id {args.id}", file=sys.stderr)
             return 1
         print(
-            f"Key {record.id} revoked; a running service refuses it within {settings.key_reload_interval_s:g} s."
+            f"Key {revoked.id} revoked; a running service refuses it within "
+            f"{settings.key_reload_interval_s:g} s."
         )
         return 0
     finally:
@@ -294,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in results:
                 state = "" if r["enabled"] else " (policy disabled)"
                 print(
-                    f"{r['table']}: {verb} {r['rows']} rows older than {r['retention_days']} days{state}"
+                    f"{r['table']}: {verb} {r['rows']} rows older than {r['retention_days']} "
+                    f"days{state}"
                 )
             return 0
         stats = storage.stats(conn := _open(settings), settings.db_path)

@@ -73,16 +73,16 @@ class DbThread:
         return fn(self._conn)
 
     def _open(self) -> None:
-        options = {
-            "synchronous": self._settings.sqlite_synchronous.value,
-            "busy_timeout_ms": self._settings.sqlite_busy_timeout_ms,
-        }
+        synchronous = self._settings.sqlite_synchronous.value
+        busy_timeout_ms = self._settings.sqlite_busy_timeout_ms
         if self._readonly:
-            self._conn = storage.connect(self._settings.db_path, **options)
+            self._conn = storage.connect(
+                self._settings.db_path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
+            )
             self._conn.execute("PRAGMA query_only = ON")
         else:
             self._conn, self.applied_migrations = storage.open_database(
-                self._settings.db_path, **options
+                self._settings.db_path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
             )
 
     async def open(self) -> None:

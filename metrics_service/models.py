@@ -29,7 +29,8 @@ class Metric(BaseModel):
     )
     timestamp: datetime | float | None = Field(
         None,
-        description="Event time: ISO 8601 (no offset = UTC) or unix seconds. Default: receive time.",
+        description="Event time: ISO 8601 (no offset = UTC) or unix seconds. "
+        "Default: receive time.",
     )
     dimensions: dict[str, str | int | float | bool | None] = Field(
         default_factory=dict, description="Typed per family; see the README."

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +23,22 @@ API_KEY_ENV_PREFIX = "METRICS_API_KEY_"
 _SERVICE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
-class AckMode(str, Enum):
+class AckMode(StrEnum):
     durable = "durable"
     buffered = "buffered"
 
 
-class Synchronous(str, Enum):
+class Synchronous(StrEnum):
     full = "full"
     normal = "normal"
 
 
-class OtlpProtocol(str, Enum):
+class OtlpProtocol(StrEnum):
     grpc = "grpc"
     http_protobuf = "http/protobuf"
 
 
-class LogFormat(str, Enum):
+class LogFormat(StrEnum):
     text = "text"
     json = "json"
 

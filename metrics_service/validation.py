@@ -202,6 +202,8 @@ class Validator:
     def decode(self, body: bytes) -> Batch:
         """Validate ``body``: raise for a body of the wrong shape, else return the batch with
         its valid rows and its rejected items."""
+        # The structs are built at run time (defstruct), so their fields are not known statically.
+        envelope: Any
         try:
             envelope = self._decoder.decode(body)
             items = envelope.metrics
@@ -221,7 +223,8 @@ class Validator:
                     {
                         "field": "service",
                         "rule": "pattern",
-                        "message": "lower-case letters, digits, '.', '_' or '-', starting with a letter or digit",
+                        "message": "lower-case letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit",
                     }
                 ],
             )
@@ -368,7 +371,8 @@ class Validator:
         )
 
 
-#: metric type -> ({dimension: (column position, kind)}, number of columns, required (name, position)).
+#: metric type -> ({dimension: (column position, kind)}, number of columns,
+#: required (name, position)).
 _SHAPES = {
     kind: (
         {name: (i, k) for i, (name, k) in enumerate(spec)},

@@ -175,7 +175,10 @@ def test_unknown_fields_are_ignored_and_unknown_dimensions_kept(validator: Valid
 
 
 def test_overflowing_numbers_are_rejected_not_infinite(validator: Validator) -> None:
-    body = b'{"service":"svc","version":"1","metrics":[{"type":"custom","value":1e400},{"type":"custom","value":-1e999}]}'
+    body = (
+        b'{"service":"svc","version":"1","metrics":'
+        b'[{"type":"custom","value":1e400},{"type":"custom","value":-1e999}]}'
+    )
     batch = validator.decode(body)
     assert [(r.field, r.rule) for r in batch.rejections] == [
         ("metrics[0].value", "finite"),

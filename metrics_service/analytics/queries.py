@@ -184,7 +184,8 @@ def parse_params(
             raise _invalid(
                 "resolution",
                 "max_points",
-                f"{points} points; at most {MAX_POINTS}: use a coarser resolution or a shorter range",
+                f"{points} points; at most {MAX_POINTS}: use a coarser resolution or a shorter "
+                "range",
             )
     return params
 
@@ -405,7 +406,8 @@ def clients(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
 
 
 def services(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
-    """MCP method calls by reporting service (``by=service``) or by service and server (``by=server``)."""
+    """MCP method calls by reporting service (``by=service``) or by service and server
+    (``by=server``)."""
     if p.by == "server":
         return _breakdown(conn, p, ("service", "server_name"), ("service", "server"))
     return _breakdown(conn, p, ("service",), ("service",))
