@@ -46,7 +46,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +66,6 @@ KINDS = {"run", "request", "response", "file", "mcp-client-config", "json", "yam
 SHELL = {"sh", "bash", "shell", "console"}
 RUNNABLE = {"run", "request", "file", "mcp-client-config"}
 ADMIN_KEY = "mcpm_docs-admin-key-0123456789abcdefghijklmno"
-RELOAD_S = 0.2
 
 _MARKER = re.compile(r"^\s*<!--\s*test:\s*(?P<marker>.*?)\s*-->\s*$")
 _FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)[^`]*$")
@@ -206,10 +204,6 @@ class Page:
         return None
 
 
-def _keys_state(page: Page) -> list[tuple[Any, ...]]:
-    return db_rows(page.service.db_path, "SELECT id, revoked_at FROM api_keys ORDER BY id")
-
-
 @pytest.fixture
 def page_env(tmp_path: Path) -> Iterator[Page]:
     real_curl = require_binary("curl", "curl")
@@ -227,7 +221,6 @@ def page_env(tmp_path: Path) -> Iterator[Page]:
         env={
             "METRICS_ADMIN_API_KEY": ADMIN_KEY,
             "OTEL_PROMETHEUS_PORT": str(prometheus_port),
-            "METRICS_KEY_RELOAD_INTERVAL_S": str(RELOAD_S),
         },
         log_path=tmp_path / "service.log",
         args=["--first-run-key", "my-service"],
@@ -257,7 +250,6 @@ def run_shell(page: Page, block: Block) -> None:
         f'set -euo pipefail\n. "{page.state}"\n{page.substitute(block.code)}\n'
         f'export -p > "{page.state}"\n'
     )
-    before = _keys_state(page)
     done = subprocess.run(
         ["bash", str(script)],
         cwd=page.workdir,
@@ -270,12 +262,8 @@ def run_shell(page: Page, block: Block) -> None:
         f"{block.where}: exit {done.returncode}\n--- stdout\n{done.stdout}\n--- stderr\n"
         f"{done.stderr}\n--- service log\n{page.service.log()[-3000:]}"
     )
+    # No pause after a block that made a key with the CLI: the docs say it works at once.
     page.output, page.checked = done.stdout, False
-    if _keys_state(page) != before:
-        # Keys made or revoked with the CLI reach the running service at its next reload, within
-        # METRICS_KEY_RELOAD_INTERVAL_S (docs/operations.md); only a request with the key could
-        # tell, and a refused one counts against the failed-auth budget. Wait out the interval.
-        time.sleep(RELOAD_S * 3)
 
 
 def send_request(page: Page, block: Block, followed_by_response: bool) -> None:
