@@ -137,9 +137,12 @@ def test_every_block_passes_the_check_of_its_language(path: Path) -> None:
             assert done.returncode == 0, f"{block.where}: {done.stderr}"
         elif block.lang == "json":
             try:
-                json.loads(block.code)
+                document = json.loads(block.code)
             except ValueError as exc:
                 raise AssertionError(f"{block.where}: not valid JSON ({exc})") from None
+            # A body for POST /metrics is sent to the service, not only parsed.
+            if isinstance(document, dict) and {"service", "metrics"} <= set(document):
+                assert block.kind in {"request", "skip"}, f"{block.where}: mark it `request`"
         elif block.lang in {"yaml", "yml"}:
             yaml.safe_load(block.code)
         elif block.lang in {"python", "py"}:
