@@ -185,6 +185,9 @@ class IngestServer:
             return error(400, "invalid_json")
         if not isinstance(body, dict) or not isinstance(body.get("metrics"), list):
             return error(422, "validation_failed", "metrics", "required")
+        for name in ("service", "version"):
+            if not isinstance(body.get(name), str):
+                return error(422, "validation_failed", name, "required")
         if body.get("service") not in SERVICE_NAMES:
             return error(403, "forbidden")
         if not 1 <= len(body["metrics"]) <= 1000:
