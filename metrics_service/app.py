@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from metrics_service import __version__, auth, storage
+from metrics_service import __version__, auth, compat, storage
 from metrics_service.analytics.routes import router as analytics_router
 from metrics_service.api import INGEST, admin, install_error_handlers, router, schema_components
 from metrics_service.idempotency import Registry
@@ -136,7 +136,7 @@ class RequestIdMiddleware:
 def _build_state(settings: Settings) -> AppState:
     writer = DbThread(settings, name="writer")
     reader = DbThread(settings, name="reader", readonly=True)
-    keys = auth.KeyTable()
+    keys = auth.KeyTable(settings.alias_map())
     limiter = RateLimiter(settings.rate_limit_async_uri)
     queue = WriteQueue(writer, settings)
     telemetry = Telemetry(settings, queue_depth=lambda: queue.pending_metrics)
@@ -161,6 +161,7 @@ def _build_state(settings: Settings) -> AppState:
         telemetry=telemetry,
         idempotency=Registry(settings.idempotency_window_s),
     )
+    authenticator.reload = state.reload_keys
     return state
 
 
@@ -250,6 +251,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(analytics_router)
     if settings.admin_enabled:
+        assert compat.preview is not None  # its routes are on the admin router
         app.include_router(admin)
     schema_components(app)
     app.add_middleware(RequestIdMiddleware)
