@@ -183,7 +183,11 @@ def test_a_key_past_the_window_is_a_new_batch_and_upkeep_forgets_it(
                 "UPDATE idempotency_keys SET committed_at = committed_at - 3601000"
                 " WHERE key = 'old'"
             )
-        cleanup = c.post("/admin/retention/cleanup", headers={"X-API-Key": "a" * 32})
+        cleanup = c.post(
+            "/admin/retention/cleanup",
+            params={"dry_run": "false"},
+            headers={"X-API-Key": "a" * 32},
+        )
         assert cleanup.status_code == 200
     assert [k for _, k, _ in keys(db)] == ["young"]
 

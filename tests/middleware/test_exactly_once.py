@@ -390,6 +390,8 @@ def test_the_fake_ingest_server_refuses_what_the_service_refuses(
         ("infinity", envelope + b'[{"type":"custom","value":-Infinity}]}', {}),
         ("not json", b"{", {}),
         ("no version", json.dumps({**good, "version": None}).encode(), {}),
+        ("version not text", json.dumps({**good, "version": 3}).encode(), {}),
+        ("no service", json.dumps({**good, "service": None}).encode(), {}),
         ("no metrics", envelope + b"[]}", {}),
         ("bad value", envelope + b'[{"type":"custom","value":"high"}]}', {}),
         ("bad key", json.dumps(good).encode(), {"Idempotency-Key": "has space"}),
