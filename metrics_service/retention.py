@@ -131,8 +131,8 @@ async def _forget_idempotency_keys(writer: DbThread, settings: Settings) -> None
         writer,
         settings,
         "idempotency_keys",
-        0,  # the chunk function computes its own cutoff from the window
-        lambda c, _table, _cutoff, n: idempotency.delete_expired_chunk(c, window, n),
+        int((time.time() - window) * 1000),
+        lambda c, _table, before, n: idempotency.delete_expired_chunk(c, before, n),
         None,
     )
     if forgotten:

@@ -185,6 +185,10 @@ class IngestServer:
             return error(400, "invalid_json")
         if not isinstance(body, dict) or not isinstance(body.get("metrics"), list):
             return error(422, "validation_failed", "metrics", "required")
+        if not isinstance(body.get("service"), str):
+            return error(422, "validation_failed", "service", "required")
+        if body.get("version") is not None and not isinstance(body["version"], str):
+            return error(422, "validation_failed", "version", "type")
         if body.get("service") not in SERVICE_NAMES:
             return error(403, "forbidden")
         if not 1 <= len(body["metrics"]) <= 1000:
