@@ -23,6 +23,8 @@ from metrics_service.settings import Settings, env_api_keys
 
 KEY_PREFIX = "mcpm_"
 ROLES = ("ingest", "admin", "viewer")
+#: The ``reason`` of a failed authentication (``metrics_service_auth_failures_total``).
+FAILURE_REASONS = ("missing_key", "unknown_key", "wrong_role", "wrong_service", "throttled")
 
 
 def generate_key() -> str:
