@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from metrics_service.errors import StorageError
 from metrics_service.storage import migrations, rollups
+from metrics_service.storage.transaction import write_transaction
 from metrics_service.validation import DIMENSIONS, METADATA_COLUMNS
 
 #: metric type -> typed table.
@@ -128,8 +129,7 @@ def insert_rows(conn: sqlite3.Connection, parts: Sequence[dict[str, list[tuple[A
         kinds.update(part)
     count = 0
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             for kind in kinds:
                 rows: Iterable[tuple[Any, ...]] = chain.from_iterable(
                     part[kind] for part in parts if kind in part
@@ -137,11 +137,6 @@ def insert_rows(conn: sqlite3.Connection, parts: Sequence[dict[str, list[tuple[A
                 cursor = conn.executemany(INSERT_SQL[kind], rows)
                 count += cursor.rowcount
             rollups.maintain(conn, parts)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
     except sqlite3.Error as exc:
         raise StorageError(f"commit failed: {exc}") from exc
     return count
