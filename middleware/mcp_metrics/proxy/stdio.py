@@ -215,7 +215,8 @@ def exit_like(status: int) -> None:
     if status >= 0:
         raise SystemExit(status)
     signum = -status
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError):  # SIGKILL and SIGSTOP have no handler
         signal.signal(signum, signal.SIG_DFL)
+    with contextlib.suppress(OSError):
         os.kill(os.getpid(), signum)
     raise SystemExit(128 + signum)  # the signal did not end us (e.g. SIGWINCH is ignored)
