@@ -41,7 +41,7 @@ def test_any_split_of_a_line_stream_gives_the_same_frames(
     groups: list[list[dict[str, object]]], as_batch: list[bool], cuts: list[int]
 ) -> None:
     lines: list[bytes] = []
-    for group, batch in zip(groups, as_batch):
+    for group, batch in zip(groups, as_batch[: len(groups)], strict=True):
         payload: object = group if batch or len(group) > 1 else group[0]
         # ensure_ascii=False: multi-byte characters may be cut in the middle too
         lines.append(json.dumps(payload, ensure_ascii=False).encode())
@@ -52,7 +52,8 @@ def test_any_split_of_a_line_stream_gives_the_same_frames(
     assert [f.size for f in frames] == [len(line) + 1 for line in lines]
     assert sum(f.size for f in frames) == len(stream)
     assert [decode(f.data) for f in frames] == [
-        g if batch or len(g) > 1 else [g[0]] for g, batch in zip(groups, as_batch)
+        g if batch or len(g) > 1 else [g[0]]
+        for g, batch in zip(groups, as_batch[: len(groups)], strict=True)
     ]
     assert framer.pending_bytes == 0
 
