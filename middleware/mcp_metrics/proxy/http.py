@@ -21,6 +21,7 @@ import json
 import logging
 import ssl
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -83,21 +84,35 @@ class _Side:
         self.conn = h11.Connection(role, max_incomplete_event_size=64 * 1024)
         self.reader = reader
         self.writer = writer
+        self._out: list[bytes] = []
 
     async def send(self, event: Any) -> None:
+        """Queue an event's bytes; they go out on `flush()`, so that what one read brought in
+        leaves in one write (a send per event costs a context switch each on loopback)."""
         data = self.conn.send(event)
         if data:
+            self._out.append(data)
+            if len(self._out) > 64:
+                await self.flush()
+
+    async def flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
             self.writer.write(data)
             await self.writer.drain()
 
     def pending_event(self) -> Any:
         return self.conn.next_event()
 
-    async def next_event(self) -> Any:
+    async def next_event(self, flush: _Side | None = None) -> Any:
+        """The next event, reading as needed; `flush` goes out before this side waits."""
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
+            if flush is not None:
+                await flush.flush()
             # b"" (the peer closed) makes the next call return ConnectionClosed or raise.
             self.conn.receive_data(await self.reader.read(READ_SIZE))
 
@@ -219,6 +234,7 @@ class HttpProxy:
             )
             await down.send(h11.Data(data=body))
             await down.send(h11.EndOfMessage())
+            await down.flush()
 
     async def _connect(self) -> _Side:
         u = self.upstream
@@ -259,13 +275,14 @@ class HttpProxy:
         await up.send(h11.Request(method=method, target=target, headers=headers))
         capture = _Capture(self.max_capture_bytes) if method == b"POST" else None
         while True:
-            event = await down.next_event()
+            event = await down.next_event(flush=up)
             if isinstance(event, h11.Data):
                 await up.send(event)
                 if capture is not None:
                     capture.add(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 await up.send(event)
+                await up.flush()
                 break
             else:
                 raise _Closed
@@ -303,6 +320,7 @@ class HttpProxy:
             while True:
                 event = up.pending_event()
                 if event is h11.NEED_DATA:
+                    await down.flush()
                     data = await self._read_upstream(up, watcher)
                     if data is None:  # the client hung up: stop streaming to nobody
                         raise _Closed
@@ -345,6 +363,7 @@ class HttpProxy:
                     continue
                 if isinstance(event, h11.EndOfMessage):
                     await down.send(event)
+                    await down.flush()
                     break
                 raise _Closed  # ConnectionClosed before the end of the response
         except _Closed:
@@ -362,6 +381,8 @@ class HttpProxy:
                 self.observer.close_session(key)
             if not watcher.done():
                 watcher.cancel()
+                # Let the cancellation land: the stream allows one reader at a time.
+                await asyncio.gather(watcher, return_exceptions=True)
         leftover = b""
         if watcher.done() and not watcher.cancelled() and watcher.exception() is None:
             leftover = watcher.result()
@@ -459,7 +480,7 @@ class HttpProxy:
         return [m["id"] for m in decode(body) if "method" in m and "id" in m]
 
 
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
@@ -490,6 +511,6 @@ def _request_headers(
     return out
 
 
-def _response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def _response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     drop = _HOP_BY_HOP | _connection_tokens(headers)
     return [(name, value) for name, value in headers if name.lower() not in drop]
