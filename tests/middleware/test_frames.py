@@ -93,7 +93,7 @@ def test_decode_ignores_what_is_not_json_rpc() -> None:
 
 
 _sse_text = st.text(
-    alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=30
+    alphabet=st.characters(exclude_characters="\r\n", exclude_categories=["Cs"]), max_size=30
 )
 
 
