@@ -462,3 +462,14 @@ def service_runner(tmp_path: Path) -> Callable[[int, dict[str, str]], Any]:
 def anyio_backend() -> str:
     # The async client runs its sender as an asyncio task.
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def npm_tools() -> Any:
+    """`@modelcontextprotocol/server-everything` and the Inspector CLI, from the pinned lock."""
+    from ._npm import install
+
+    tools = install()
+    if isinstance(tools, str):
+        pytest.skip(tools)
+    return tools
