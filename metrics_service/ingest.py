@@ -9,8 +9,8 @@ requests share commits and durability costs little throughput.
   commit is rolled back whole and retried up to ``METRICS_COMMIT_RETRIES`` times; if it still
   fails, the waiting requests get 503 and nothing of theirs is stored.
 - ``buffered``: ``submit`` returns at once; the writer commits every ``METRICS_FLUSH_INTERVAL_S``
-  (or sooner when a full batch is waiting) and retries a failed commit until it succeeds, since
-  those rows were already acknowledged.
+  (or sooner when a full batch is waiting) and retries a failed commit, whatever the failure,
+  until it succeeds or the process exits, since those rows were already acknowledged.
 
 Either way the queue is bounded (``METRICS_QUEUE_MAX_METRICS``): full -> 503, never unbounded
 memory. ``close`` stops intake and commits everything pending, within a deadline.
@@ -31,6 +31,7 @@ from typing import TypeVar
 
 from metrics_service import storage
 from metrics_service.errors import StorageError, Unavailable
+from metrics_service.idempotency import Claim
 from metrics_service.settings import AckMode, Settings
 from metrics_service.validation import Batch
 
@@ -46,6 +47,7 @@ class _Entry:
     batch: Batch
     size: int
     future: asyncio.Future[None] | None
+    claim: Claim | None = None
 
 
 def import_reference_rows(conn: sqlite3.Connection, settings: Settings) -> None:
@@ -66,11 +68,24 @@ class DbThread:
     a reader for admin queries, so that a long count never delays a commit.
     """
 
-    def __init__(self, settings: Settings, *, name: str, readonly: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        name: str,
+        readonly: bool = False,
+        migrate: bool = True,
+        busy_timeout_ms: int | None = None,
+    ) -> None:
         self._settings = settings
         self._readonly = readonly
+        self._migrate = migrate and not readonly
+        self._busy_timeout_ms = (
+            settings.sqlite_busy_timeout_ms if busy_timeout_ms is None else busy_timeout_ms
+        )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{name}")
         self._conn: sqlite3.Connection | None = None
+        self._closed = False
         self.applied_migrations: list[int] = []
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -85,17 +100,18 @@ class DbThread:
 
     def _open(self) -> None:
         synchronous = self._settings.sqlite_synchronous.value
-        busy_timeout_ms = self._settings.sqlite_busy_timeout_ms
-        if self._readonly:
-            self._conn = storage.connect(
-                self._settings.db_path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
-            )
-            self._conn.execute("PRAGMA query_only = ON")
-        else:
+        busy_timeout_ms = self._busy_timeout_ms
+        if self._migrate:
             self._conn, self.applied_migrations = storage.open_database(
                 self._settings.db_path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
             )
             import_reference_rows(self._conn, self._settings)
+        else:
+            self._conn = storage.connect(
+                self._settings.db_path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
+            )
+            if self._readonly:
+                self._conn.execute("PRAGMA query_only = ON")
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -103,13 +119,17 @@ class DbThread:
 
     def _close(self) -> None:
         if self._conn is not None:
-            if not self._readonly:
+            if self._migrate:  # the writer
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._conn.close()
             self._conn = None
 
     async def close(self) -> None:
+        """Close the connection and end the thread (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._close)
         self._executor.shutdown(wait=True)
@@ -141,8 +161,9 @@ class WriteQueue:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="write-queue")
 
-    async def submit(self, batch: Batch) -> None:
-        """Queue ``batch``; in durable mode, return only when it is committed."""
+    async def submit(self, batch: Batch, claim: Claim | None = None) -> None:
+        """Queue ``batch``; in durable mode, return only when it is committed. ``claim`` (an
+        idempotency key) is committed in the same transaction as the rows."""
         size = batch.accepted
         if size == 0:
             return
@@ -154,7 +175,9 @@ class WriteQueue:
                 "the write queue is full, retry later", headers={"Retry-After": str(retry)}
             )
         future = asyncio.get_running_loop().create_future() if self._durable else None
-        self._pending.append(_Entry(batch, size, future))
+        self._pending.append(_Entry(batch, size, future, claim))
+        if claim is not None:
+            claim.submitted = True
         self.pending_metrics += size
         if self._durable or self.pending_metrics >= self._settings.commit_max_rows:
             self._wakeup.set()
@@ -196,18 +219,27 @@ class WriteQueue:
 
     async def _commit(self, entries: list[_Entry]) -> None:
         parts = [e.batch.rows for e in entries]
+        claims = [e.claim for e in entries] if any(e.claim for e in entries) else []
         size = sum(e.size for e in entries)
         attempt = 0
         while True:
             started = time.perf_counter()
             try:
-                await self._writer.run(lambda conn: storage.insert_rows(conn, parts))
-            except StorageError as exc:
+                await self._writer.run(lambda conn: storage.insert_rows(conn, parts, claims))
+            except Exception as exc:
+                # Any failure, not only the database's: in buffered mode these rows were
+                # acknowledged, so they are retried until stored (or the process exits).
                 attempt += 1
                 self.on_failure()
                 self.healthy = False
-                self.last_error = str(exc)
-                log.error("commit of %d metrics failed (attempt %d): %s", size, attempt, exc)
+                if isinstance(exc, StorageError):
+                    self.last_error = str(exc)
+                    log.error("commit of %d metrics failed (attempt %d): %s", size, attempt, exc)
+                else:
+                    self.last_error = f"unexpected {type(exc).__name__}"
+                    log.exception(
+                        "commit of %d metrics failed unexpectedly (attempt %d)", size, attempt
+                    )
                 if self._durable and attempt > self._settings.commit_retries:
                     self._finish(
                         entries,
@@ -219,20 +251,20 @@ class WriteQueue:
                     return
                 await asyncio.sleep(min(5.0, 0.05 * 2**attempt))
                 continue
-            except BaseException as exc:
-                self._finish(entries, Unavailable("the metrics could not be stored"))
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                log.exception("unexpected commit failure")
-                return
+            except BaseException:  # cancelled at the shutdown deadline, or the process is ending
+                self._finish(entries, Unavailable("the service is shutting down"))
+                raise
             elapsed = time.perf_counter() - started
             if not self.healthy:
                 log.info("commits succeed again")
             self.healthy = True
             self.last_error = None
+            # A part whose key another process had committed stored nothing.
+            stored = [e for e in entries if e.claim is None or e.claim.existing is None]
+            size = sum(e.size for e in stored)
             self.committed_metrics += size
             self._finish(entries, None)
-            batches = [e.batch for e in entries]
+            batches = [e.batch for e in stored]
             for listener in self._listeners:
                 try:
                     listener(batches, size, elapsed)
@@ -243,6 +275,8 @@ class WriteQueue:
     def _finish(self, entries: list[_Entry], error: BaseException | None) -> None:
         for entry in entries:
             self.pending_metrics -= entry.size
+            if entry.claim is not None:
+                entry.claim.settle(error)
             future = entry.future
             if future is not None and not future.done():
                 if error is None:

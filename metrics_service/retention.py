@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from metrics_service import storage
+from metrics_service import idempotency, storage
 from metrics_service.ingest import DbThread
 from metrics_service.settings import Settings
 from metrics_service.storage import rollups
@@ -118,7 +118,25 @@ async def run_once(
         results.append(TableResult(table, policy.retention_days, cutoff, deleted, True))
     if tables is None:
         results += await _rollups(writer, settings, now, dry_run, on_deleted)
+        if not dry_run:
+            await _forget_idempotency_keys(writer, settings)
     return results
+
+
+async def _forget_idempotency_keys(writer: DbThread, settings: Settings) -> None:
+    """Upkeep, not retention: keys past ``METRICS_IDEMPOTENCY_WINDOW_S`` are no longer looked at;
+    delete them so that the table stays as small as one window of batches."""
+    window = settings.idempotency_window_s
+    forgotten = await _delete_expired(
+        writer,
+        settings,
+        "idempotency_keys",
+        int((time.time() - window) * 1000),
+        lambda c, _table, before, n: idempotency.delete_expired_chunk(c, before, n),
+        None,
+    )
+    if forgotten:
+        log.info("forgot %d idempotency keys older than %g s", forgotten, window)
 
 
 async def _rollups(
@@ -169,6 +187,7 @@ class RetentionLoop:
         self._on_deleted = on_deleted
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.finished_runs = 0  # runs that ended, failed or not
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="retention")
@@ -179,6 +198,7 @@ class RetentionLoop:
                 await run_once(self._writer, self._settings, on_deleted=self._on_deleted)
             except Exception:
                 log.exception("retention run failed; trying again next interval")
+            self.finished_runs += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self._settings.retention_interval_s)
 

@@ -7,6 +7,7 @@ Explicit arguments win over the environment, so a test writes
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -95,11 +96,16 @@ class Settings(BaseSettings):
     commit_retries: int = _env("METRICS_COMMIT_RETRIES", 3, ge=0, le=100)
     queue_max_metrics: int = _env("METRICS_QUEUE_MAX_METRICS", 50_000, ge=1)
     shutdown_timeout_s: float = _env("METRICS_SHUTDOWN_TIMEOUT_S", 30.0, gt=0)
+    # How long a committed Idempotency-Key is remembered (docs/delivery.md).
+    idempotency_window_s: float = _env("METRICS_IDEMPOTENCY_WINDOW_S", 86_400.0, ge=1)
 
     # Keys, rate limits and abuse
     rate_limit_per_min: int = _env("METRICS_RATE_LIMIT", 1000, ge=1)
     rate_limit_storage_uri: str = _env("METRICS_RATE_LIMIT_STORAGE_URI", "memory://")
     auth_failure_limit_per_min: int = _env("METRICS_AUTH_FAILURE_LIMIT", 30, ge=1)
+    #: Addresses or networks (comma-separated, e.g. ``10.0.0.0/8,127.0.0.1``) of the reverse
+    #: proxies in front of the service: from these peers only, ``X-Forwarded-For`` names the client.
+    trusted_proxies: str = _env("METRICS_TRUSTED_PROXIES", "")
     key_reload_interval_s: float = _env("METRICS_KEY_RELOAD_INTERVAL_S", 2.0, gt=0)
     #: ``service:alias,service:alias``: keys of ``service`` may also report as ``alias``.
     service_aliases: str = _env("METRICS_SERVICE_ALIASES", "")
@@ -156,6 +162,25 @@ class Settings(BaseSettings):
     def alias_map(self) -> dict[str, tuple[str, ...]]:
         """``METRICS_SERVICE_ALIASES`` as service -> its further names."""
         return parse_aliases(self.service_aliases)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for part in value.split(","):
+            if part.strip():
+                try:
+                    ipaddress.ip_network(part.strip(), strict=False)
+                except ValueError:
+                    raise ValueError(f"{part.strip()!r} is not an IP address or network") from None
+        return value
+
+    @property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(
+            ipaddress.ip_network(part.strip(), strict=False)
+            for part in self.trusted_proxies.split(",")
+            if part.strip()
+        )
 
     @field_validator("otlp_endpoint", "otlp_metrics_endpoint")
     @classmethod

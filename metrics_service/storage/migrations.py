@@ -15,6 +15,7 @@ import sqlite3
 import time
 
 from metrics_service.storage import rollups
+from metrics_service.storage.transaction import write_transaction
 
 _COMMON = """
     id INTEGER PRIMARY KEY,
@@ -281,6 +282,24 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (4, "rollup cube by tool and client", rollups.migration_v4()),
     # The MCP Gateway Registry's metric families, columns and key aliases (docs/migrating.md).
     (5, "reference compatibility", migration_v5()),
+    # Idempotency-Key: the keys of committed batches per service, claimed in the transaction
+    # that stores the batch, with the answer its first attempt got (metrics_service/idempotency).
+    (
+        6,
+        "idempotency keys",
+        [
+            """CREATE TABLE idempotency_keys (
+                service TEXT NOT NULL,
+                key TEXT NOT NULL,
+                fingerprint TEXT NOT NULL,
+                status INTEGER NOT NULL,
+                response BLOB NOT NULL,
+                committed_at INTEGER NOT NULL,
+                PRIMARY KEY (service, key)
+            )""",
+            "CREATE INDEX idx_idempotency_keys_committed_at ON idempotency_keys (committed_at)",
+        ],
+    ),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]
@@ -296,11 +315,9 @@ def apply(conn: sqlite3.Connection) -> list[int]:
     for version, name, statements in MIGRATIONS:
         if current_version(conn) >= version:
             continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             # Read again under the write lock: another process may have just migrated.
             if current_version(conn) >= version:
-                conn.execute("ROLLBACK")
                 continue
             for statement in statements:
                 conn.execute(statement)
@@ -309,9 +326,5 @@ def apply(conn: sqlite3.Connection) -> list[int]:
                 (version, name, int(time.time() * 1000)),
             )
             conn.execute(f"PRAGMA user_version = {int(version)}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         applied.append(version)
     return applied
