@@ -78,6 +78,11 @@ def _run(tmp_path: Path, mode: str | None) -> Results:
     return {**results, **{-1 - i: v for i, v in lower.items()}}
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="not done yet (issue 13): telemetry.py still exports `server` on tool and protocol "
+    "metrics and ignores METRICS_OTEL_BOOL_LABELS",
+)
 @pytest.mark.parametrize("mode", ["capitalized", None], ids=["capitalized", "default"])
 def test_the_reference_dashboard_queries_return_data(tmp_path: Path, mode: str | None) -> None:
     assert len(QUERIES) == 35 and len(NEVER) == 3 and len(CAPITALIZED) == 9
