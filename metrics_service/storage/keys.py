@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -25,24 +26,13 @@ class KeyRecord:
 
     def public(self) -> dict[str, Any]:
         """What may be shown: everything but the hash."""
-        return {
-            "id": self.id,
-            "service": self.service,
-            "role": self.role,
-            "key_prefix": self.key_prefix,
-            "rate_limit_per_min": self.rate_limit_per_min,
-            "source": self.source,
-            "description": self.description,
-            "created_at": self.created_at,
-            "revoked_at": self.revoked_at,
-            "active": self.revoked_at is None,
-        }
+        shown = {name: getattr(self, name) for name in _FIELDS if name != "key_hash"}
+        return {**shown, "active": self.revoked_at is None}
 
 
-_COLUMNS = (
-    "id, service, role, key_hash, key_prefix, rate_limit_per_min, source, description,"
-    " created_at, revoked_at"
-)
+#: The columns of ``api_keys`` that make a ``KeyRecord``, in its field order.
+_FIELDS = tuple(f.name for f in dataclasses.fields(KeyRecord))
+_COLUMNS = ", ".join(_FIELDS)
 
 
 def _now_ms() -> int:
