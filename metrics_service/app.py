@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from metrics_service import __version__, auth, storage
+from metrics_service import __version__, auth, compat, storage
 from metrics_service.analytics.routes import router as analytics_router
 from metrics_service.api import INGEST, admin, install_error_handlers, router, schema_components
+from metrics_service.idempotency import Registry
 from metrics_service.ingest import DbThread, WriteQueue
 from metrics_service.ratelimit import RateLimiter
 from metrics_service.retention import RetentionLoop
@@ -50,6 +51,7 @@ class AppState:
     authenticator: auth.Authenticator
     retention: RetentionLoop
     telemetry: Telemetry
+    idempotency: Registry
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def on_ingested(self, batch: Batch) -> None:
@@ -152,7 +154,7 @@ def _build_state(settings: Settings) -> AppState:
         migrate=False,
         busy_timeout_ms=min(settings.sqlite_busy_timeout_ms, PROBE_BUSY_TIMEOUT_MS),
     )
-    keys = auth.KeyTable()
+    keys = auth.KeyTable(settings.alias_map())
     limiter = RateLimiter(settings.rate_limit_async_uri)
     queue = WriteQueue(writer, settings)
     telemetry = Telemetry(settings, queue_depth=lambda: queue.pending_metrics)
@@ -176,7 +178,9 @@ def _build_state(settings: Settings) -> AppState:
         authenticator=authenticator,
         retention=RetentionLoop(writer, settings, on_deleted=telemetry.on_retention_deleted),
         telemetry=telemetry,
+        idempotency=Registry(settings.idempotency_window_s),
     )
+    authenticator.reload = state.reload_keys
     return state
 
 
@@ -318,6 +322,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(analytics_router)
     if settings.admin_enabled:
+        assert compat.preview is not None  # its routes are on the admin router
         app.include_router(admin)
     schema_components(app)
     app.add_middleware(RequestIdMiddleware)

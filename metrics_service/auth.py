@@ -3,12 +3,15 @@
 Keys are 32 random bytes (``mcpm_`` + URL-safe base64), stored only as SHA-256 hex digests. A
 high-entropy secret needs no slow hash: SHA-256 of 256 random bits cannot be reversed or guessed.
 The service holds a map hash -> key in memory, reloaded from the database every
-``METRICS_KEY_RELOAD_INTERVAL_S``, so keys created or revoked by the CLI take effect within seconds
-and no request touches the database to authenticate.
+``METRICS_KEY_RELOAD_INTERVAL_S``, so keys revoked by the CLI take effect within seconds and no
+request with a known key touches the database to authenticate. An unknown key makes the service
+reload the table once before refusing it (at most once a second), so a key created with the CLI
+while the service runs works on its first request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -16,7 +19,8 @@ import logging
 import os
 import secrets
 import sqlite3
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,11 +32,14 @@ from metrics_service.settings import (
     Settings,
     env_api_keys,
     service_name_from_env,
+    valid_service_name,
 )
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "mcpm_"
+#: The least time between two reloads of the key table caused by unknown keys.
+RELOAD_ON_DEMAND_INTERVAL_S = 1.0
 ROLES = ("ingest", "admin", "viewer")
 #: The ``reason`` of a failed authentication (``metrics_service_auth_failures_total``).
 FAILURE_REASONS = ("missing_key", "unknown_key", "wrong_role", "wrong_service", "throttled")
@@ -60,6 +67,8 @@ class Principal:
     service: str | None
     rate_limit_per_min: int | None
     key_hash: str
+    #: Every service name this key may report as: its service and its aliases.
+    services: frozenset[str] = frozenset()
 
 
 def create_key(
@@ -70,12 +79,18 @@ def create_key(
     rate_limit_per_min: int | None = None,
     source: str = "cli",
     description: str | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> tuple[str, storage.KeyRecord]:
     """Create a key; return the secret (shown once) and its record."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     if role == "ingest" and not service:
         raise ValueError("an ingest key needs a service")
+    if aliases and role != "ingest":
+        raise ValueError("only an ingest key has service aliases")
+    for alias in aliases:
+        if not valid_service_name(alias):
+            raise ValueError(f"alias {alias!r} is not a valid service name")
     secret = generate_key()
     record = storage.insert_key(
         conn,
@@ -86,6 +101,7 @@ def create_key(
         rate_limit_per_min=rate_limit_per_min,
         source=source,
         description=description,
+        aliases=tuple(dict.fromkeys(a for a in aliases if a != service)),
     )
     return secret, record
 
@@ -122,26 +138,30 @@ def _variable_of(role: str, service: str | None) -> str:
 
 
 class KeyTable:
-    """Active keys by hash; replaced whole on reload (readers never see a half-built map)."""
+    """Active keys by hash; replaced whole on reload (readers never see a half-built map).
 
-    def __init__(self) -> None:
+    ``aliases`` (``METRICS_SERVICE_ALIASES``) maps a service to further names every key of that
+    service may report as; a key's own aliases add to them."""
+
+    def __init__(self, aliases: dict[str, tuple[str, ...]] | None = None) -> None:
         self._by_hash: dict[str, Principal] = {}
+        self._aliases = aliases or {}
 
     def __len__(self) -> int:
         return len(self._by_hash)
 
+    def _principal(self, r: storage.KeyRecord) -> Principal:
+        services: frozenset[str] = frozenset()
+        if r.service is not None:
+            services = frozenset((r.service, *r.aliases, *self._aliases.get(r.service, ())))
+        return Principal(r.id, r.role, r.service, r.rate_limit_per_min, r.key_hash, services)
+
     def replace(self, records: list[storage.KeyRecord]) -> None:
-        self._by_hash = {
-            r.key_hash: Principal(r.id, r.role, r.service, r.rate_limit_per_min, r.key_hash)
-            for r in records
-            if r.revoked_at is None
-        }
+        self._by_hash = {r.key_hash: self._principal(r) for r in records if r.revoked_at is None}
 
     def add(self, record: storage.KeyRecord) -> None:
         table = dict(self._by_hash)
-        table[record.key_hash] = Principal(
-            record.id, record.role, record.service, record.rate_limit_per_min, record.key_hash
-        )
+        table[record.key_hash] = self._principal(record)
         self._by_hash = table
 
     def remove(self, key_id: int) -> None:
@@ -181,6 +201,29 @@ class Authenticator:
         self._failure_limit = settings.auth_failure_limit_per_min
         self._on_failure = on_failure
         self._trusted = settings.trusted_networks
+        #: Reloads the key table from the database; set by the app. An unknown key triggers it
+        #: once before the key is refused, so a key created with the CLI works at once.
+        self.reload: Callable[[], Awaitable[None]] | None = None
+        self._reloading: asyncio.Task[None] | None = None
+        self._last_reload = -RELOAD_ON_DEMAND_INTERVAL_S
+
+    async def _lookup_fresh(self, presented: str) -> Principal | None:
+        """Look ``presented`` up again after reloading the keys, at most once per
+        ``RELOAD_ON_DEMAND_INTERVAL_S`` for the whole process (a flood of bad keys costs one
+        small query a second); concurrent unknown keys share the one reload."""
+        task = self._reloading
+        if task is None or task.done():
+            now = time.monotonic()
+            if self.reload is None or now - self._last_reload < RELOAD_ON_DEMAND_INTERVAL_S:
+                return None
+            self._last_reload = now
+            task = self._reloading = asyncio.ensure_future(self.reload())
+        try:
+            await asyncio.shield(task)
+        except Exception:
+            log.warning("reloading keys for an unknown key failed", exc_info=True)
+            return None
+        return self.keys.lookup(presented)
 
     def client_address(self, peer: str | None, forwarded_for: Iterable[str]) -> str:
         """The client's address: the peer's, or, when the peer is a trusted proxy, the last
@@ -206,6 +249,8 @@ class Authenticator:
 
     async def authenticate(self, presented: str | None, client: str, *roles: str) -> Principal:
         principal = self.keys.lookup(presented) if presented else None
+        if principal is None and presented:
+            principal = await self._lookup_fresh(presented)
         if principal is None:
             # A client that already failed too often is refused without spending more.
             blocked = await self._limiter.peek_exhausted("authfail", client, self._failure_limit)

@@ -1,24 +1,29 @@
 """The ``metrics-service`` command.
 
     metrics-service serve [--host H] [--port P] [--first-run-key SERVICE]
-    metrics-service keys create --service NAME [--rate-limit N] [--role ingest|admin|viewer]
+    metrics-service keys create --service NAME [--alias NAME]... [--rate-limit N]
+                                [--role ingest|admin|viewer]
     metrics-service keys list [--all] [--json]
     metrics-service keys revoke ID
     metrics-service retention run [--dry-run]
     metrics-service db stats [--json]
+    metrics-service db drop-reference
     metrics-service report [--since 24h] [--until T] [--service X] [--limit N]
                            [--format table|json|csv]
 
 Settings come from the environment (see the README); the CLI and a running service share the
-database, and keys created or revoked here reach the service within METRICS_KEY_RELOAD_INTERVAL_S.
+database: a key created here works on its first request to a running service (an unknown key
+makes it reload its keys), and a revoked key is refused within METRICS_KEY_RELOAD_INTERVAL_S.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import signal
+import socket
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -57,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--role", choices=auth.ROLES, default="ingest")
     create.add_argument("--description")
+    create.add_argument(
+        "--alias",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a further service name this ingest key may report as (repeatable)",
+    )
     listing = keys.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--all", action="store_true", help="include revoked keys")
     listing.add_argument("--json", action="store_true")
@@ -72,16 +84,23 @@ def _parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
     db_stats = db.add_parser("stats", help="rows per table, file and WAL size")
     db_stats.add_argument("--json", action="store_true")
+    db.add_parser(
+        "drop-reference",
+        help="drop the reference_* tables left by adopting an MCP Gateway Registry database",
+    )
     report.add_parser(sub)
     return parser
 
 
 def _open(settings: Settings) -> sqlite3.Connection:
+    from metrics_service.ingest import import_reference_rows
+
     conn, _ = storage.open_database(
         settings.db_path,
         synchronous=settings.sqlite_synchronous.value,
         busy_timeout_ms=settings.sqlite_busy_timeout_ms,
     )
+    import_reference_rows(conn, settings)
     return conn
 
 
@@ -106,17 +125,23 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
             if args.role == "ingest" and not args.service:
                 print("error: an ingest key needs --service NAME", file=sys.stderr)
                 return 2
-            secret, record = auth.create_key(
-                conn,
-                service=args.service,
-                role=args.role,
-                rate_limit_per_min=args.rate_limit,
-                source="cli",
-                description=args.description,
-            )
+            try:
+                secret, record = auth.create_key(
+                    conn,
+                    service=args.service,
+                    role=args.role,
+                    rate_limit_per_min=args.rate_limit,
+                    source="cli",
+                    description=args.description,
+                    aliases=tuple(args.alias),
+                )
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            also = f", also as {', '.join(record.aliases)}" if record.aliases else ""
             print(
                 f"Created key {record.id} "
-                f"({record.role}{', service ' + record.service if record.service else ''})."
+                f"({record.role}{', service ' + record.service if record.service else ''}{also})."
             )
             print("It is shown only this once; only its hash is stored:\n")
             print(f"    {secret}\n")
@@ -131,7 +156,7 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
                 [
                     str(r.id),
                     r.role,
-                    r.service or "-",
+                    (r.service or "-") + (f" (+{','.join(r.aliases)})" if r.aliases else ""),
                     r.key_prefix + "…",
                     str(r.rate_limit_per_min or f"{settings.rate_limit_per_min} (default)"),
                     r.source,
@@ -181,6 +206,21 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _drop_reference(settings: Settings) -> int:
+    from metrics_service.storage import reference
+
+    conn = _open(settings)
+    try:
+        dropped = reference.drop_tables(conn)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    print(f"dropped {', '.join(dropped)}" if dropped else "no reference_* tables")
+    return 0
+
+
 def _first_run_key(settings: Settings, service: str) -> None:
     if env_api_keys():
         return
@@ -201,6 +241,47 @@ def _first_run_key(settings: Settings, service: str) -> None:
     )
 
 
+def _ports(settings: Settings) -> list[tuple[str, int, str]]:
+    """(host, port, the variable that sets the port) for each port the service will listen on."""
+    ports = [(settings.host, settings.port, "METRICS_SERVICE_PORT")]
+    if settings.otel_prometheus_enabled:
+        ports.append(
+            (settings.otel_prometheus_host, settings.otel_prometheus_port, "OTEL_PROMETHEUS_PORT")
+        )
+    return ports
+
+
+def _check_ports(settings: Settings) -> None:
+    """Fail with one line naming the port and its variable when a port is taken, before anything
+    starts (a second instance, or another program on 8890/9465)."""
+    ports = _ports(settings)
+    if len(ports) == 2 and ports[0][1] == ports[1][1] != 0:
+        raise ConfigError(
+            f"METRICS_SERVICE_PORT and OTEL_PROMETHEUS_PORT are both {ports[0][1]}; "
+            "the API and the Prometheus scrape need a port each"
+        )
+    for host, port, variable in ports:
+        if port == 0:
+            continue
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConfigError(f"cannot resolve the listen address {host!r}: {exc}") from exc
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            # The same option uvicorn and the exporter set: a port in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"port {port} on {host} is already in use (another instance?); "
+                        f"set {variable} to a free port"
+                    ) from exc
+                raise ConfigError(f"cannot listen on {host}:{port} ({variable}): {exc}") from exc
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
@@ -212,6 +293,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if overrides:
         settings = load_settings(**overrides)
     env_api_keys()  # fail now, naming the variable, if one is bad
+    _check_ports(settings)
     logs.setup(settings.log_level, settings.log_format.value)
     if args.first_run_key:
         _first_run_key(settings, args.first_run_key)
@@ -258,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"days{state}"
                 )
             return 0
+        if args.db_command == "drop-reference":
+            return _drop_reference(settings)
         stats = storage.stats(conn := _open(settings), settings.db_path)
         conn.close()
         if args.json:

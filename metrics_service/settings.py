@@ -8,6 +8,7 @@ Explicit arguments win over the environment, so a test writes
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from metrics_service.errors import ConfigError
 
+log = logging.getLogger(__name__)
 API_KEY_ENV_PREFIX = "METRICS_API_KEY_"
 _SERVICE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -42,6 +44,14 @@ class OtlpProtocol(StrEnum):
 class LogFormat(StrEnum):
     text = "text"
     json = "json"
+
+
+class BoolLabels(StrEnum):
+    """How boolean labels (``success``) are exported: ``true``/``false`` (the default, as the
+    newer upstream does) or ``True``/``False`` (dashboards built on the pinned reference)."""
+
+    lowercase = "lower"
+    capitalized = "capitalized"
 
 
 def _env(name: str, default: Any, **kwargs: Any) -> Any:
@@ -86,6 +96,8 @@ class Settings(BaseSettings):
     commit_retries: int = _env("METRICS_COMMIT_RETRIES", 3, ge=0, le=100)
     queue_max_metrics: int = _env("METRICS_QUEUE_MAX_METRICS", 50_000, ge=1)
     shutdown_timeout_s: float = _env("METRICS_SHUTDOWN_TIMEOUT_S", 30.0, gt=0)
+    # How long a committed Idempotency-Key is remembered (docs/delivery.md).
+    idempotency_window_s: float = _env("METRICS_IDEMPOTENCY_WINDOW_S", 86_400.0, ge=1)
 
     # Keys, rate limits and abuse
     rate_limit_per_min: int = _env("METRICS_RATE_LIMIT", 1000, ge=1)
@@ -95,6 +107,8 @@ class Settings(BaseSettings):
     #: proxies in front of the service: from these peers only, ``X-Forwarded-For`` names the client.
     trusted_proxies: str = _env("METRICS_TRUSTED_PROXIES", "")
     key_reload_interval_s: float = _env("METRICS_KEY_RELOAD_INTERVAL_S", 2.0, gt=0)
+    #: ``service:alias,service:alias``: keys of ``service`` may also report as ``alias``.
+    service_aliases: str = _env("METRICS_SERVICE_ALIASES", "")
 
     # Retention
     retention_days: int = _env("METRICS_RETENTION_DAYS", 90, ge=1, le=36_500)
@@ -117,6 +131,7 @@ class Settings(BaseSettings):
     otlp_timeout_ms: int = _env("OTEL_EXPORTER_OTLP_TIMEOUT", 10_000, ge=1)
     otel_export_interval_ms: int = _env("OTEL_METRIC_EXPORT_INTERVAL", 60_000, ge=100)
     otel_cardinality_limit: int = _env("METRICS_OTEL_CARDINALITY_LIMIT", 500, ge=10, le=1_000_000)
+    otel_bool_labels: BoolLabels = _env("METRICS_OTEL_BOOL_LABELS", BoolLabels.lowercase)
 
     # Logs
     log_level: str = _env("METRICS_LOG_LEVEL", "info")
@@ -137,6 +152,16 @@ class Settings(BaseSettings):
         if scheme not in {"memory", "redis", "rediss", "redis+sentinel", "redis+cluster"}:
             raise ValueError("must be memory:// or a redis:// URI")
         return value
+
+    @field_validator("service_aliases")
+    @classmethod
+    def _aliases(cls, value: str) -> str:
+        parse_aliases(value)
+        return value
+
+    def alias_map(self) -> dict[str, tuple[str, ...]]:
+        """``METRICS_SERVICE_ALIASES`` as service -> its further names."""
+        return parse_aliases(self.service_aliases)
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -208,6 +233,23 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 
 
+def parse_aliases(text: str) -> dict[str, tuple[str, ...]]:
+    """``auth:auth-server,registry-service:registry`` -> {service: (alias, ...)}."""
+    out: dict[str, dict[str, None]] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        service, sep, alias = (p.strip() for p in part.partition(":"))
+        if not sep or not valid_service_name(service) or not valid_service_name(alias):
+            raise ValueError(
+                f"{part!r}: each entry is service:alias, both lower-case service names"
+            )
+        if alias != service:
+            out.setdefault(service, {})[alias] = None
+    return {service: tuple(names) for service, names in out.items()}
+
+
 def service_name_from_env(var: str) -> str:
     """``METRICS_API_KEY_MY_SERVICE`` -> ``my-service``."""
     return var[len(API_KEY_ENV_PREFIX) :].lower().replace("_", "-")
@@ -221,6 +263,10 @@ def env_api_keys(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         if not var.upper().startswith(API_KEY_ENV_PREFIX) or len(var) == len(API_KEY_ENV_PREFIX):
             continue
         service = service_name_from_env(var.upper())
+        if value == "":
+            # What compose passes for an unset ${VARIABLE}: no key, not a broken start.
+            log.warning("%s is empty: no key for service %r", var, service)
+            continue
         if not _SERVICE_NAME_RE.match(service):
             raise ConfigError(f"{var}: service name {service!r} is not a valid service name")
         if len(value) < 16:

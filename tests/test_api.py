@@ -309,7 +309,7 @@ def test_every_response_has_a_request_id(client: TestClient) -> None:
 
 
 def test_health_ready_docs(client: TestClient) -> None:
-    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/health").json() == {"status": "ok", "service": "metrics-collection"}
     ready = client.get("/ready")
     assert ready.status_code == 200 and all(ready.json()["checks"].values())
     assert client.get("/docs").status_code == 200

@@ -209,11 +209,11 @@ def test_buffered_rows_are_retried_whatever_the_failure_until_stored(
     real_insert = storage.insert_rows
     failures = {"left": 3}
 
-    def flaky_insert(conn: sqlite3.Connection, parts: Any) -> int:
+    def flaky_insert(conn: sqlite3.Connection, parts: Any, claims: Any = ()) -> int:
         if failures["left"]:
             failures["left"] -= 1
             raise RuntimeError("injected failure")
-        return real_insert(conn, parts)
+        return real_insert(conn, parts, claims)
 
     monkeypatch.setattr(storage, "insert_rows", flaky_insert)
     settings = Settings(db_path=tmp_path / "m.db", ack_mode=AckMode.buffered, flush_interval_s=0.05)

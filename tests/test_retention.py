@@ -50,6 +50,8 @@ def test_policies_default_to_retention_days_and_can_be_changed(client: TestClien
         "retention_days": 7,
         "is_default": False,
         "enabled": True,
+        "table_name": "tool_metrics",
+        "is_active": True,
     }
     r = client.put(
         "/admin/retention/policies/tool_metrics", json={"retention_days": None}, headers=ADMIN
@@ -68,7 +70,7 @@ def test_retention_deletes_by_event_time_with_dry_run_first(
     custom_row = next(t for t in dry["tables"] if t["table"] == "custom_metrics")
     assert dry["dry_run"] is True and custom_row["rows"] == 2
     assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(5,)]
-    done = client.post("/admin/retention/cleanup", headers=ADMIN).json()
+    done = client.post("/admin/retention/cleanup?dry_run=false", headers=ADMIN).json()
     assert next(t for t in done["tables"] if t["table"] == "custom_metrics")["rows"] == 2
     assert db_rows(settings.db_path, "SELECT value FROM custom_metrics ORDER BY value") == [
         (2.0,),
@@ -83,7 +85,9 @@ def test_retention_deletes_a_backlog_in_chunks(tmp_path: Path, keyed_env: None) 
         post_aged(c, [10.0] * 50 + [0.0] * 3)
         chunks = _record_chunks(c)
         c.put("/admin/retention/policies/custom_metrics", json={"retention_days": 5}, headers=ADMIN)
-        done = c.post("/admin/retention/cleanup?table=custom_metrics", headers=ADMIN).json()
+        done = c.post(
+            "/admin/retention/cleanup?table=custom_metrics&dry_run=false", headers=ADMIN
+        ).json()
         assert [t["rows"] for t in done["tables"]] == [50]
     # One short transaction per chunk of at most METRICS_RETENTION_CHUNK_ROWS rows.
     assert chunks == [("custom_metrics", 7)] * 7 + [("custom_metrics", 1)]
@@ -97,7 +101,7 @@ def test_disabled_policy_deletes_nothing(client: TestClient, settings: Settings)
         json={"retention_days": 30, "enabled": False},
         headers=ADMIN,
     )
-    client.post("/admin/retention/cleanup", headers=ADMIN)
+    client.post("/admin/retention/cleanup?dry_run=false", headers=ADMIN)
     assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(1,)]
 
 
@@ -123,7 +127,9 @@ def test_a_backlog_is_deleted_with_commits_of_new_metrics_between_its_chunks(
 
         def cleanup() -> None:
             try:
-                r = c.post("/admin/retention/cleanup?table=custom_metrics", headers=ADMIN)
+                r = c.post(
+                    "/admin/retention/cleanup?table=custom_metrics&dry_run=false", headers=ADMIN
+                )
                 assert r.status_code == 200 and [t["rows"] for t in r.json()["tables"]] == [6000]
             finally:
                 done.set()

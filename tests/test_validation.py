@@ -62,9 +62,10 @@ def test_row_layout_of_a_tool_execution(validator: Validator) -> None:
     assert row[1] == NOW * 1000 and row[2:5] == ("svc", "1", "i-1")
     assert row[5:7] == (1.0, 5.0)
     assert row[7:17] == ("tools/call", "t", None, None, None, 0, None, None, None, None)
-    assert row[17:21] == ("a1", None, None, 7)
-    assert json.loads(row[21]) == {"extra": "e"}
-    assert json.loads(row[22]) == {"agent_id": "a1", "output_tokens": 7}
+    assert row[17:20] == (None, None, None)  # server_path, user_hash, error_code
+    assert row[-6:-2] == ("a1", None, None, 7)
+    assert json.loads(row[-2]) == {"extra": "e"}
+    assert json.loads(row[-1]) == {"agent_id": "a1", "output_tokens": 7}
 
 
 def test_iso_timestamps_are_utc(validator: Validator) -> None:
@@ -100,7 +101,7 @@ def test_iso_timestamps_are_utc(validator: Validator) -> None:
         ({"type": "custom", "metadata": []}, "metadata", "type"),
         ({"value": 1}, "type", "required"),
         (
-            {"type": "tool_discovery", "dimensions": {"results_count": -1}},
+            {"type": "tool_discovery", "dimensions": {"results_count": -2}},
             "dimensions.results_count",
             "integer",
         ),
@@ -143,19 +144,20 @@ def test_rejections_name_field_and_rule(
     assert rejected(validator, metric) == (f"metrics[0].{field}", rule)
 
 
-def test_protocol_latency_takes_value_as_ms_when_no_duration(validator: Validator) -> None:
+def test_protocol_latency_takes_value_as_seconds_when_no_duration(validator: Validator) -> None:
+    # As the MCP Gateway Registry's auth server sends it: seconds in value, no duration_ms.
     batch = decode(
         validator,
         [
             {
                 "type": "protocol_latency",
-                "value": 42.5,
+                "value": 0.0425,
                 "dimensions": {"flow_step": "initialize->tools/call"},
             }
         ],
     )
     row = batch.rows["protocol_latency"][0]
-    assert row[5:7] == (1.0, 42.5)
+    assert row[5] == 1.0 and row[6] == pytest.approx(42.5)
 
 
 def test_unknown_fields_are_ignored_and_unknown_dimensions_kept(validator: Validator) -> None:

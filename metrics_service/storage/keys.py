@@ -23,16 +23,28 @@ class KeyRecord:
     description: str | None
     created_at: int
     revoked_at: int | None
+    #: Further service names this key may report as (``keys create --alias``).
+    aliases: tuple[str, ...] = ()
 
     def public(self) -> dict[str, Any]:
         """What may be shown: everything but the hash."""
-        shown = {name: getattr(self, name) for name in _FIELDS if name != "key_hash"}
-        return {**shown, "active": self.revoked_at is None}
+        shown = {name: getattr(self, name) for name in _COLUMN_OF if name != "key_hash"}
+        return {**shown, "active": self.revoked_at is None, "aliases": list(self.aliases)}
 
 
-#: The columns of ``api_keys`` that make a ``KeyRecord``, in its field order.
-_FIELDS = tuple(f.name for f in dataclasses.fields(KeyRecord))
-_COLUMNS = ", ".join(_FIELDS)
+#: ``KeyRecord`` field -> its column in ``api_keys``, in field order: the one list that both the
+#: SELECTs and ``_record`` follow.
+_COLUMN_OF = {
+    f.name: "service_aliases" if f.name == "aliases" else f.name
+    for f in dataclasses.fields(KeyRecord)
+}
+_COLUMNS = ", ".join(_COLUMN_OF.values())
+
+
+def _record(row: tuple[Any, ...]) -> KeyRecord:
+    values = dict(zip(_COLUMN_OF, row, strict=True))
+    values["aliases"] = tuple(a for a in (values["aliases"] or "").split(",") if a)
+    return KeyRecord(**values)
 
 
 def _now_ms() -> int:
@@ -49,19 +61,34 @@ def insert_key(
     rate_limit_per_min: int | None,
     source: str,
     description: str | None = None,
+    aliases: tuple[str, ...] = (),
+    created_at: int | None = None,
+    revoked_at: int | None = None,
 ) -> KeyRecord:
     cursor = conn.execute(
         "INSERT INTO api_keys (service, role, key_hash, key_prefix, rate_limit_per_min, source,"
-        " description, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING " + _COLUMNS,
-        (service, role, key_hash, key_prefix, rate_limit_per_min, source, description, _now_ms()),
+        " description, created_at, revoked_at, service_aliases)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING " + _COLUMNS,
+        (
+            service,
+            role,
+            key_hash,
+            key_prefix,
+            rate_limit_per_min,
+            source,
+            description,
+            _now_ms() if created_at is None else created_at,
+            revoked_at,
+            ",".join(aliases) or None,
+        ),
     )
-    return KeyRecord(*cursor.fetchone())
+    return _record(cursor.fetchone())
 
 
 def list_keys(conn: sqlite3.Connection, *, active_only: bool = False) -> list[KeyRecord]:
     where = " WHERE revoked_at IS NULL" if active_only else ""
     rows = conn.execute(f"SELECT {_COLUMNS} FROM api_keys{where} ORDER BY id").fetchall()
-    return [KeyRecord(*row) for row in rows]
+    return [_record(row) for row in rows]
 
 
 def revoke_key(conn: sqlite3.Connection, key_id: int) -> KeyRecord | None:
@@ -71,7 +98,7 @@ def revoke_key(conn: sqlite3.Connection, key_id: int) -> KeyRecord | None:
         (_now_ms(), key_id),
     )
     row = conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
-    return KeyRecord(*row) if row else None
+    return _record(row) if row else None
 
 
 def reconcile_env_keys(

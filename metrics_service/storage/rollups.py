@@ -184,7 +184,18 @@ _V4_CUBES: tuple[Cube, ...] = (
         ("duration_ms",),
     ),
 )
-CUBES: tuple[Cube, ...] = _V2_CUBES + _V4_CUBES
+#: Added by schema migration 5 (frozen there): the registry's operations and health checks.
+_V5_CUBES: tuple[Cube, ...] = (
+    Cube(
+        "registry",
+        "registry_operation",
+        ("service", "operation", "resource_type", "success"),
+        (),
+        ("duration_ms",),
+    ),
+    Cube("health", "health_check", ("service", "endpoint", "healthy"), (), ("duration_ms",)),
+)
+CUBES: tuple[Cube, ...] = _V2_CUBES + _V4_CUBES + _V5_CUBES
 
 TABLES = tuple(cube.table(level) for cube in CUBES for level in cube.levels)
 RAW_TABLE = {
@@ -192,8 +203,10 @@ RAW_TABLE = {
     "tool_execution": "tool_metrics",
     "tool_discovery": "discovery_metrics",
     "protocol_latency": "protocol_latency_metrics",
+    "registry_operation": "registry_operation_metrics",
+    "health_check": "health_check_metrics",
 }
-_INT_DIMS = {"success"}
+_INT_DIMS = {"success", "healthy"}
 _MIN_MAX = ("_min", "_max")
 
 
@@ -283,6 +296,11 @@ def migration_v2() -> list[str]:
 def migration_v4() -> list[str]:
     """The tool-by-client cube, backfilled like migration 2 up to the current watermark."""
     return _create_and_backfill(_V4_CUBES)
+
+
+def migration_v5() -> list[str]:
+    """The registry-operation and health-check cubes (their raw tables are created just before)."""
+    return _create_and_backfill(_V5_CUBES)
 
 
 # -- accumulation (ingest, and the raw ends of a query range) ----------------------------------
