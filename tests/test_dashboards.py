@@ -424,21 +424,19 @@ def _round(client: httpx.Client, db: Path, exporter_url: str, limited_key: str) 
 
 
 def _scraped_after(prom: Prometheus, t: float) -> None:
-    wait_for(lambda: (prom.value("max(timestamp(up))") or 0.0) > t + 0.05, 15, 0.1)
+    wait_for(lambda: (prom.value("max(timestamp(up) and up == 1)") or 0.0) > t + 0.05, 15, 0.1)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     require_binary("prometheus", "prometheus")
     tmp = tmp_path_factory.mktemp("dashboards")
-    exporter_port = free_port()
     service = ServiceProcess(
         db_path=tmp / "m.db",
         log_path=tmp / "service.log",
         env={
             **{f"METRICS_API_KEY_{s.upper().replace('-', '_')}": k for s, k in KEYS.items()},
             "METRICS_ADMIN_API_KEY": ADMIN_KEY,
-            "OTEL_PROMETHEUS_PORT": str(exporter_port),
             # A collector that is down, so that export failures are counted.
             "OTEL_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
             "OTEL_EXPORTER_OTLP_TIMEOUT": "500",
@@ -449,9 +447,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "METRICS_SQLITE_SYNCHRONOUS": "normal",
         },
     )
-    exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
     try:
         service.start()
+        exporter_port = service.prometheus_port
+        exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
         with (
             start_prometheus(tmp / "prom", [f"127.0.0.1:{exporter_port}"]) as prom,
             httpx.Client(base_url=service.url, timeout=30) as client,
@@ -480,6 +479,12 @@ def _failures(stack: Stack, dashboard: dict[str, Any], values: dict[str, str]) -
         result = stack.prom.values(query)
         if not any(math.isfinite(v) for v in result):
             failures.append(f"{where}: {query} -> {result}")
+    if failures:  # say why: the target's last scrape
+        active = httpx.get(f"{stack.prom.url}/api/v1/targets", timeout=10).json()["data"]
+        failures += [
+            f"target {t['scrapeUrl']}: {t['health']} {t['lastError']!r}"
+            for t in active["activeTargets"]
+        ]
     return failures
 
 
@@ -573,14 +578,12 @@ def quiet_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A service that only ever gets valid traffic: no rejects, failures, limits or deletions."""
     require_binary("prometheus", "prometheus")
     tmp = tmp_path_factory.mktemp("quiet")
-    exporter_port = free_port()
     key = KEYS["gateway-eu"]
     service = ServiceProcess(
         db_path=tmp / "m.db",
         log_path=tmp / "service.log",
-        env={"METRICS_API_KEY_GATEWAY_EU": key, "OTEL_PROMETHEUS_PORT": str(exporter_port)},
+        env={"METRICS_API_KEY_GATEWAY_EU": key},
     )
-    exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
     events = [
         auth(True, "jwt", "github", 8),
         tool("search_code", "tools/call", "github", "cursor", duration_ms=35),
@@ -590,6 +593,8 @@ def quiet_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     ]
     try:
         service.start()
+        exporter_port = service.prometheus_port
+        exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
         with (
             start_prometheus(tmp / "prom", [f"127.0.0.1:{exporter_port}"]) as prom,
             httpx.Client(base_url=service.url, timeout=30) as client,

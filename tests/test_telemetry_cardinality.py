@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests._helpers import ServiceProcess, free_port
+from tests._helpers import ServiceProcess
 from tests._prometheus import Sample, parse_samples, scrape, total
 from tests._traffic import auth, discovery, post_all, tool
 
@@ -37,16 +37,14 @@ def _label_sets(samples: dict[Sample, float], name: str) -> list[frozenset[tuple
 
 
 def test_distinct_values_do_not_grow_the_scrape_or_the_process(service: ServiceProcess) -> None:
-    port = free_port()
     service.env.update(
         METRICS_OTEL_CARDINALITY_LIMIT=str(LIMIT),
-        OTEL_PROMETHEUS_PORT=str(port),
         METRICS_SQLITE_SYNCHRONOUS="normal",  # durability is not under test; speed is welcome
         METRICS_RATE_LIMIT="100000",
     )
     service.start()
     assert service.proc is not None
-    url = f"http://127.0.0.1:{port}/metrics"
+    url = f"http://127.0.0.1:{service.prometheus_port}/metrics"
 
     with httpx.Client(base_url=service.url, timeout=60) as c:
 
