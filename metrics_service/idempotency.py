@@ -151,9 +151,9 @@ def lookup(
     return None if row is None else Stored(row[0], int(row[1]), bytes(row[2]))
 
 
-def delete_expired_chunk(conn: sqlite3.Connection, window_s: float, limit: int) -> int:
-    """Forget up to ``limit`` keys older than the window."""
-    cutoff = int((time.time() - window_s) * 1000)
+def delete_expired_chunk(conn: sqlite3.Connection, before_ms: int, limit: int) -> int:
+    """Forget up to ``limit`` keys committed before ``before_ms`` (unix ms)."""
+    cutoff = before_ms
     try:
         cursor = conn.execute(
             "DELETE FROM idempotency_keys WHERE rowid IN (SELECT rowid FROM idempotency_keys"

@@ -263,7 +263,11 @@ class Recorder:
             spool = self._spool
             assert spool is not None
             dropped = spool.dropped
-            spool.append(line + b"\n")
+            try:
+                spool.append(line + b"\n")
+            except OSError as exc:  # disk full, directory gone: count it, never raise
+                spool.dropped += 1
+                self._log_once("spool-error", logging.ERROR, "metrics spool write failed: %s", exc)
             overflow = spool.dropped - dropped
             self._dropped_overflow += overflow
             full = spool.unbatched >= self._batch_size

@@ -167,6 +167,8 @@ class Spool:
     def append(self, line: bytes) -> bool:
         """Append one event (a JSON line ending in a newline); False when it cannot fit at all.
         Makes room by dropping the oldest events not yet taken (``dropped`` counts them)."""
+        if self.closed:
+            return False
         size = len(line)
         while self._bytes + size > self.max_bytes and self._drop_oldest_segment():
             pass
@@ -202,6 +204,8 @@ class Spool:
     def peek(self, limit: int) -> tuple[list[bytes], tuple[int, int]]:
         """Up to ``limit`` events after the cursor, and the position after them."""
         seg, off = self._cursor
+        if self.closed:
+            return [], (seg, off)
         lines: list[bytes] = []
         while len(lines) < limit:
             reader = self._read_segment(seg)
@@ -234,6 +238,8 @@ class Spool:
     def take(self, parts: list[SpooledPart], taken: int, end: tuple[int, int]) -> None:
         """Record ``parts`` (built from ``taken`` events up to ``end``) as a batch file, then
         move the cursor past those events."""
+        if self.closed:
+            raise OSError("the spool is closed")
         if not parts:  # every event was left out (too large): only move the cursor
             self._bytes -= self._consumed_bytes(end)
             self._cursor = end
@@ -281,6 +287,8 @@ class Spool:
 
     def done(self, part: SpooledPart) -> None:
         """The service answered for ``part``: forget it."""
+        if self.closed:
+            return  # a sender outliving close(): the next client sends it again (same key)
         batch = self._batches.get(part.batch)
         if batch is None:
             return
@@ -321,6 +329,10 @@ class Spool:
                 file.rename(file.with_suffix(".corrupt"))
             return None
         return _Batch(number, end, parts, len(raw))
+
+    @property
+    def closed(self) -> bool:
+        return self._lock_file is None
 
     @property
     def size_bytes(self) -> int:
