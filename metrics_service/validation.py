@@ -42,6 +42,10 @@ DIMENSIONS: dict[str, tuple[tuple[str, str], ...]] = {
         ("output_size_bytes", "count"),
         ("transport", "str"),
         ("session_id", "str"),
+        # Migration 7: the OpenTelemetry MCP semantic conventions (mcp.protocol.version,
+        # error.type: a JSON-RPC error code, "tool_error" or an exception name).
+        ("protocol_version", "str"),
+        ("error_type", "str"),
     ),
     "tool_discovery": (
         ("query", "str"),
@@ -72,6 +76,9 @@ METADATA_COLUMNS = (
     ("tenant_id", "str"),
     ("input_tokens", "count"),
     ("output_tokens", "count"),
+    # Migration 7: the span a tool_execution row came from (hex, as in OTLP/JSON and W3C).
+    ("trace_id", "str"),
+    ("span_id", "str"),
 )
 
 MAX_DURATION_MS = 86_400_000.0  # one day

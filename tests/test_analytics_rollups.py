@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from metrics_service import Settings, create_app, storage
 from metrics_service.analytics import queries
-from metrics_service.storage import migrations, rollups
+from metrics_service.storage import database, migrations, rollups
 from metrics_service.validation import Validator
 from tests._analytics_seed import make_seed, post_seed
 from tests._helpers import ADMIN_KEY, INGEST_KEY
@@ -101,9 +101,10 @@ def test_a_version_1_database_is_backfilled_by_migration_2_with_the_same_answers
         m.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:1])
         old, applied = storage.open_database(tmp_path / "old.db")
         assert applied == [1]
+        inserts = _old_inserts(old)
     for part in parts:  # as a version 1 service stored them: raw rows only
         for kind, rows in part.items():
-            old.executemany(storage.INSERT_SQL[kind], rows)
+            old.executemany(inserts[kind], rows)
     old.close()
     migrated, applied = storage.open_database(tmp_path / "old.db")
     assert applied[0] == 2
@@ -227,6 +228,19 @@ def _tool_and_client(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     }
 
 
+def _old_inserts(conn: sqlite3.Connection) -> dict[str, str]:
+    """INSERT statements that take today's rows and store the columns an older schema has."""
+    inserts = {}
+    for kind, sql in storage.INSERT_SQL.items():
+        table = storage.TABLE_OF_TYPE[kind]
+        columns = sql[sql.index("(") + 1 : sql.index(")")].split(", ")
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        kept = ", ".join(c for c in columns if c in present)
+        params = ", ".join(f"? AS {c}" for c in columns)
+        inserts[kind] = f"INSERT INTO {table} ({kept}) SELECT {kept} FROM (SELECT {params})"
+    return inserts
+
+
 def _v3_rollups(m: pytest.MonkeyPatch) -> None:
     """Make the code maintain and compact only the cubes a version 3 service had."""
     m.setattr(rollups, "CUBES", rollups._V2_CUBES)
@@ -288,6 +302,7 @@ def test_a_version_3_database_is_migrated_to_4_with_the_tool_and_client_cube_bac
         _v3_rollups(m)
         old, applied = storage.open_database(tmp_path / "old.db")
         assert applied == [1, 2, 3]
+        m.setattr(database, "INSERT_SQL", _old_inserts(old))
         _history(old, now, parts)
         assert (
             old.execute(
@@ -298,8 +313,8 @@ def test_a_version_3_database_is_migrated_to_4_with_the_tool_and_client_cube_bac
         before = _tool_and_client(old, now)
     old.close()
     migrated, applied = storage.open_database(tmp_path / "old.db")
-    assert applied == [4]
-    assert migrations.current_version(migrated) == 4
+    assert applied[0] == 4
+    assert migrations.current_version(migrated) == migrations.LATEST_VERSION
     fresh, _ = storage.open_database(tmp_path / "new.db")
     _history(fresh, now, parts)
     # Migrated: hours and days from the raw rows; fresh: hours at commit, days by compaction.

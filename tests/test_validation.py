@@ -61,10 +61,12 @@ def test_row_layout_of_a_tool_execution(validator: Validator) -> None:
     assert row[0] == int(NOW * 1000) - 3_600_000  # NOW is 2027-01-15T08:00:00Z
     assert row[1] == NOW * 1000 and row[2:5] == ("svc", "1", "i-1")
     assert row[5:7] == (1.0, 5.0)
-    assert row[7:17] == ("tools/call", "t", None, None, None, 0, None, None, None, None)
-    assert row[17:21] == ("a1", None, None, 7)
-    assert json.loads(row[21]) == {"extra": "e"}
-    assert json.loads(row[22]) == {"agent_id": "a1", "output_tokens": 7}
+    # ... then protocol_version and error_type (migration 7)
+    assert row[7:19] == ("tools/call", "t", None, None, None, 0, None, None, None, None, None, None)
+    # agent_id, tenant_id, input_tokens, output_tokens, then trace_id and span_id (migration 7)
+    assert row[19:25] == ("a1", None, None, 7, None, None)
+    assert json.loads(row[25]) == {"extra": "e"}
+    assert json.loads(row[26]) == {"agent_id": "a1", "output_tokens": 7}
 
 
 def test_iso_timestamps_are_utc(validator: Validator) -> None:

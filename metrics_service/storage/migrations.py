@@ -43,6 +43,47 @@ def _view_part(kind: str, table: str, typed: str) -> str:
 
 _BOOL = "json(CASE success WHEN 1 THEN 'true' WHEN 0 THEN 'false' END)"
 
+
+#: The typed dimensions of tool_metrics in the ``metrics`` view, as of migration 1.
+_TOOL_VIEW_V1 = (
+    "'method', method, 'tool_name', tool_name, 'server_name', server_name,"
+    " 'client_name', client_name, 'client_version', client_version,"
+    f" 'success', {_BOOL}, 'input_size_bytes', input_size_bytes,"
+    " 'output_size_bytes', output_size_bytes, 'transport', transport,"
+    " 'session_id', session_id"
+)
+
+
+def _metrics_view(tool_columns: str) -> str:
+    """The ``metrics`` view: every table's rows with the typed columns back in ``dimensions``."""
+    return (
+        "CREATE VIEW metrics AS"
+        + _view_part(
+            "auth_request",
+            "auth_metrics",
+            f"'success', {_BOOL}, 'method', method, 'server', server, 'user_hash', user_hash",
+        )
+        + " UNION ALL"
+        + _view_part("tool_execution", "tool_metrics", tool_columns)
+        + " UNION ALL"
+        + _view_part(
+            "tool_discovery",
+            "discovery_metrics",
+            "'query', query, 'results_count', results_count, 'top_k', top_k, 'top_n', top_n,"
+            " 'embedding_time_ms', embedding_time_ms, 'search_time_ms', search_time_ms",
+        )
+        + " UNION ALL"
+        + _view_part(
+            "protocol_latency",
+            "protocol_latency_metrics",
+            "'flow_step', flow_step, 'server_name', server_name, 'client_name', client_name,"
+            " 'session_id', session_id",
+        )
+        + " UNION ALL"
+        + _view_part("custom", "custom_metrics", "")
+    )
+
+
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (
         1,
@@ -76,38 +117,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             " ON protocol_latency_metrics (flow_step, ts)",
             f"CREATE TABLE custom_metrics ({_COMMON}" + _TAIL + ")",
             "CREATE INDEX idx_custom_metrics_ts ON custom_metrics (ts)",
-            "CREATE VIEW metrics AS"
-            + _view_part(
-                "auth_request",
-                "auth_metrics",
-                f"'success', {_BOOL}, 'method', method, 'server', server, 'user_hash', user_hash",
-            )
-            + " UNION ALL"
-            + _view_part(
-                "tool_execution",
-                "tool_metrics",
-                "'method', method, 'tool_name', tool_name, 'server_name', server_name,"
-                " 'client_name', client_name, 'client_version', client_version,"
-                f" 'success', {_BOOL}, 'input_size_bytes', input_size_bytes,"
-                " 'output_size_bytes', output_size_bytes, 'transport', transport,"
-                " 'session_id', session_id",
-            )
-            + " UNION ALL"
-            + _view_part(
-                "tool_discovery",
-                "discovery_metrics",
-                "'query', query, 'results_count', results_count, 'top_k', top_k, 'top_n', top_n,"
-                " 'embedding_time_ms', embedding_time_ms, 'search_time_ms', search_time_ms",
-            )
-            + " UNION ALL"
-            + _view_part(
-                "protocol_latency",
-                "protocol_latency_metrics",
-                "'flow_step', flow_step, 'server_name', server_name, 'client_name', client_name,"
-                " 'session_id', session_id",
-            )
-            + " UNION ALL"
-            + _view_part("custom", "custom_metrics", ""),
+            _metrics_view(_TOOL_VIEW_V1),
             """CREATE TABLE api_keys (
                 id INTEGER PRIMARY KEY,
                 service TEXT,
@@ -160,6 +170,23 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     ),
     # Tool and client together (``tools?client=``, ``clients?tool=``) read raw rows without it.
     (4, "rollup cube by tool and client", rollups.migration_v4()),
+    # The OpenTelemetry MCP semantic conventions on tool rows (docs/otlp.md): posted events carry
+    # them as dimensions protocol_version, error_type and metadata trace_id, span_id; OTLP spans
+    # fill the same columns. The view shows the two new dimensions like the others.
+    (
+        7,
+        "tool_execution semconv columns",
+        [
+            *(
+                f"ALTER TABLE tool_metrics ADD COLUMN {name} TEXT"
+                for name in ("protocol_version", "error_type", "trace_id", "span_id")
+            ),
+            "DROP VIEW metrics",
+            _metrics_view(
+                _TOOL_VIEW_V1 + ", 'protocol_version', protocol_version, 'error_type', error_type"
+            ),
+        ],
+    ),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]
