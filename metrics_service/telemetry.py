@@ -179,6 +179,13 @@ INSTRUMENTS: dict[str, tuple[str, str, tuple[str, ...], Sequence[float], str]] =
         "Rows deleted by retention",
     ),
     "metrics_service_export_failures": ("counter", "", ("exporter",), (), "Failed OTLP exports"),
+    "metrics_service_otlp_spans": (
+        "counter",
+        "",
+        ("outcome",),
+        (),
+        "Spans received on /v1/traces: accepted (MCP, stored), rejected, not_mcp (dropped)",
+    ),
     "metrics_service_commit_batch_metrics": (
         "histogram",
         "",
@@ -491,6 +498,12 @@ class Telemetry:
 
     def on_retention_deleted(self, table: str, rows: int) -> None:
         self.totals["metrics_service_retention_deleted_rows"].add((table,), rows)
+
+    def on_spans(self, *, accepted: int, rejected: int, not_mcp: int) -> None:
+        totals = self.totals["metrics_service_otlp_spans"]
+        for outcome, n in (("accepted", accepted), ("rejected", rejected), ("not_mcp", not_mcp)):
+            if n:
+                totals.add((outcome,), n)
 
     def on_rejections(self, batch: Batch) -> None:
         totals = self.totals["metrics_service_metrics_rejected"]
