@@ -176,7 +176,8 @@ def _j_value(value: _JValue | None) -> Any:
         try:
             return float(value.doubleValue)
         except ValueError:
-            raise BadRequest(f"doubleValue {value.doubleValue[:32]!r} is not a number") from None
+            shown = str(value.doubleValue)[:32]
+            raise BadRequest(f"doubleValue {shown!r} is not a number") from None
     return value.bytesValue
 
 
@@ -185,8 +186,8 @@ def _j_attributes(kvs: list[_JKeyValue]) -> dict[str, Any]:
 
 
 def _int(value: int | str, name: str) -> int:
-    if value.__class__ is int:
-        return value  # type: ignore[return-value]
+    if isinstance(value, int):
+        return value
     try:
         return int(value)
     except ValueError:
@@ -240,9 +241,9 @@ def decode_json(body: bytes) -> Iterator[ResourceSpans]:
 
 def _str(value: Any) -> str | None:
     """A string attribute as stored: other scalars as their text (an int request id, say)."""
-    if value is None or value.__class__ is str:
-        return value  # type: ignore[no-any-return]
-    if value.__class__ is bool:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
 
@@ -625,7 +626,7 @@ def _rejections_message(batch: Batch, rejected: int) -> str:
 def _content_type(scope: Scope) -> str | None:
     for name, value in scope["headers"]:
         if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower().decode("latin-1")
+            return str(value.split(b";", 1)[0].strip().lower().decode("latin-1"))
     return None
 
 
