@@ -41,6 +41,7 @@ from metrics_service.models import (
     RateLimitStatus,
 )
 from metrics_service.retention import run_once
+from metrics_service.settings import Settings
 
 if TYPE_CHECKING:
     from metrics_service.app import AppState
@@ -86,6 +87,15 @@ def error_response(request: Request, error: ApiError) -> Response:
     return json_response(error_body(error, request_id(request)), error.status, error.headers)
 
 
+def _scrape_hint(settings: Settings) -> str:
+    """The 405 for ``GET /metrics`` on the API port (the usual Prometheus habit): where to look."""
+    hint = "/metrics on this port takes POST (metric ingest); "
+    if not settings.otel_prometheus_enabled:
+        return hint + "the Prometheus endpoint is off (OTEL_PROMETHEUS_ENABLED=false)"
+    host, port = settings.otel_prometheus_host, settings.otel_prometheus_port
+    return hint + f"Prometheus scrapes http://{host}:{port}/metrics (OTEL_PROMETHEUS_PORT)"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
@@ -105,7 +115,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        error = ApiError(str(exc.detail), headers=dict(exc.headers or {}))
+        message = str(exc.detail)
+        if exc.status_code == 405 and request.url.path == "/metrics":
+            message = _scrape_hint(request.app.state.settings)
+        error = ApiError(message, headers=dict(exc.headers or {}))
         error.status = exc.status_code
         error.code = {404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"

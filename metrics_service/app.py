@@ -160,6 +160,7 @@ def _build_state(settings: Settings) -> AppState:
         retention=RetentionLoop(writer, settings, on_deleted=telemetry.on_retention_deleted),
         telemetry=telemetry,
     )
+    authenticator.reload = state.reload_keys
     return state
 
 

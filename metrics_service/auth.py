@@ -3,17 +3,22 @@
 Keys are 32 random bytes (``mcpm_`` + URL-safe base64), stored only as SHA-256 hex digests. A
 high-entropy secret needs no slow hash: SHA-256 of 256 random bits cannot be reversed or guessed.
 The service holds a map hash -> key in memory, reloaded from the database every
-``METRICS_KEY_RELOAD_INTERVAL_S``, so keys created or revoked by the CLI take effect within seconds
-and no request touches the database to authenticate.
+``METRICS_KEY_RELOAD_INTERVAL_S``, so keys revoked by the CLI take effect within seconds and no
+request with a known key touches the database to authenticate. An unknown key makes the service
+reload the table once before refusing it (at most once a second), so a key created with the CLI
+while the service runs works on its first request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import secrets
 import sqlite3
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from metrics_service import storage
@@ -21,7 +26,11 @@ from metrics_service.errors import Forbidden, RateLimited, Unauthorized
 from metrics_service.ratelimit import RateLimiter
 from metrics_service.settings import Settings, env_api_keys
 
+log = logging.getLogger(__name__)
+
 KEY_PREFIX = "mcpm_"
+#: The least time between two reloads of the key table caused by unknown keys.
+RELOAD_ON_DEMAND_INTERVAL_S = 1.0
 ROLES = ("ingest", "admin", "viewer")
 
 
@@ -144,6 +153,29 @@ class Authenticator:
         self._limiter = limiter
         self._failure_limit = settings.auth_failure_limit_per_min
         self._on_failure = on_failure
+        #: Reloads the key table from the database; set by the app. An unknown key triggers it
+        #: once before the key is refused, so a key created with the CLI works at once.
+        self.reload: Callable[[], Awaitable[None]] | None = None
+        self._reloading: asyncio.Task[None] | None = None
+        self._last_reload = -RELOAD_ON_DEMAND_INTERVAL_S
+
+    async def _lookup_fresh(self, presented: str) -> Principal | None:
+        """Look ``presented`` up again after reloading the keys, at most once per
+        ``RELOAD_ON_DEMAND_INTERVAL_S`` for the whole process (a flood of bad keys costs one
+        small query a second); concurrent unknown keys share the one reload."""
+        task = self._reloading
+        if task is None or task.done():
+            now = time.monotonic()
+            if self.reload is None or now - self._last_reload < RELOAD_ON_DEMAND_INTERVAL_S:
+                return None
+            self._last_reload = now
+            task = self._reloading = asyncio.ensure_future(self.reload())
+        try:
+            await asyncio.shield(task)
+        except Exception:
+            log.warning("reloading keys for an unknown key failed", exc_info=True)
+            return None
+        return self.keys.lookup(presented)
 
     async def authenticate(self, presented: str | None, client: str, *roles: str) -> Principal:
         # A client that already failed too often is refused before its key is even looked at.
@@ -155,6 +187,8 @@ class Authenticator:
                 headers={"Retry-After": str(blocked)},
             )
         principal = self.keys.lookup(presented) if presented else None
+        if principal is None and presented:
+            principal = await self._lookup_fresh(presented)
         if principal is None:
             # The hit itself is the gate (atomic), so a burst of concurrent guesses gets exactly
             # the allowed number of 401s and 429 for the rest.

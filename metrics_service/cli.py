@@ -9,15 +9,18 @@
     metrics-service report [--since 24h] [--until T] [--service X] [--limit N] [--format table|json|csv]
 
 Settings come from the environment (see the README); the CLI and a running service share the
-database, and keys created or revoked here reach the service within METRICS_KEY_RELOAD_INTERVAL_S.
+database: a key created here works on its first request to a running service (an unknown key makes it
+reload its keys), and a revoked key is refused within METRICS_KEY_RELOAD_INTERVAL_S.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import signal
+import socket
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -197,6 +200,47 @@ def _first_run_key(settings: Settings, service: str) -> None:
     )
 
 
+def _ports(settings: Settings) -> list[tuple[str, int, str]]:
+    """(host, port, the variable that sets the port) for each port the service will listen on."""
+    ports = [(settings.host, settings.port, "METRICS_SERVICE_PORT")]
+    if settings.otel_prometheus_enabled:
+        ports.append(
+            (settings.otel_prometheus_host, settings.otel_prometheus_port, "OTEL_PROMETHEUS_PORT")
+        )
+    return ports
+
+
+def _check_ports(settings: Settings) -> None:
+    """Fail with one line naming the port and its variable when a port is taken, before anything
+    starts (a second instance, or another program on 8890/9465)."""
+    ports = _ports(settings)
+    if len(ports) == 2 and ports[0][1] == ports[1][1] != 0:
+        raise ConfigError(
+            f"METRICS_SERVICE_PORT and OTEL_PROMETHEUS_PORT are both {ports[0][1]}; "
+            "the API and the Prometheus scrape need a port each"
+        )
+    for host, port, variable in ports:
+        if port == 0:
+            continue
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConfigError(f"cannot resolve the listen address {host!r}: {exc}") from exc
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            # The same option uvicorn and the exporter set: a port in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"port {port} on {host} is already in use (another instance?); "
+                        f"set {variable} to a free port"
+                    ) from exc
+                raise ConfigError(f"cannot listen on {host}:{port} ({variable}): {exc}") from exc
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
@@ -208,6 +252,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if overrides:
         settings = load_settings(**overrides)
     env_api_keys()  # fail now, naming the variable, if one is bad
+    _check_ports(settings)
     logs.setup(settings.log_level, settings.log_format.value)
     if args.first_run_key:
         _first_run_key(settings, args.first_run_key)

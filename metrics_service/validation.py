@@ -327,6 +327,13 @@ class Validator:
         else:
             ts_s = float(ts)
         if ts_s > newest_s:
+            if ts.__class__ is not str and oldest_s <= ts_s / 1000 <= newest_s:
+                raise _Reject(
+                    "timestamp",
+                    "max_future_skew",
+                    "is too far in the future; it looks like unix milliseconds, "
+                    "send unix seconds (divide by 1000) or an ISO 8601 time",
+                )
             raise _Reject("timestamp", "max_future_skew", "is too far in the future")
         if ts_s < oldest_s or ts_s < _TS_MIN_S:
             raise _Reject("timestamp", "older_than_retention", "is older than the retention period")
