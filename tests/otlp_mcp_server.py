@@ -1,10 +1,12 @@
 """An MCP server instrumented only with OpenTelemetry, for the OTLP tests; no mcp_metrics.
 
-    python otlp_mcp_server.py {stdio|streamable-http} [--port N]
+    python otlp_mcp_server.py {stdio|streamable-http} [--port N] [--with-middleware]
 
 The official ``mcp`` SDK (2.x) makes a span per request (``mcp.server._otel``); the OpenTelemetry
 SDK exports each one as it ends with the OTLP/HTTP exporter, configured as a user would: by
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` and ``OTEL_EXPORTER_OTLP_HEADERS`` (and ``OTEL_SERVICE_NAME``).
+With ``--with-middleware`` the same server also reports through ``mcp_metrics`` (to
+``METRICS_SERVICE_URL`` as ``METRICS_SERVICE_NAME``), so both paths can be compared.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("transport", choices=["stdio", "streamable-http"])
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--with-middleware", action="store_true")
     args = parser.parse_args()
     provider = TracerProvider(resource=Resource.create())  # OTEL_SERVICE_NAME, if set
     # One export per span as it ends: before the response is written, so a test that has the
@@ -56,6 +59,12 @@ def main() -> None:
     provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     mcp = server()
+    if args.with_middleware:
+        import os
+
+        from mcp_metrics import instrument_server
+
+        instrument_server(mcp, service_name=os.environ["METRICS_SERVICE_NAME"])
     if args.transport == "stdio":
         mcp.run("stdio")
         return

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests._helpers import INGEST_KEY, ServiceProcess, db_rows, free_port, wait_for
+from tests._helpers import INGEST_KEY, OTHER_KEY, ServiceProcess, db_rows, free_port, wait_for
 from tests._otlp import start_rotel
 from tests._prometheus import parse_samples, scrape, total
 
@@ -43,7 +43,11 @@ def metrics_service(tmp_path: Path) -> Iterator[tuple[ServiceProcess, str]]:
     scrape_port = free_port()
     proc = ServiceProcess(
         db_path=tmp_path / "m.db",
-        env={"METRICS_API_KEY_WEATHER": INGEST_KEY, "OTEL_PROMETHEUS_PORT": str(scrape_port)},
+        env={
+            "METRICS_API_KEY_WEATHER": INGEST_KEY,
+            "METRICS_API_KEY_WEATHER_MW": OTHER_KEY,
+            "OTEL_PROMETHEUS_PORT": str(scrape_port),
+        },
         log_path=tmp_path / "service.log",
     )
     proc.start()
@@ -62,15 +66,15 @@ def otel_env(endpoint: str, headers: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def mcp_target(transport: str, env: dict[str, str]) -> AsyncIterator[Any]:
+async def mcp_target(transport: str, env: dict[str, str], *extra: str) -> AsyncIterator[Any]:
     if transport == "stdio":
         yield mcp.StdioServerParameters(
-            command=sys.executable, args=[str(SERVER), "stdio"], env=env
+            command=sys.executable, args=[str(SERVER), "stdio", *extra], env=env
         )
         return
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(SERVER), "streamable-http", "--port", str(port)],
+        [sys.executable, str(SERVER), "streamable-http", "--port", str(port), *extra],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -93,10 +97,13 @@ async def mcp_target(transport: str, env: dict[str, str]) -> AsyncIterator[Any]:
         proc.wait(15)
 
 
-async def run_calls(transport: str, env: dict[str, str]) -> list[bool]:
+async def run_calls(transport: str, env: dict[str, str], *extra: str) -> list[bool]:
     """The CALLS over a real client session; what the client saw fail, per call."""
     seen: list[bool] = []
-    async with mcp_target(transport, env) as target, mcp.Client(target, mode="legacy") as client:
+    async with (
+        mcp_target(transport, env, *extra) as target,
+        mcp.Client(target, mode="legacy") as client,
+    ):
         assert {t.name for t in (await client.list_tools()).tools} >= {"add", "fail", "soft"}
         for name, arguments, _ in CALLS:
             try:
@@ -178,3 +185,35 @@ def test_spans_relayed_by_a_collector_arrive_once_each(
     )[0]
     assert count == distinct
     assert len(call_rows(service.db_path)) == 2 * len(CALLS)
+
+
+def test_the_middleware_and_the_sdk_spans_store_the_same_call_the_same_way(
+    metrics_service: tuple[ServiceProcess, str],
+) -> None:
+    """One server, both paths: mcp_metrics posts events (as weather-mw), the SDK's spans go over
+    OTLP (as weather). The middleware runs inside the SDK's span and takes its ids."""
+    service, _ = metrics_service
+    env = {
+        **otel_env(service.url, f"x-api-key={INGEST_KEY}"),
+        "METRICS_SERVICE_URL": service.url,
+        "METRICS_API_KEY": OTHER_KEY,
+        "METRICS_SERVICE_NAME": "weather-mw",
+    }
+    anyio.run(run_calls, "stdio", env, "--with-middleware")
+    shared = "method, tool_name, success, error_type, protocol_version, trace_id, span_id"
+
+    def both() -> tuple[list[Any], list[Any]] | None:
+        rows = [
+            db_rows(
+                service.db_path,
+                f"SELECT {shared} FROM tool_metrics WHERE service = ? AND method = 'tools/call'"
+                " ORDER BY span_id",
+                (name,),
+            )
+            for name in ("weather", "weather-mw")
+        ]
+        return (rows[0], rows[1]) if all(len(r) == len(CALLS) for r in rows) else None
+
+    spans, events = wait_for(both, 20)
+    assert spans == events
+    assert all(trace_id and span_id for *_, trace_id, span_id in events)
