@@ -474,6 +474,12 @@ def map_spans(app: AppState, resources: Iterator[ResourceSpans], service: str) -
             kept = len(batch.rejections)
             app.validator.add_items(batch, head, [(-1, e) for e in steps])
             del batch.rejections[kept:]
+    if batch.accepted > app.settings.queue_max_metrics:
+        # It could never fit the write queue: 503 would have the exporter retry it forever.
+        raise PayloadTooLarge(
+            f"{batch.accepted} MCP spans are more than the write queue holds"
+            f" (METRICS_QUEUE_MAX_METRICS={app.settings.queue_max_metrics}): export smaller batches"
+        )
     return Mapped(batch, total, not_mcp, rejected, updates)
 
 

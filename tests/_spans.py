@@ -167,3 +167,39 @@ def otlp_json(spans: list[SpanSpec], resource: dict[str, Any] | None = None) -> 
         ]
     }
     return json.dumps(body).encode()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def bulk(n: int, *, distinct_tools: bool = True) -> bytes:
+    """One request of ``n`` tools/call server spans with distinct span ids (and tool names),
+    in protobuf. Built from one serialized span with its id and name patched per copy, since
+    building ``n`` messages would cost the test more than the service spends on them."""
+    template = mcp("tools/call", "tool-000000", at_ns=time.time_ns() - 120_000_000_000)
+    template.span_id = "00000000000000ff"
+    one = ExportTraceServiceRequest.FromString(protobuf([template]))
+    resource = one.resource_spans[0].resource.SerializeToString()
+    span = one.resource_spans[0].scope_spans[0].spans[0].SerializeToString()
+    id_at = span.index(bytes.fromhex(template.span_id))
+    name_at = [i for i in range(len(span)) if span.startswith(b"tool-000000", i)]
+    parts = []
+    for i in range(n):
+        copy = bytearray(span)
+        copy[id_at : id_at + 8] = i.to_bytes(8, "big")
+        if distinct_tools:
+            for at in name_at:
+                copy[at : at + 11] = f"tool-{i:06d}".encode()
+        parts.append(_field(2, bytes(copy)))
+    scope = b"".join(parts)
+    return _field(1, _field(1, resource) + _field(2, scope))

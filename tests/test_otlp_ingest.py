@@ -4,6 +4,7 @@ responses, auth and limits follow OTLP/HTTP and ``/metrics``."""
 from __future__ import annotations
 
 import gzip
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,20 +234,25 @@ def test_flow_latency_once_per_session_across_requests_and_per_trace_without_one
 
 
 def test_a_refused_export_derives_its_flow_steps_again_when_retried(app_with: Any) -> None:
-    c, settings = app_with(queue_max_metrics=2)
+    c, settings = app_with(sqlite_busy_timeout_ms=0, commit_retries=0)
     t0 = time.time_ns() - 30_000_000_000
     spans = [
         mcp("initialize", session="R", at_ns=t0),
         mcp("tools/list", session="R", at_ns=t0 + 10**7),
     ]
-    r = c.post("/v1/traces", content=protobuf(spans), headers=PB)  # 2 rows + 1 flow step > 2
-    assert r.status_code == 503 and r.headers["retry-after"]
+    # Another process holds the write lock: the commit fails, the export gets 503.
+    other = sqlite3.connect(settings.db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    r = c.post("/v1/traces", content=protobuf(spans), headers=PB)
+    other.execute("ROLLBACK")
+    other.close()
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
     assert tool_rows(settings) == []
-    # Had the refused attempt moved the flow on, tools/list would no longer be the first.
-    for one in spans:
-        assert c.post("/v1/traces", content=protobuf([one]), headers=PB).status_code == 200
+    # The exporter retries the same request: the same rows and the same flow step, once.
+    assert c.post("/v1/traces", content=protobuf(spans), headers=PB).status_code == 200
     steps = "SELECT flow_step, round(duration_ms, 3) FROM protocol_latency_metrics"
     assert db_rows(settings.db_path, steps) == [("initialize->tools/list", 10.0)]
+    assert len(tool_rows(settings)) == 2
 
 
 def test_bearer_and_x_api_key_authenticate_and_the_service_is_bound(
