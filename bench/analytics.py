@@ -315,20 +315,24 @@ def main() -> None:
     if "build" in report:
         b = report["build"]
         print(
-            f"built in {b['insert_s']:.0f} s ({b['insert_s'] / args.events * 1e6:.1f} µs/event incl. rollups), "
+            f"built in {b['insert_s']:.0f} s ({b['insert_s'] / args.events * 1e6:.1f} µs/event "
+            "incl. rollups), "
             f"compaction {b['compact_s']:.1f} s, {b['bytes'] / 2**30:.2f} GiB"
         )
     print(
-        f"\n| view, {args.days} days over {args.events:,} events | median ms | max ms | source |\n|---|---|---|---|"
+        f"\n| view, {args.days} days over {args.events:,} events | median ms | max ms | source |"
+        "\n|---|---|---|---|"
     )
     for v in report["views"]:
         print(f"| `{v['case']}` | {v['median_ms']:.0f} | {v['max_ms']:.0f} | {v['source']} |")
     print(
-        "\n| workload | commit rows | insert µs/metric | with rollups | rollups µs/metric |\n|---|---|---|---|---|"
+        "\n| workload | commit rows | insert µs/metric | with rollups | rollups µs/metric |"
+        "\n|---|---|---|---|---|"
     )
     for m in report["maintenance"]:
         print(
-            f"| {m['workload']} | {m['commit_rows']:,} | {m['insert_us']:.1f} | {m['with_rollups_us']:.1f} | {m['rollups_us']:.1f} |"
+            f"| {m['workload']} | {m['commit_rows']:,} | {m['insert_us']:.1f} | "
+            f"{m['with_rollups_us']:.1f} | {m['rollups_us']:.1f} |"
         )
 
 

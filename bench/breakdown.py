@@ -124,8 +124,10 @@ def main() -> None:
     stages["other (HTTP, auth, limits, queue, loop, GC)"] = spent["process"] - sum(stages.values())
     total = spent["process"]
     print(
-        f"batch {args.batch}, concurrency {args.concurrency}: {load.requests / load.elapsed_s:,.0f} req/s, "
-        f"{load.accepted / load.elapsed_s:,.0f} metrics/s; CPU per metric (the server's start-up included)"
+        f"batch {args.batch}, concurrency {args.concurrency}: "
+        f"{load.requests / load.elapsed_s:,.0f} req/s, "
+        f"{load.accepted / load.elapsed_s:,.0f} metrics/s; CPU per metric (the server's start-up "
+        "included)"
     )
     for name, seconds in sorted(stages.items(), key=lambda kv: -kv[1]):
         print(f"  {name:45s} {seconds / metrics * 1e6:7.2f} us  {seconds / total:6.1%}")

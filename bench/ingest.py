@@ -406,7 +406,8 @@ def build_history(path: Path, events: int, expired: int) -> None:
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
     print(
-        f"history of {events:,} + {expired:,} expired events built in {time.perf_counter() - started:.0f} s",
+        f"history of {events:,} + {expired:,} expired events built in "
+        f"{time.perf_counter() - started:.0f} s",
         file=sys.stderr,
     )
 
@@ -475,7 +476,8 @@ def main() -> None:
     missing = sum(r.get("missing", 0) + r.get("unexpected", 0) for r in all_runs)
     if missing:
         print(
-            f"MISMATCH: {missing} metrics acknowledged but not stored, or stored but not acknowledged",
+            f"MISMATCH: {missing} metrics acknowledged but not stored, or stored but not "
+            "acknowledged",
             file=sys.stderr,
         )
         sys.exit(1)
@@ -509,21 +511,25 @@ def summarise(
 def print_table(table: list[dict[str, Any]]) -> None:
     header = (
         f"{'batch':>5} {'conc':>4} | {'base req/s':>10} {'base m/s':>9} {'b p99':>6} | "
-        f"{'svc req/s':>9} {'svc m/s':>9} {'p50':>6} {'p99':>6} {'cpu':>4} {'rss MB':>6} {'lost':>4} | {'ratio':>5}"
+        f"{'svc req/s':>9} {'svc m/s':>9} {'p50':>6} {'p99':>6} {'cpu':>4} {'rss MB':>6} "
+        f"{'lost':>4} | {'ratio':>5}"
     )
     print(header)
     print("-" * len(header))
     for row in table:
 
-        def g(key: str, fmt: str) -> str:
+        def g(key: str, fmt: str, row: dict[str, Any] = row) -> str:
             return format(row[key], fmt) if key in row else "-"
 
         print(
-            f"{row['batch']:>5} {row['concurrency']:>4} | {g('baseline_requests_per_s', '>10,.0f')} "
+            f"{row['batch']:>5} {row['concurrency']:>4} | "
+            f"{g('baseline_requests_per_s', '>10,.0f')} "
             f"{g('baseline_metrics_per_s', '>9,.0f')} {g('baseline_p99_ms', '>6.1f')} | "
             f"{g('service_requests_per_s', '>9,.0f')} {g('service_metrics_per_s', '>9,.0f')} "
-            f"{g('service_p50_ms', '>6.1f')} {g('service_p99_ms', '>6.1f')} {g('service_server_cpu', '>4.2f')} "
-            f"{g('service_peak_rss_mb', '>6.0f')} {g('service_missing', '>4')} | {g('ratio', '>5.2f')}"
+            f"{g('service_p50_ms', '>6.1f')} {g('service_p99_ms', '>6.1f')} "
+            f"{g('service_server_cpu', '>4.2f')} "
+            f"{g('service_peak_rss_mb', '>6.0f')} {g('service_missing', '>4')} | "
+            f"{g('ratio', '>5.2f')}"
         )
 
 

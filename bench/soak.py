@@ -420,7 +420,8 @@ def main() -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(
-        f"soak: {args.duration_s:g} s at {args.rate:g} requests/s x {args.batch} metrics; workdir {workdir}",
+        f"soak: {args.duration_s:g} s at {args.rate:g} requests/s x {args.batch} metrics; workdir "
+        f"{workdir}",
         flush=True,
     )
     result = asyncio.run(soak(args, workdir))
@@ -442,7 +443,8 @@ def main() -> int:
     ok = stored["lost"] == 0 and stored["duplicated"] == 0 and stored["integrity"] == "ok"
     ok = ok and result["exit_code"] == 0 and traffic.acked != []
     print(
-        f"acknowledged {len(traffic.acked)}, lost {stored['lost']}, duplicated {stored['duplicated']};"
+        f"acknowledged {len(traffic.acked)}, lost {stored['lost']}, duplicated "
+        f"{stored['duplicated']};"
         f" integrity {stored['integrity']}; flat: {flat['flat']}"
     )
     if args.require_flat and flat["flat"] is False:

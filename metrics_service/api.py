@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
@@ -77,8 +79,11 @@ def request_id(request: Request) -> str:
 
 
 def error_body(error: ApiError, rid: str) -> dict[str, Any]:
+    # ``detail``: the message where FastAPI (and the MCP Gateway Registry's metrics-service)
+    # put it, for clients that read only that.
     return {
         "error": {"code": error.code, "message": error.message, "details": error.details},
+        "detail": error.message,
         "request_id": rid,
     }
 
@@ -179,6 +184,18 @@ admin = APIRouter(
 )
 
 
+def wrong_service_message(principal: auth.Principal, service: str) -> str:
+    """The 403 text: whose key it is and the two ways to let it report as ``service``."""
+    names = ", ".join(repr(n) for n in sorted(principal.services))
+    return (
+        f"this key was issued for service {principal.service!r} (it may report as {names}),"
+        f" not {service!r}; to allow {service!r} for it, set"
+        f" METRICS_SERVICE_ALIASES={principal.service}:{service}"
+        f" or create a key with `metrics-service keys create --service {principal.service}"
+        f' --alias {service}` (or "aliases": ["{service}"] in POST /admin/keys)'
+    )
+
+
 class ClientGone(Exception):
     """The client disconnected before its request body arrived; there is no one to answer."""
 
@@ -249,7 +266,8 @@ class IngestEndpoint:
     async def ingest(
         app: AppState, scope: Scope, receive: Receive, rid: str
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
-        """Store the valid metrics of the batch; report each rejected one by index, field and rule."""
+        """Store the valid metrics of the batch; report each rejected one by index, field and
+        rule."""
         api_key = content_type = encoding = length = None
         for name, value in scope["headers"]:
             if name == b"x-api-key":
@@ -285,25 +303,29 @@ class IngestEndpoint:
             receive, length, app.settings.max_request_bytes, app.settings.request_timeout_s
         )
         batch = app.validator.decode(body)
-        if batch.service != principal.service:
+        if batch.service not in principal.services:
             app.telemetry.add("metrics_service_auth_failures", ("wrong_service",))
-            raise Forbidden(f"this key was not issued for service {batch.service!r}")
+            raise Forbidden(wrong_service_message(principal, batch.service))
         await app.queue.submit(batch)
         accepted = batch.accepted
         errors = [r.as_dict() for r in batch.rejections]
         app.on_ingested(batch)
         result: dict[str, Any] = {
+            "status": "success",
             "accepted": accepted,
             "rejected": len(errors),
             "errors": errors,
             "request_id": rid,
         }
         if accepted == 0:
+            # Still every item's error (index, field, rule), as in a partial success.
+            result["status"] = "error"
             result["error"] = {
                 "code": "validation_failed",
                 "message": "no metric in the request was valid",
                 "details": errors,
             }
+            result["detail"] = "no metric in the request was valid"
             return 422, result, decision.headers()
         return 200, result, decision.headers()
 
@@ -322,14 +344,65 @@ async def rate_limit(request: Request, x_api_key: APIKey = None) -> Response:
     )
     limit = principal.rate_limit_per_min or app.settings.rate_limit_per_min
     decision = await app.limiter.stats("key", str(principal.key_id), limit)
-    body = {"limit": limit, "remaining": decision.remaining, "reset": int(decision.reset_epoch_s)}
+    reset = int(decision.reset_epoch_s)
+    body = {
+        "limit": limit,
+        "remaining": decision.remaining,
+        "reset": reset,
+        # The same under the MCP Gateway Registry's names.
+        "service": principal.service,
+        "rate_limit": limit,
+        "available_tokens": decision.remaining,
+        "reset_time_seconds": max(0, reset - int(time.time())),
+    }
     return json_response(body, 200, decision.headers())
 
 
 @router.get("/health", tags=["health"])
 async def health() -> Response:
     """Alive: the process answers."""
-    return json_response({"status": "ok"})
+    return json_response({"status": "ok", "service": "metrics-collection"})
+
+
+@router.get("/", tags=["health"])
+async def root(request: Request) -> Response:
+    """What this is and where its endpoints are."""
+    return json_response(
+        {
+            "service": "MCP metrics service",
+            "version": request.app.version,
+            "status": "running",
+            "endpoints": {
+                "metrics": "/metrics",
+                "health": "/health",
+                "ready": "/ready",
+                "flush": "/flush",
+                "rate-limit": "/rate-limit",
+                "analytics": "/analytics/summary",
+                "ui": "/ui",
+                "docs": "/docs",
+            },
+        }
+    )
+
+
+@router.post("/flush", tags=["ingest"], responses=_ERRORS)
+async def flush(request: Request, x_api_key: APIKey = None) -> Response:
+    """A no-op kept for the MCP Gateway Registry's clients: with durable acknowledgement every
+    accepted metric is already committed when ``POST /metrics`` answers; in buffered mode the
+    writer commits within METRICS_FLUSH_INTERVAL_S."""
+    app = state(request)
+    await app.authenticator.authenticate(x_api_key, client_address(request), "ingest", "admin")
+    return json_response(
+        {
+            "status": "success",
+            "message": "nothing to flush: accepted metrics are committed before POST /metrics"
+            " answers"
+            if app.settings.ack_mode.value == "durable"
+            else f"buffered metrics are committed within {app.settings.flush_interval_s:g} s",
+            "pending": app.queue.pending_metrics,
+        }
+    )
 
 
 @router.get(
@@ -359,6 +432,9 @@ async def list_policies(request: Request, _: Admin) -> Response:
                 "retention_days": p.retention_days,
                 "is_default": p.is_default,
                 "enabled": p.enabled,
+                # The MCP Gateway Registry's names for the same.
+                "table_name": p.table,
+                "is_active": p.enabled,
             }
             for p in policies
         ]
@@ -367,18 +443,109 @@ async def list_policies(request: Request, _: Admin) -> Response:
 
 def _known_table(table: str) -> str:
     if table not in storage.TABLES:
-        raise NotFound(f"no such table; one of: {', '.join(storage.TABLES)}")
+        raise NotFound(
+            f"no such table; one of: {', '.join(storage.TABLES)} (or metrics: all of them)"
+        )
     return table
 
 
+def tables_named(name: str) -> list[str]:
+    """A table name from a request: one of ours, or ``metrics`` (the MCP Gateway Registry's table
+    of every event; here the view over all of them) for every raw table."""
+    if name == "metrics":
+        return list(storage.TABLES)
+    return [_known_table(name)]
+
+
+def refuse_unknown_query(request: Request, allowed: tuple[str, ...]) -> None:
+    """422 for a query parameter the endpoint does not take, instead of ignoring it."""
+    unknown = [k for k in dict.fromkeys(request.query_params) if k not in allowed]
+    if unknown:
+        raise InvalidPayload(
+            "unknown query parameter",
+            details=[
+                {
+                    "field": k,
+                    "rule": "unknown_parameter",
+                    "message": f"one of: {', '.join(allowed)}",
+                }
+                for k in unknown
+            ],
+        )
+
+
+async def refuse_body(request: Request, hint: str) -> None:
+    if await request.body():
+        raise InvalidPayload(
+            "this endpoint takes no body",
+            details=[{"field": "body", "rule": "empty", "message": hint}],
+        )
+
+
 @admin.put("/retention/policies/{table}", response_model=list[PolicyInfo])
-async def update_policy(request: Request, table: str, update: PolicyUpdate, _: Admin) -> Response:
+async def update_policy(
+    request: Request,
+    table: str,
+    _: Admin,
+    update: PolicyUpdate | None = None,
+    retention_days: Annotated[
+        int | None, Query(ge=1, le=36_500, description="The query-parameter form: days to keep.")
+    ] = None,
+    is_active: Annotated[
+        bool | None, Query(description="The query-parameter form: policy enabled.")
+    ] = None,
+) -> Response:
+    """Set a table's policy: a JSON body (``retention_days``, ``enabled`` or ``is_active``), or
+    the MCP Gateway Registry's query parameters ``retention_days`` and ``is_active``, whose answer
+    takes its shape (with ``policies`` added)."""
     app = state(request)
-    name = _known_table(table)
-    await app.writer.run(
-        lambda c: storage.set_retention_policy(c, name, update.retention_days, update.enabled)
+    refuse_unknown_query(request, ("retention_days", "is_active"))
+    names = tables_named(table)
+    query_form = retention_days is not None or is_active is not None
+    if update is not None and query_form:
+        raise InvalidPayload(
+            "give the policy either as a JSON body or as query parameters, not both",
+            details=[{"field": "body", "rule": "exclusive", "message": "body or query, not both"}],
+        )
+    if update is None and retention_days is None:
+        raise InvalidPayload(
+            "retention_days is required",
+            details=[
+                {
+                    "field": "retention_days",
+                    "rule": "required",
+                    "message": "a JSON body or the query parameter retention_days",
+                }
+            ],
+        )
+    if update is not None:
+        days, enabled = update.retention_days, update.enabled
+        if enabled is None:
+            enabled = update.is_active
+    else:
+        days, enabled = retention_days, True if is_active is None else is_active
+
+    def apply(c: sqlite3.Connection) -> None:
+        for name in names:
+            storage.set_retention_policy(c, name, days, enabled)
+
+    await app.writer.run(apply)
+    listing = await list_policies(request, _)
+    if not query_form:
+        return listing
+    return json_response(
+        {
+            "status": "success",
+            "message": f"Updated retention policy for {table}",
+            "table_name": table,
+            "retention_days": days,
+            "is_active": enabled,
+            "policies": msgspec.json.decode(listing.body),
+        }
     )
-    return await list_policies(request, _)
+
+
+_CLEANUP_QUERY = ("dry_run", "table", "table_name")
 
 
 @admin.post("/retention/cleanup")
@@ -386,12 +553,28 @@ async def cleanup(
     request: Request,
     _: Admin,
     dry_run: Annotated[
-        bool, Query(description="Count what would be deleted, delete nothing.")
-    ] = False,
+        bool,
+        Query(
+            description="Count what would be deleted, delete nothing (the default: delete "
+            "only with dry_run=false)."
+        ),
+    ] = True,
     table: Annotated[str | None, Query(description="Only this table.")] = None,
+    table_name: Annotated[str | None, Query(description="The same as table.")] = None,
 ) -> Response:
+    """Apply the retention policies: a dry run unless ``dry_run=false`` (as on the MCP Gateway
+    Registry's metrics-service)."""
     app = state(request)
-    tables = [_known_table(table)] if table is not None else None
+    refuse_unknown_query(request, _CLEANUP_QUERY)
+    await refuse_body(request, "pass dry_run=false and table_name as query parameters")
+    if table is not None and table_name is not None and table != table_name:
+        raise InvalidPayload(
+            "table and table_name differ",
+            details=[{"field": "table_name", "rule": "conflict", "message": "the same as table"}],
+        )
+    name = table if table is not None else table_name
+    tables = tables_named(name) if name is not None else None
+    started = time.time()
     results = await run_once(
         app.writer,
         app.settings,
@@ -399,7 +582,37 @@ async def cleanup(
         tables=tables,
         on_deleted=app.telemetry.on_retention_deleted,
     )
-    return json_response({"dry_run": dry_run, "tables": [r.as_dict() for r in results]})
+    completed = time.time()
+    count_key = "records_would_delete" if dry_run else "records_deleted"
+    return json_response(
+        {
+            "status": "success",
+            "dry_run": dry_run,
+            "tables": [r.as_dict() for r in results],
+            # The MCP Gateway Registry's summary of the same run.
+            "operation": "dry_run" if dry_run else "cleanup",
+            "total_records_processed": sum(r.rows for r in results),
+            "tables_processed": sum(1 for r in results if r.enabled),
+            "duration_seconds": round(completed - started, 6),
+            "started_at": _iso(started),
+            "completed_at": _iso(completed),
+            "table_results": {
+                r.table: {
+                    "table": r.table,
+                    "status": "skipped"
+                    if not r.enabled
+                    else ("dry_run" if dry_run else "completed"),
+                    count_key: r.rows,
+                    "retention_days": r.retention_days,
+                }
+                for r in results
+            },
+        }
+    )
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat()
 
 
 @admin.get("/db/stats")
@@ -425,6 +638,13 @@ async def create_key(request: Request, body: KeyCreate, _: Admin) -> Response:
                 {"field": "service", "rule": "required", "message": "required when role is ingest"}
             ],
         )
+    if body.aliases and body.role != "ingest":
+        raise InvalidPayload(
+            "only an ingest key has service aliases",
+            details=[
+                {"field": "aliases", "rule": "ingest_only", "message": "only when role is ingest"}
+            ],
+        )
     secret, record = await app.writer.run(
         lambda c: auth.create_key(
             c,
@@ -433,6 +653,7 @@ async def create_key(request: Request, body: KeyCreate, _: Admin) -> Response:
             rate_limit_per_min=body.rate_limit_per_min,
             source="api",
             description=body.description,
+            aliases=tuple(body.aliases),
         )
     )
     app.keys.add(record)
@@ -468,7 +689,8 @@ def _json_content(name: str) -> dict[str, Any]:
 _INGEST_OPERATION: dict[str, Any] = {
     "tags": ["ingest"],
     "summary": "Ingest a batch of metric events",
-    "description": "Store the valid metrics of the batch; report each rejected one by index, field and rule.\n\n"
+    "description": "Store the valid metrics of the batch; report each rejected one by index, "
+    "field and rule.\n\n"
     "200: at least one metric stored (``rejected`` may be > 0). 422: none stored.\n"
     "With the default durable acknowledgement, 200 means committed to the database.",
     "operationId": "ingest_metrics_post",

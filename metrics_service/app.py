@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from metrics_service import __version__, auth, storage
+from metrics_service import __version__, auth, compat, storage
 from metrics_service.analytics.routes import router as analytics_router
 from metrics_service.api import INGEST, admin, install_error_handlers, router, schema_components
 from metrics_service.ingest import DbThread, WriteQueue
@@ -136,7 +136,7 @@ class RequestIdMiddleware:
 def _build_state(settings: Settings) -> AppState:
     writer = DbThread(settings, name="writer")
     reader = DbThread(settings, name="reader", readonly=True)
-    keys = auth.KeyTable()
+    keys = auth.KeyTable(settings.alias_map())
     limiter = RateLimiter(settings.rate_limit_async_uri)
     queue = WriteQueue(writer, settings)
     telemetry = Telemetry(settings, queue_depth=lambda: queue.pending_metrics)
@@ -265,6 +265,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.add_route(path, TRACES, methods=["POST"], include_in_schema=False)  # type: ignore[arg-type]
     app.include_router(analytics_router)
     if settings.admin_enabled:
+        assert compat.preview is not None  # its routes are on the admin router
         app.include_router(admin)
     schema_components(app)
     app.add_middleware(RequestIdMiddleware)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from metrics_service import storage
 from metrics_service.errors import Forbidden, RateLimited, Unauthorized
 from metrics_service.ratelimit import RateLimiter
-from metrics_service.settings import Settings, env_api_keys
+from metrics_service.settings import Settings, env_api_keys, valid_service_name
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ class Principal:
     service: str | None
     rate_limit_per_min: int | None
     key_hash: str
+    #: Every service name this key may report as: its service and its aliases.
+    services: frozenset[str] = frozenset()
 
 
 def create_key(
@@ -66,12 +68,18 @@ def create_key(
     rate_limit_per_min: int | None = None,
     source: str = "cli",
     description: str | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> tuple[str, storage.KeyRecord]:
     """Create a key; return the secret (shown once) and its record."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     if role == "ingest" and not service:
         raise ValueError("an ingest key needs a service")
+    if aliases and role != "ingest":
+        raise ValueError("only an ingest key has service aliases")
+    for alias in aliases:
+        if not valid_service_name(alias):
+            raise ValueError(f"alias {alias!r} is not a valid service name")
     secret = generate_key()
     record = storage.insert_key(
         conn,
@@ -82,6 +90,7 @@ def create_key(
         rate_limit_per_min=rate_limit_per_min,
         source=source,
         description=description,
+        aliases=tuple(dict.fromkeys(a for a in aliases if a != service)),
     )
     return secret, record
 
@@ -101,26 +110,30 @@ def reconcile_env(conn: sqlite3.Connection, settings: Settings) -> dict[str, int
 
 
 class KeyTable:
-    """Active keys by hash; replaced whole on reload (readers never see a half-built map)."""
+    """Active keys by hash; replaced whole on reload (readers never see a half-built map).
 
-    def __init__(self) -> None:
+    ``aliases`` (``METRICS_SERVICE_ALIASES``) maps a service to further names every key of that
+    service may report as; a key's own aliases add to them."""
+
+    def __init__(self, aliases: dict[str, tuple[str, ...]] | None = None) -> None:
         self._by_hash: dict[str, Principal] = {}
+        self._aliases = aliases or {}
 
     def __len__(self) -> int:
         return len(self._by_hash)
 
+    def _principal(self, r: storage.KeyRecord) -> Principal:
+        services: frozenset[str] = frozenset()
+        if r.service is not None:
+            services = frozenset((r.service, *r.aliases, *self._aliases.get(r.service, ())))
+        return Principal(r.id, r.role, r.service, r.rate_limit_per_min, r.key_hash, services)
+
     def replace(self, records: list[storage.KeyRecord]) -> None:
-        self._by_hash = {
-            r.key_hash: Principal(r.id, r.role, r.service, r.rate_limit_per_min, r.key_hash)
-            for r in records
-            if r.revoked_at is None
-        }
+        self._by_hash = {r.key_hash: self._principal(r) for r in records if r.revoked_at is None}
 
     def add(self, record: storage.KeyRecord) -> None:
         table = dict(self._by_hash)
-        table[record.key_hash] = Principal(
-            record.id, record.role, record.service, record.rate_limit_per_min, record.key_hash
-        )
+        table[record.key_hash] = self._principal(record)
         self._by_hash = table
 
     def remove(self, key_id: int) -> None:

@@ -1,16 +1,19 @@
 """The ``metrics-service`` command.
 
     metrics-service serve [--host H] [--port P] [--first-run-key SERVICE]
-    metrics-service keys create --service NAME [--rate-limit N] [--role ingest|admin|viewer]
+    metrics-service keys create --service NAME [--alias NAME]... [--rate-limit N]
+                                [--role ingest|admin|viewer]
     metrics-service keys list [--all] [--json]
     metrics-service keys revoke ID
     metrics-service retention run [--dry-run]
     metrics-service db stats [--json]
-    metrics-service report [--since 24h] [--until T] [--service X] [--limit N] [--format table|json|csv]
+    metrics-service db drop-reference
+    metrics-service report [--since 24h] [--until T] [--service X] [--limit N]
+                           [--format table|json|csv]
 
 Settings come from the environment (see the README); the CLI and a running service share the
-database: a key created here works on its first request to a running service (an unknown key makes it
-reload its keys), and a revoked key is refused within METRICS_KEY_RELOAD_INTERVAL_S.
+database: a key created here works on its first request to a running service (an unknown key
+makes it reload its keys), and a revoked key is refused within METRICS_KEY_RELOAD_INTERVAL_S.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--first-run-key",
         metavar="SERVICE",
-        help="if the database has no key at all, create an ingest key for SERVICE and print it once",
+        help="if the database has no key at all, create an ingest key for SERVICE and print it "
+        "once",
     )
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
@@ -58,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--role", choices=auth.ROLES, default="ingest")
     create.add_argument("--description")
+    create.add_argument(
+        "--alias",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a further service name this ingest key may report as (repeatable)",
+    )
     listing = keys.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--all", action="store_true", help="include revoked keys")
     listing.add_argument("--json", action="store_true")
@@ -73,16 +84,23 @@ def _parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
     db_stats = db.add_parser("stats", help="rows per table, file and WAL size")
     db_stats.add_argument("--json", action="store_true")
+    db.add_parser(
+        "drop-reference",
+        help="drop the reference_* tables left by adopting an MCP Gateway Registry database",
+    )
     report.add_parser(sub)
     return parser
 
 
 def _open(settings: Settings) -> sqlite3.Connection:
+    from metrics_service.ingest import import_reference_rows
+
     conn, _ = storage.open_database(
         settings.db_path,
         synchronous=settings.sqlite_synchronous.value,
         busy_timeout_ms=settings.sqlite_busy_timeout_ms,
     )
+    import_reference_rows(conn, settings)
     return conn
 
 
@@ -107,16 +125,23 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
             if args.role == "ingest" and not args.service:
                 print("error: an ingest key needs --service NAME", file=sys.stderr)
                 return 2
-            secret, record = auth.create_key(
-                conn,
-                service=args.service,
-                role=args.role,
-                rate_limit_per_min=args.rate_limit,
-                source="cli",
-                description=args.description,
-            )
+            try:
+                secret, record = auth.create_key(
+                    conn,
+                    service=args.service,
+                    role=args.role,
+                    rate_limit_per_min=args.rate_limit,
+                    source="cli",
+                    description=args.description,
+                    aliases=tuple(args.alias),
+                )
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            also = f", also as {', '.join(record.aliases)}" if record.aliases else ""
             print(
-                f"Created key {record.id} ({record.role}{', service ' + record.service if record.service else ''})."
+                f"Created key {record.id} "
+                f"({record.role}{', service ' + record.service if record.service else ''}{also})."
             )
             print("It is shown only this once; only its hash is stored:\n")
             print(f"    {secret}\n")
@@ -131,7 +156,7 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
                 [
                     str(r.id),
                     r.role,
-                    r.service or "-",
+                    (r.service or "-") + (f" (+{','.join(r.aliases)})" if r.aliases else ""),
                     r.key_prefix + "…",
                     str(r.rate_limit_per_min or f"{settings.rate_limit_per_min} (default)"),
                     r.source,
@@ -142,12 +167,13 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
             ]
             print(_table(rows))
             return 0
-        record = storage.revoke_key(conn, args.id)
-        if record is None:
+        revoked = storage.revoke_key(conn, args.id)
+        if revoked is None:
             print(f"error: no key with id {args.id}", file=sys.stderr)
             return 1
         print(
-            f"Key {record.id} revoked; a running service refuses it within {settings.key_reload_interval_s:g} s."
+            f"Key {revoked.id} revoked; a running service refuses it within "
+            f"{settings.key_reload_interval_s:g} s."
         )
         return 0
     finally:
@@ -177,6 +203,21 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         conn.close()
     print(text, end="" if args.format == "csv" else "\n")
+    return 0
+
+
+def _drop_reference(settings: Settings) -> int:
+    from metrics_service.storage import reference
+
+    conn = _open(settings)
+    try:
+        dropped = reference.drop_tables(conn)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    print(f"dropped {', '.join(dropped)}" if dropped else "no reference_* tables")
     return 0
 
 
@@ -295,9 +336,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in results:
                 state = "" if r["enabled"] else " (policy disabled)"
                 print(
-                    f"{r['table']}: {verb} {r['rows']} rows older than {r['retention_days']} days{state}"
+                    f"{r['table']}: {verb} {r['rows']} rows older than {r['retention_days']} "
+                    f"days{state}"
                 )
             return 0
+        if args.db_command == "drop-reference":
+            return _drop_reference(settings)
         stats = storage.stats(conn := _open(settings), settings.db_path)
         conn.close()
         if args.json:

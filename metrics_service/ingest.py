@@ -48,6 +48,17 @@ class _Entry:
     future: asyncio.Future[None] | None
 
 
+def import_reference_rows(conn: sqlite3.Connection, settings: Settings) -> None:
+    """Finish importing an adopted MCP Gateway Registry database, if there is one."""
+    from metrics_service.storage import reference
+    from metrics_service.validation import Validator
+
+    try:
+        reference.import_rows(conn, Validator(settings))
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot import the reference database's rows: {exc}") from exc
+
+
 class DbThread:
     """One SQLite connection on its own thread; ``run`` executes a function of it there.
 
@@ -73,17 +84,18 @@ class DbThread:
         return fn(self._conn)
 
     def _open(self) -> None:
-        options = {
-            "synchronous": self._settings.sqlite_synchronous.value,
-            "busy_timeout_ms": self._settings.sqlite_busy_timeout_ms,
-        }
+        synchronous = self._settings.sqlite_synchronous.value
+        busy_timeout_ms = self._settings.sqlite_busy_timeout_ms
         if self._readonly:
-            self._conn = storage.connect(self._settings.db_path, **options)
+            self._conn = storage.connect(
+                self._settings.db_path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
+            )
             self._conn.execute("PRAGMA query_only = ON")
         else:
             self._conn, self.applied_migrations = storage.open_database(
-                self._settings.db_path, **options
+                self._settings.db_path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
             )
+            import_reference_rows(self._conn, self._settings)
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()

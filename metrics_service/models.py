@@ -7,12 +7,18 @@ documents the same shape in OpenAPI.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 MetricType = Literal[
-    "auth_request", "tool_execution", "tool_discovery", "protocol_latency", "custom"
+    "auth_request",
+    "tool_execution",
+    "tool_discovery",
+    "protocol_latency",
+    "registry_operation",
+    "health_check",
+    "custom",
 ]
 
 
@@ -20,16 +26,17 @@ class Metric(BaseModel):
     type: MetricType = Field(description="Metric family; decides the typed table and dimensions.")
     value: float = Field(
         1.0,
-        description="Event count (>= 0) for auth_request, tool_execution, tool_discovery; "
-        "the latency in ms for protocol_latency when duration_ms is absent; any finite number "
-        "for custom.",
+        description="Event count (>= 0) for every type but these two: for protocol_latency "
+        "without duration_ms, the latency in seconds (as the MCP Gateway Registry sends it); "
+        "for custom, any finite number.",
     )
     duration_ms: float | None = Field(
         None, ge=0, le=86_400_000, description="Duration in milliseconds."
     )
     timestamp: datetime | float | None = Field(
         None,
-        description="Event time: ISO 8601 (no offset = UTC) or unix seconds. Default: receive time.",
+        description="Event time: ISO 8601 (no offset = UTC) or unix seconds. "
+        "Default: receive time.",
     )
     dimensions: dict[str, str | int | float | bool | None] = Field(
         default_factory=dict, description="Typed per family; see the README."
@@ -43,7 +50,7 @@ class MetricsPayload(BaseModel):
     service: str = Field(
         pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Must match the key's service."
     )
-    version: str = Field(max_length=64)
+    version: str | None = Field(None, max_length=64)
     instance_id: str | None = Field(None, max_length=128)
     metrics: list[Metric] = Field(min_length=1, max_length=1000)
 
@@ -56,6 +63,7 @@ class ItemError(BaseModel):
 
 
 class IngestResult(BaseModel):
+    status: str = Field("success", description="success (200) or error (422: none stored).")
     accepted: int
     rejected: int
     errors: list[ItemError]
@@ -70,6 +78,7 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+    detail: str = Field(description="The same as error.message (where FastAPI clients look).")
     request_id: str
 
 
@@ -77,6 +86,10 @@ class RateLimitStatus(BaseModel):
     limit: int
     remaining: int
     reset: int = Field(description="Unix seconds at which a request will pass again.")
+    service: str | None = Field(description="The key's service (null for admin/viewer keys).")
+    rate_limit: int = Field(description="The same as limit.")
+    available_tokens: int = Field(description="The same as remaining.")
+    reset_time_seconds: int = Field(description="Seconds until reset.")
 
 
 class KeyCreate(BaseModel):
@@ -85,6 +98,11 @@ class KeyCreate(BaseModel):
     role: Literal["ingest", "admin", "viewer"] = "ingest"
     rate_limit_per_min: int | None = Field(None, ge=1, le=10_000_000)
     description: str | None = Field(None, max_length=256)
+    aliases: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Further service names this ingest key may report as.",
+    )
 
 
 class KeyInfo(BaseModel):
@@ -98,6 +116,7 @@ class KeyInfo(BaseModel):
     created_at: int
     revoked_at: int | None
     active: bool
+    aliases: list[str] = []
 
 
 class KeyCreated(KeyInfo):
@@ -112,6 +131,7 @@ class PolicyUpdate(BaseModel):
         le=36_500,
     )
     enabled: bool | None = None
+    is_active: bool | None = Field(None, description="The same as enabled (reference name).")
 
 
 class PolicyInfo(BaseModel):
@@ -119,3 +139,5 @@ class PolicyInfo(BaseModel):
     retention_days: int
     is_default: bool
     enabled: bool
+    table_name: str
+    is_active: bool

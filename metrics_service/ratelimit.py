@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from limits import RateLimitItem, RateLimitItemPerMinute
+from limits.aio.storage import Storage as AsyncStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
@@ -56,7 +57,10 @@ class RateLimiter:
             # redis-py, not coredis: coredis retries a script after "connection lost", which can
             # run the acquire script twice and spend two entries for one request.
             options["implementation"] = "redispy"
-        self._storage = storage_from_string(storage_uri, **options)
+        storage = storage_from_string(storage_uri, **options)
+        if not isinstance(storage, AsyncStorage):
+            raise ValueError(f"{storage_uri!r} is not an asyncio storage (use async+...)")
+        self._storage = storage
         self._strategy = MovingWindowRateLimiter(self._storage)
         self._items: dict[int, RateLimitItem] = {}
         self._failing = False

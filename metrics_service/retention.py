@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import time
@@ -41,7 +42,8 @@ class TableResult:
 
 
 def pause_after(chunk_s: float, share: float) -> float:
-    """The pause after a chunk that took ``chunk_s`` so that deleting takes ``share`` of the time."""
+    """The pause after a chunk that took ``chunk_s`` so that deleting takes ``share`` of the
+    time."""
     return chunk_s * (1 / share - 1)
 
 
@@ -49,17 +51,19 @@ async def _delete_expired(
     writer: DbThread,
     settings: Settings,
     table: str,
-    delete_chunk: Callable[[sqlite3.Connection, int], int],
+    cutoff_ms: int,
+    delete_chunk: Callable[[sqlite3.Connection, str, int, int], int],
     on_deleted: Callable[[str, int], None] | None,
 ) -> int:
-    """Delete ``table``'s expired rows by ``delete_chunk(conn, limit)``, one short transaction per
+    """Delete ``table``'s rows older than ``cutoff_ms`` by
+    ``delete_chunk(conn, table, cutoff_ms, limit)``, one short transaction per
     chunk; after each full chunk (a backlog) pause so that deleting leaves the writer to ingest for
     most of the time (``METRICS_RETENTION_MAX_SHARE``; README, performance)."""
     limit = settings.retention_chunk_rows
     deleted = 0
     while True:
         started = time.perf_counter()
-        chunk = await writer.run(lambda c: delete_chunk(c, limit))
+        chunk = await writer.run(lambda c: delete_chunk(c, table, cutoff_ms, limit))
         deleted += chunk
         if on_deleted is not None and chunk:
             on_deleted(table, chunk)
@@ -87,7 +91,9 @@ async def run_once(
         cutoff = storage.cutoff_ms(policy.retention_days, now)
         table = policy.table
         if dry_run or not policy.enabled:
-            rows = await writer.run(lambda c, t=table, k=cutoff: storage.count_expired(c, t, k))
+            rows = await writer.run(
+                functools.partial(storage.count_expired, table=table, before_ms=cutoff)
+            )
             results.append(
                 TableResult(
                     table, policy.retention_days, cutoff, rows if dry_run else 0, policy.enabled
@@ -98,7 +104,8 @@ async def run_once(
             writer,
             settings,
             table,
-            lambda c, n: storage.delete_expired_chunk(c, table, cutoff, n),
+            cutoff,
+            storage.delete_expired_chunk,
             on_deleted,
         )
         if deleted:
@@ -130,13 +137,16 @@ async def _rollups(
     results = []
     for table in rollups.TABLES:
         if dry_run:
-            rows = await writer.run(lambda c, t=table: rollups.count_expired(c, t, cutoff))
+            rows = await writer.run(
+                functools.partial(rollups.count_expired, table=table, before_ms=cutoff)
+            )
         else:
             rows = await _delete_expired(
                 writer,
                 settings,
                 table,
-                lambda c, n: rollups.delete_expired_chunk(c, table, cutoff, n),
+                cutoff,
+                rollups.delete_expired_chunk,
                 on_deleted,
             )
             if rows:

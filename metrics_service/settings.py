@@ -7,10 +7,11 @@ Explicit arguments win over the environment, so a test writes
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +20,37 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from metrics_service.errors import ConfigError
 
+log = logging.getLogger(__name__)
 API_KEY_ENV_PREFIX = "METRICS_API_KEY_"
 _SERVICE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
-class AckMode(str, Enum):
+class AckMode(StrEnum):
     durable = "durable"
     buffered = "buffered"
 
 
-class Synchronous(str, Enum):
+class Synchronous(StrEnum):
     full = "full"
     normal = "normal"
 
 
-class OtlpProtocol(str, Enum):
+class OtlpProtocol(StrEnum):
     grpc = "grpc"
     http_protobuf = "http/protobuf"
 
 
-class LogFormat(str, Enum):
+class LogFormat(StrEnum):
     text = "text"
     json = "json"
+
+
+class BoolLabels(StrEnum):
+    """How boolean labels (``success``) are exported: ``true``/``false`` (the default, as the
+    newer upstream does) or ``True``/``False`` (dashboards built on the pinned reference)."""
+
+    lowercase = "lower"
+    capitalized = "capitalized"
 
 
 def _env(name: str, default: Any, **kwargs: Any) -> Any:
@@ -97,6 +107,8 @@ class Settings(BaseSettings):
     rate_limit_storage_uri: str = _env("METRICS_RATE_LIMIT_STORAGE_URI", "memory://")
     auth_failure_limit_per_min: int = _env("METRICS_AUTH_FAILURE_LIMIT", 30, ge=1)
     key_reload_interval_s: float = _env("METRICS_KEY_RELOAD_INTERVAL_S", 2.0, gt=0)
+    #: ``service:alias,service:alias``: keys of ``service`` may also report as ``alias``.
+    service_aliases: str = _env("METRICS_SERVICE_ALIASES", "")
 
     # Retention
     retention_days: int = _env("METRICS_RETENTION_DAYS", 90, ge=1, le=36_500)
@@ -119,6 +131,7 @@ class Settings(BaseSettings):
     otlp_timeout_ms: int = _env("OTEL_EXPORTER_OTLP_TIMEOUT", 10_000, ge=1)
     otel_export_interval_ms: int = _env("OTEL_METRIC_EXPORT_INTERVAL", 60_000, ge=100)
     otel_cardinality_limit: int = _env("METRICS_OTEL_CARDINALITY_LIMIT", 500, ge=10, le=1_000_000)
+    otel_bool_labels: BoolLabels = _env("METRICS_OTEL_BOOL_LABELS", BoolLabels.lowercase)
     # The two name sets of the export: the architecture document's (mcp_tool_executions_total,
     # ...) and the OpenTelemetry MCP semantic conventions (mcp.server.operation.duration, ...).
     otel_seed_metrics_enabled: bool = _env("METRICS_OTEL_SEED_METRICS", True)
@@ -143,6 +156,16 @@ class Settings(BaseSettings):
         if scheme not in {"memory", "redis", "rediss", "redis+sentinel", "redis+cluster"}:
             raise ValueError("must be memory:// or a redis:// URI")
         return value
+
+    @field_validator("service_aliases")
+    @classmethod
+    def _aliases(cls, value: str) -> str:
+        parse_aliases(value)
+        return value
+
+    def alias_map(self) -> dict[str, tuple[str, ...]]:
+        """``METRICS_SERVICE_ALIASES`` as service -> its further names."""
+        return parse_aliases(self.service_aliases)
 
     @field_validator("otlp_endpoint", "otlp_metrics_endpoint")
     @classmethod
@@ -195,6 +218,23 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 
 
+def parse_aliases(text: str) -> dict[str, tuple[str, ...]]:
+    """``auth:auth-server,registry-service:registry`` -> {service: (alias, ...)}."""
+    out: dict[str, dict[str, None]] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        service, sep, alias = (p.strip() for p in part.partition(":"))
+        if not sep or not valid_service_name(service) or not valid_service_name(alias):
+            raise ValueError(
+                f"{part!r}: each entry is service:alias, both lower-case service names"
+            )
+        if alias != service:
+            out.setdefault(service, {})[alias] = None
+    return {service: tuple(names) for service, names in out.items()}
+
+
 def service_name_from_env(var: str) -> str:
     """``METRICS_API_KEY_MY_SERVICE`` -> ``my-service``."""
     return var[len(API_KEY_ENV_PREFIX) :].lower().replace("_", "-")
@@ -208,6 +248,10 @@ def env_api_keys(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         if not var.upper().startswith(API_KEY_ENV_PREFIX) or len(var) == len(API_KEY_ENV_PREFIX):
             continue
         service = service_name_from_env(var.upper())
+        if value == "":
+            # What compose passes for an unset ${VARIABLE}: no key, not a broken start.
+            log.warning("%s is empty: no key for service %r", var, service)
+            continue
         if not _SERVICE_NAME_RE.match(service):
             raise ConfigError(f"{var}: service name {service!r} is not a valid service name")
         if len(value) < 16:

@@ -31,6 +31,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics._internal.aggregation import _ExplicitBucketHistogramAggregation
 from opentelemetry.sdk.metrics._internal.exemplar import AlwaysOffExemplarFilter
 from opentelemetry.sdk.metrics.export import (
+    HistogramDataPoint,
     InMemoryMetricReader,
     MetricExporter,
     MetricExportResult,
@@ -220,13 +221,14 @@ class _BulkAggregation(_ExplicitBucketHistogramAggregation):
             super().aggregate(measurement, should_sample_exemplar)
             return
         with self._lock:
+            # The SDK declares these private fields by their initial values (None, int).
             if self._value is None:
-                self._value = self._get_empty_bucket_counts()
-            self._sum += float(bulk)
+                self._value = self._get_empty_bucket_counts()  # type: ignore[assignment]
+            self._sum += float(bulk)  # type: ignore[assignment]
             if self._record_min_max:
                 self._min = min(self._min, bulk.low)
                 self._max = max(self._max, bulk.high)
-            value = self._value
+            value: list[int] = self._value  # type: ignore[assignment]
             for i, n in enumerate(bulk.counts):
                 if n:
                     value[i] += n
@@ -255,9 +257,11 @@ def _bulk_works() -> bool:
         provider.get_meter("t").create_histogram("h").record(bulk, {"a": "b"})
         data = reader.get_metrics_data()
         provider.shutdown()
-        point = data.resource_metrics[0].scope_metrics[0].metrics[0].data.data_points[0]  # type: ignore[union-attr]
+        assert data is not None
+        point = data.resource_metrics[0].scope_metrics[0].metrics[0].data.data_points[0]
         return bool(
-            list(point.bucket_counts) == [1, 1, 0]
+            isinstance(point, HistogramDataPoint)
+            and list(point.bucket_counts) == [1, 1, 0]
             and point.count == 2
             and point.min == 0.5
             and point.max == 1.75
@@ -425,7 +429,8 @@ class Telemetry:
         self.bulk = _bulk_works()
         if not self.bulk:
             log.warning(
-                "the installed OpenTelemetry SDK does not take bulk histogram measurements; recording each value"
+                "the installed OpenTelemetry SDK does not take bulk histogram measurements; "
+                "recording each value"
             )
         views = []
         for name, (kind, _unit, _labels, buckets, _desc) in INSTRUMENTS.items():

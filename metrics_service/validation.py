@@ -21,7 +21,15 @@ from msgspec import Meta, Struct
 from metrics_service.errors import BadRequest, InvalidPayload
 from metrics_service.settings import Settings, valid_service_name
 
-METRIC_TYPES = ("auth_request", "tool_execution", "tool_discovery", "protocol_latency", "custom")
+METRIC_TYPES = (
+    "auth_request",
+    "tool_execution",
+    "tool_discovery",
+    "protocol_latency",
+    "registry_operation",
+    "health_check",
+    "custom",
+)
 
 #: dimension name -> kind, per metric type; these become typed columns, in this order.
 DIMENSIONS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -30,6 +38,7 @@ DIMENSIONS: dict[str, tuple[tuple[str, str], ...]] = {
         ("method", "str"),
         ("server", "str"),
         ("user_hash", "str"),
+        ("error_code", "code"),
     ),
     "tool_execution": (
         ("method", "str"),
@@ -42,6 +51,9 @@ DIMENSIONS: dict[str, tuple[tuple[str, str], ...]] = {
         ("output_size_bytes", "count"),
         ("transport", "str"),
         ("session_id", "str"),
+        ("server_path", "str"),
+        ("user_hash", "str"),
+        ("error_code", "code"),
         # Migration 7: the OpenTelemetry MCP semantic conventions (mcp.protocol.version,
         # error.type: a JSON-RPC error code, "tool_error" or an exception name).
         ("protocol_version", "str"),
@@ -49,7 +61,7 @@ DIMENSIONS: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "tool_discovery": (
         ("query", "str"),
-        ("results_count", "count"),
+        ("results_count", "count_na"),
         ("top_k", "count"),
         ("top_n", "count"),
         ("embedding_time_ms", "ms"),
@@ -61,6 +73,23 @@ DIMENSIONS: dict[str, tuple[tuple[str, str], ...]] = {
         ("client_name", "str"),
         ("session_id", "str"),
     ),
+    # Operations on the registry's resources (the MCP Gateway Registry's middleware sends them).
+    "registry_operation": (
+        ("operation", "str"),
+        ("resource_type", "str"),
+        ("success", "bool"),
+        ("resource_id", "str"),
+        ("user_id", "str"),
+        ("error_code", "code"),
+    ),
+    # Health checks of MCP servers by the registry.
+    "health_check": (
+        ("endpoint", "str"),
+        ("status_code", "count"),
+        ("healthy", "bool"),
+        ("server_name", "str"),
+        ("error_code", "code"),
+    ),
     "custom": (),
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -68,6 +97,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "tool_execution": ("method", "success"),
     "tool_discovery": (),
     "protocol_latency": ("flow_step",),
+    "registry_operation": ("operation",),
+    "health_check": (),
     "custom": (),
 }
 #: metadata keys that also get typed columns in ``tool_metrics``.
@@ -80,6 +111,55 @@ METADATA_COLUMNS = (
     ("trace_id", "str"),
     ("span_id", "str"),
 )
+
+#: Dimension names the MCP Gateway Registry's clients use for a typed column -> that column.
+DIMENSION_ALIASES: dict[str, dict[str, str]] = {
+    "tool_discovery": {"top_k_services": "top_k", "top_n_tools": "top_n"},
+}
+#: Metadata keys that fill a typed column the dimensions left empty (the MCP Gateway Registry's
+#: clients put these in ``metadata``), per metric type: metadata key -> column.
+METADATA_TO_COLUMN: dict[str, dict[str, str]] = {
+    "auth_request": {"error_code": "error_code"},
+    "tool_execution": {
+        "error_code": "error_code",
+        "input_size_bytes": "input_size_bytes",
+        "output_size_bytes": "output_size_bytes",
+    },
+    "tool_discovery": {
+        "embedding_time_ms": "embedding_time_ms",
+        "search_time_ms": "search_time_ms",
+        "faiss_search_time_ms": "search_time_ms",
+    },
+    "registry_operation": {"error_code": "error_code"},
+    "health_check": {"error_code": "error_code"},
+}
+#: The MCP Gateway Registry's protocol flow step names -> ours.
+FLOW_STEP_ALIASES = {
+    "initialize_to_tools_list": "initialize->tools/list",
+    "tools_list_to_tools_call": "tools/list->tools/call",
+    "full_protocol_flow": "initialize->tools/call",
+}
+#: A ``tool_execution`` whose ``tool_name`` is one of these MCP methods other than tools/call
+#: (the reference's clients report ``tools/list`` and ``initialize`` that way), with no method
+#: or that same method, is a request for that method naming no tool; any other tool name without
+#: a method is a ``tools/call`` of that tool.
+MCP_METHODS = frozenset(
+    (
+        "initialize",
+        "ping",
+        "tools/list",
+        "tools/call",
+        "resources/list",
+        "resources/read",
+        "resources/templates/list",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "logging/setLevel",
+    )
+)
+
+_NOT_TOOLS = MCP_METHODS - {"tools/call"}
 
 MAX_DURATION_MS = 86_400_000.0  # one day
 MAX_VALUE = 1e15
@@ -150,11 +230,11 @@ def _structs(s: Settings) -> tuple[type[Struct], type[Struct], type[Struct]]:
             name,
             [
                 ("service", Annotated[str, Meta(min_length=1, max_length=64)]),
-                ("version", Annotated[str, Meta(max_length=64)]),
                 (
                     "metrics",
                     Annotated[list[item], Meta(min_length=1, max_length=s.max_metrics_per_request)],
                 ),
+                ("version", Annotated[str, Meta(max_length=64)] | None, None),
                 ("instance_id", Annotated[str, Meta(max_length=128)] | None, None),
             ],
         )
@@ -239,6 +319,8 @@ class Validator:
     def decode(self, body: bytes) -> Batch:
         """Validate ``body``: raise for a body of the wrong shape, else return the batch with
         its valid rows and its rejected items."""
+        # The structs are built at run time (defstruct), so their fields are not known statically.
+        envelope: Any
         try:
             envelope = self._decoder.decode(body)
             items = envelope.metrics
@@ -258,7 +340,8 @@ class Validator:
                     {
                         "field": "service",
                         "rule": "pattern",
-                        "message": "lower-case letters, digits, '.', '_' or '-', starting with a letter or digit",
+                        "message": "lower-case letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit",
                     }
                 ],
             )
@@ -283,7 +366,7 @@ class Validator:
         received_ms = int(now * 1000)
         oldest_s = now - self._settings.retention_days * 86_400
         newest_s = now + self._settings.max_future_skew_s
-        head = (envelope.service, envelope.version, envelope.instance_id)
+        head = (envelope.service, envelope.version or "", envelope.instance_id)
         batch = Batch(service=envelope.service)
         rows = batch.rows
         decode_item = self._item_decoder.decode
@@ -342,9 +425,15 @@ class Validator:
         if value < 0 and kind != "custom":
             raise _Reject("value", "ge", "must be >= 0 for this metric type")
         if duration is None and kind == "protocol_latency":
-            if value > MAX_DURATION_MS:
-                raise _Reject("value", "le", f"a latency must be <= {MAX_DURATION_MS:.0f} ms")
-            duration = value
+            # Without duration_ms, value is the latency in seconds, as the MCP Gateway Registry's
+            # auth server sends it.
+            if value > MAX_DURATION_MS / 1000:
+                raise _Reject(
+                    "value",
+                    "le",
+                    f"a latency in value is in seconds and must be <= {MAX_DURATION_MS / 1000:.0f}",
+                )
+            duration = value * 1000.0
             value = 1.0
         columns: list[Any] = [None] * width
         extra = None
@@ -367,10 +456,22 @@ class Validator:
                     columns[pos] = v
                 else:
                     columns[pos] = _typed(v, name, k)
+        tool = kind == "tool_execution"
+        if tool and columns[_TOOL_NAME]:
+            name = columns[_TOOL_NAME]
+            method = columns[_TOOL_METHOD]
+            if name in _NOT_TOOLS and (method is None or method == name):
+                # The reference's clients put the method in tool_name for every MCP request
+                # (tool_name "initialize"): that names no tool.
+                columns[_TOOL_METHOD], columns[_TOOL_NAME] = name, None
+            elif method is None:
+                columns[_TOOL_METHOD] = "tools/call"
         for name, pos in required:
             if columns[pos] is None:
                 raise _Reject(f"dimensions.{name}", "required", f"is required for {kind}")
-        tool = kind == "tool_execution"
+        if kind == "protocol_latency":
+            step = columns[_FLOW_STEP]
+            columns[_FLOW_STEP] = FLOW_STEP_ALIASES.get(step, step)
         if tool and columns[_TOOL_METHOD] == "tools/call" and not columns[_TOOL_NAME]:
             raise _Reject(
                 "dimensions.tool_name", "required", "is required when method is tools/call"
@@ -384,6 +485,13 @@ class Validator:
                     "max_bytes",
                     f"must encode to <= {self._settings.max_metadata_bytes} bytes",
                 )
+            from_meta = _FROM_METADATA.get(kind)
+            if from_meta:
+                for key, (pos, k) in from_meta.items():
+                    if columns[pos] is None:
+                        v = meta.get(key)
+                        if v is not None:
+                            columns[pos] = _typed(v, key, k, "metadata")
         else:
             meta_json = None
         if tool:
@@ -405,10 +513,17 @@ class Validator:
         )
 
 
-#: metric type -> ({dimension: (column position, kind)}, number of columns, required (name, position)).
+#: metric type -> ({dimension: (column position, kind)}, number of columns,
+#: required (name, position)).
 _SHAPES = {
     kind: (
-        {name: (i, k) for i, (name, k) in enumerate(spec)},
+        {
+            **{name: (i, k) for i, (name, k) in enumerate(spec)},
+            **{
+                alias: next((i, k) for i, (n, k) in enumerate(spec) if n == column)
+                for alias, column in DIMENSION_ALIASES.get(kind, {}).items()
+            },
+        },
         len(spec),
         [(name, [n for n, _ in spec].index(name)) for name in REQUIRED[kind]],
     )
@@ -416,6 +531,12 @@ _SHAPES = {
 }
 _TOOL_METHOD = _SHAPES["tool_execution"][0]["method"][0]
 _TOOL_NAME = _SHAPES["tool_execution"][0]["tool_name"][0]
+_FLOW_STEP = _SHAPES["protocol_latency"][0]["flow_step"][0]
+#: metric type -> {metadata key: (column position, kind)}.
+_FROM_METADATA = {
+    kind: {key: _SHAPES[kind][0][column] for key, column in keys.items()}
+    for kind, keys in METADATA_TO_COLUMN.items()
+}
 _NO_METADATA = [None] * len(METADATA_COLUMNS)
 
 
@@ -430,10 +551,22 @@ def _typed(value: Any, name: str, kind: str, where: str = "dimensions") -> Any:
         if value is True or value is False:
             return int(value)
         raise _Reject(f"{where}.{name}", "type", "must be true or false")
-    if kind == "count":
+    if kind == "count" or kind == "count_na":
         if type(value) is int and 0 <= value <= _MAX_COUNT:
             return value
-        raise _Reject(f"{where}.{name}", "integer", "must be an integer >= 0")
+        if kind == "count_na" and value == -1 and type(value) is int:
+            return None  # the MCP Gateway Registry's "not available"
+        raise _Reject(
+            f"{where}.{name}",
+            "integer",
+            "must be an integer >= 0" + (" (or -1: not available)" if kind == "count_na" else ""),
+        )
+    if kind == "code":
+        if isinstance(value, str):
+            return value
+        if type(value) is int:
+            return str(value)
+        raise _Reject(f"{where}.{name}", "type", "must be a string or an integer")
     # "ms"
     if type(value) in (int, float) and 0 <= value <= MAX_DURATION_MS:
         return float(value)

@@ -91,7 +91,7 @@ def make_seed(n: int = 600, days: float = 3.0, seed: int = 7, now: float | None 
             m = {
                 "type": "protocol_latency",
                 "timestamp": ts,
-                "value": round(rng.uniform(5, 900), 3),
+                "duration_ms": round(rng.uniform(5, 900), 3),
                 "dimensions": {
                     "flow_step": rng.choice(("initialize->tools/list", "tools/list->tools/call")),
                     "server_name": "srv-0",
@@ -119,6 +119,45 @@ def handshakes(now: float, n: int = 60) -> list[dict[str, Any]]:
         }
         for i in range(n)
     ]
+
+
+def registry_events(now: float, n: int = 40) -> list[dict[str, Any]]:
+    """Registry operations and health checks over three days, as the MCP Gateway Registry's
+    middleware sends them (no ``method``, error codes in metadata); one in five failing."""
+    out: list[dict[str, Any]] = []
+    for i in range(n):
+        ts = now - 90 - i * 6_500
+        ok = i % 5 != 0
+        out.append(
+            {
+                "type": "registry_operation",
+                "timestamp": ts,
+                "value": 1.0,
+                "duration_ms": 3.0 + i * 1.5,
+                "dimensions": {
+                    "operation": ("list", "read", "search", "create")[i % 4],
+                    "resource_type": ("server", "server", "search", "server")[i % 4],
+                    "success": ok,
+                    "resource_id": "" if i % 4 == 0 else f"srv-{i % 3}",
+                    "user_id": f"u{i % 6}",
+                },
+                "metadata": {"error_code": None if ok else "500"},
+            }
+        )
+        out.append(
+            {
+                "type": "health_check",
+                "timestamp": ts - 30,
+                "value": 1.0,
+                "duration_ms": 1.0 + i,
+                "dimensions": {
+                    "endpoint": f"/health/srv-{i % 3}",
+                    "status_code": 200 if ok else 500,
+                    "healthy": ok,
+                },
+            }
+        )
+    return out
 
 
 def exact_percentile(values: list[float], q: float) -> float:

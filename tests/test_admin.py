@@ -39,6 +39,8 @@ def test_policies_default_to_retention_days_and_can_be_changed(client: TestClien
         "retention_days": 7,
         "is_default": False,
         "enabled": True,
+        "table_name": "tool_metrics",
+        "is_active": True,
     }
     r = client.put(
         "/admin/retention/policies/tool_metrics", json={"retention_days": None}, headers=ADMIN
@@ -57,7 +59,7 @@ def test_retention_deletes_by_event_time_with_dry_run_first(
     custom_row = next(t for t in dry["tables"] if t["table"] == "custom_metrics")
     assert dry["dry_run"] is True and custom_row["rows"] == 2
     assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(5,)]
-    done = client.post("/admin/retention/cleanup", headers=ADMIN).json()
+    done = client.post("/admin/retention/cleanup?dry_run=false", headers=ADMIN).json()
     assert next(t for t in done["tables"] if t["table"] == "custom_metrics")["rows"] == 2
     assert db_rows(settings.db_path, "SELECT value FROM custom_metrics ORDER BY value") == [
         (2.0,),
@@ -71,7 +73,9 @@ def test_retention_deletes_a_backlog_in_chunks(tmp_path: Path, keyed_env: None) 
     with TestClient(create_app(settings)) as c:
         post_aged(c, [10.0] * 50 + [0.0] * 3)
         c.put("/admin/retention/policies/custom_metrics", json={"retention_days": 5}, headers=ADMIN)
-        done = c.post("/admin/retention/cleanup?table=custom_metrics", headers=ADMIN).json()
+        done = c.post(
+            "/admin/retention/cleanup?table=custom_metrics&dry_run=false", headers=ADMIN
+        ).json()
         assert [t["rows"] for t in done["tables"]] == [50]
     assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(3,)]
 
@@ -83,7 +87,7 @@ def test_disabled_policy_deletes_nothing(client: TestClient, settings: Settings)
         json={"retention_days": 30, "enabled": False},
         headers=ADMIN,
     )
-    client.post("/admin/retention/cleanup", headers=ADMIN)
+    client.post("/admin/retention/cleanup?dry_run=false", headers=ADMIN)
     assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(1,)]
 
 

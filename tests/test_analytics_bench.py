@@ -1,4 +1,5 @@
-"""bench/analytics.py runs end to end on a tiny history (no timing asserted: numbers are for bench/)."""
+"""bench/analytics.py runs end to end on a tiny history (no timing asserted: numbers are for
+bench/)."""
 
 from __future__ import annotations
 

@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 
 from metrics_service import Settings, create_app, storage
 from metrics_service.analytics import queries
-from metrics_service.storage import database, migrations, rollups
+from metrics_service.storage import migrations, rollups
 from metrics_service.validation import Validator
-from tests._analytics_seed import make_seed, post_seed
+from tests._analytics_seed import make_seed, post_seed, registry_events
 from tests._helpers import ADMIN_KEY, INGEST_KEY
 
 ADMIN = {"X-API-Key": ADMIN_KEY}
@@ -24,8 +24,10 @@ VIEWS = [v for v in queries.VIEWS if v != "timeseries"]
 
 
 def seed_rows(
-    settings: Settings, n: int = 500
+    settings: Settings, n: int = 500, registry: bool = True
 ) -> tuple[float, list[dict[str, list[tuple[Any, ...]]]]]:
+    """Rows of a seeded history; ``registry``: with the families of migration 5 (an older
+    schema has no table for them)."""
     seed = make_seed(n)
     # Some events without optional dimensions or durations: NULLs must round-trip through keys.
     seed.metrics += [
@@ -35,6 +37,7 @@ def seed_rows(
             "dimensions": {"method": "tools/list", "success": True},
         },
         {"type": "auth_request", "timestamp": seed.now - 7200, "dimensions": {"success": False}},
+        *(registry_events(seed.now) if registry else ()),
     ]
     validator = Validator(settings)
     parts = []
@@ -58,6 +61,24 @@ def answers(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     for body in out.values():
         body.pop("source")  # where the numbers came from may differ; the numbers may not
     return out
+
+
+def insert_as_old_schema(conn: sqlite3.Connection, part: dict[str, list[tuple[Any, ...]]]) -> None:
+    """Insert rows built today into an older schema: only the columns its tables have (the
+    columns later migrations add are empty in those rows' events)."""
+    for kind, rows in part.items():
+        sql = storage.INSERT_SQL[kind]
+        names = sql[sql.index("(") + 1 : sql.index(")")].split(", ")
+        table = storage.TABLE_OF_TYPE[kind]
+        have = {r[1] for r in conn.execute(f"PRAGMA table_xinfo({table})")}
+        keep = [i for i, n in enumerate(names) if n in have]
+        for row in rows:
+            assert all(row[i] is None for i in range(len(names)) if i not in keep)
+        conn.executemany(
+            f"INSERT INTO {table} ({', '.join(names[i] for i in keep)})"
+            f" VALUES ({', '.join('?' * len(keep))})",
+            [tuple(row[i] for i in keep) for row in rows],
+        )
 
 
 def rollup_rows(conn: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
@@ -96,15 +117,13 @@ def test_a_version_1_database_is_backfilled_by_migration_2_with_the_same_answers
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = Settings(db_path=tmp_path / "old.db")
-    now, parts = seed_rows(settings)
+    now, parts = seed_rows(settings, registry=False)
     with monkeypatch.context() as m:
         m.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:1])
         old, applied = storage.open_database(tmp_path / "old.db")
         assert applied == [1]
-        inserts = _old_inserts(old)
     for part in parts:  # as a version 1 service stored them: raw rows only
-        for kind, rows in part.items():
-            old.executemany(inserts[kind], rows)
+        insert_as_old_schema(old, part)
     old.close()
     migrated, applied = storage.open_database(tmp_path / "old.db")
     assert applied[0] == 2
@@ -189,7 +208,7 @@ def test_rollups_outlive_raw_retention_and_have_their_own(
         client.put(
             "/admin/retention/policies/tool_metrics", json={"retention_days": 1}, headers=ADMIN
         )
-        done = client.post("/admin/retention/cleanup", headers=ADMIN).json()["tables"]
+        done = client.post("/admin/retention/cleanup?dry_run=false", headers=ADMIN).json()["tables"]
         assert next(t for t in done if t["table"] == "tool_metrics")["rows"] > 0
         assert next(t for t in done if t["table"] == "rollup_tools_hour")["rows"] == 0
         assert client.get("/analytics/summary", params=span, headers=ADMIN).json()["calls"] == len(
@@ -198,7 +217,7 @@ def test_rollups_outlive_raw_retention_and_have_their_own(
 
     # Rollups have their own retention, by whole days so that hours and days agree.
     with TestClient(create_app(settings.model_copy(update={"rollup_retention_days": 2}))) as client:
-        done = client.post("/admin/retention/cleanup", headers=ADMIN).json()["tables"]
+        done = client.post("/admin/retention/cleanup?dry_run=false", headers=ADMIN).json()["tables"]
         assert {t["retention_days"] for t in done if t["table"].startswith("rollup_")} == {2}
         cutoff = (int(time.time() * 1000) - 2 * rollups.DAY_MS) // rollups.DAY_MS * rollups.DAY_MS
         kept = client.get("/analytics/summary", params=span, headers=ADMIN).json()["calls"]
@@ -228,19 +247,6 @@ def _tool_and_client(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     }
 
 
-def _old_inserts(conn: sqlite3.Connection) -> dict[str, str]:
-    """INSERT statements that take today's rows and store the columns an older schema has."""
-    inserts = {}
-    for kind, sql in storage.INSERT_SQL.items():
-        table = storage.TABLE_OF_TYPE[kind]
-        columns = sql[sql.index("(") + 1 : sql.index(")")].split(", ")
-        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        kept = ", ".join(c for c in columns if c in present)
-        params = ", ".join(f"? AS {c}" for c in columns)
-        inserts[kind] = f"INSERT INTO {table} ({kept}) SELECT {kept} FROM (SELECT {params})"
-    return inserts
-
-
 def _v3_rollups(m: pytest.MonkeyPatch) -> None:
     """Make the code maintain and compact only the cubes a version 3 service had."""
     m.setattr(rollups, "CUBES", rollups._V2_CUBES)
@@ -252,12 +258,23 @@ def _v3_rollups(m: pytest.MonkeyPatch) -> None:
 
 
 def _history(
-    conn: sqlite3.Connection, now: float, parts: list[dict[str, list[tuple[Any, ...]]]]
+    conn: sqlite3.Connection,
+    now: float,
+    parts: list[dict[str, list[tuple[Any, ...]]]],
+    old_schema: bool = False,
 ) -> None:
-    """As a service that has run all along: a week of days compacted after the fact."""
+    """As a service that has run all along: a week of days compacted after the fact
+    (``old_schema``: into the raw tables of an older version, as ``insert_rows`` does)."""
     week_ago = (int(now * 1000) - 7 * rollups.DAY_MS) // rollups.DAY_MS * rollups.DAY_MS
     conn.execute("UPDATE rollup_watermark SET until_ms = ?", (week_ago,))
-    storage.insert_rows(conn, parts)
+    if old_schema:
+        conn.execute("BEGIN IMMEDIATE")
+        for part in parts:
+            insert_as_old_schema(conn, part)
+        rollups.maintain(conn, parts)
+        conn.execute("COMMIT")
+    else:
+        storage.insert_rows(conn, parts)
     assert rollups.compact(conn, int(now * 1000)) == 7
 
 
@@ -296,14 +313,13 @@ def test_a_version_3_database_is_migrated_to_4_with_the_tool_and_client_cube_bac
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = Settings(db_path=tmp_path / "old.db")
-    now, parts = seed_rows(settings)
+    now, parts = seed_rows(settings, registry=False)
     with monkeypatch.context() as m:
         m.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:3])
         _v3_rollups(m)
         old, applied = storage.open_database(tmp_path / "old.db")
         assert applied == [1, 2, 3]
-        m.setattr(database, "INSERT_SQL", _old_inserts(old))
-        _history(old, now, parts)
+        _history(old, now, parts, old_schema=True)
         assert (
             old.execute(
                 "SELECT name FROM sqlite_master WHERE name LIKE 'rollup_tool_clients%'"
@@ -318,7 +334,7 @@ def test_a_version_3_database_is_migrated_to_4_with_the_tool_and_client_cube_bac
     fresh, _ = storage.open_database(tmp_path / "new.db")
     _history(fresh, now, parts)
     # Migrated: hours and days from the raw rows; fresh: hours at commit, days by compaction.
-    tables = [rollups.CUBES[-1].table(level) for level in ("hour", "day")]
+    tables = [rollups._V4_CUBES[0].table(level) for level in ("hour", "day")]
     rows_migrated, rows_fresh = rollup_rows(migrated), rollup_rows(fresh)
     assert all(rows_migrated[t] for t in tables)
     assert _same({t: rows_migrated[t] for t in tables}, {t: rows_fresh[t] for t in tables})

@@ -12,7 +12,14 @@ from fastapi.testclient import TestClient
 
 from metrics_service.analytics import queries
 from metrics_service.analytics.routes import CSV_COLUMNS
-from tests._analytics_seed import Seed, assert_same_bucket, handshakes, make_seed, post_seed
+from tests._analytics_seed import (
+    Seed,
+    assert_same_bucket,
+    handshakes,
+    make_seed,
+    post_seed,
+    registry_events,
+)
 from tests._helpers import ADMIN_KEY, INGEST_KEY
 
 ADMIN = {"X-API-Key": ADMIN_KEY}
@@ -25,6 +32,7 @@ ALWAYS_ROWS = {"summary", "timeseries"}
 def seeded(client: TestClient) -> tuple[TestClient, Seed, dict[str, str]]:
     seed = make_seed(400)
     seed.metrics += handshakes(seed.now)
+    seed.metrics += registry_events(seed.now)
     post_seed(client, seed, H)
     return client, seed, {"since": f"{seed.now - 4 * 86_400:.3f}", "until": f"{seed.now:.3f}"}
 

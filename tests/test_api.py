@@ -66,11 +66,13 @@ def test_accepts_every_family_and_stores_in_typed_tables_and_metrics_view(
     ) == [(1, "jwt", "auth-1", "u1", 12.5)]
     assert db_rows(
         db,
-        "SELECT tool_name, client_name, success, input_size_bytes, output_size_bytes, tenant_id, input_tokens FROM tool_metrics",
+        "SELECT tool_name, client_name, success, input_size_bytes, output_size_bytes, tenant_id, "
+        "input_tokens FROM tool_metrics",
     ) == [("search", "claude", 1, 120, 2048, "acme", 10)]
     assert db_rows(
         db,
-        "SELECT query, results_count, top_k, top_n, embedding_time_ms, search_time_ms FROM discovery_metrics",
+        "SELECT query, results_count, top_k, top_n, embedding_time_ms, search_time_ms FROM "
+        "discovery_metrics",
     ) == [("weather tools", 5, 10, 5, 12.5, 3.25)]
     assert db_rows(db, "SELECT flow_step, duration_ms FROM protocol_latency_metrics") == [
         ("initialize->tools/list", 250.0)
@@ -323,7 +325,7 @@ def test_every_response_has_a_request_id(client: TestClient) -> None:
 
 
 def test_health_ready_docs(client: TestClient) -> None:
-    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/health").json() == {"status": "ok", "service": "metrics-collection"}
     ready = client.get("/ready")
     assert ready.status_code == 200 and all(ready.json()["checks"].values())
     assert client.get("/docs").status_code == 200

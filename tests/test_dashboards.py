@@ -414,7 +414,11 @@ def _round(client: httpx.Client, db: Path, exporter_url: str, limited_key: str) 
     assert client.put(policy, json={"retention_days": None}, headers=admin).status_code == 200
     post("gateway-eu", [auth(server="github", timestamp=time.time() - 2 * 86400)])
     assert client.put(policy, json={"retention_days": 1}, headers=admin).status_code == 200
-    done = client.post("/admin/retention/cleanup", params={"table": "auth_metrics"}, headers=admin)
+    done = client.post(
+        "/admin/retention/cleanup",
+        params={"table": "auth_metrics", "dry_run": "false"},
+        headers=admin,
+    )
     assert [t["rows"] for t in done.json()["tables"]] == [1], done.text
     _hold_write_lock_while_posting(client, db, exporter_url)
 

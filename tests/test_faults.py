@@ -143,6 +143,7 @@ def test_disk_full_is_503_loses_nothing_and_recovers_by_itself(
         # queue of acknowledged metrics filled up), never a 500.
         wait_for(lambda: poster.post().status_code == 503, 60, 0)
         assert set(poster.statuses) <= {200, 503}, poster.statuses
+
         # A commit can still fit into space SQLite already holds (a reused WAL), so the health
         # flag may flip back for a moment: await the failing state rather than sample it once.
         def unready() -> bool:
@@ -284,7 +285,10 @@ def test_slow_and_silent_clients_are_cut_off_and_others_are_served(service: Serv
         f"POST /metrics HTTP/1.1\r\nHost: x\r\nX-API-Key: {INGEST_KEY}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
-    slow_head = f"POST /metrics HTTP/1.1\r\nHost: x\r\nX-API-Key: {INGEST_KEY}\r\nX-Pad: {'a' * 500}\r\n\r\n".encode()
+    slow_head = (
+        f"POST /metrics HTTP/1.1\r\nHost: x\r\nX-API-Key: {INGEST_KEY}\r\n"
+        f"X-Pad: {'a' * 500}\r\n\r\n"
+    ).encode()
     stop = threading.Event()
     silent = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(100)]
     head_tricklers = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(5)]

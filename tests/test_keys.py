@@ -61,7 +61,8 @@ def test_env_keys_are_reconciled_at_start(service: ServiceProcess) -> None:
     assert "1 kept, 1 added, 2 revoked" in service.log()
     rows = db_rows(
         service.db_path,
-        "SELECT service, revoked_at IS NULL FROM api_keys WHERE source = 'env' AND role = 'ingest' ORDER BY id",
+        "SELECT service, revoked_at IS NULL FROM api_keys WHERE source = 'env' AND role = "
+        "'ingest' ORDER BY id",
     )
     assert rows == [("svc", 0), ("billing", 0), ("svc", 1)]
 

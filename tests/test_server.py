@@ -12,7 +12,8 @@ def test_tune_gc_freezes_start_up_objects_and_raises_the_young_threshold() -> No
     # In a child process: the settings are process-wide.
     code = (
         "import gc; from metrics_service.server import tune_gc; before = gc.get_threshold();"
-        " tune_gc(); print(gc.get_freeze_count() > 1000, before[1:] == gc.get_threshold()[1:], gc.get_threshold()[0])"
+        " tune_gc(); print(gc.get_freeze_count() > 1000, before[1:] == gc.get_threshold()[1:], "
+        "gc.get_threshold()[0])"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True

@@ -23,7 +23,8 @@ def test_migrations_are_idempotent_and_keep_existing_data(tmp_path: Path) -> Non
     conn, applied = storage.open_database(db)
     assert applied == [v for v, _, _ in migrations.MIGRATIONS]
     conn.execute(
-        "INSERT INTO custom_metrics (ts, received_at, service, service_version, value) VALUES (1, 1, 's', 'v', 5)"
+        "INSERT INTO custom_metrics (ts, received_at, service, service_version, value)"
+        " VALUES (1, 1, 's', 'v', 5)"
     )
     conn.close()
     conn, applied = storage.open_database(db)

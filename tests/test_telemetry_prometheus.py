@@ -149,7 +149,9 @@ def _send_every_kind(service: ServiceProcess, exporter_url: str) -> None:
             == 200
         )
         done = c.post(
-            "/admin/retention/cleanup", params={"table": "auth_metrics"}, headers=ADMIN
+            "/admin/retention/cleanup",
+            params={"table": "auth_metrics", "dry_run": "false"},
+            headers=ADMIN,
         ).json()
         assert [t["rows"] for t in done["tables"]] == [1], done
         _cause_a_commit_failure(c, service, exporter_url)

@@ -61,12 +61,13 @@ def test_row_layout_of_a_tool_execution(validator: Validator) -> None:
     assert row[0] == int(NOW * 1000) - 3_600_000  # NOW is 2027-01-15T08:00:00Z
     assert row[1] == NOW * 1000 and row[2:5] == ("svc", "1", "i-1")
     assert row[5:7] == (1.0, 5.0)
-    # ... then protocol_version and error_type (migration 7)
-    assert row[7:19] == ("tools/call", "t", None, None, None, 0, None, None, None, None, None, None)
-    # agent_id, tenant_id, input_tokens, output_tokens, then trace_id and span_id (migration 7)
-    assert row[19:25] == ("a1", None, None, 7, None, None)
-    assert json.loads(row[25]) == {"extra": "e"}
-    assert json.loads(row[26]) == {"agent_id": "a1", "output_tokens": 7}
+    assert row[7:17] == ("tools/call", "t", None, None, None, 0, None, None, None, None)
+    assert row[17:20] == (None, None, None)  # server_path, user_hash, error_code
+    assert row[20:22] == (None, None)  # protocol_version, error_type (migration 7)
+    # agent_id, tenant_id, input_tokens, output_tokens, trace_id, span_id (migration 7)
+    assert row[-8:-2] == ("a1", None, None, 7, None, None)
+    assert json.loads(row[-2]) == {"extra": "e"}
+    assert json.loads(row[-1]) == {"agent_id": "a1", "output_tokens": 7}
 
 
 def test_iso_timestamps_are_utc(validator: Validator) -> None:
@@ -102,7 +103,7 @@ def test_iso_timestamps_are_utc(validator: Validator) -> None:
         ({"type": "custom", "metadata": []}, "metadata", "type"),
         ({"value": 1}, "type", "required"),
         (
-            {"type": "tool_discovery", "dimensions": {"results_count": -1}},
+            {"type": "tool_discovery", "dimensions": {"results_count": -2}},
             "dimensions.results_count",
             "integer",
         ),
@@ -145,19 +146,20 @@ def test_rejections_name_field_and_rule(
     assert rejected(validator, metric) == (f"metrics[0].{field}", rule)
 
 
-def test_protocol_latency_takes_value_as_ms_when_no_duration(validator: Validator) -> None:
+def test_protocol_latency_takes_value_as_seconds_when_no_duration(validator: Validator) -> None:
+    # As the MCP Gateway Registry's auth server sends it: seconds in value, no duration_ms.
     batch = decode(
         validator,
         [
             {
                 "type": "protocol_latency",
-                "value": 42.5,
+                "value": 0.0425,
                 "dimensions": {"flow_step": "initialize->tools/call"},
             }
         ],
     )
     row = batch.rows["protocol_latency"][0]
-    assert row[5:7] == (1.0, 42.5)
+    assert row[5] == 1.0 and row[6] == pytest.approx(42.5)
 
 
 def test_unknown_fields_are_ignored_and_unknown_dimensions_kept(validator: Validator) -> None:
@@ -177,7 +179,10 @@ def test_unknown_fields_are_ignored_and_unknown_dimensions_kept(validator: Valid
 
 
 def test_overflowing_numbers_are_rejected_not_infinite(validator: Validator) -> None:
-    body = b'{"service":"svc","version":"1","metrics":[{"type":"custom","value":1e400},{"type":"custom","value":-1e999}]}'
+    body = (
+        b'{"service":"svc","version":"1","metrics":'
+        b'[{"type":"custom","value":1e400},{"type":"custom","value":-1e999}]}'
+    )
     batch = validator.decode(body)
     assert [(r.field, r.rule) for r in batch.rejections] == [
         ("metrics[0].value", "finite"),

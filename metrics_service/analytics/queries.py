@@ -33,6 +33,8 @@ FILTERS: dict[str, dict[str, str]] = {
     "auth_request": {"service": "service", "server": "server", "success": "success"},
     "tool_discovery": {"service": "service"},
     "protocol_latency": {"service": "service", "server": "server_name", "client": "client_name"},
+    "registry_operation": {"service": "service", "success": "success"},
+    "health_check": {"service": "service"},
 }
 RESOLUTIONS = {"minute": 60_000, "hour": rollups.HOUR_MS, "day": rollups.DAY_MS}
 SORTS = ("calls", "errors", "error_rate", "p95", "tokens")
@@ -174,9 +176,7 @@ def parse_params(
         sort=_choice(query, "sort", SORTS),
         by=_choice(query, "by", by),
         resolution=_choice(query, "resolution", ("hour", "minute", "day")),
-        kind=_choice(
-            query, "type", ("tool_execution", "auth_request", "tool_discovery", "protocol_latency")
-        ),
+        kind=_choice(query, "type", tuple(FILTERS)),
     )
     if "resolution" in extra:
         points = -(-(until - since) // RESOLUTIONS[params.resolution])
@@ -184,7 +184,8 @@ def parse_params(
             raise _invalid(
                 "resolution",
                 "max_points",
-                f"{points} points; at most {MAX_POINTS}: use a coarser resolution or a shorter range",
+                f"{points} points; at most {MAX_POINTS}: use a coarser resolution or a shorter "
+                "range",
             )
     return params
 
@@ -405,7 +406,8 @@ def clients(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
 
 
 def services(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
-    """MCP method calls by reporting service (``by=service``) or by service and server (``by=server``)."""
+    """MCP method calls by reporting service (``by=service``) or by service and server
+    (``by=server``)."""
     if p.by == "server":
         return _breakdown(conn, p, ("service", "server_name"), ("service", "server"))
     return _breakdown(conn, p, ("service",), ("service",))
@@ -481,6 +483,50 @@ def protocol(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
     return _page(p, rows, source, ("flow_step",))
 
 
+def registry(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
+    """Registry operations (the MCP Gateway Registry's ``registry_operation``) by operation and
+    resource type: calls, failures, latency."""
+    with snapshot(conn):
+        cube, folded, source = _grouped(
+            conn, p, "registry_operation", ("operation", "resource_type")
+        )
+    rows = [
+        {"operation": _value(k[1]), "resource_type": _value(k[2]), **_calls(cube, st, fail)}
+        for k, (st, fail) in folded.items()
+    ]
+    return _page(p, rows, source, ("operation", "resource_type"))
+
+
+def health(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
+    """Health checks by endpoint: checks, unhealthy ones (``errors``), latency."""
+    with snapshot(conn):
+        cube, out, source = rollups.aggregate(
+            conn,
+            rollups.Query(
+                "health_check",
+                p.since_ms,
+                p.until_ms,
+                ("endpoint", "healthy"),
+                p.columns("health_check"),
+            ),
+        )
+    folded: dict[Any, tuple[list[Any], float]] = {}
+    for (_, endpoint, healthy), st in out.items():
+        unhealthy = st[1] if healthy == 0 else 0.0
+        have = folded.get(endpoint)
+        if have is None:
+            folded[endpoint] = (st, unhealthy)
+        else:
+            rollups.merge(cube, have[0], st)
+            folded[endpoint] = (have[0], have[1] + unhealthy)
+    rows = []
+    for endpoint, (st, unhealthy) in folded.items():
+        row = {"endpoint": _value(endpoint), **_calls(cube, st, unhealthy)}
+        row["healthy_rate"] = None if row["error_rate"] is None else round(1 - row["error_rate"], 6)
+        rows.append(row)
+    return _page(p, rows, source, ("endpoint",))
+
+
 def timeseries(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
     """Calls, errors and latency percentiles per minute, hour or day (``type`` picks the
     family; for tool executions each point also has ``tool_calls``, as in the summary); empty
@@ -541,6 +587,8 @@ VIEWS: dict[
     "auth": (auth, ("",), ("limit", "offset", "sort")),
     "discovery": (discovery, ("",), ("limit", "offset", "sort")),
     "protocol": (protocol, ("",), ("limit", "offset", "sort")),
+    "registry": (registry, ("",), ("limit", "offset", "sort")),
+    "health": (health, ("",), ("limit", "offset", "sort")),
     "timeseries": (timeseries, ("",), ("resolution", "type")),
 }
 

@@ -92,10 +92,12 @@ def as_table(report: dict[str, Any]) -> str:
         "",
         f"  calls             {s['calls']:,}",
         f"  errors            {s['errors']:,} ({_rate(s['error_rate'])})",
-        f"  latency ms        p50 {_ms(lat['p50'])}  p95 {_ms(lat['p95'])}  p99 {_ms(lat['p99'])}  max {_ms(lat['max'])}",
+        f"  latency ms        p50 {_ms(lat['p50'])}  p95 {_ms(lat['p95'])}  p99 {_ms(lat['p99'])} "
+        f" max {_ms(lat['max'])}",
         f"  tokens            {s['input_tokens']:,} in, {s['output_tokens']:,} out",
         f"  distinct clients  {s['distinct_clients']:,}",
-        f"  distinct users    {'-' if s['distinct_users'] is None else format(s['distinct_users'], ',')}",
+        "  distinct users    "
+        f"{'-' if s['distinct_users'] is None else format(s['distinct_users'], ',')}",
     ]
     if auth is not None:
         lines.append(

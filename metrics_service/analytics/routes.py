@@ -32,7 +32,8 @@ _PARAMETERS = {
     "sort": "calls (default), errors, error_rate, p95 or tokens; descending.",
     "by": "Grouping (see the endpoint).",
     "resolution": "minute, hour (default) or day; at most 1500 points.",
-    "type": "tool_execution (default), auth_request, tool_discovery or protocol_latency.",
+    "type": "tool_execution (default), auth_request, tool_discovery, protocol_latency,"
+    " registry_operation or health_check.",
 }
 
 
@@ -70,6 +71,8 @@ CSV_COLUMNS: dict[tuple[str, str], tuple[str, ...]] = {
         *_latency_columns("latency_ms_search"),
     ),
     ("protocol", ""): ("flow_step", "calls", *_latency_columns("latency_ms")),
+    ("registry", ""): ("operation", "resource_type", *_CALLS),
+    ("health", ""): ("endpoint", *_CALLS, "healthy_rate"),
 }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from metrics_service.errors import StorageError
-from metrics_service.storage import migrations, rollups
+from metrics_service.storage import migrations, reference, rollups
 from metrics_service.validation import DIMENSIONS, METADATA_COLUMNS
 
 #: metric type -> typed table.
@@ -26,6 +26,8 @@ TABLE_OF_TYPE = {
     "tool_execution": "tool_metrics",
     "tool_discovery": "discovery_metrics",
     "protocol_latency": "protocol_latency_metrics",
+    "registry_operation": "registry_operation_metrics",
+    "health_check": "health_check_metrics",
     "custom": "custom_metrics",
 }
 TABLES = tuple(TABLE_OF_TYPE.values())
@@ -111,6 +113,7 @@ def open_database(path: Path | str, **kwargs: Any) -> tuple[sqlite3.Connection, 
     """Connect and apply migrations; return the connection and the versions applied."""
     conn = connect(path, **kwargs)
     try:
+        reference.adopt_schema(conn)  # a file of the MCP Gateway Registry's metrics-service
         applied = migrations.apply(conn)
     except sqlite3.Error as exc:
         conn.close()

@@ -20,6 +20,8 @@ class KeyRecord:
     description: str | None
     created_at: int
     revoked_at: int | None
+    #: Further service names this key may report as (``keys create --alias``).
+    aliases: tuple[str, ...] = ()
 
     def public(self) -> dict[str, Any]:
         """What may be shown: everything but the hash."""
@@ -34,13 +36,30 @@ class KeyRecord:
             "created_at": self.created_at,
             "revoked_at": self.revoked_at,
             "active": self.revoked_at is None,
+            "aliases": list(self.aliases),
         }
 
 
 _COLUMNS = (
     "id, service, role, key_hash, key_prefix, rate_limit_per_min, source, description,"
-    " created_at, revoked_at"
+    " created_at, revoked_at, service_aliases"
 )
+
+
+def _record(row: tuple[Any, ...]) -> KeyRecord:
+    return KeyRecord(
+        id=row[0],
+        service=row[1],
+        role=row[2],
+        key_hash=row[3],
+        key_prefix=row[4],
+        rate_limit_per_min=row[5],
+        source=row[6],
+        description=row[7],
+        created_at=row[8],
+        revoked_at=row[9],
+        aliases=tuple(a for a in (row[10] or "").split(",") if a),
+    )
 
 
 def _now_ms() -> int:
@@ -57,19 +76,34 @@ def insert_key(
     rate_limit_per_min: int | None,
     source: str,
     description: str | None = None,
+    aliases: tuple[str, ...] = (),
+    created_at: int | None = None,
+    revoked_at: int | None = None,
 ) -> KeyRecord:
     cursor = conn.execute(
         "INSERT INTO api_keys (service, role, key_hash, key_prefix, rate_limit_per_min, source,"
-        " description, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING " + _COLUMNS,
-        (service, role, key_hash, key_prefix, rate_limit_per_min, source, description, _now_ms()),
+        " description, created_at, revoked_at, service_aliases)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING " + _COLUMNS,
+        (
+            service,
+            role,
+            key_hash,
+            key_prefix,
+            rate_limit_per_min,
+            source,
+            description,
+            _now_ms() if created_at is None else created_at,
+            revoked_at,
+            ",".join(aliases) or None,
+        ),
     )
-    return KeyRecord(*cursor.fetchone())
+    return _record(cursor.fetchone())
 
 
 def list_keys(conn: sqlite3.Connection, *, active_only: bool = False) -> list[KeyRecord]:
     where = " WHERE revoked_at IS NULL" if active_only else ""
     rows = conn.execute(f"SELECT {_COLUMNS} FROM api_keys{where} ORDER BY id").fetchall()
-    return [KeyRecord(*row) for row in rows]
+    return [_record(row) for row in rows]
 
 
 def revoke_key(conn: sqlite3.Connection, key_id: int) -> KeyRecord | None:
@@ -79,7 +113,7 @@ def revoke_key(conn: sqlite3.Connection, key_id: int) -> KeyRecord | None:
         (_now_ms(), key_id),
     )
     row = conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
-    return KeyRecord(*row) if row else None
+    return _record(row) if row else None
 
 
 def reconcile_env_keys(

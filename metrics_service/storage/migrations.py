@@ -43,45 +43,125 @@ def _view_part(kind: str, table: str, typed: str) -> str:
 
 _BOOL = "json(CASE success WHEN 1 THEN 'true' WHEN 0 THEN 'false' END)"
 
-
-#: The typed dimensions of tool_metrics in the ``metrics`` view, as of migration 1.
-_TOOL_VIEW_V1 = (
-    "'method', method, 'tool_name', tool_name, 'server_name', server_name,"
-    " 'client_name', client_name, 'client_version', client_version,"
-    f" 'success', {_BOOL}, 'input_size_bytes', input_size_bytes,"
-    " 'output_size_bytes', output_size_bytes, 'transport', transport,"
-    " 'session_id', session_id"
-)
+#: The event time as the MCP Gateway Registry's metrics-service stored it (text, UTC), so that its
+#: documented SQL (``datetime(timestamp)``, ``timestamp > datetime('now', '-24 hours')``) runs.
+_TEXT_TIME = "strftime('%Y-%m-%d %H:%M:%f', ts / 1000.0, 'unixepoch')"
 
 
-def _metrics_view(tool_columns: str) -> str:
-    """The ``metrics`` view: every table's rows with the typed columns back in ``dimensions``."""
+def _compat_column(table: str, column: str, kind: str, expression: str) -> str:
+    """A virtual generated column: computed when read, nothing stored, no cost on insert."""
     return (
-        "CREATE VIEW metrics AS"
-        + _view_part(
+        f"ALTER TABLE {table} ADD COLUMN {column} {kind} GENERATED ALWAYS AS ({expression}) VIRTUAL"
+    )
+
+
+def _bool(column: str) -> str:
+    return f"json(CASE {column} WHEN 1 THEN 'true' WHEN 0 THEN 'false' END)"
+
+
+def _view_v5(tool_extra: str = "") -> str:
+    """The ``metrics`` view of migration 5: every family, plus the reference's column names
+    ``metric_type`` and ``timestamp``. Later migrations that add typed tool_metrics columns
+    rebuild it with those (``tool_extra``: more ``'name', column`` pairs)."""
+    parts = [
+        (
             "auth_request",
             "auth_metrics",
-            f"'success', {_BOOL}, 'method', method, 'server', server, 'user_hash', user_hash",
-        )
-        + " UNION ALL"
-        + _view_part("tool_execution", "tool_metrics", tool_columns)
-        + " UNION ALL"
-        + _view_part(
+            f"'success', {_BOOL}, 'method', method, 'server', server, 'user_hash', user_hash,"
+            " 'error_code', error_code",
+        ),
+        (
+            "tool_execution",
+            "tool_metrics",
+            "'method', method, 'tool_name', tool_name, 'server_name', server_name,"
+            " 'client_name', client_name, 'client_version', client_version,"
+            f" 'success', {_BOOL}, 'input_size_bytes', input_size_bytes,"
+            " 'output_size_bytes', output_size_bytes, 'transport', transport,"
+            " 'session_id', session_id, 'server_path', server_path, 'user_hash', user_hash,"
+            " 'error_code', error_code" + tool_extra,
+        ),
+        (
             "tool_discovery",
             "discovery_metrics",
             "'query', query, 'results_count', results_count, 'top_k', top_k, 'top_n', top_n,"
             " 'embedding_time_ms', embedding_time_ms, 'search_time_ms', search_time_ms",
-        )
-        + " UNION ALL"
-        + _view_part(
+        ),
+        (
             "protocol_latency",
             "protocol_latency_metrics",
             "'flow_step', flow_step, 'server_name', server_name, 'client_name', client_name,"
             " 'session_id', session_id",
+        ),
+        (
+            "registry_operation",
+            "registry_operation_metrics",
+            "'operation', operation, 'resource_type', resource_type,"
+            f" 'success', {_BOOL}, 'resource_id', resource_id, 'user_id', user_id,"
+            " 'error_code', error_code",
+        ),
+        (
+            "health_check",
+            "health_check_metrics",
+            "'endpoint', endpoint, 'status_code', status_code,"
+            f" 'healthy', {_bool('healthy')}, 'server_name', server_name,"
+            " 'error_code', error_code",
+        ),
+        ("custom", "custom_metrics", ""),
+    ]
+    selects = []
+    for kind, table, typed in parts:
+        selects.append(
+            f"""
+    SELECT '{kind}' AS type, id AS source_id, ts, {_ISO} AS event_time, received_at,
+           service, service_version, instance_id, value, duration_ms,
+           json_patch(coalesce(dimensions, '{{}}'), json_object({typed})) AS dimensions, metadata,
+           '{kind}' AS metric_type, {_TEXT_TIME} AS timestamp
+    FROM {table}"""
         )
-        + " UNION ALL"
-        + _view_part("custom", "custom_metrics", "")
-    )
+    return "CREATE VIEW metrics AS" + " UNION ALL".join(selects)
+
+
+def migration_v5() -> list[str]:
+    """Drop-in compatibility with the MCP Gateway Registry's metrics-service (docs/migrating.md):
+    its two further metric families with their rollups, the typed columns its clients send, the
+    columns its documented SQL reads (virtual), and key aliases."""
+    return [
+        "ALTER TABLE auth_metrics ADD COLUMN error_code TEXT",
+        "ALTER TABLE tool_metrics ADD COLUMN server_path TEXT",
+        "ALTER TABLE tool_metrics ADD COLUMN user_hash TEXT",
+        "ALTER TABLE tool_metrics ADD COLUMN error_code TEXT",
+        f"CREATE TABLE registry_operation_metrics ({_COMMON}"
+        " operation TEXT, resource_type TEXT, success INTEGER, resource_id TEXT, user_id TEXT,"
+        " error_code TEXT," + _TAIL + ")",
+        "CREATE INDEX idx_registry_operation_metrics_ts ON registry_operation_metrics (ts)",
+        f"CREATE TABLE health_check_metrics ({_COMMON}"
+        " endpoint TEXT, status_code INTEGER, healthy INTEGER, server_name TEXT,"
+        " error_code TEXT," + _TAIL + ")",
+        "CREATE INDEX idx_health_check_metrics_ts ON health_check_metrics (ts)",
+        *(
+            _compat_column(table, "timestamp", "TEXT", _TEXT_TIME)
+            for table in ("auth_metrics", "tool_metrics", "discovery_metrics")
+        ),
+        _compat_column("discovery_metrics", "top_k_services", "INTEGER", "top_k"),
+        _compat_column("discovery_metrics", "top_n_tools", "INTEGER", "top_n"),
+        _compat_column("discovery_metrics", "faiss_search_time_ms", "REAL", "search_time_ms"),
+        "DROP VIEW metrics",
+        _view_v5(),
+        "INSERT INTO retention_policies (table_name, updated_at) VALUES"
+        " ('registry_operation_metrics', 0), ('health_check_metrics', 0)",
+        "ALTER TABLE api_keys ADD COLUMN service_aliases TEXT",
+        # Progress of importing an adopted reference database (storage/reference.py).
+        """CREATE TABLE reference_import (
+            name TEXT PRIMARY KEY,
+            last_id INTEGER NOT NULL,
+            done INTEGER NOT NULL,
+            imported INTEGER NOT NULL DEFAULT 0,
+            expired INTEGER NOT NULL DEFAULT 0,
+            rejected INTEGER NOT NULL DEFAULT 0,
+            updated_at INTEGER NOT NULL
+        )""",
+        *rollups.migration_v5(),
+    ]
 
 
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
@@ -117,7 +197,38 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             " ON protocol_latency_metrics (flow_step, ts)",
             f"CREATE TABLE custom_metrics ({_COMMON}" + _TAIL + ")",
             "CREATE INDEX idx_custom_metrics_ts ON custom_metrics (ts)",
-            _metrics_view(_TOOL_VIEW_V1),
+            "CREATE VIEW metrics AS"
+            + _view_part(
+                "auth_request",
+                "auth_metrics",
+                f"'success', {_BOOL}, 'method', method, 'server', server, 'user_hash', user_hash",
+            )
+            + " UNION ALL"
+            + _view_part(
+                "tool_execution",
+                "tool_metrics",
+                "'method', method, 'tool_name', tool_name, 'server_name', server_name,"
+                " 'client_name', client_name, 'client_version', client_version,"
+                f" 'success', {_BOOL}, 'input_size_bytes', input_size_bytes,"
+                " 'output_size_bytes', output_size_bytes, 'transport', transport,"
+                " 'session_id', session_id",
+            )
+            + " UNION ALL"
+            + _view_part(
+                "tool_discovery",
+                "discovery_metrics",
+                "'query', query, 'results_count', results_count, 'top_k', top_k, 'top_n', top_n,"
+                " 'embedding_time_ms', embedding_time_ms, 'search_time_ms', search_time_ms",
+            )
+            + " UNION ALL"
+            + _view_part(
+                "protocol_latency",
+                "protocol_latency_metrics",
+                "'flow_step', flow_step, 'server_name', server_name, 'client_name', client_name,"
+                " 'session_id', session_id",
+            )
+            + " UNION ALL"
+            + _view_part("custom", "custom_metrics", ""),
             """CREATE TABLE api_keys (
                 id INTEGER PRIMARY KEY,
                 service TEXT,
@@ -170,6 +281,8 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     ),
     # Tool and client together (``tools?client=``, ``clients?tool=``) read raw rows without it.
     (4, "rollup cube by tool and client", rollups.migration_v4()),
+    # The MCP Gateway Registry's metric families, columns and key aliases (docs/migrating.md).
+    (5, "reference compatibility", migration_v5()),
     # The OpenTelemetry MCP semantic conventions on tool rows (docs/otlp.md): posted events carry
     # them as dimensions protocol_version, error_type and metadata trace_id, span_id; OTLP spans
     # fill the same columns. The view shows the two new dimensions like the others.
@@ -182,9 +295,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 for name in ("protocol_version", "error_type", "trace_id", "span_id")
             ),
             "DROP VIEW metrics",
-            _metrics_view(
-                _TOOL_VIEW_V1 + ", 'protocol_version', protocol_version, 'error_type', error_type"
-            ),
+            _view_v5(", 'protocol_version', protocol_version, 'error_type', error_type"),
         ],
     ),
 ]

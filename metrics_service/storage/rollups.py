@@ -172,7 +172,8 @@ _V2_CUBES: tuple[Cube, ...] = (
 # -- end of the frozen part --------------------------------------------------------------------
 
 #: Added by schema migration 4 (frozen there): tool *and* client, for ``tools?client=`` and
-#: ``clients?tool=``. Wider than the v2 cubes, so listed after them: ``cube_for`` takes the first fit.
+#: ``clients?tool=``. Wider than the v2 cubes, so listed after them: ``cube_for`` takes the
+#: first fit.
 _V4_CUBES: tuple[Cube, ...] = (
     Cube(
         "tool_clients",
@@ -182,7 +183,18 @@ _V4_CUBES: tuple[Cube, ...] = (
         ("duration_ms",),
     ),
 )
-CUBES: tuple[Cube, ...] = _V2_CUBES + _V4_CUBES
+#: Added by schema migration 5 (frozen there): the registry's operations and health checks.
+_V5_CUBES: tuple[Cube, ...] = (
+    Cube(
+        "registry",
+        "registry_operation",
+        ("service", "operation", "resource_type", "success"),
+        (),
+        ("duration_ms",),
+    ),
+    Cube("health", "health_check", ("service", "endpoint", "healthy"), (), ("duration_ms",)),
+)
+CUBES: tuple[Cube, ...] = _V2_CUBES + _V4_CUBES + _V5_CUBES
 
 TABLES = tuple(cube.table(level) for cube in CUBES for level in cube.levels)
 RAW_TABLE = {
@@ -190,8 +202,10 @@ RAW_TABLE = {
     "tool_execution": "tool_metrics",
     "tool_discovery": "discovery_metrics",
     "protocol_latency": "protocol_latency_metrics",
+    "registry_operation": "registry_operation_metrics",
+    "health_check": "health_check_metrics",
 }
-_INT_DIMS = {"success"}
+_INT_DIMS = {"success", "healthy"}
 _MIN_MAX = ("_min", "_max")
 
 
@@ -241,7 +255,8 @@ def _from_raw_sql(cube: Cube, level: str, where: str) -> str:
     width = LEVELS[level]
     keys, values = _keys_sql(cube.dims), _values_sql(cube)
     return (
-        f"INSERT INTO {cube.table(level)} (bucket, {', '.join(cube.dims)}, {', '.join(cube.state_columns)})"
+        f"INSERT INTO {cube.table(level)} (bucket, {', '.join(cube.dims)}, "
+        f"{', '.join(cube.state_columns)})"
         f" SELECT ts / {width} * {width}, {', '.join(keys)}, {', '.join(values)}"
         f" FROM {RAW_TABLE[cube.kind]} WHERE {where}"
         f" GROUP BY 1, {', '.join(str(i + 2) for i in range(len(cube.dims)))}"
@@ -280,6 +295,11 @@ def migration_v2() -> list[str]:
 def migration_v4() -> list[str]:
     """The tool-by-client cube, backfilled like migration 2 up to the current watermark."""
     return _create_and_backfill(_V4_CUBES)
+
+
+def migration_v5() -> list[str]:
+    """The registry-operation and health-check cubes (their raw tables are created just before)."""
+    return _create_and_backfill(_V5_CUBES)
 
 
 # -- accumulation (ingest, and the raw ends of a query range) ----------------------------------
@@ -346,7 +366,8 @@ def _upsert_sql(cube: Cube, level: str) -> str:
         else:
             updates.append(f"{c} = {c} + excluded.{c}")
     return (
-        f"INSERT INTO {cube.table(level)} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        f"INSERT INTO {cube.table(level)} ({', '.join(columns)}) VALUES "
+        f"({', '.join('?' * len(columns))})"
         f" ON CONFLICT (bucket, {', '.join(cube.dims)}) DO UPDATE SET {', '.join(updates)}"
     )
 
@@ -492,7 +513,8 @@ def _compact_sql(cube: Cube) -> str:
     dims = ", ".join(cube.dims)
     return (
         f"INSERT INTO {cube.table('day')} (bucket, {dims}, {', '.join(cube.state_columns)})"
-        f" SELECT bucket / {DAY_MS} * {DAY_MS}, {dims}, {', '.join(values)} FROM {cube.table('hour')}"
+        f" SELECT bucket / {DAY_MS} * {DAY_MS}, {dims}, {', '.join(values)} FROM "
+        f"{cube.table('hour')}"
         f" WHERE bucket >= ? AND bucket < ? GROUP BY {dims}{conflict}"
     )
 
@@ -663,7 +685,8 @@ def _segment(
     where, params = _filter_sql(q.filters)
     keylen = 1 + len(q.group)
     sql = (
-        f"SELECT {t}, {', '.join(values)} FROM {table} WHERE {time_col} >= ? AND {time_col} < ?{where}"
+        f"SELECT {t}, {', '.join(values)} FROM {table}"
+        f" WHERE {time_col} >= ? AND {time_col} < ?{where}"
         f" GROUP BY {', '.join(str(i + 1) for i in range(keylen))}"
     )
     for row in conn.execute(sql, (lo, hi, *params)):
