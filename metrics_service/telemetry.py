@@ -64,6 +64,10 @@ SECONDS_BUCKETS = (
     30.0,
     60.0,
 )
+#: The boundaries the OpenTelemetry MCP semantic conventions advise for their durations
+#: (semantic-conventions-genai, model/mcp/metrics.yaml: 10 ms to 300 s, "LLMs will often be
+#: involved here").
+SEMCONV_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 BYTES_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
 RESULTS_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100)
 BATCH_BUCKETS = (1, 10, 100, 1000, 5000, 10000, 50000)
@@ -79,6 +83,18 @@ AUTH_LABELS = ("service", "server", "method", "success")
 TOOL_LABELS = ("service", "server", "method", "tool_name", "client_name", "success")
 PROTOCOL_LABELS = ("service", "server", "client_name", "flow_step")
 SERVICE_LABELS = ("service",)
+#: Attributes of mcp.{server,client}.operation.duration (docs/otlp.md); ``service`` is ours: one
+#: exporter here aggregates many reporting services. Never session or request ids.
+SEMCONV_LABELS = (
+    "service",
+    "mcp.method.name",
+    "gen_ai.tool.name",
+    "gen_ai.operation.name",
+    "error.type",
+    "rpc.response.status_code",
+    "network.transport",
+    "mcp.protocol.version",
+)
 
 #: name -> (kind, unit, labels, buckets, description). Counter names get ``_total`` in Prometheus.
 INSTRUMENTS: dict[str, tuple[str, str, tuple[str, ...], Sequence[float], str]] = {
@@ -154,6 +170,24 @@ INSTRUMENTS: dict[str, tuple[str, str, tuple[str, ...], Sequence[float], str]] =
         SECONDS_BUCKETS,
         "Time between MCP protocol steps",
     ),
+    # The OpenTelemetry MCP semantic conventions (status Development), dotted as over OTLP;
+    # Prometheus shows mcp_server_operation_duration_seconds{mcp_method_name=...}.
+    "mcp.server.operation.duration": (
+        "histogram",
+        "s",
+        SEMCONV_LABELS,
+        SEMCONV_BUCKETS,
+        "MCP request or notification duration as observed on the receiver from the time it was "
+        "received until the result or ack is sent.",
+    ),
+    "mcp.client.operation.duration": (
+        "histogram",
+        "s",
+        SEMCONV_LABELS,
+        SEMCONV_BUCKETS,
+        "The duration of the MCP request or notification as observed on the sender from the "
+        "time it was sent until the response or ack is received.",
+    ),
     "metrics_service_metrics_accepted": ("counter", "", ("type",), (), "Metrics stored"),
     "metrics_service_metrics_rejected": (
         "counter",
@@ -202,6 +236,11 @@ INSTRUMENTS: dict[str, tuple[str, str, tuple[str, ...], Sequence[float], str]] =
         "Commit duration",
     ),
 }
+
+
+#: The two name sets a setting can switch off: the architecture document's and the semconv's.
+SEMCONV_NAMES = frozenset(name for name in INSTRUMENTS if "." in name)
+SEED_NAMES = frozenset(n for n in INSTRUMENTS if n.startswith("mcp_") and n not in SEMCONV_NAMES)
 
 
 class _Bulk(float):
@@ -426,6 +465,13 @@ class Telemetry:
                 )
             )
         limit = settings.otel_cardinality_limit
+        self.seed = settings.otel_seed_metrics_enabled
+        self.semconv = settings.otel_semconv_metrics_enabled
+        self.exported = {
+            name: spec
+            for name, spec in INSTRUMENTS.items()
+            if (self.seed or name not in SEED_NAMES) and (self.semconv or name not in SEMCONV_NAMES)
+        }
         self.bulk = _bulk_works()
         if not self.bulk:
             log.warning(
@@ -433,7 +479,7 @@ class Telemetry:
                 "recording each value"
             )
         views = []
-        for name, (kind, _unit, _labels, buckets, _desc) in INSTRUMENTS.items():
+        for name, (kind, _unit, _labels, buckets, _desc) in self.exported.items():
             if kind == "histogram":
                 views.append(
                     View(
@@ -456,7 +502,7 @@ class Telemetry:
         self.totals: dict[str, _Totals] = {}
         self.histograms: dict[str, Any] = {}
         self.labels: dict[str, tuple[str, ...]] = {}
-        for name, (kind, unit, labels, _buckets, desc) in INSTRUMENTS.items():
+        for name, (kind, unit, labels, _buckets, desc) in self.exported.items():
             self.labels[name] = labels
             if kind == "counter":
                 totals = self.totals[name] = _Totals(labels, limit)
@@ -626,6 +672,8 @@ def _present(group: list[Row], i: int) -> list[Any]:
 
 
 def _auth(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
+    if not t.seed:
+        return
     c = _COL["auth_request"]
     totals = t.totals["mcp_auth_requests"]
     durations = hist("mcp_auth_request_duration_seconds")
@@ -639,6 +687,10 @@ def _auth(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
 
 
 def _tool(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
+    if t.semconv:
+        _semconv(rows, hist)
+    if not t.seed:
+        return
     c = _COL["tool_execution"]
     i_in, i_out = c["input_size_bytes"], c["output_size_bytes"]
     columns = (2, c["server_name"], c["method"], c["tool_name"], c["client_name"], c["success"])
@@ -658,6 +710,8 @@ def _tool(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
 
 
 def _discovery(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
+    if not t.seed:
+        return
     c = _COL["tool_discovery"]
     i_results, i_embed, i_search = c["results_count"], c["embedding_time_ms"], c["search_time_ms"]
     totals = t.totals["mcp_tool_discovery"]
@@ -675,6 +729,8 @@ def _discovery(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> N
 
 
 def _protocol(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
+    if not t.seed:
+        return
     c = _COL["protocol_latency"]
     latency = hist("mcp_protocol_latency_seconds")
     for text, group in _by_label(
@@ -684,6 +740,58 @@ def _protocol(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> No
             latency.add_all(_labels(text), values)
 
 
+#: ``transport`` as stored -> the semconv ``network.transport`` (stdio is a pipe; the HTTP
+#: transports run over TCP); values already in semconv terms pass unchanged.
+_NETWORK_TRANSPORT = {"stdio": "pipe", "streamable-http": "tcp", "sse": "tcp", "websocket": "tcp"}
+#: How a row marks a client-side operation (``span_kind`` in the extra dimensions, as msgspec
+#: encodes it); everything else is server-side, as the middleware and server spans are.
+_CLIENT_MARK = '"span_kind":"client"'
+
+
+def _semconv(rows: list[Row], hist: Callable[[str], _Hist]) -> None:
+    """mcp.{server,client}.operation.duration from tool_execution rows (docs/otlp.md)."""
+    c = _COL["tool_execution"]
+    extra = -2  # the extra-dimensions JSON, second to last in every row
+    client = [r for r in rows if r[extra] is not None and _CLIENT_MARK in r[extra]]
+    server = (
+        [r for r in rows if r[extra] is None or _CLIENT_MARK not in r[extra]] if client else rows
+    )
+    columns = (
+        2,
+        c["method"],
+        c["tool_name"],
+        c["success"],
+        c["error_type"],
+        c["transport"],
+        c["protocol_version"],
+    )
+    for name, part in (
+        ("mcp.server.operation.duration", server),
+        ("mcp.client.operation.duration", client),
+    ):
+        if not part:
+            continue
+        durations = hist(name)
+        for (service, method, tool, success, error, transport, version), group in _by_label(
+            part, *columns
+        ).items():
+            values = _seconds(group, 6)
+            if not values:
+                continue
+            code = error if error is not None and error.lstrip("-").isdigit() else None
+            key = (
+                service,
+                method or "",
+                tool or "",
+                "execute_tool" if method == "tools/call" else "",
+                (error or "_OTHER") if success == 0 else "",  # if and only if it failed
+                code or "",
+                _NETWORK_TRANSPORT.get(transport, transport) or "",
+                version or "",
+            )
+            durations.add_all(key, values)
+
+
 _RECORDERS: dict[str, Callable[[Telemetry, list[Row], Callable[[str], _Hist]], None]] = {
     "auth_request": _auth,
     "tool_execution": _tool,
@@ -691,4 +799,4 @@ _RECORDERS: dict[str, Callable[[Telemetry, list[Row], Callable[[str], _Hist]], N
     "protocol_latency": _protocol,
 }
 
-__all__ = ["BYTES_BUCKETS", "INSTRUMENTS", "SECONDS_BUCKETS", "Telemetry"]
+__all__ = ["BYTES_BUCKETS", "INSTRUMENTS", "SECONDS_BUCKETS", "SEMCONV_BUCKETS", "Telemetry"]
