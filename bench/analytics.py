@@ -41,6 +41,17 @@ def _zipf(n: int, s: float = 1.1) -> list[float]:
     return [1 / (i + 1) ** s for i in range(n)]
 
 
+def _row(kind: str, **values: Any) -> tuple[Any, ...]:
+    """A row in the layout ``validation`` builds for ``kind`` (positions by column name, so new
+    columns need no change here): the named columns, NULL elsewhere, no dimensions or metadata
+    JSON."""
+    positions = rollups.row_positions(kind)
+    row: list[Any] = [None] * (len(positions) + 2)
+    for name, value in values.items():
+        row[positions[name]] = value
+    return tuple(row)
+
+
 class History:
     """Rows in the layout ``validation`` builds, drawn from skewed (Zipf) distributions."""
 
@@ -68,92 +79,70 @@ class History:
         }
         for i in range(n):
             t, k = ts[i], kinds[i]
+            common = {"ts": t, "received_at": t, "service_version": "1.0.0", "value": 1.0}
             if k == 0:
                 service, server, tool = TOOLS[tools[i]]
                 ok = rng.random() < 0.97
                 tenant = tenants[i]
                 out["tool_execution"].append(
-                    (
-                        t,
-                        t,
-                        service,
-                        "1.0.0",
-                        None,
-                        1.0,
-                        rng.lognormvariate(self.tool_mu[tools[i]], 0.8),
-                        "tools/call",
-                        tool,
-                        server,
-                        clients[i],
-                        "1.0",
-                        int(ok),
-                        200,
-                        4000,
-                        "stdio",
-                        None,
-                        f"agent-{tenant}-{i % 3}",
-                        TENANTS[tenant],
-                        rng.randrange(50, 2000),
-                        rng.randrange(100, 8000),
-                        None,
-                        None,
+                    _row(
+                        "tool_execution",
+                        **common,
+                        service=service,
+                        duration_ms=rng.lognormvariate(self.tool_mu[tools[i]], 0.8),
+                        method="tools/call",
+                        tool_name=tool,
+                        server_name=server,
+                        client_name=clients[i],
+                        client_version="1.0",
+                        success=int(ok),
+                        input_size_bytes=200,
+                        output_size_bytes=4000,
+                        transport="stdio",
+                        agent_id=f"agent-{tenant}-{i % 3}",
+                        tenant_id=TENANTS[tenant],
+                        input_tokens=rng.randrange(50, 2000),
+                        output_tokens=rng.randrange(100, 8000),
                     )
                 )
             elif k == 1:
                 out["auth_request"].append(
-                    (
-                        t,
-                        t,
-                        "auth-server",
-                        "1.0.0",
-                        None,
-                        1.0,
-                        rng.lognormvariate(2.0, 0.6),
-                        int(rng.random() < 0.95),
-                        rng.choice(("jwt", "oauth", "jwt", "jwt")),
-                        "auth-1",
-                        f"user-{int(rng.paretovariate(1.2)) % 5000}",
-                        None,
-                        None,
+                    _row(
+                        "auth_request",
+                        **common,
+                        service="auth-server",
+                        duration_ms=rng.lognormvariate(2.0, 0.6),
+                        success=int(rng.random() < 0.95),
+                        method=rng.choice(("jwt", "oauth", "jwt", "jwt")),
+                        server="auth-1",
+                        user_hash=f"user-{int(rng.paretovariate(1.2)) % 5000}",
                     )
                 )
             elif k == 2:
                 emb, search = rng.lognormvariate(2.5, 0.5), rng.lognormvariate(1.5, 0.5)
                 out["tool_discovery"].append(
-                    (
-                        t,
-                        t,
-                        "registry",
-                        "1.0.0",
-                        None,
-                        1.0,
-                        emb + search + 1,
-                        None,
-                        rng.randrange(0, 10),
-                        10,
-                        3,
-                        emb,
-                        search,
-                        None,
-                        None,
+                    _row(
+                        "tool_discovery",
+                        **common,
+                        service="registry",
+                        duration_ms=emb + search + 1,
+                        results_count=rng.randrange(0, 10),
+                        top_k=10,
+                        top_n=3,
+                        embedding_time_ms=emb,
+                        search_time_ms=search,
                     )
                 )
             else:
                 out["protocol_latency"].append(
-                    (
-                        t,
-                        t,
-                        TOOLS[tools[i]][0],
-                        "1.0.0",
-                        None,
-                        1.0,
-                        rng.lognormvariate(4.5, 1.0),
-                        FLOWS[i % 3],
-                        TOOLS[tools[i]][1],
-                        clients[i],
-                        None,
-                        None,
-                        None,
+                    _row(
+                        "protocol_latency",
+                        **common,
+                        service=TOOLS[tools[i]][0],
+                        duration_ms=rng.lognormvariate(4.5, 1.0),
+                        flow_step=FLOWS[i % 3],
+                        server_name=TOOLS[tools[i]][1],
+                        client_name=clients[i],
                     )
                 )
         return out

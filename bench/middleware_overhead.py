@@ -5,6 +5,7 @@
 Measures, in microseconds per operation (best of R runs, as timeit does; queues are emptied and
 the garbage collector run between runs, so that a growing heap does not count against later runs):
   * one `record*()` call (queue append; the sender is not running, so nothing else competes),
+    and the same with the on-disk spool (JSON encoding and one write(2) per event),
   * one HTTP request through `AuthMetricsMiddleware` minus the same request without it, for an
     auth route (recorded) and another route (passed through), calling the ASGI app directly,
   * one tools/call through the mcp 2.x server middleware, minus `call_next` alone.
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -61,6 +64,14 @@ def bench_record(n: int, repeat: int) -> dict[str, float]:
     client = make_client()
     threaded = make_client(ThreadedMetricsClient, register_atexit=False)
     threaded._thread = object()  # keep the sender thread off: measure the recording path only
+    spool_dir = tempfile.mkdtemp(prefix="mcp-metrics-bench-spool-")
+    spooled = make_client(
+        ThreadedMetricsClient,
+        register_atexit=False,
+        spool_path=spool_dir,
+        spool_max_bytes=8 * 1024 * 1024 * 1024,
+    )
+    spooled._thread = object()
     results = {
         "record (custom, 1 dim)": per_call_us(
             lambda: client.record_custom("x", region="eu"), n, repeat
@@ -86,10 +97,29 @@ def bench_record(n: int, repeat: int) -> dict[str, float]:
             n,
             repeat,
         ),
+        "ThreadedMetricsClient.record_tool_execution with a spool": per_call_us(
+            lambda: spooled.record_tool_execution(
+                tool_name="search",
+                success=True,
+                duration_ms=1.5,
+                server_name="srv",
+                client_name="claude",
+                client_version="1.0",
+                input_size_bytes=120,
+                output_size_bytes=800,
+                transport="stdio",
+                metadata={"agent_id": "a-1", "input_tokens": 10},
+            ),
+            n,
+            repeat,
+        ),
         "record when reporting is off": per_call_us(
             lambda: MetricsClient.record_custom(disabled, "x"), n, repeat
         ),
     }
+    spooled._closed = True  # the sender never ran: nothing to flush
+    spooled._drop_remaining()  # closes the spool (its events stay on disk) ...
+    shutil.rmtree(spool_dir)  # ... which goes away with its directory
     return results
 
 

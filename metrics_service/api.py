@@ -18,7 +18,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from metrics_service import auth, storage
+from metrics_service import auth, idempotency, storage
 from metrics_service.errors import (
     ApiError,
     Forbidden,
@@ -43,10 +43,11 @@ from metrics_service.models import (
     RateLimitStatus,
 )
 from metrics_service.retention import run_once
-from metrics_service.settings import Settings
+from metrics_service.settings import AckMode, Settings
 
 if TYPE_CHECKING:
     from metrics_service.app import AppState
+    from metrics_service.validation import Batch
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode
@@ -268,7 +269,7 @@ class IngestEndpoint:
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         """Store the valid metrics of the batch; report each rejected one by index, field and
         rule."""
-        api_key = content_type = encoding = length = None
+        api_key = content_type = encoding = length = idempotency_key = None
         for name, value in scope["headers"]:
             if name == b"x-api-key":
                 api_key = api_key or value.decode("latin-1")
@@ -278,6 +279,8 @@ class IngestEndpoint:
                 encoding = encoding or value
             elif name == b"content-length":
                 length = length or value
+            elif name == b"idempotency-key":
+                idempotency_key = idempotency_key or value
         client = scope.get("client")
         principal = await app.authenticator.authenticate(
             api_key, client[0] if client else "unknown", "ingest"
@@ -299,6 +302,7 @@ class IngestEndpoint:
             raise UnsupportedMediaType(
                 "Content-Encoding is not supported; send the body uncompressed"
             )
+        key = None if idempotency_key is None else idempotency.parse_key(idempotency_key)
         body = await read_body(
             receive, length, app.settings.max_request_bytes, app.settings.request_timeout_s
         )
@@ -306,10 +310,39 @@ class IngestEndpoint:
         if batch.service not in principal.services:
             app.telemetry.add("metrics_service_auth_failures", ("wrong_service",))
             raise Forbidden(wrong_service_message(principal, batch.service))
-        await app.queue.submit(batch)
+        headers = decision.headers()
+        if key is None:
+            return await IngestEndpoint.store(app, batch, rid, headers, None)
+        service = batch.service
+
+        def replay(stored: idempotency.Stored) -> idempotency.Answer:
+            content = msgspec.json.decode(stored.response)
+            return stored.status, content, {**headers, idempotency.REPLAY_HEADER: "true"}
+
+        async def lookup() -> idempotency.Stored | None:
+            window = app.settings.idempotency_window_s
+            return await app.reader.run(lambda c: idempotency.lookup(c, service, key, window))
+
+        return await app.idempotency.execute(
+            service,
+            key,
+            idempotency.fingerprint(body),
+            None if app.settings.ack_mode is AckMode.durable else lookup,
+            lambda claim: IngestEndpoint.store(app, batch, rid, headers, claim),
+            replay,
+        )
+
+    @staticmethod
+    async def store(
+        app: AppState,
+        batch: Batch,
+        rid: str,
+        headers: dict[str, str],
+        claim: idempotency.Claim | None,
+    ) -> idempotency.Answer:
+        """Commit the batch's valid metrics (with ``claim``, its idempotency key) and answer."""
         accepted = batch.accepted
         errors = [r.as_dict() for r in batch.rejections]
-        app.on_ingested(batch)
         result: dict[str, Any] = {
             "status": "success",
             "accepted": accepted,
@@ -326,8 +359,14 @@ class IngestEndpoint:
                 "details": errors,
             }
             result["detail"] = "no metric in the request was valid"
-            return 422, result, decision.headers()
-        return 200, result, decision.headers()
+            status = 422
+        else:
+            status = 200
+        if claim is not None:
+            claim.status, claim.response = status, _encode(result)
+        await app.queue.submit(batch, claim)
+        app.on_ingested(batch)
+        return status, result, headers
 
 
 INGEST = IngestEndpoint()
@@ -701,7 +740,19 @@ _INGEST_OPERATION: dict[str, Any] = {
             "required": False,
             "description": "The caller's API key.",
             "schema": {"type": "string"},
-        }
+        },
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": "A unique key per batch, kept across its retries: a batch whose key "
+            "was committed within METRICS_IDEMPOTENCY_WINDOW_S is not stored again and gets the "
+            "first answer back, with `Idempotent-Replayed: true` (docs/delivery.md). 1 to 255 "
+            'visible ASCII characters other than `"` and `\\`, bare or as a quoted string. '
+            "Invalid: 400 `invalid_idempotency_key`; reused for another body: 422 "
+            "`idempotency_key_reused`.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 257},
+        },
     ],
     "requestBody": {"required": True, "content": _json_content("MetricsPayload")},
     "responses": {
@@ -717,7 +768,8 @@ _INGEST_OPERATION: dict[str, Any] = {
             for code, spec in _ERRORS.items()
         },
         "422": {
-            "description": "No metric was valid, or the body has the wrong shape.",
+            "description": "No metric was valid, the body has the wrong shape, or the "
+            "Idempotency-Key was used for another body.",
             "content": _json_content("ErrorResponse"),
         },
     },

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from metrics_service import __version__, auth, compat, storage
 from metrics_service.analytics.routes import router as analytics_router
 from metrics_service.api import INGEST, admin, install_error_handlers, router, schema_components
+from metrics_service.idempotency import Registry
 from metrics_service.ingest import DbThread, WriteQueue
 from metrics_service.otlp import TRACES, Flows
 from metrics_service.ratelimit import RateLimiter
@@ -47,6 +48,7 @@ class AppState:
     authenticator: auth.Authenticator
     retention: RetentionLoop
     telemetry: Telemetry
+    idempotency: Registry
     flows: Flows = field(default_factory=Flows)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -159,6 +161,7 @@ def _build_state(settings: Settings) -> AppState:
         authenticator=authenticator,
         retention=RetentionLoop(writer, settings, on_deleted=telemetry.on_retention_deleted),
         telemetry=telemetry,
+        idempotency=Registry(settings.idempotency_window_s),
     )
     authenticator.reload = state.reload_keys
     return state

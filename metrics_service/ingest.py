@@ -31,6 +31,7 @@ from typing import TypeVar
 
 from metrics_service import storage
 from metrics_service.errors import StorageError, Unavailable
+from metrics_service.idempotency import Claim
 from metrics_service.settings import AckMode, Settings
 from metrics_service.validation import Batch
 
@@ -46,6 +47,7 @@ class _Entry:
     batch: Batch
     size: int
     future: asyncio.Future[None] | None
+    claim: Claim | None = None
 
 
 def import_reference_rows(conn: sqlite3.Connection, settings: Settings) -> None:
@@ -141,8 +143,9 @@ class WriteQueue:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="write-queue")
 
-    async def submit(self, batch: Batch) -> None:
-        """Queue ``batch``; in durable mode, return only when it is committed."""
+    async def submit(self, batch: Batch, claim: Claim | None = None) -> None:
+        """Queue ``batch``; in durable mode, return only when it is committed. ``claim`` (an
+        idempotency key) is committed in the same transaction as the rows."""
         size = batch.accepted
         if size == 0:
             return
@@ -154,7 +157,9 @@ class WriteQueue:
                 "the write queue is full, retry later", headers={"Retry-After": str(retry)}
             )
         future = asyncio.get_running_loop().create_future() if self._durable else None
-        self._pending.append(_Entry(batch, size, future))
+        self._pending.append(_Entry(batch, size, future, claim))
+        if claim is not None:
+            claim.submitted = True
         self.pending_metrics += size
         if self._durable or self.pending_metrics >= self._settings.commit_max_rows:
             self._wakeup.set()
@@ -196,12 +201,13 @@ class WriteQueue:
 
     async def _commit(self, entries: list[_Entry]) -> None:
         parts = [e.batch.rows for e in entries]
+        claims = [e.claim for e in entries] if any(e.claim for e in entries) else []
         size = sum(e.size for e in entries)
         attempt = 0
         while True:
             started = time.perf_counter()
             try:
-                await self._writer.run(lambda conn: storage.insert_rows(conn, parts))
+                await self._writer.run(lambda conn: storage.insert_rows(conn, parts, claims))
             except StorageError as exc:
                 attempt += 1
                 self.on_failure()
@@ -230,9 +236,12 @@ class WriteQueue:
                 log.info("commits succeed again")
             self.healthy = True
             self.last_error = None
+            # A part whose key another process had committed stored nothing.
+            stored = [e for e in entries if e.claim is None or e.claim.existing is None]
+            size = sum(e.size for e in stored)
             self.committed_metrics += size
             self._finish(entries, None)
-            batches = [e.batch for e in entries]
+            batches = [e.batch for e in stored]
             for listener in self._listeners:
                 try:
                     listener(batches, size, elapsed)
@@ -243,6 +252,8 @@ class WriteQueue:
     def _finish(self, entries: list[_Entry], error: BaseException | None) -> None:
         for entry in entries:
             self.pending_metrics -= entry.size
+            if entry.claim is not None:
+                entry.claim.settle(error)
             future = entry.future
             if future is not None and not future.done():
                 if error is None:

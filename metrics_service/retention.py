@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from metrics_service import storage
+from metrics_service import idempotency, storage
 from metrics_service.ingest import DbThread
 from metrics_service.settings import Settings
 from metrics_service.storage import rollups
@@ -118,7 +118,25 @@ async def run_once(
         results.append(TableResult(table, policy.retention_days, cutoff, deleted, True))
     if tables is None:
         results += await _rollups(writer, settings, now, dry_run, on_deleted)
+        if not dry_run:
+            await _forget_idempotency_keys(writer, settings)
     return results
+
+
+async def _forget_idempotency_keys(writer: DbThread, settings: Settings) -> None:
+    """Upkeep, not retention: keys past ``METRICS_IDEMPOTENCY_WINDOW_S`` are no longer looked at;
+    delete them so that the table stays as small as one window of batches."""
+    window = settings.idempotency_window_s
+    forgotten = await _delete_expired(
+        writer,
+        settings,
+        "idempotency_keys",
+        int((time.time() - window) * 1000),
+        lambda c, _table, before, n: idempotency.delete_expired_chunk(c, before, n),
+        None,
+    )
+    if forgotten:
+        log.info("forgot %d idempotency keys older than %g s", forgotten, window)
 
 
 async def _rollups(

@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     commit_retries: int = _env("METRICS_COMMIT_RETRIES", 3, ge=0, le=100)
     queue_max_metrics: int = _env("METRICS_QUEUE_MAX_METRICS", 50_000, ge=1)
     shutdown_timeout_s: float = _env("METRICS_SHUTDOWN_TIMEOUT_S", 30.0, gt=0)
+    # How long a committed Idempotency-Key is remembered (docs/delivery.md).
+    idempotency_window_s: float = _env("METRICS_IDEMPOTENCY_WINDOW_S", 86_400.0, ge=1)
 
     # OTLP/HTTP trace ingest (POST /v1/traces, docs/otlp.md)
     otlp_ingest_enabled: bool = _env("METRICS_OTLP_INGEST_ENABLED", True)

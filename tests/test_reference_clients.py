@@ -111,7 +111,6 @@ def test_auth_server_events_fill_the_typed_columns(app: TestClient, tmp_path: Pa
         return len(json.dumps({"name": tool, "arguments": {"tz": "UTC"}}).encode())
 
     # initialize reported with tool_name "initialize": a request naming no tool.
-    current = size("current_time_by_timezone")
     assert rows == [
         ("initialize", None, *common, 1, None, 2, 0),
         (

@@ -16,6 +16,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, cast
 
+from metrics_service import idempotency
 from metrics_service.errors import StorageError
 from metrics_service.storage import migrations, reference, rollups
 from metrics_service.validation import DIMENSIONS, METADATA_COLUMNS
@@ -121,18 +122,27 @@ def open_database(path: Path | str, **kwargs: Any) -> tuple[sqlite3.Connection, 
     return conn, applied
 
 
-def insert_rows(conn: sqlite3.Connection, parts: Sequence[dict[str, list[tuple[Any, ...]]]]) -> int:
+def insert_rows(
+    conn: sqlite3.Connection,
+    parts: Sequence[dict[str, list[tuple[Any, ...]]]],
+    claims: Sequence[idempotency.Claim | None] = (),
+) -> int:
     """Insert the rows of several requests in one transaction; all or nothing.
 
     A failure rolls the whole transaction back, so the caller can retry without duplicates.
+    ``claims`` (one per part, or none) claims idempotency keys in the same transaction; the part
+    of a key already committed is not inserted (its claim's ``existing`` says so).
     """
-    kinds: set[str] = set()
-    for part in parts:
-        kinds.update(part)
     count = 0
     try:
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if any(claims):
+                idempotency.claim(conn, [c for c in claims if c is not None])
+                parts = [p for p, c in zip(parts, claims, strict=True) if not (c and c.existing)]
+            kinds: set[str] = set()
+            for part in parts:
+                kinds.update(part)
             for kind in kinds:
                 rows: Iterable[tuple[Any, ...]] = chain.from_iterable(
                     part[kind] for part in parts if kind in part

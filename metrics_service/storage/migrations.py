@@ -283,6 +283,24 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (4, "rollup cube by tool and client", rollups.migration_v4()),
     # The MCP Gateway Registry's metric families, columns and key aliases (docs/migrating.md).
     (5, "reference compatibility", migration_v5()),
+    # Idempotency-Key: the keys of committed batches per service, claimed in the transaction
+    # that stores the batch, with the answer its first attempt got (metrics_service/idempotency).
+    (
+        6,
+        "idempotency keys",
+        [
+            """CREATE TABLE idempotency_keys (
+                service TEXT NOT NULL,
+                key TEXT NOT NULL,
+                fingerprint TEXT NOT NULL,
+                status INTEGER NOT NULL,
+                response BLOB NOT NULL,
+                committed_at INTEGER NOT NULL,
+                PRIMARY KEY (service, key)
+            )""",
+            "CREATE INDEX idx_idempotency_keys_committed_at ON idempotency_keys (committed_at)",
+        ],
+    ),
     # The OpenTelemetry MCP semantic conventions on tool rows (docs/otlp.md): posted events carry
     # them as dimensions protocol_version, error_type and metadata trace_id, span_id; OTLP spans
     # fill the same columns. The view shows the two new dimensions like the others.

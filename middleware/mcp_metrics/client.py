@@ -1,7 +1,8 @@
 """The two senders: `MetricsClient` (an asyncio task) and `ThreadedMetricsClient` (a thread).
 
 Both drain the `Recorder` queue in batches of `max_batch_size`, at least every
-`flush_interval_s`, and flush on close within `shutdown_timeout_s`.
+`flush_interval_s`, and flush on close within `shutdown_timeout_s`. The loop itself is
+`Recorder._sender`, shared: each client only carries its steps out (wait, POST, sleep).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import httpx
 
 from .config import ClientConfig
-from .recorder import Recorder
+from .recorder import _BACKOFF, _POST, _WAIT, IDEMPOTENCY_HEADER, Recorder, _Step
 
 __all__ = ["MetricsClient", "ThreadedMetricsClient"]
 
@@ -112,53 +113,46 @@ class MetricsClient(Recorder):
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)
 
+    def _set_idle(self, idle: bool) -> None:
+        if self._idle is not None:
+            if idle:
+                self._idle.set()
+            else:
+                self._idle.clear()
+
     async def _run(self) -> None:
         cfg = self.config
         async with httpx.AsyncClient(timeout=cfg.timeout_s, headers=self._headers) as http:
-            while True:
-                try:
-                    if not self._take_batch():
-                        if not self._queue:
-                            self._drain = False
-                            assert self._idle is not None
-                            self._idle.set()
-                            if self._closing:
-                                return
-                        if not await self._wait(cfg.flush_interval_s):
-                            self._drain = True  # the interval passed: send partial batches too
-                        continue
-                    if self._idle is not None:
-                        self._idle.clear()
-                    delay = await self._send_pending(http)
-                    if delay is None:
-                        continue
-                    if self._closing:
-                        if time.monotonic() + delay > self._deadline:
-                            return
-                        await asyncio.sleep(delay)
-                    else:
-                        await self._backoff(delay)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    logger.exception("metrics sender iteration failed; going on")
-                    await asyncio.sleep(min(1.0, cfg.flush_interval_s))
+            steps = self._sender()
+            outcome: object = None
+            try:
+                while True:
+                    try:
+                        step = steps.send(outcome)
+                    except StopIteration:
+                        return
+                    outcome = await self._carry_out(step, http)
+            finally:
+                steps.close()
 
-    async def _send_pending(self, http: httpx.AsyncClient) -> float | None:
-        """Send `_pending`; None when done with it, else the delay before retrying."""
-        retry_after: float | None = None
-        remaining: list[dict[str, Any]] = []
-        for body, part in self._parts():
-            if retry_after is None:
-                try:
-                    response = await http.post(self.config.endpoint, content=body)
-                except httpx.HTTPError as exc:
-                    retry_after = self._on_transport_error(exc)
-                else:
-                    retry_after = self._on_response(response, len(part))
-            if retry_after is not None:
-                remaining.extend(part)
-        return self._conclude(retry_after, remaining)
+    async def _carry_out(self, step: _Step, http: httpx.AsyncClient) -> object:
+        if step.kind == _POST:
+            assert step.part is not None
+            try:
+                return await http.post(
+                    self.config.endpoint,
+                    content=step.part.body,
+                    headers={IDEMPOTENCY_HEADER: step.part.key},
+                )
+            except Exception as exc:  # the loop decides; CancelledError is not caught
+                return exc
+        if step.kind == _WAIT:
+            return await self._wait(step.seconds)
+        if step.kind == _BACKOFF:
+            await self._backoff(step.seconds)
+        else:
+            await asyncio.sleep(step.seconds)
+        return None
 
     async def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until everything queued so far has been handled; False on timeout."""
@@ -179,7 +173,7 @@ class MetricsClient(Recorder):
                 await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 return False
-            if not self._queue and not self._pending:
+            if not self._backlog():
                 return True
             self._drain = True
             self._idle.clear()
@@ -196,7 +190,7 @@ class MetricsClient(Recorder):
         self._deadline = time.monotonic() + timeout
         try:
             loop = asyncio.get_running_loop()
-            if self._active and (self._queue or self._pending):
+            if self._active and self._backlog():
                 # No sender, or one stranded on a loop that has stopped: flush from this loop.
                 self._closing = False
                 self._ensure_sender(loop)
@@ -254,6 +248,8 @@ class ThreadedMetricsClient(Recorder):
                     client.close()
 
             atexit.register(_close_at_exit)
+        if self._active and self._backlog():
+            self.start()  # events left in the spool by an earlier process
 
     def __enter__(self) -> ThreadedMetricsClient:
         self.start()
@@ -285,49 +281,45 @@ class ThreadedMetricsClient(Recorder):
         self._event.clear()
         return woke
 
+    def _set_idle(self, idle: bool) -> None:
+        if idle:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
     def _run(self) -> None:
         cfg = self.config
         with httpx.Client(timeout=cfg.timeout_s, headers=self._headers) as http:
-            while True:
-                try:
-                    if not self._take_batch():
-                        if not self._queue:
-                            self._drain = False
-                            self._idle.set()
-                            if self._closing:
-                                return
-                        if not self._wait(cfg.flush_interval_s):
-                            self._drain = True  # the interval passed: send partial batches too
-                        continue
-                    self._idle.clear()
-                    delay = self._send_pending(http)
-                    if delay is None:
-                        continue
-                    if self._closing:
-                        if time.monotonic() + delay > self._deadline:
-                            return
-                        time.sleep(delay)
-                    else:
-                        # only close() cuts the backoff short, not a filling queue
-                        self._stop.wait(delay)
-                except Exception:
-                    logger.exception("metrics sender iteration failed; going on")
-                    time.sleep(min(1.0, cfg.flush_interval_s))
+            steps = self._sender()
+            outcome: object = None
+            try:
+                while True:
+                    try:
+                        step = steps.send(outcome)
+                    except StopIteration:
+                        return
+                    outcome = self._carry_out(step, http)
+            finally:
+                steps.close()
 
-    def _send_pending(self, http: httpx.Client) -> float | None:
-        retry_after: float | None = None
-        remaining: list[dict[str, Any]] = []
-        for body, part in self._parts():
-            if retry_after is None:
-                try:
-                    response = http.post(self.config.endpoint, content=body)
-                except httpx.HTTPError as exc:
-                    retry_after = self._on_transport_error(exc)
-                else:
-                    retry_after = self._on_response(response, len(part))
-            if retry_after is not None:
-                remaining.extend(part)
-        return self._conclude(retry_after, remaining)
+    def _carry_out(self, step: _Step, http: httpx.Client) -> object:
+        if step.kind == _POST:
+            assert step.part is not None
+            try:
+                return http.post(
+                    self.config.endpoint,
+                    content=step.part.body,
+                    headers={IDEMPOTENCY_HEADER: step.part.key},
+                )
+            except Exception as exc:  # the loop decides
+                return exc
+        if step.kind == _WAIT:
+            return self._wait(step.seconds)
+        if step.kind == _BACKOFF:
+            self._stop.wait(step.seconds)  # only close() cuts the backoff short
+        else:
+            time.sleep(step.seconds)
+        return None
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Block until everything queued so far has been handled; False on timeout."""
@@ -343,7 +335,7 @@ class ThreadedMetricsClient(Recorder):
             self._wake()
             if not self._idle.wait(max(0.0, deadline - time.monotonic())):
                 return False
-            if not self._queue and not self._pending:
+            if not self._backlog():
                 return True
         return False
 
@@ -356,7 +348,7 @@ class ThreadedMetricsClient(Recorder):
         timeout = self.config.shutdown_timeout_s if timeout_s is None else timeout_s
         self._deadline = time.monotonic() + timeout
         try:
-            if self._thread is None and (self._queue or self._pending):
+            if self._thread is None and self._backlog():
                 self._closing = False
                 self.start()
                 self._closing = True

@@ -15,6 +15,8 @@ collide with the service's own settings (its METRICS_FLUSH_INTERVAL_S is another
     METRICS_CLIENT_TIMEOUT_S           HTTP timeout per POST (5.0)
     METRICS_CLIENT_BACKOFF_MAX_S       longest wait between retries (30.0)
     METRICS_CLIENT_SHUTDOWN_TIMEOUT_S  how long close() may spend flushing (5.0)
+    METRICS_CLIENT_SPOOL_PATH          a directory: keep events on disk until acknowledged (off)
+    METRICS_CLIENT_SPOOL_MAX_BYTES     the spool's bound; the oldest events go first (64 MiB)
     METRICS_HASH_SALT                  salt for hashed user ids and queries (see hash_value)
 """
 
@@ -30,6 +32,7 @@ from typing import Any, TypeVar
 __all__ = ["ClientConfig"]
 
 MAX_BATCH_SIZE_LIMIT = 1000  # the service accepts at most 1000 metrics per request
+MAX_BODY_BYTES = 1024 * 1024  # the service's request body limit
 
 _T = TypeVar("_T")
 
@@ -60,6 +63,8 @@ class ClientConfig:
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
     shutdown_timeout_s: float = 5.0
+    spool_path: str | None = None
+    spool_max_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.max_queue_size < 1:
@@ -71,6 +76,8 @@ class ClientConfig:
                 raise ValueError(f"{name} must be positive")
         if self.shutdown_timeout_s < 0:
             raise ValueError("shutdown_timeout_s must not be negative")
+        if self.spool_max_bytes < 2 * MAX_BODY_BYTES:
+            raise ValueError(f"spool_max_bytes must be at least {2 * MAX_BODY_BYTES}")
 
     @property
     def active(self) -> bool:
@@ -113,6 +120,8 @@ class ClientConfig:
         take("timeout_s", "METRICS_CLIENT_TIMEOUT_S", float)
         take("backoff_max_s", "METRICS_CLIENT_BACKOFF_MAX_S", float)
         take("shutdown_timeout_s", "METRICS_CLIENT_SHUTDOWN_TIMEOUT_S", float)
+        take("spool_path", "METRICS_CLIENT_SPOOL_PATH", str)
+        take("spool_max_bytes", "METRICS_CLIENT_SPOOL_MAX_BYTES", int)
         known = {f.name for f in dataclasses.fields(cls)}
         for key, value in overrides.items():
             if key not in known:

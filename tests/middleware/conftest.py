@@ -77,20 +77,71 @@ class Received:
     headers: dict[str, str]
     body: dict[str, Any]
     status: int
+    reply: dict[str, Any] = field(default_factory=dict)
+    replayed: bool = False
+
+
+_METRIC_TYPES = ("auth_request", "tool_execution", "tool_discovery", "protocol_latency", "custom")
+_REQUIRED = {
+    "auth_request": ("success",),
+    "tool_execution": ("method", "success"),
+    "protocol_latency": ("flow_step",),
+}
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]{1,255}$")
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _item_error(i: int, metric: Any) -> tuple[str, str] | None:
+    """(field, rule) of the first reason the real service would reject item ``i``, or None."""
+    if not isinstance(metric, dict):
+        return f"metrics[{i}]", "type"
+    if metric.get("type") not in _METRIC_TYPES:
+        return f"metrics[{i}].type", "enum"
+    for name in ("value", "duration_ms"):
+        value = metric.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metrics[{i}].{name}", "type"
+        if value < 0 and name == "duration_ms":
+            return f"metrics[{i}].{name}", "range"
+    dims = metric.get("dimensions", {})
+    if not isinstance(dims, dict):
+        return f"metrics[{i}].dimensions", "type"
+    for name in _REQUIRED.get(metric["type"], ()):
+        if dims.get(name) is None:
+            return f"metrics[{i}].dimensions.{name}", "required"
+    if metric.get("metadata") is not None and not isinstance(metric["metadata"], dict):
+        return f"metrics[{i}].metadata", "type"
+    return None
 
 
 @dataclass
 class IngestServer:
-    """A loopback HTTP server implementing `POST /metrics`, scriptable per request."""
+    """A loopback HTTP server implementing `POST /metrics`, scriptable per request.
+
+    It refuses what the real service refuses (checked against it in test_exactly_once.py and
+    the end-to-end tests): a wrong key (401), a service it does not know (403), another content
+    type (415), a body over 1 MiB (413), JSON with NaN/Infinity or not JSON (400), a malformed
+    `Idempotency-Key` (400), items of unknown type or bad values (rejected by index, field and
+    rule; 422 when none is valid). A batch replayed with a key it has answered gets the first
+    answer again (`Idempotent-Replayed: true`) and is not accepted twice.
+    """
 
     port: int
     requests: list[Received] = field(default_factory=list)
-    # Each scripted reply is (status, headers); when empty, answer 200 accepting everything.
+    # Each scripted reply is (status, headers); when empty, answer as the service would.
     script: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     reject_types: set[str] = field(default_factory=set)
+    drop_replies: int = 0  # process this many requests, then close without answering
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _answers: dict[str, tuple[bytes, int, dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -98,8 +149,70 @@ class IngestServer:
 
     @property
     def accepted(self) -> list[dict[str, Any]]:
+        """The metrics stored: of each first 200 answer, the items not rejected."""
         with self._lock:
-            return [m for r in self.requests if r.status == 200 for m in r.body["metrics"]]
+            out = []
+            for r in self.requests:
+                if r.status != 200 or r.replayed:
+                    continue
+                bad = {e["index"] for e in r.reply.get("errors", [])}
+                out.extend(m for i, m in enumerate(r.body["metrics"]) if i not in bad)
+            return out
+
+    def answer(self, headers: Any, raw: bytes) -> tuple[int, dict[str, Any], dict[str, Any], bool]:
+        """(status, parsed body or {}, reply, replayed) as the real service would answer."""
+
+        def error(status: int, code: str, field_: str = "", rule: str = "") -> Any:
+            details = [{"field": field_, "rule": rule, "message": code}] if field_ else []
+            return status, {}, {"error": {"code": code, "message": code, "details": details}}, False
+
+        if headers.get("X-API-Key") != API_KEY:
+            return error(401, "unauthorized")
+        if (headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
+            return error(415, "unsupported_media_type")
+        if len(raw) > MAX_BODY_BYTES:
+            return error(413, "payload_too_large")
+        key = headers.get("Idempotency-Key")
+        if key is not None:
+            key = key.strip()
+            if len(key) >= 2 and key[0] == key[-1] == '"':
+                key = key[1:-1]
+            if not _IDEMPOTENCY_KEY.match(key):
+                return error(400, "invalid_idempotency_key", "Idempotency-Key", "charset")
+        try:
+            body = json.loads(raw, parse_constant=_refuse_constant)
+        except ValueError:
+            return error(400, "invalid_json")
+        if not isinstance(body, dict) or not isinstance(body.get("metrics"), list):
+            return error(422, "validation_failed", "metrics", "required")
+        if not isinstance(body.get("service"), str):
+            return error(422, "validation_failed", "service", "required")
+        if body.get("version") is not None and not isinstance(body["version"], str):
+            return error(422, "validation_failed", "version", "type")
+        if body.get("service") not in SERVICE_NAMES:
+            return error(403, "forbidden")
+        if not 1 <= len(body["metrics"]) <= 1000:
+            return error(422, "validation_failed", "metrics", "length")
+        with self._lock:
+            if key is not None and key in self._answers:
+                first_raw, status, reply = self._answers[key]
+                if first_raw != raw:
+                    return error(422, "idempotency_key_reused", "Idempotency-Key", "same_body")
+                return status, body, reply, True
+        errors = []
+        for i, metric in enumerate(body["metrics"]):
+            problem = _item_error(i, metric)
+            if problem is None and metric["type"] in self.reject_types:
+                problem = (f"metrics[{i}].type", "enum")
+            if problem is not None:
+                errors.append({"index": i, "field": problem[0], "rule": problem[1], "message": ""})
+        accepted = len(body["metrics"]) - len(errors)
+        reply = {"accepted": accepted, "rejected": len(errors), "errors": errors}
+        status = 200 if accepted else 422
+        if key is not None and accepted:
+            with self._lock:
+                self._answers[key] = (raw, status, reply)
+        return status, body, reply, False
 
     def start(self) -> None:
         ingest = self
@@ -114,28 +227,32 @@ class IngestServer:
                 length = int(self.headers.get("Content-Length", "0"))
                 raw = self.rfile.read(length)
                 with ingest._lock:
-                    status, headers = ingest.script.pop(0) if ingest.script else (200, {})
-                body = json.loads(raw)
-                reply: dict[str, Any] = {"accepted": 0, "rejected": 0, "errors": []}
-                if status == 200:
-                    for i, metric in enumerate(body["metrics"]):
-                        if metric["type"] in ingest.reject_types:
-                            reply["rejected"] += 1
-                            reply["errors"].append(
-                                {
-                                    "index": i,
-                                    "field": f"metrics[{i}].type",
-                                    "rule": "enum",
-                                    "message": "unknown type",
-                                }
-                            )
-                        else:
-                            reply["accepted"] += 1
+                    scripted = ingest.script.pop(0) if ingest.script else None
+                if scripted is not None:
+                    status, headers = scripted
+                    body = json.loads(raw, parse_constant=_refuse_constant)
+                    reply: dict[str, Any] = {"accepted": 0, "rejected": 0, "errors": []}
+                    replayed = False
+                else:
+                    status, body, reply, replayed = ingest.answer(self.headers, raw)
+                    headers = {"Idempotent-Replayed": "true"} if replayed else {}
                 data = json.dumps(reply).encode()
                 with ingest._lock:
+                    drop = ingest.drop_replies > 0
+                    ingest.drop_replies -= drop
                     ingest.requests.append(
-                        Received(time.monotonic(), dict(self.headers), body, status)
+                        Received(
+                            time.monotonic(),
+                            dict(self.headers),
+                            body,
+                            status,
+                            reply,
+                            replayed,
+                        )
                     )
+                self.close_connection = True
+                if drop:
+                    return  # the request was handled; the answer is lost
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
@@ -258,10 +375,12 @@ def _service_unavailable_reason() -> str | None:
 SERVICE_NAMES = ("mw-test", "mw-auth", "mw-registry", "mw-mcp")
 
 
-@contextmanager
-def run_service(tmp: Path, port: int, keys: dict[str, str]) -> Iterator[RunningService]:
-    """`python -m metrics_service serve` on `port`, storing into `tmp/m.db`, for the block."""
-    prometheus_port = free_port()
+def start_service(
+    tmp: Path, port: int, keys: dict[str, str], prometheus_port: int | None = None
+) -> tuple[subprocess.Popen[bytes], RunningService]:
+    """Start `python -m metrics_service serve` on `port`, storing into `tmp/m.db`, and wait
+    until it is ready. The caller stops the process (`stop_process`, or SIGKILL)."""
+    prometheus_port = prometheus_port or free_port()
     env = {
         **os.environ,
         "SQLITE_DB_PATH": str(tmp / "m.db"),
@@ -297,7 +416,18 @@ def run_service(tmp: Path, port: int, keys: dict[str, str]) -> Iterator[RunningS
 
     try:
         wait_until(ready, 30, "the metrics service to be ready")
-        yield RunningService(url, tmp / "m.db", keys, prometheus_port)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, RunningService(url, tmp / "m.db", keys, prometheus_port)
+
+
+@contextmanager
+def run_service(tmp: Path, port: int, keys: dict[str, str]) -> Iterator[RunningService]:
+    """`python -m metrics_service serve` on `port`, storing into `tmp/m.db`, for the block."""
+    proc, service = start_service(tmp, port, keys)
+    try:
+        yield service
     finally:
         stop_process(proc)
 
