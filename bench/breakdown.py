@@ -54,7 +54,7 @@ def _child(report: Path) -> None:
 
     timed(validation.Validator, "decode", "validation")
     timed(telemetry.Telemetry, "on_commit", "opentelemetry")
-    timed(telemetry.Telemetry, "hand_over", "opentelemetry")
+    timed(telemetry.Telemetry, "snapshot", "opentelemetry")
     timed(storage, "insert_rows", "storage")
     timed(rollups, "maintain", "rollups")
     database.rollups = rollups  # insert_rows looks maintain up through this module attribute

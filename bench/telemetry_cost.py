@@ -1,10 +1,11 @@
-"""Cost per metric of the OpenTelemetry recording, next to the cost of validating the same metric.
+"""Cost per metric of the OpenTelemetry recording, next to the cost of validating the same metric,
+and the cost of one collection (what a Prometheus scrape or an OTLP export reads).
 
     .venv/bin/python bench/telemetry_cost.py [--metrics 100000]
 
-Builds the real Telemetry (Prometheus reader on its own registry, no HTTP server) and times
-``on_commit`` over batches of the four families, in the bulk mode the service uses and in the
-one-record-per-value fallback, and ``Validator.decode`` on the same bodies for scale.
+Builds the real Telemetry (Prometheus collector on its own registry, no HTTP server), times
+``on_commit`` over batches of the four families and ``Validator.decode`` on the same bodies for
+scale, then one Prometheus exposition and one OTLP ``MetricsData`` of what was recorded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from _workload import bodies
+from prometheus_client import generate_latest
 
 from metrics_service.settings import Settings
 from metrics_service.telemetry import Telemetry
@@ -33,20 +35,32 @@ def main() -> None:
     t = time.perf_counter()
     batches = [validator.decode(b) for b in raw]
     validate_us = (time.perf_counter() - t) / args.metrics * 1e6
-    results = {"validate_us_per_metric": round(validate_us, 2)}
-    for mode in ("bulk", "per_value"):
-        telemetry = Telemetry(settings)
-        telemetry.bulk = mode == "bulk"
-        t = time.perf_counter()
-        for i in range(0, len(batches), 16):  # a commit groups ~16 requests
-            group = batches[i : i + 16]
-            telemetry.on_commit(group, sum(b.accepted for b in group), 0.001)
-        telemetry.hand_over()  # what a collection does: the pending values into the SDK
-        results[f"otel_{mode}_us_per_metric"] = round(
-            (time.perf_counter() - t) / args.metrics * 1e6, 2
+    telemetry = Telemetry(settings)
+    t = time.perf_counter()
+    for i in range(0, len(batches), 16):  # a commit groups ~16 requests
+        group = batches[i : i + 16]
+        telemetry.on_commit(group, sum(b.accepted for b in group), 0.001)
+    record_us = (time.perf_counter() - t) / args.metrics * 1e6
+    t = time.perf_counter()
+    exposition = generate_latest(telemetry.registry)
+    scrape_ms = (time.perf_counter() - t) * 1000
+    t = time.perf_counter()
+    data = telemetry.collect()
+    collect_ms = (time.perf_counter() - t) * 1000
+    series = sum(len(m.data.data_points) for m in data.resource_metrics[0].scope_metrics[0].metrics)
+    telemetry.shutdown()
+    print(
+        json.dumps(
+            {
+                "validate_us_per_metric": round(validate_us, 2),
+                "otel_us_per_metric": round(record_us, 2),
+                "prometheus_scrape_ms": round(scrape_ms, 2),
+                "otlp_collect_ms": round(collect_ms, 2),
+                "series": series,
+                "exposition_bytes": len(exposition),
+            }
         )
-        telemetry.shutdown()
-    print(json.dumps(results))
+    )
 
 
 if __name__ == "__main__":

@@ -156,7 +156,11 @@ def state(request: Request) -> AppState:
 
 
 def client_address(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    """The client's address (``X-Forwarded-For`` only from ``METRICS_TRUSTED_PROXIES``)."""
+    return state(request).authenticator.client_address(
+        request.client.host if request.client else None,
+        request.headers.getlist("x-forwarded-for"),
+    )
 
 
 APIKey = Annotated[str | None, Header(alias="X-API-Key", description="The caller's API key.")]
@@ -270,9 +274,12 @@ class IngestEndpoint:
         """Store the valid metrics of the batch; report each rejected one by index, field and
         rule."""
         api_key = content_type = encoding = length = idempotency_key = None
+        forwarded: list[str] = []
         for name, value in scope["headers"]:
             if name == b"x-api-key":
                 api_key = api_key or value.decode("latin-1")
+            elif name == b"x-forwarded-for":
+                forwarded.append(value.decode("latin-1"))
             elif name == b"content-type":
                 content_type = content_type or value
             elif name == b"content-encoding":
@@ -281,10 +288,9 @@ class IngestEndpoint:
                 length = length or value
             elif name == b"idempotency-key":
                 idempotency_key = idempotency_key or value
-        client = scope.get("client")
-        principal = await app.authenticator.authenticate(
-            api_key, client[0] if client else "unknown", "ingest"
-        )
+        peer = scope.get("client")
+        client = app.authenticator.client_address(peer[0] if peer else None, forwarded)
+        principal = await app.authenticator.authenticate(api_key, client, "ingest")
         decision = await app.limiter.hit(
             "key",
             str(principal.key_id),

@@ -13,8 +13,9 @@ import logging
 import os
 import re
 import sqlite3
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
@@ -34,6 +35,8 @@ from metrics_service.validation import Batch, Validator
 
 log = logging.getLogger(__name__)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: How long the readiness probe waits for SQLite's write lock.
+PROBE_BUSY_TIMEOUT_MS = 200
 
 
 @dataclass(eq=False)
@@ -42,6 +45,7 @@ class AppState:
     validator: Validator
     writer: DbThread
     reader: DbThread
+    probe: DbThread
     queue: WriteQueue
     keys: auth.KeyTable
     limiter: RateLimiter
@@ -63,8 +67,10 @@ class AppState:
             conn.execute("ROLLBACK")
             return True
 
+        # On a connection of its own with a short busy timeout: a probe while another process
+        # holds the write lock must not occupy the writer for the writer's busy timeout.
         try:
-            db_ok = await asyncio.wait_for(self.writer.run(writable), 5)
+            db_ok = await asyncio.wait_for(self.probe.run(writable), 5)
         except Exception:
             db_ok = False
         return {
@@ -76,6 +82,12 @@ class AppState:
     async def reload_keys(self) -> None:
         records = await self.reader.run(lambda c: storage.list_keys(c, active_only=True))
         self.keys.replace(records)
+
+    async def cancel_tasks(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _key_reload_loop(self) -> None:
         while True:
@@ -138,6 +150,12 @@ class RequestIdMiddleware:
 def _build_state(settings: Settings) -> AppState:
     writer = DbThread(settings, name="writer")
     reader = DbThread(settings, name="reader", readonly=True)
+    probe = DbThread(
+        settings,
+        name="probe",
+        migrate=False,
+        busy_timeout_ms=min(settings.sqlite_busy_timeout_ms, PROBE_BUSY_TIMEOUT_MS),
+    )
     keys = auth.KeyTable(settings.alias_map())
     limiter = RateLimiter(settings.rate_limit_async_uri)
     queue = WriteQueue(writer, settings)
@@ -155,6 +173,7 @@ def _build_state(settings: Settings) -> AppState:
         validator=Validator(settings),
         writer=writer,
         reader=reader,
+        probe=probe,
         queue=queue,
         keys=keys,
         limiter=limiter,
@@ -167,58 +186,110 @@ def _build_state(settings: Settings) -> AppState:
     return state
 
 
+class _Deadline:
+    """The one shutdown deadline (``METRICS_SHUTDOWN_TIMEOUT_S``), counted from its first use."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._end: float | None = None
+
+    def left(self) -> float:
+        if self._end is None:
+            self._end = time.monotonic() + self._seconds
+        return max(0.0, self._end - time.monotonic())
+
+
+async def _in_daemon_thread(fn: Callable[[], None], timeout_s: float, what: str) -> None:
+    """Run blocking ``fn`` off the event loop; stop waiting after ``timeout_s`` (a daemon thread,
+    so a hung exporter cannot hold the process either)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def finish() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def run() -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("%s failed", what)
+        finally:
+            loop.call_soon_threadsafe(finish)
+
+    threading.Thread(target=run, name=what, daemon=True).start()
+    try:
+        await asyncio.wait_for(done, timeout_s)
+    except TimeoutError:
+        log.error("%s did not finish within the shutdown deadline", what)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Open everything in one exit stack: a failure at any step of the start releases what the
+    steps before it opened (ports, threads, connections), and a normal exit closes all of it in
+    reverse order within one deadline."""
     settings: Settings = app.state.settings
-    state = _build_state(settings)
-    app.state.metrics = state
-    log.info(
-        "metrics-service %s starting: database %s, %s acknowledgement",
-        __version__,
-        settings.db_path.resolve(),
-        settings.ack_mode.value,
-    )
-    await state.writer.open()
-    if state.writer.applied_migrations:
-        log.info("applied schema migrations %s", state.writer.applied_migrations)
-    await state.reader.open()
-    state.telemetry.start()
-    counts = await state.writer.run(lambda c: auth.reconcile_env(c, settings))
-    log.info(
-        "environment keys reconciled: %d kept, %d added, %d revoked",
-        counts["kept"],
-        counts["added"],
-        counts["revoked"],
-    )
-    await state.reload_keys()
-    if state.keys.count_role("ingest") == 0:
-        log.warning(
-            "no ingest keys: create one with `metrics-service keys create --service NAME` "
-            "or set METRICS_API_KEY_<NAME>"
-        )
-    state.queue.start()
-    state.retention.start()
-    state.tasks.append(asyncio.create_task(state._key_reload_loop(), name="key-reload"))
+    deadline = _Deadline(settings.shutdown_timeout_s)
     started = time.monotonic()
-    try:
-        yield
-    finally:
-        log.info("shutting down: committing %d pending metrics", state.queue.pending_metrics)
-        left = await state.queue.close(settings.shutdown_timeout_s)
-        await state.retention.shutdown()
-        for task in state.tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        state.telemetry.shutdown()
-        await state.writer.close()
-        await state.reader.close()
+    async with contextlib.AsyncExitStack() as stack:
+        state = _build_state(settings)
+        app.state.metrics = state
         log.info(
-            "stopped after %.0f s: %d metrics committed, %d left uncommitted",
-            time.monotonic() - started,
-            state.queue.committed_metrics,
-            left,
+            "metrics-service %s starting: database %s, %s acknowledgement",
+            __version__,
+            settings.db_path.resolve(),
+            settings.ack_mode.value,
         )
+        # Each close is registered before its open: a failed open still ends its thread.
+        stack.push_async_callback(state.writer.close)
+        await state.writer.open()
+        if state.writer.applied_migrations:
+            log.info("applied schema migrations %s", state.writer.applied_migrations)
+        stack.push_async_callback(state.reader.close)
+        await state.reader.open()
+        stack.push_async_callback(state.probe.close)
+        await state.probe.open()
+        stack.push_async_callback(
+            lambda: _in_daemon_thread(
+                lambda: state.telemetry.shutdown(deadline.left()),
+                deadline.left(),
+                "telemetry-shutdown",
+            )
+        )
+        state.telemetry.start()
+        counts = await state.writer.run(lambda c: auth.reconcile_env(c, settings))
+        log.info(
+            "environment keys reconciled: %d kept, %d added, %d revoked, %d left revoked",
+            counts["kept"],
+            counts["added"],
+            counts["revoked"],
+            len(counts["refused"]),
+        )
+        await state.reload_keys()
+        if state.keys.count_role("ingest") == 0:
+            log.warning(
+                "no ingest keys: create one with `metrics-service keys create --service NAME` "
+                "or set METRICS_API_KEY_<NAME>"
+            )
+
+        async def close_queue() -> None:
+            left = await state.queue.close(deadline.left())
+            log.info(
+                "stopped after %.0f s: %d metrics committed, %d left uncommitted",
+                time.monotonic() - started,
+                state.queue.committed_metrics,
+                left,
+            )
+
+        stack.push_async_callback(close_queue)
+        state.queue.start()
+        stack.push_async_callback(state.retention.shutdown)
+        state.retention.start()
+        stack.push_async_callback(state.cancel_tasks)
+        state.tasks.append(asyncio.create_task(state._key_reload_loop(), name="key-reload"))
+        yield
+        log.info("shutting down: committing %d pending metrics", state.queue.pending_metrics)
 
 
 class MetricsApp(FastAPI):

@@ -14,17 +14,26 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import logging
+import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from metrics_service import storage
 from metrics_service.errors import Forbidden, RateLimited, Unauthorized
 from metrics_service.ratelimit import RateLimiter
-from metrics_service.settings import Settings, env_api_keys, valid_service_name
+from metrics_service.settings import (
+    API_KEY_ENV_PREFIX,
+    Settings,
+    env_api_keys,
+    service_name_from_env,
+    valid_service_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,8 @@ KEY_PREFIX = "mcpm_"
 #: The least time between two reloads of the key table caused by unknown keys.
 RELOAD_ON_DEMAND_INTERVAL_S = 1.0
 ROLES = ("ingest", "admin", "viewer")
+#: The ``reason`` of a failed authentication (``metrics_service_auth_failures_total``).
+FAILURE_REASONS = ("missing_key", "unknown_key", "wrong_role", "wrong_service", "throttled")
 
 
 def generate_key() -> str:
@@ -95,7 +106,7 @@ def create_key(
     return secret, record
 
 
-def reconcile_env(conn: sqlite3.Connection, settings: Settings) -> dict[str, int]:
+def reconcile_env(conn: sqlite3.Connection, settings: Settings) -> dict[str, Any]:
     """Make the env-sourced keys match ``METRICS_API_KEY_*`` and ``METRICS_ADMIN_API_KEY``."""
     wanted: dict[tuple[str, str | None], tuple[str, str]] = {
         ("ingest", service): (hash_key(key), key_prefix(key))
@@ -106,7 +117,24 @@ def reconcile_env(conn: sqlite3.Connection, settings: Settings) -> dict[str, int
             hash_key(settings.admin_api_key),
             key_prefix(settings.admin_api_key),
         )
-    return storage.reconcile_env_keys(conn, wanted)
+    counts = storage.reconcile_env_keys(conn, wanted)
+    for role, service in counts["refused"]:
+        log.warning(
+            "%s holds a key that was revoked; it stays revoked (a revoked key is never made "
+            "active again): put a new key in the variable",
+            _variable_of(role, service),
+        )
+    return counts
+
+
+def _variable_of(role: str, service: str | None) -> str:
+    if role == "admin":
+        return "METRICS_ADMIN_API_KEY"
+    for var in os.environ:
+        upper = var.upper()
+        if upper.startswith(API_KEY_ENV_PREFIX) and service_name_from_env(upper) == service:
+            return var
+    return f"{API_KEY_ENV_PREFIX}{(service or '').upper()}"
 
 
 class KeyTable:
@@ -153,7 +181,13 @@ class KeyTable:
 
 
 class Authenticator:
-    """Checks ``X-API-Key`` and throttles failed attempts per client address."""
+    """Checks ``X-API-Key``; throttles failed attempts per client address.
+
+    A valid key is never throttled: behind a load balancer or NAT many clients share an address,
+    and one of them guessing must not lock the others out. Keys are 256 random bits (or long
+    secrets from the environment), so the throttle is there to bound the noise of bad clients,
+    not to make guessing possible at all.
+    """
 
     def __init__(
         self,
@@ -166,6 +200,7 @@ class Authenticator:
         self._limiter = limiter
         self._failure_limit = settings.auth_failure_limit_per_min
         self._on_failure = on_failure
+        self._trusted = settings.trusted_networks
         #: Reloads the key table from the database; set by the app. An unknown key triggers it
         #: once before the key is refused, so a key created with the CLI works at once.
         self.reload: Callable[[], Awaitable[None]] | None = None
@@ -190,19 +225,41 @@ class Authenticator:
             return None
         return self.keys.lookup(presented)
 
+    def client_address(self, peer: str | None, forwarded_for: Iterable[str]) -> str:
+        """The client's address: the peer's, or, when the peer is a trusted proxy, the last
+        ``X-Forwarded-For`` entry (read from the right) that is not a trusted proxy itself."""
+        if peer is None:
+            return "unknown"
+        if not self._is_trusted(peer):
+            return peer
+        hops = [h.strip() for value in forwarded_for for h in value.split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not self._is_trusted(hop):
+                return hop
+        return hops[0] if hops else peer
+
+    def _is_trusted(self, address: str) -> bool:
+        if not self._trusted:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self._trusted)
+
     async def authenticate(self, presented: str | None, client: str, *roles: str) -> Principal:
-        # A client that already failed too often is refused before its key is even looked at.
-        blocked = await self._limiter.peek_exhausted("authfail", client, self._failure_limit)
-        if blocked is not None:
-            self._on_failure("throttled")
-            raise RateLimited(
-                "too many failed authentication attempts from this address",
-                headers={"Retry-After": str(blocked)},
-            )
         principal = self.keys.lookup(presented) if presented else None
         if principal is None and presented:
             principal = await self._lookup_fresh(presented)
         if principal is None:
+            # A client that already failed too often is refused without spending more.
+            blocked = await self._limiter.peek_exhausted("authfail", client, self._failure_limit)
+            if blocked is not None:
+                self._on_failure("throttled")
+                raise RateLimited(
+                    "too many failed authentication attempts from this address",
+                    headers={"Retry-After": str(blocked)},
+                )
             # The hit itself is the gate (atomic), so a burst of concurrent guesses gets exactly
             # the allowed number of 401s and 429 for the rest.
             decision = await self._limiter.hit("authfail", client, self._failure_limit)

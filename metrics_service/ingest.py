@@ -9,8 +9,8 @@ requests share commits and durability costs little throughput.
   commit is rolled back whole and retried up to ``METRICS_COMMIT_RETRIES`` times; if it still
   fails, the waiting requests get 503 and nothing of theirs is stored.
 - ``buffered``: ``submit`` returns at once; the writer commits every ``METRICS_FLUSH_INTERVAL_S``
-  (or sooner when a full batch is waiting) and retries a failed commit until it succeeds, since
-  those rows were already acknowledged.
+  (or sooner when a full batch is waiting) and retries a failed commit, whatever the failure,
+  until it succeeds or the process exits, since those rows were already acknowledged.
 
 Either way the queue is bounded (``METRICS_QUEUE_MAX_METRICS``): full -> 503, never unbounded
 memory. ``close`` stops intake and commits everything pending, within a deadline.
@@ -68,11 +68,24 @@ class DbThread:
     a reader for admin queries, so that a long count never delays a commit.
     """
 
-    def __init__(self, settings: Settings, *, name: str, readonly: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        name: str,
+        readonly: bool = False,
+        migrate: bool = True,
+        busy_timeout_ms: int | None = None,
+    ) -> None:
         self._settings = settings
         self._readonly = readonly
+        self._migrate = migrate and not readonly
+        self._busy_timeout_ms = (
+            settings.sqlite_busy_timeout_ms if busy_timeout_ms is None else busy_timeout_ms
+        )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{name}")
         self._conn: sqlite3.Connection | None = None
+        self._closed = False
         self.applied_migrations: list[int] = []
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -87,17 +100,18 @@ class DbThread:
 
     def _open(self) -> None:
         synchronous = self._settings.sqlite_synchronous.value
-        busy_timeout_ms = self._settings.sqlite_busy_timeout_ms
-        if self._readonly:
-            self._conn = storage.connect(
-                self._settings.db_path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
-            )
-            self._conn.execute("PRAGMA query_only = ON")
-        else:
+        busy_timeout_ms = self._busy_timeout_ms
+        if self._migrate:
             self._conn, self.applied_migrations = storage.open_database(
                 self._settings.db_path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
             )
             import_reference_rows(self._conn, self._settings)
+        else:
+            self._conn = storage.connect(
+                self._settings.db_path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
+            )
+            if self._readonly:
+                self._conn.execute("PRAGMA query_only = ON")
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -105,13 +119,17 @@ class DbThread:
 
     def _close(self) -> None:
         if self._conn is not None:
-            if not self._readonly:
+            if self._migrate:  # the writer
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._conn.close()
             self._conn = None
 
     async def close(self) -> None:
+        """Close the connection and end the thread (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._close)
         self._executor.shutdown(wait=True)
@@ -208,12 +226,20 @@ class WriteQueue:
             started = time.perf_counter()
             try:
                 await self._writer.run(lambda conn: storage.insert_rows(conn, parts, claims))
-            except StorageError as exc:
+            except Exception as exc:
+                # Any failure, not only the database's: in buffered mode these rows were
+                # acknowledged, so they are retried until stored (or the process exits).
                 attempt += 1
                 self.on_failure()
                 self.healthy = False
-                self.last_error = str(exc)
-                log.error("commit of %d metrics failed (attempt %d): %s", size, attempt, exc)
+                if isinstance(exc, StorageError):
+                    self.last_error = str(exc)
+                    log.error("commit of %d metrics failed (attempt %d): %s", size, attempt, exc)
+                else:
+                    self.last_error = f"unexpected {type(exc).__name__}"
+                    log.exception(
+                        "commit of %d metrics failed unexpectedly (attempt %d)", size, attempt
+                    )
                 if self._durable and attempt > self._settings.commit_retries:
                     self._finish(
                         entries,
@@ -225,12 +251,9 @@ class WriteQueue:
                     return
                 await asyncio.sleep(min(5.0, 0.05 * 2**attempt))
                 continue
-            except BaseException as exc:
-                self._finish(entries, Unavailable("the metrics could not be stored"))
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                log.exception("unexpected commit failure")
-                return
+            except BaseException:  # cancelled at the shutdown deadline, or the process is ending
+                self._finish(entries, Unavailable("the service is shutting down"))
+                raise
             elapsed = time.perf_counter() - started
             if not self.healthy:
                 log.info("commits succeed again")

@@ -187,6 +187,7 @@ class RetentionLoop:
         self._on_deleted = on_deleted
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.finished_runs = 0  # runs that ended, failed or not
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="retention")
@@ -197,6 +198,7 @@ class RetentionLoop:
                 await run_once(self._writer, self._settings, on_deleted=self._on_deleted)
             except Exception:
                 log.exception("retention run failed; trying again next interval")
+            self.finished_runs += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self._settings.retention_interval_s)
 

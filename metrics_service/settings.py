@@ -7,6 +7,7 @@ Explicit arguments win over the environment, so a test writes
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -108,6 +109,9 @@ class Settings(BaseSettings):
     rate_limit_per_min: int = _env("METRICS_RATE_LIMIT", 1000, ge=1)
     rate_limit_storage_uri: str = _env("METRICS_RATE_LIMIT_STORAGE_URI", "memory://")
     auth_failure_limit_per_min: int = _env("METRICS_AUTH_FAILURE_LIMIT", 30, ge=1)
+    #: Addresses or networks (comma-separated, e.g. ``10.0.0.0/8,127.0.0.1``) of the reverse
+    #: proxies in front of the service: from these peers only, ``X-Forwarded-For`` names the client.
+    trusted_proxies: str = _env("METRICS_TRUSTED_PROXIES", "")
     key_reload_interval_s: float = _env("METRICS_KEY_RELOAD_INTERVAL_S", 2.0, gt=0)
     #: ``service:alias,service:alias``: keys of ``service`` may also report as ``alias``.
     service_aliases: str = _env("METRICS_SERVICE_ALIASES", "")
@@ -168,6 +172,25 @@ class Settings(BaseSettings):
     def alias_map(self) -> dict[str, tuple[str, ...]]:
         """``METRICS_SERVICE_ALIASES`` as service -> its further names."""
         return parse_aliases(self.service_aliases)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for part in value.split(","):
+            if part.strip():
+                try:
+                    ipaddress.ip_network(part.strip(), strict=False)
+                except ValueError:
+                    raise ValueError(f"{part.strip()!r} is not an IP address or network") from None
+        return value
+
+    @property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(
+            ipaddress.ip_network(part.strip(), strict=False)
+            for part in self.trusted_proxies.split(",")
+            if part.strip()
+        )
 
     @field_validator("otlp_endpoint", "otlp_metrics_endpoint")
     @classmethod

@@ -1,14 +1,19 @@
-"""OpenTelemetry export: every committed metric becomes counter and histogram measurements,
-scraped by Prometheus (``PrometheusMetricReader`` on its own registry and port) and/or pushed
-over OTLP (``PeriodicExportingMetricReader``).
+"""OpenTelemetry export: every committed metric becomes counter and histogram values, scraped by
+Prometheus (a ``prometheus_client`` collector on its own registry and port) and/or pushed over
+OTLP (``MetricsData`` handed to the OTLP exporter every ``OTEL_METRIC_EXPORT_INTERVAL``).
 
 Cost. The SDK spends 15-20 µs on each ``add``/``record`` (attribute cleaning and hashing), which
-would cost more than storing the metric. So a commit is first aggregated here in plain Python, per
-label set: counters are kept as our own running totals and reported through observable counters
-(exact, and cumulative by nature), and histograms receive one "bulk" measurement per label set
-per commit, which a small subclass of the SDK's explicit-bucket aggregation merges bucket by
-bucket. A start-up self-test proves the subclass against the installed SDK; if it fails, we fall
-back to one ``record`` per value (correct, slower) and log it.
+would cost more than storing the metric. So the aggregation is ours, in plain Python: a commit's
+rows are grouped per label set and added to cumulative counters and explicit-bucket histograms
+kept here, and a collection reads them. Both outputs go through public APIs only: custom
+collectors are prometheus_client's way to expose values computed elsewhere, and an OTLP exporter
+takes any ``MetricsData`` (the data model of ``opentelemetry.sdk.metrics.export``). Names, labels,
+units, buckets and the ``target_info`` series are those the OpenTelemetry SDK and its Prometheus
+exporter produce for the same instruments.
+
+To add an instrument: one entry in ``INSTRUMENTS`` (and, for a rare-event counter, its known label
+values in ``ZERO_SERIES``); counters are fed by ``Telemetry.add``, histograms by a recorder in
+``_RECORDERS``, gauges by a callback in ``Telemetry._gauges``.
 
 Cardinality. Labels come only from low-cardinality dimensions. Each instrument keeps at most
 ``METRICS_OTEL_CARDINALITY_LIMIT`` label sets; further ones go to one more series, labelled only
@@ -17,33 +22,49 @@ Cardinality. Labels come only from low-cardinality dimensions. Each instrument k
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
+import re
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
-from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics._internal.aggregation import _ExplicitBucketHistogramAggregation
-from opentelemetry.sdk.metrics._internal.exemplar import AlwaysOffExemplarFilter
 from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Gauge,
+    Histogram,
     HistogramDataPoint,
-    InMemoryMetricReader,
+    Metric,
     MetricExporter,
     MetricExportResult,
-    MetricReader,
-    PeriodicExportingMetricReader,
+    MetricsData,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
 )
-from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
+from prometheus_client.registry import Collector
 
-from metrics_service import __version__
+from metrics_service import __version__, storage
+from metrics_service.auth import FAILURE_REASONS
 from metrics_service.settings import OtlpProtocol, Settings
-from metrics_service.validation import DIMENSIONS, Batch
+from metrics_service.storage import rollups
+from metrics_service.validation import DIMENSIONS, REJECTION_RULES, Batch
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +92,7 @@ SEMCONV_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 6
 BYTES_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
 RESULTS_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100)
 BATCH_BUCKETS = (1, 10, 100, 1000, 5000, 10000, 50000)
+#: The attribute of the overflow series (OpenTelemetry SDK, "cardinality limits").
 OVERFLOW = {"otel.metric.overflow": True}
 
 # Column positions of the typed dimensions in the rows built by ``validation``.
@@ -96,83 +118,59 @@ SEMCONV_LABELS = (
     "mcp.protocol.version",
 )
 
-#: name -> (kind, unit, labels, buckets, description). Counter names get ``_total`` in Prometheus.
-INSTRUMENTS: dict[str, tuple[str, str, tuple[str, ...], Sequence[float], str]] = {
-    "mcp_auth_requests": ("counter", "", AUTH_LABELS, (), "Authentication events (sum of value)"),
-    "mcp_tool_executions": ("counter", "", TOOL_LABELS, (), "MCP method calls (sum of value)"),
-    "mcp_tool_discovery": (
-        "counter",
-        "",
-        SERVICE_LABELS,
-        (),
-        "Tool discovery searches (sum of value)",
+
+class Instrument(NamedTuple):
+    """One exported instrument. ``kind`` is ``counter`` (monotonic sum; ``_total`` in
+    Prometheus), ``histogram`` (explicit ``buckets``) or ``gauge``; ``unit`` is UCUM as in
+    OpenTelemetry (``s``, ``By``), mapped to the Prometheus suffix (``seconds``, ``bytes``)."""
+
+    kind: str
+    unit: str
+    labels: tuple[str, ...]
+    buckets: Sequence[float]
+    description: str
+
+
+INSTRUMENTS: dict[str, Instrument] = {
+    "mcp_auth_requests": Instrument(
+        "counter", "", AUTH_LABELS, (), "Authentication events (sum of value)"
     ),
-    "mcp_auth_request_duration_seconds": (
-        "histogram",
-        "s",
-        AUTH_LABELS,
-        SECONDS_BUCKETS,
-        "Authentication time",
+    "mcp_tool_executions": Instrument(
+        "counter", "", TOOL_LABELS, (), "MCP method calls (sum of value)"
     ),
-    "mcp_tool_execution_duration_seconds": (
-        "histogram",
-        "s",
-        TOOL_LABELS,
-        SECONDS_BUCKETS,
-        "MCP method execution time",
+    "mcp_tool_discovery": Instrument(
+        "counter", "", SERVICE_LABELS, (), "Tool discovery searches (sum of value)"
     ),
-    "mcp_tool_input_size_bytes": (
-        "histogram",
-        "By",
-        TOOL_LABELS,
-        BYTES_BUCKETS,
-        "Tool call input size",
+    "mcp_auth_request_duration_seconds": Instrument(
+        "histogram", "s", AUTH_LABELS, SECONDS_BUCKETS, "Authentication time"
     ),
-    "mcp_tool_output_size_bytes": (
-        "histogram",
-        "By",
-        TOOL_LABELS,
-        BYTES_BUCKETS,
-        "Tool call output size",
+    "mcp_tool_execution_duration_seconds": Instrument(
+        "histogram", "s", TOOL_LABELS, SECONDS_BUCKETS, "MCP method execution time"
     ),
-    "mcp_tool_discovery_duration_seconds": (
-        "histogram",
-        "s",
-        SERVICE_LABELS,
-        SECONDS_BUCKETS,
-        "Discovery total time",
+    "mcp_tool_input_size_bytes": Instrument(
+        "histogram", "By", TOOL_LABELS, BYTES_BUCKETS, "Tool call input size"
     ),
-    "mcp_tool_discovery_embedding_duration_seconds": (
-        "histogram",
-        "s",
-        SERVICE_LABELS,
-        SECONDS_BUCKETS,
-        "Discovery embedding time",
+    "mcp_tool_output_size_bytes": Instrument(
+        "histogram", "By", TOOL_LABELS, BYTES_BUCKETS, "Tool call output size"
     ),
-    "mcp_tool_discovery_search_duration_seconds": (
-        "histogram",
-        "s",
-        SERVICE_LABELS,
-        SECONDS_BUCKETS,
-        "Discovery index search time",
+    "mcp_tool_discovery_duration_seconds": Instrument(
+        "histogram", "s", SERVICE_LABELS, SECONDS_BUCKETS, "Discovery total time"
     ),
-    "mcp_tool_discovery_results": (
-        "histogram",
-        "",
-        SERVICE_LABELS,
-        RESULTS_BUCKETS,
-        "Results returned per discovery",
+    "mcp_tool_discovery_embedding_duration_seconds": Instrument(
+        "histogram", "s", SERVICE_LABELS, SECONDS_BUCKETS, "Discovery embedding time"
     ),
-    "mcp_protocol_latency_seconds": (
-        "histogram",
-        "s",
-        PROTOCOL_LABELS,
-        SECONDS_BUCKETS,
-        "Time between MCP protocol steps",
+    "mcp_tool_discovery_search_duration_seconds": Instrument(
+        "histogram", "s", SERVICE_LABELS, SECONDS_BUCKETS, "Discovery index search time"
+    ),
+    "mcp_tool_discovery_results": Instrument(
+        "histogram", "", SERVICE_LABELS, RESULTS_BUCKETS, "Results returned per discovery"
+    ),
+    "mcp_protocol_latency_seconds": Instrument(
+        "histogram", "s", PROTOCOL_LABELS, SECONDS_BUCKETS, "Time between MCP protocol steps"
     ),
     # The OpenTelemetry MCP semantic conventions (status Development), dotted as over OTLP;
     # Prometheus shows mcp_server_operation_duration_seconds{mcp_method_name=...}.
-    "mcp.server.operation.duration": (
+    "mcp.server.operation.duration": Instrument(
         "histogram",
         "s",
         SEMCONV_LABELS,
@@ -180,7 +178,7 @@ INSTRUMENTS: dict[str, tuple[str, str, tuple[str, ...], Sequence[float], str]] =
         "MCP request or notification duration as observed on the receiver from the time it was "
         "received until the result or ack is sent.",
     ),
-    "mcp.client.operation.duration": (
+    "mcp.client.operation.duration": Instrument(
         "histogram",
         "s",
         SEMCONV_LABELS,
@@ -188,225 +186,285 @@ INSTRUMENTS: dict[str, tuple[str, str, tuple[str, ...], Sequence[float], str]] =
         "The duration of the MCP request or notification as observed on the sender from the "
         "time it was sent until the response or ack is received.",
     ),
-    "metrics_service_metrics_accepted": ("counter", "", ("type",), (), "Metrics stored"),
-    "metrics_service_metrics_rejected": (
-        "counter",
-        "",
-        ("reason",),
-        (),
-        "Metrics rejected, by the rule they broke",
+    "metrics_service_metrics_accepted": Instrument("counter", "", ("type",), (), "Metrics stored"),
+    "metrics_service_metrics_rejected": Instrument(
+        "counter", "", ("reason",), (), "Metrics rejected, by the rule they broke"
     ),
-    "metrics_service_requests": ("counter", "", ("status",), (), "Ingest requests by HTTP status"),
-    "metrics_service_rate_limited_requests": (
-        "counter",
-        "",
-        (),
-        (),
-        "Ingest requests refused by the rate limit",
+    "metrics_service_requests": Instrument(
+        "counter", "", ("status",), (), "Ingest requests by HTTP status"
     ),
-    "metrics_service_auth_failures": ("counter", "", ("reason",), (), "Failed authentications"),
-    "metrics_service_commit_failures": ("counter", "", (), (), "Failed commit attempts"),
-    "metrics_service_retention_deleted_rows": (
-        "counter",
-        "",
-        ("table",),
-        (),
-        "Rows deleted by retention",
+    "metrics_service_rate_limited_requests": Instrument(
+        "counter", "", (), (), "Ingest requests refused by the rate limit"
     ),
-    "metrics_service_export_failures": ("counter", "", ("exporter",), (), "Failed OTLP exports"),
-    "metrics_service_otlp_spans": (
+    "metrics_service_auth_failures": Instrument(
+        "counter", "", ("reason",), (), "Failed authentications"
+    ),
+    "metrics_service_commit_failures": Instrument("counter", "", (), (), "Failed commit attempts"),
+    "metrics_service_retention_deleted_rows": Instrument(
+        "counter", "", ("table",), (), "Rows deleted by retention"
+    ),
+    "metrics_service_export_failures": Instrument(
+        "counter", "", ("exporter",), (), "Failed OTLP exports"
+    ),
+    "metrics_service_otlp_spans": Instrument(
         "counter",
         "",
         ("outcome",),
         (),
         "Spans received on /v1/traces: accepted (MCP, stored), rejected, not_mcp (dropped)",
     ),
-    "metrics_service_commit_batch_metrics": (
-        "histogram",
-        "",
-        (),
-        BATCH_BUCKETS,
-        "Metrics per commit",
+    "metrics_service_commit_batch_metrics": Instrument(
+        "histogram", "", (), BATCH_BUCKETS, "Metrics per commit"
     ),
-    "metrics_service_commit_duration_seconds": (
-        "histogram",
-        "s",
-        (),
-        SECONDS_BUCKETS,
-        "Commit duration",
+    "metrics_service_commit_duration_seconds": Instrument(
+        "histogram", "s", (), SECONDS_BUCKETS, "Commit duration"
+    ),
+    "metrics_service_queue_depth": Instrument("gauge", "", (), (), "Metrics waiting for a commit"),
+    "metrics_service_database_size_bytes": Instrument(
+        "gauge", "By", ("file",), (), "Size of the SQLite database file and its WAL"
     ),
 }
 
+#: Counters of rare events, exported at 0 from start for each of their known label values, so
+#: that a healthy service shows 0 on dashboards and in alert expressions rather than no series
+#: (Prometheus, "Instrumentation: avoid missing metrics").
+ZERO_SERIES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "metrics_service_commit_failures": ((),),
+    "metrics_service_rate_limited_requests": ((),),
+    "metrics_service_auth_failures": tuple((reason,) for reason in FAILURE_REASONS),
+    "metrics_service_metrics_rejected": tuple((rule,) for rule in REJECTION_RULES),
+    "metrics_service_retention_deleted_rows": tuple(
+        (table,) for table in (*storage.TABLES, *rollups.TABLES)
+    ),
+    "metrics_service_export_failures": (("otlp",),),
+    "metrics_service_otlp_spans": (("accepted",), ("rejected",), ("not_mcp",)),
+}
 
-#: The two name sets a setting can switch off: the architecture document's and the semconv's.
+#: The two name sets a setting can switch off: the semantic conventions' (dotted) and the
+#: architecture document's (``mcp_*``); the self-metrics always stay.
 SEMCONV_NAMES = frozenset(name for name in INSTRUMENTS if "." in name)
 SEED_NAMES = frozenset(n for n in INSTRUMENTS if n.startswith("mcp_") and n not in SEMCONV_NAMES)
 
-
-class _Bulk(float):
-    """A histogram measurement that carries a whole commit's bucket counts; its float value is
-    the sum of the values (so the SDK's finite/non-negative checks see the real sum)."""
-
-    __slots__ = ("counts", "high", "low")
-    counts: list[int]
-    low: float
-    high: float
+# UCUM unit -> Prometheus suffix, as the OpenTelemetry Prometheus exporter maps them.
+_PROMETHEUS_UNITS = {"": "", "s": "seconds", "ms": "milliseconds", "By": "bytes", "1": "ratio"}
+_TARGET_INFO = ("target", "Target metadata")  # exposed as ``target_info``, as OTel does
 
 
-class _BulkAggregation(_ExplicitBucketHistogramAggregation):
-    def aggregate(self, measurement: Any, should_sample_exemplar: bool = True) -> None:
-        bulk = measurement.value
-        if type(bulk) is not _Bulk:
-            super().aggregate(measurement, should_sample_exemplar)
-            return
-        with self._lock:
-            # The SDK declares these private fields by their initial values (None, int).
-            if self._value is None:
-                self._value = self._get_empty_bucket_counts()  # type: ignore[assignment]
-            self._sum += float(bulk)  # type: ignore[assignment]
-            if self._record_min_max:
-                self._min = min(self._min, bulk.low)
-                self._max = max(self._max, bulk.high)
-            value: list[int] = self._value  # type: ignore[assignment]
-            for i, n in enumerate(bulk.counts):
-                if n:
-                    value[i] += n
+class _Counter:
+    """A cumulative counter, capped at ``limit`` label sets (then one overflow series)."""
 
-
-class BulkHistogramAggregation(ExplicitBucketHistogramAggregation):
-    """Explicit buckets that also accept ``_Bulk`` measurements."""
-
-    def _create_aggregation(self, *args: Any, **kwargs: Any) -> Any:
-        aggregation = super()._create_aggregation(*args, **kwargs)
-        if type(aggregation) is _ExplicitBucketHistogramAggregation:
-            aggregation.__class__ = _BulkAggregation
-        return aggregation
-
-
-def _bulk_works() -> bool:
-    """Prove the bulk path against the installed SDK: one bulk == the same values one by one."""
-    try:
-        reader = InMemoryMetricReader()
-        provider = MeterProvider(
-            metric_readers=[reader],
-            views=[View(instrument_name="h", aggregation=BulkHistogramAggregation((1.0, 2.0)))],
-        )
-        bulk = _Bulk(0.5 + 1.75)
-        bulk.counts, bulk.low, bulk.high = [1, 1, 0], 0.5, 1.75
-        provider.get_meter("t").create_histogram("h").record(bulk, {"a": "b"})
-        data = reader.get_metrics_data()
-        provider.shutdown()
-        assert data is not None
-        point = data.resource_metrics[0].scope_metrics[0].metrics[0].data.data_points[0]
-        return bool(
-            isinstance(point, HistogramDataPoint)
-            and list(point.bucket_counts) == [1, 1, 0]
-            and point.count == 2
-            and point.min == 0.5
-            and point.max == 1.75
-        )
-    except Exception:
-        log.exception("bulk histogram self-test failed")
-        return False
-
-
-#: The longest that histogram values wait for the SDK when no reader collects.
-HAND_OVER_S = 1.0
-
-
-class _Hist:
-    """Per-commit accumulation of one histogram: label tuple -> [counts, sum, min, max]."""
-
-    __slots__ = ("bounds", "groups", "keep_values")
-
-    def __init__(self, bounds: Sequence[float], keep_values: bool) -> None:
-        self.bounds = bounds
-        self.groups: dict[tuple[str, ...], list[Any]] = {}
-        self.keep_values = keep_values  # only for the one-record-per-value fallback
-
-    def add(self, key: tuple[str, ...], value: float) -> None:
-        self.add_all(key, [value])
-
-    def add_all(self, key: tuple[str, ...], values: list[float]) -> None:
-        """``add`` for each of ``values`` (not empty), with one lookup of the group."""
-        group = self.groups.get(key)
-        if group is None:
-            group = self.groups[key] = [[0] * (len(self.bounds) + 1), 0.0, values[0], values[0], []]
-        counts, bounds = group[0], self.bounds
-        for value in values:
-            counts[bisect_left(bounds, value)] += 1
-        group[1] += sum(values)
-        group[2] = min(group[2], min(values))
-        group[3] = max(group[3], max(values))
-        if self.keep_values:
-            group[4].extend(values)
-
-
-class _Totals:
-    """Running totals of a counter, capped at ``limit`` label sets (then one overflow series)."""
+    __slots__ = ("labels", "limit", "overflow", "values")
 
     def __init__(self, labels: tuple[str, ...], limit: int) -> None:
         self.labels = labels
         self.limit = limit
         self.values: dict[tuple[Any, ...], float] = {}
-        self.overflow = 0.0
+        self.overflow: float | None = None
 
     def add(self, key: tuple[Any, ...], amount: float) -> None:
-        # Called on the event loop only; ``observe`` runs on an exporter thread and copies the
-        # dict in one C call (atomic under the GIL).
+        # Called on the event loop only; a collection runs on another thread and copies the dict
+        # in one C call (atomic under the GIL).
         values = self.values
         if key in values:
             values[key] += amount
         elif len(values) < self.limit:  # as the SDK: the overflow series comes on top
             values[key] = amount
         else:
-            self.overflow += amount
+            self.overflow = (self.overflow or 0) + amount
 
-    def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
+    def points(self) -> list[tuple[dict[str, Any], float]]:
         labels = self.labels
-        for key, value in list(self.values.items()):
-            yield Observation(value, dict(zip(labels, key, strict=True)))
-        if self.overflow:
-            yield Observation(self.overflow, OVERFLOW)
+        points: list[tuple[dict[str, Any], float]] = [
+            (dict(zip(labels, key, strict=True)), value) for key, value in list(self.values.items())
+        ]
+        if self.overflow is not None:
+            points.append((OVERFLOW, self.overflow))
+        return points
 
 
-class _CountingExporter(MetricExporter):
-    """Wraps an OTLP exporter to count and log (once per outage) failed exports."""
+@dataclass(slots=True)
+class _HistogramPoint:
+    counts: list[int]
+    count: int
+    sum: float
+    min: float
+    max: float
 
-    def __init__(self, inner: MetricExporter, on_failure: Callable[[], None]) -> None:
-        super().__init__(
-            preferred_temporality=inner._preferred_temporality,
-            preferred_aggregation=inner._preferred_aggregation,
-        )
-        self._inner = inner
+
+class _Histogram:
+    """A cumulative explicit-bucket histogram per label set, capped like ``_Counter``.
+
+    Bucket i counts the values ``<= bounds[i]`` (and above ``bounds[i - 1]``); the last bucket
+    the values above the last bound, as OpenTelemetry's explicit buckets."""
+
+    __slots__ = ("bounds", "labels", "limit", "overflow", "series")
+
+    def __init__(self, labels: tuple[str, ...], bounds: Sequence[float], limit: int) -> None:
+        self.labels = labels
+        self.bounds = bounds
+        self.limit = limit
+        self.series: dict[tuple[str, ...], _HistogramPoint] = {}
+        self.overflow: _HistogramPoint | None = None
+
+    def add(self, key: tuple[str, ...], value: float) -> None:
+        self.add_all(key, [value])
+
+    def add_all(self, key: tuple[str, ...], values: list[float]) -> None:
+        """``add`` for each of ``values`` (not empty), with one lookup of the series."""
+        point = self.series.get(key)
+        if point is None:
+            if len(self.series) < self.limit:
+                point = self.series[key] = self._empty(values[0])
+            else:
+                point = self.overflow = self.overflow or self._empty(values[0])
+        counts, bounds = point.counts, self.bounds
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+        point.count += len(values)
+        point.sum += sum(values)
+        point.min = min(point.min, min(values))
+        point.max = max(point.max, max(values))
+
+    def _empty(self, first: float) -> _HistogramPoint:
+        return _HistogramPoint([0] * (len(self.bounds) + 1), 0, 0.0, first, first)
+
+    def points(self) -> list[tuple[dict[str, Any], _HistogramPoint]]:
+        """A copy (the caller holds the lock that ``add_all`` runs under)."""
+        labels = self.labels
+        points: list[tuple[dict[str, Any], _HistogramPoint]] = [
+            (dict(zip(labels, key, strict=True)), _copy(p)) for key, p in self.series.items()
+        ]
+        if self.overflow is not None:
+            points.append((OVERFLOW, _copy(self.overflow)))
+        return points
+
+
+def _copy(p: _HistogramPoint) -> _HistogramPoint:
+    return _HistogramPoint(list(p.counts), p.count, p.sum, p.min, p.max)
+
+
+#: One collection: (name, instrument, [(attributes, value)]) per instrument with data.
+Snapshot = list[tuple[str, Instrument, list[tuple[dict[str, Any], Any]]]]
+
+
+class _PrometheusCollector(Collector):
+    """Exposes a snapshot in the shape the OpenTelemetry Prometheus exporter gives the same
+    data: one family per instrument, label names padded with "" across a family's series."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self._telemetry = telemetry
+        self._info: InfoMetricFamily | None = None
+
+    def collect(self) -> Iterator[Any]:
+        if self._info is None:
+            attributes = {
+                _label_name(k): _label_value(v)
+                for k, v in self._telemetry.resource.attributes.items()
+            }
+            self._info = InfoMetricFamily(*_TARGET_INFO, value=attributes)
+        yield self._info
+        for dotted, instrument, points in self._telemetry.snapshot():
+            name = _label_name(dotted)  # mcp.server.operation.duration -> mcp_server_...
+            named = [({_label_name(k): v for k, v in a.items()}, value) for a, value in points]
+            keys = sorted({k for attributes, _ in named for k in attributes})
+            rows = [([_label_value(a.get(k, "")) for k in keys], value) for a, value in named]
+            unit = _PROMETHEUS_UNITS[instrument.unit]
+            desc = instrument.description
+            if instrument.kind == "counter":
+                counter = CounterMetricFamily(name, desc, labels=keys, unit=unit)
+                for values, value in rows:
+                    counter.add_metric(values, value)
+                yield counter
+            elif instrument.kind == "gauge":
+                gauge = GaugeMetricFamily(name, desc, labels=keys, unit=unit)
+                for values, value in rows:
+                    gauge.add_metric(values, value)
+                yield gauge
+            else:
+                histogram = HistogramMetricFamily(name, desc, labels=keys, unit=unit)
+                bounds = [f"{b}" for b in instrument.buckets] + ["+Inf"]
+                for values, point in rows:
+                    cumulative, buckets = 0, []
+                    for bound, n in zip(bounds, point.counts, strict=True):
+                        cumulative += n
+                        buckets.append((bound, cumulative))
+                    histogram.add_metric(values, buckets, point.sum)
+                yield histogram
+
+
+@functools.cache
+def _label_name(key: str) -> str:
+    """An attribute key as a Prometheus label name (``otel.metric.overflow`` ->
+    ``otel_metric_overflow``). Keys come from ``INSTRUMENTS`` and the resource: a few dozen."""
+    name = re.sub(r"[^A-Za-z0-9_]", "_", key)
+    return "_" + name[1:] if name[:1].isdigit() else name
+
+
+def _label_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+class _OtlpPush:
+    """Every ``interval_s``, hands a collection to the OTLP exporter on its own thread (as the
+    SDK's ``PeriodicExportingMetricReader`` does), once more at shutdown; counts and logs (once
+    per outage) the failed exports."""
+
+    def __init__(
+        self,
+        exporter: MetricExporter,
+        collect: Callable[[], MetricsData],
+        interval_s: float,
+        timeout_ms: float,
+        on_failure: Callable[[], None],
+    ) -> None:
+        self._exporter = exporter
+        self._collect = collect
+        self._interval_s = interval_s
+        self._timeout_ms = timeout_ms
         self._on_failure = on_failure
         self._failing = False
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # one export at a time
+        self._thread = threading.Thread(target=self._run, name="otlp-export", daemon=True)
 
-    def export(
-        self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> MetricExportResult:
-        try:
-            result = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
-        except Exception:
-            result = MetricExportResult.FAILURE
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.export()
+
+    def export(self) -> bool:
+        with self._lock:
+            try:
+                result = self._exporter.export(self._collect(), timeout_millis=self._timeout_ms)
+            except Exception:
+                log.debug("OTLP export raised", exc_info=True)
+                result = MetricExportResult.FAILURE
         if result is MetricExportResult.SUCCESS:
             if self._failing:
                 log.info("OTLP export works again")
             self._failing = False
-        else:
-            self._on_failure()
-            if not self._failing:
-                log.warning(
-                    "OTLP export failed; counting failures in metrics_service_export_failures_total"
-                )
-            self._failing = True
-        return result
+            return True
+        self._on_failure()
+        if not self._failing:
+            log.warning(
+                "OTLP export failed; counting failures in metrics_service_export_failures_total"
+            )
+        self._failing = True
+        return False
 
-    def force_flush(self, timeout_millis: float = 10_000) -> bool:
-        return self._inner.force_flush(timeout_millis)
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+    def shutdown(self, timeout_s: float) -> None:
+        """The last export, then the exporter's shutdown, within ``timeout_s`` overall."""
+        deadline = time.monotonic() + timeout_s
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        if self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self._lock.release()
+            self._timeout_ms = min(self._timeout_ms, max(0.0, deadline - time.monotonic()) * 1000)
+            self.export()
+        self._exporter.shutdown(timeout_millis=max(0.0, deadline - time.monotonic()) * 1000)
 
 
 def _otlp_exporter(settings: Settings) -> MetricExporter:
@@ -432,114 +490,67 @@ def _otlp_exporter(settings: Settings) -> MetricExporter:
 
 
 class Telemetry:
-    """The app's MeterProvider, its readers and the per-commit recording."""
+    """The service's instruments, their per-commit recording and the two ways out."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        queue_depth: Callable[[], int] = lambda: 0,
-        extra_readers: Sequence[MetricReader] = (),
-    ) -> None:
-        from prometheus_client import CollectorRegistry
-
+    def __init__(self, settings: Settings, *, queue_depth: Callable[[], int] = lambda: 0) -> None:
         self._settings = settings
-        self.registry = CollectorRegistry(auto_describe=True)
-        self._http: Any = None
-        self.prometheus_port: int | None = None
-        readers: list[MetricReader] = list(extra_readers)
-        if settings.otel_prometheus_enabled:
-            from opentelemetry.exporter.prometheus import PrometheusMetricReader
-
-            # No otel_scope_* labels: one scope only, and they would lengthen every line.
-            readers.append(PrometheusMetricReader(registry=self.registry, scope_info_enabled=False))
-        self.otlp_enabled = bool(settings.otlp_endpoint or settings.otlp_metrics_endpoint)
-        if self.otlp_enabled:
-            exporter = _CountingExporter(
-                _otlp_exporter(settings),
-                lambda: self.add("metrics_service_export_failures", ("otlp",)),
-            )
-            readers.append(
-                PeriodicExportingMetricReader(
-                    exporter, export_interval_millis=settings.otel_export_interval_ms
-                )
-            )
+        self._queue_depth = queue_depth
+        self.resource = Resource.create(
+            {"service.name": settings.otel_service_name, "service.version": __version__}
+        )
+        self._scope = InstrumentationScope("metrics_service", __version__)
+        self._start_ns = time.time_ns()
         limit = settings.otel_cardinality_limit
         self.seed = settings.otel_seed_metrics_enabled
         self.semconv = settings.otel_semconv_metrics_enabled
-        self.exported = {
-            name: spec
-            for name, spec in INSTRUMENTS.items()
-            if (self.seed or name not in SEED_NAMES) and (self.semconv or name not in SEMCONV_NAMES)
+        off = (SEED_NAMES if not self.seed else frozenset()) | (
+            SEMCONV_NAMES if not self.semconv else frozenset()
+        )
+        self.exported = {name: i for name, i in INSTRUMENTS.items() if name not in off}
+        self.totals: dict[str, _Counter] = {}
+        self.histograms: dict[str, _Histogram] = {}
+        for name, instrument in INSTRUMENTS.items():
+            if instrument.kind == "counter":
+                zeros = ZERO_SERIES.get(name, ())
+                # The zero series are not counted against the cap: they are few and fixed.
+                counter = self.totals[name] = _Counter(instrument.labels, limit + len(zeros))
+                for key in zeros:
+                    counter.add(key, 0)
+            elif instrument.kind == "histogram":
+                self.histograms[name] = _Histogram(instrument.labels, instrument.buckets, limit)
+        self._gauges: dict[str, Callable[[], Iterable[tuple[dict[str, Any], int]]]] = {
+            "metrics_service_queue_depth": lambda: [({}, self._queue_depth())],
+            "metrics_service_database_size_bytes": self._db_size,
         }
-        self.bulk = _bulk_works()
-        if not self.bulk:
-            log.warning(
-                "the installed OpenTelemetry SDK does not take bulk histogram measurements; "
-                "recording each value"
-            )
-        views = []
-        for name, (kind, _unit, _labels, buckets, _desc) in self.exported.items():
-            if kind == "histogram":
-                views.append(
-                    View(
-                        instrument_name=name,
-                        aggregation=BulkHistogramAggregation(buckets),
-                        aggregation_cardinality_limit=limit,
-                    )
-                )
-            else:
-                views.append(View(instrument_name=name, aggregation_cardinality_limit=limit))
-        self.provider = MeterProvider(
-            metric_readers=readers,
-            resource=Resource.create(
-                {"service.name": settings.otel_service_name, "service.version": __version__}
-            ),
-            views=views,
-            exemplar_filter=AlwaysOffExemplarFilter(),
-        )
-        meter = self.provider.get_meter("metrics_service", __version__)
-        self.totals: dict[str, _Totals] = {}
-        self.histograms: dict[str, Any] = {}
-        self.labels: dict[str, tuple[str, ...]] = {}
-        for name, (kind, unit, labels, _buckets, desc) in self.exported.items():
-            self.labels[name] = labels
-            if kind == "counter":
-                totals = self.totals[name] = _Totals(labels, limit)
-                meter.create_observable_counter(
-                    name, callbacks=[totals.observe], unit=unit, description=desc
-                )
-            else:
-                self.histograms[name] = meter.create_histogram(name, unit=unit, description=desc)
-        # Histogram measurements gathered since the last hand-over, per instrument; handed to the
-        # SDK when a reader collects (the first callback below: the SDK runs every asynchronous
-        # callback before it reads the synchronous instruments) or when they grow old or large.
-        self._pending: dict[str, _Hist] = {}
-        self._pending_groups_max = 4 * limit
-        self._pending_since = time.monotonic()
-        self._pending_lock = threading.Lock()
-        meter.create_observable_gauge(
-            "metrics_service_queue_depth",
-            callbacks=[self._hand_over_callback, lambda _o: [Observation(queue_depth())]],
-            description="Metrics waiting for a commit",
-        )
-        meter.create_observable_gauge(
-            "metrics_service_database_size_bytes",
-            callbacks=[self._db_size],
-            unit="By",
-            description="Size of the SQLite database file and its WAL",
-        )
+        # Histograms are updated on the event loop and read by a scrape or an export thread.
+        self._lock = threading.Lock()
 
-    def _db_size(self, _options: CallbackOptions) -> Iterable[Observation]:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._http: Any = None
+        self.prometheus_port: int | None = None
+        if settings.otel_prometheus_enabled:
+            self.registry.register(_PrometheusCollector(self))
+        self.otlp_enabled = bool(settings.otlp_endpoint or settings.otlp_metrics_endpoint)
+        self._otlp: _OtlpPush | None = None
+        if self.otlp_enabled:
+            self._otlp = _OtlpPush(
+                _otlp_exporter(settings),
+                self.collect,
+                settings.otel_export_interval_ms / 1000,
+                settings.otlp_timeout_ms,
+                lambda: self.add("metrics_service_export_failures", ("otlp",)),
+            )
+
+    def _db_size(self) -> Iterable[tuple[dict[str, Any], int]]:
         path = str(self._settings.db_path)
         for label, file in (("db", path), ("wal", f"{path}-wal")):
             try:
                 size = os.stat(file).st_size
             except OSError:
                 size = 0
-            yield Observation(size, {"file": label})
+            yield {"file": label}, size
 
-    # -- the web of hooks the app calls --------------------------------------------------------
+    # -- the hooks the app calls ----------------------------------------------------------------
 
     def add(self, name: str, key: tuple[Any, ...] = (), amount: float = 1) -> None:
         self.totals[name].add(key, amount)
@@ -562,18 +573,10 @@ class Telemetry:
             totals.add((rejection.rule,), 1)
 
     def on_commit(self, batches: Sequence[Batch], size: int, elapsed_s: float) -> None:
-        """Account a commit: counters at once; histogram values into the pending groups, which
-        reach the SDK once per collection (or every ``HAND_OVER_S``), not once per commit."""
+        """Account a commit: rows grouped per label set, each group added once."""
         accepted = self.totals["metrics_service_metrics_accepted"]
-        with self._pending_lock:
-            hists = self._pending
-
-            def hist(name: str) -> _Hist:
-                h = hists.get(name)
-                if h is None:
-                    h = hists[name] = _Hist(INSTRUMENTS[name][3], not self.bulk)
-                return h
-
+        hist = self.histograms.__getitem__
+        with self._lock:
             for batch in batches:
                 for kind, rows in batch.rows.items():
                     accepted.add((kind,), len(rows))
@@ -582,61 +585,87 @@ class Telemetry:
                         record(self, rows, hist)
             hist("metrics_service_commit_batch_metrics").add((), size)
             hist("metrics_service_commit_duration_seconds").add((), elapsed_s)
-            due = (
-                time.monotonic() - self._pending_since > HAND_OVER_S
-                or sum(len(h.groups) for h in hists.values()) > self._pending_groups_max
-            )
-        if due:
-            self.hand_over()
 
-    def hand_over(self) -> None:
-        """Record the pending histogram groups in the SDK (one bulk measurement per label set)."""
-        with self._pending_lock:
-            pending, self._pending = self._pending, {}
-            self._pending_since = time.monotonic()
-        self._flush(pending)
+    # -- collection ------------------------------------------------------------------------------
 
-    def _hand_over_callback(self, _options: CallbackOptions) -> Iterable[Observation]:
-        self.hand_over()
-        return ()
+    def snapshot(self) -> Snapshot:
+        """Every instrument's current points, in ``INSTRUMENTS`` order (thread-safe)."""
+        with self._lock:
+            histograms = {name: h.points() for name, h in self.histograms.items()}
+        out: Snapshot = []
+        for name, instrument in self.exported.items():
+            points: list[tuple[dict[str, Any], Any]]
+            if instrument.kind == "counter":
+                points = list(self.totals[name].points())
+            elif instrument.kind == "histogram":
+                points = list(histograms[name])
+            else:
+                points = list(self._gauges[name]())
+            if points:
+                out.append((name, instrument, points))
+        return out
 
-    def _flush(self, hists: dict[str, _Hist]) -> None:
-        for name, acc in hists.items():
-            instrument = self.histograms[name]
-            labels = self.labels[name]
-            for key, (counts, total, low, high, values) in acc.groups.items():
-                attributes = dict(zip(labels, key, strict=True))
-                if self.bulk:
-                    bulk = _Bulk(total)
-                    bulk.counts, bulk.low, bulk.high = counts, low, high
-                    instrument.record(bulk, attributes)
-                else:
-                    for value in values:
-                        instrument.record(value, attributes)
+    def collect(self) -> MetricsData:
+        """The snapshot as OpenTelemetry's data model (cumulative temporality), for OTLP."""
+        now = time.time_ns()
+        start = self._start_ns
+        metrics = []
+        for name, instrument, points in self.snapshot():
+            if name in SEMCONV_NAMES:
+                # The conventions' attributes are absent, not empty, where they do not apply.
+                points = [({k: v for k, v in a.items() if v != ""}, p) for a, p in points]
+            data: Sum | Histogram | Gauge
+            if instrument.kind == "counter":
+                data = Sum(
+                    [NumberDataPoint(a, start, now, v) for a, v in points],
+                    AggregationTemporality.CUMULATIVE,
+                    is_monotonic=True,
+                )
+            elif instrument.kind == "histogram":
+                bounds = list(instrument.buckets)
+                data = Histogram(
+                    [
+                        HistogramDataPoint(
+                            a, start, now, p.count, p.sum, p.counts, bounds, p.min, p.max
+                        )
+                        for a, p in points
+                    ],
+                    AggregationTemporality.CUMULATIVE,
+                )
+            else:
+                data = Gauge([NumberDataPoint(a, start, now, v) for a, v in points])
+            metrics.append(Metric(name, instrument.description, instrument.unit, data))
+        return MetricsData(
+            [ResourceMetrics(self.resource, [ScopeMetrics(self._scope, metrics, "")], "")]
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if not self._settings.otel_prometheus_enabled:
-            return
-        from prometheus_client import start_http_server
+        if self._settings.otel_prometheus_enabled:
+            from prometheus_client import start_http_server
 
-        host, port = self._settings.otel_prometheus_host, self._settings.otel_prometheus_port
-        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self.prometheus_port = self._http.server_port
-        log.info("Prometheus endpoint on http://%s:%d/metrics", host, self.prometheus_port)
+            host, port = self._settings.otel_prometheus_host, self._settings.otel_prometheus_port
+            self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+            self.prometheus_port = self._http.server_port
+            log.info("Prometheus endpoint on http://%s:%d/metrics", host, self.prometheus_port)
+        if self._otlp is not None:
+            self._otlp.start()
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Close the Prometheus endpoint; push the last values over OTLP within ``timeout_s``.
+        Blocking: the app runs it on a worker thread. Idempotent."""
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
-        started = time.monotonic()
-        try:
-            self.provider.shutdown(timeout_millis=timeout_s * 1000)
-        except Exception:
-            log.exception("OpenTelemetry shutdown failed")
-        if self.otlp_enabled:
+        otlp, self._otlp = self._otlp, None
+        if otlp is not None:
+            started = time.monotonic()
+            try:
+                otlp.shutdown(timeout_s)
+            except Exception:
+                log.exception("OTLP exporter shutdown failed")
             log.info("OpenTelemetry stopped in %.1f s", time.monotonic() - started)
 
 
@@ -671,7 +700,7 @@ def _present(group: list[Row], i: int) -> list[Any]:
     return [r[i] for r in group if r[i] is not None]
 
 
-def _auth(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
+def _auth(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> None:
     if not t.seed:
         return
     c = _COL["auth_request"]
@@ -686,7 +715,7 @@ def _auth(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
             durations.add_all(key, values)
 
 
-def _tool(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
+def _tool(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> None:
     if t.semconv:
         _semconv(rows, hist)
     if not t.seed:
@@ -709,7 +738,7 @@ def _tool(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
             outputs.add_all(key, sizes)
 
 
-def _discovery(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
+def _discovery(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> None:
     if not t.seed:
         return
     c = _COL["tool_discovery"]
@@ -728,7 +757,7 @@ def _discovery(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> N
                 hist(name).add_all(key, values)
 
 
-def _protocol(t: Telemetry, rows: list[Row], hist: Callable[[str], _Hist]) -> None:
+def _protocol(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> None:
     if not t.seed:
         return
     c = _COL["protocol_latency"]
@@ -748,7 +777,7 @@ _NETWORK_TRANSPORT = {"stdio": "pipe", "streamable-http": "tcp", "sse": "tcp", "
 _CLIENT_MARK = '"span_kind":"client"'
 
 
-def _semconv(rows: list[Row], hist: Callable[[str], _Hist]) -> None:
+def _semconv(rows: list[Row], hist: Callable[[str], _Histogram]) -> None:
     """mcp.{server,client}.operation.duration from tool_execution rows (docs/otlp.md)."""
     c = _COL["tool_execution"]
     extra = -2  # the extra-dimensions JSON, second to last in every row
@@ -792,11 +821,20 @@ def _semconv(rows: list[Row], hist: Callable[[str], _Hist]) -> None:
             durations.add_all(key, values)
 
 
-_RECORDERS: dict[str, Callable[[Telemetry, list[Row], Callable[[str], _Hist]], None]] = {
+#: metric type -> the function that records a commit's rows of that type.
+_RECORDERS: dict[str, Callable[[Telemetry, list[Row], Callable[[str], _Histogram]], None]] = {
     "auth_request": _auth,
     "tool_execution": _tool,
     "tool_discovery": _discovery,
     "protocol_latency": _protocol,
 }
 
-__all__ = ["BYTES_BUCKETS", "INSTRUMENTS", "SECONDS_BUCKETS", "SEMCONV_BUCKETS", "Telemetry"]
+__all__ = [
+    "BYTES_BUCKETS",
+    "INSTRUMENTS",
+    "SECONDS_BUCKETS",
+    "SEMCONV_BUCKETS",
+    "ZERO_SERIES",
+    "Instrument",
+    "Telemetry",
+]

@@ -31,6 +31,26 @@ METRIC_TYPES = (
     "custom",
 )
 
+#: Every rule an item can be rejected for (the ``rule`` of a rejection; the ``reason`` label of
+#: ``metrics_service_metrics_rejected_total``, exported at 0 from start for each of these).
+REJECTION_RULES = (
+    "enum",
+    "finite",
+    "format",
+    "ge",
+    "integer",
+    "invalid",
+    "le",
+    "max_bytes",
+    "max_future_skew",
+    "max_length",
+    "min_length",
+    "older_than_retention",
+    "range",
+    "required",
+    "type",
+)
+
 #: dimension name -> kind, per metric type; these become typed columns, in this order.
 DIMENSIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "auth_request": (

@@ -29,5 +29,5 @@ ensure_venv() {
 # The development venv of scripts/test and scripts/check: the service with its test extras (the
 # gate's pinned ruff and mypy among them) and the client middleware with MCP 2.x.
 ensure_dev_venv() {
-    ensure_venv .venv -e ".[test]" -e "./middleware[asgi,mcp]" "mcp>=2.3,<3"
+    ensure_venv .venv -e ".[test]" -e "./middleware[asgi,mcp,proxy]" "mcp>=2.3,<3"
 }

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from metrics_service import Settings, create_app
+from metrics_service import Settings
 from metrics_service.settings import valid_service_name
 from metrics_service.storage import TABLES
 from tests._helpers import ADMIN_KEY, INGEST_KEY, custom, db_rows, payload
@@ -23,72 +23,6 @@ def post_aged(c: TestClient, ages_days: list[float]) -> None:
     metrics = [{**custom(i), "timestamp": now - age * DAY_S} for i, age in enumerate(ages_days)]
     r = c.post("/metrics", json=payload(metrics=metrics), headers=H)
     assert r.status_code == 200 and r.json()["accepted"] == len(ages_days), r.text
-
-
-def test_policies_default_to_retention_days_and_can_be_changed(client: TestClient) -> None:
-    policies = client.get("/admin/retention/policies", headers=ADMIN).json()
-    assert {p["table"] for p in policies} == set(TABLES)
-    assert all(p["retention_days"] == 90 and p["is_default"] for p in policies)
-    r = client.put(
-        "/admin/retention/policies/tool_metrics", json={"retention_days": 7}, headers=ADMIN
-    )
-    assert r.status_code == 200
-    tool = next(p for p in r.json() if p["table"] == "tool_metrics")
-    assert tool == {
-        "table": "tool_metrics",
-        "retention_days": 7,
-        "is_default": False,
-        "enabled": True,
-        "table_name": "tool_metrics",
-        "is_active": True,
-    }
-    r = client.put(
-        "/admin/retention/policies/tool_metrics", json={"retention_days": None}, headers=ADMIN
-    )
-    assert next(p for p in r.json() if p["table"] == "tool_metrics")["retention_days"] == 90
-
-
-def test_retention_deletes_by_event_time_with_dry_run_first(
-    client: TestClient, settings: Settings
-) -> None:
-    post_aged(client, [40, 35, 20, 1, 0])
-    client.put(
-        "/admin/retention/policies/custom_metrics", json={"retention_days": 30}, headers=ADMIN
-    )
-    dry = client.post("/admin/retention/cleanup?dry_run=true", headers=ADMIN).json()
-    custom_row = next(t for t in dry["tables"] if t["table"] == "custom_metrics")
-    assert dry["dry_run"] is True and custom_row["rows"] == 2
-    assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(5,)]
-    done = client.post("/admin/retention/cleanup?dry_run=false", headers=ADMIN).json()
-    assert next(t for t in done["tables"] if t["table"] == "custom_metrics")["rows"] == 2
-    assert db_rows(settings.db_path, "SELECT value FROM custom_metrics ORDER BY value") == [
-        (2.0,),
-        (3.0,),
-        (4.0,),
-    ]
-
-
-def test_retention_deletes_a_backlog_in_chunks(tmp_path: Path, keyed_env: None) -> None:
-    settings = Settings(db_path=tmp_path / "m.db", admin_api_key=ADMIN_KEY, retention_chunk_rows=7)
-    with TestClient(create_app(settings)) as c:
-        post_aged(c, [10.0] * 50 + [0.0] * 3)
-        c.put("/admin/retention/policies/custom_metrics", json={"retention_days": 5}, headers=ADMIN)
-        done = c.post(
-            "/admin/retention/cleanup?table=custom_metrics&dry_run=false", headers=ADMIN
-        ).json()
-        assert [t["rows"] for t in done["tables"]] == [50]
-    assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(3,)]
-
-
-def test_disabled_policy_deletes_nothing(client: TestClient, settings: Settings) -> None:
-    post_aged(client, [40])
-    client.put(
-        "/admin/retention/policies/custom_metrics",
-        json={"retention_days": 30, "enabled": False},
-        headers=ADMIN,
-    )
-    client.post("/admin/retention/cleanup?dry_run=false", headers=ADMIN)
-    assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(1,)]
 
 
 def test_db_stats(client: TestClient, settings: Settings) -> None:

@@ -204,22 +204,6 @@ def test_key_for_another_service_is_403_and_stores_nothing(
     assert db_rows(settings.db_path, "SELECT count(*) FROM metrics") == [(0,)]
 
 
-def test_ingest_key_cannot_use_admin_endpoints(client: TestClient) -> None:
-    for method, path in [
-        ("GET", "/admin/keys"),
-        ("GET", "/admin/db/stats"),
-        ("GET", "/admin/retention/policies"),
-        ("POST", "/admin/retention/cleanup"),
-    ]:
-        r = client.request(method, path, headers=H)
-        assert r.status_code == 403, (path, r.text)
-    assert client.get("/admin/keys").status_code == 401
-
-
-def test_admin_key_cannot_ingest(client: TestClient) -> None:
-    assert client.post("/metrics", json=payload(), headers=ADMIN).status_code == 403
-
-
 def test_body_over_limit_is_413_by_header_and_by_stream(tmp_path: Path, keyed_env: None) -> None:
     settings = Settings(db_path=tmp_path / "m.db", max_request_bytes=2048)
     big = json.dumps(payload(metrics=[custom(1, pad="x" * 200)] * 20)).encode()
@@ -338,15 +322,6 @@ def test_unknown_route_and_method_use_the_error_shape(client: TestClient) -> Non
     assert r.status_code == 404 and error_of(r)["code"] == "not_found"
     r = client.put("/metrics", headers=H)
     assert r.status_code == 405 and error_of(r)["code"] == "method_not_allowed"
-
-
-def test_admin_endpoints_can_be_disabled(tmp_path: Path, keyed_env: None) -> None:
-    with TestClient(
-        create_app(
-            Settings(db_path=tmp_path / "m.db", admin_api_key=ADMIN_KEY, admin_enabled=False)
-        )
-    ) as c:
-        assert c.get("/admin/db/stats", headers=ADMIN).status_code == 404
 
 
 def test_a_body_trickled_too_slowly_is_408_and_others_are_served(service: ServiceProcess) -> None:

@@ -609,3 +609,59 @@ def test_dashboards_and_rules_use_only_exported_metrics(stack: Stack) -> None:
         and n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") not in families
     }
     assert not unused, unused
+
+
+# -- a healthy service: the error panels show 0, not "No data" -------------------------------
+
+#: Every query that shows failures: on a service without any, each must return 0.
+_ERROR_QUERY = re.compile(r'rejected|failures|rate_limited|deleted_rows|success="false"')
+
+
+@pytest.fixture(scope="module")
+def quiet_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A service that only ever gets valid traffic: no rejects, failures, limits or deletions."""
+    require_binary("prometheus", "prometheus")
+    tmp = tmp_path_factory.mktemp("quiet")
+    exporter_port = free_port()
+    key = KEYS["gateway-eu"]
+    service = ServiceProcess(
+        db_path=tmp / "m.db",
+        log_path=tmp / "service.log",
+        env={"METRICS_API_KEY_GATEWAY_EU": key, "OTEL_PROMETHEUS_PORT": str(exporter_port)},
+    )
+    exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
+    events = [
+        auth(True, "jwt", "github", 8),
+        tool("search_code", "tools/call", "github", "cursor", duration_ms=35),
+        tool(None, "tools/list", "github", "cursor", duration_ms=9),
+        protocol("initialize->tools/list", 120, "github", "cursor"),
+        discovery("read a file", 12, 55, 40, 9),
+    ]
+    try:
+        service.start()
+        with (
+            start_prometheus(tmp / "prom", [f"127.0.0.1:{exporter_port}"]) as prom,
+            httpx.Client(base_url=service.url, timeout=30) as client,
+        ):
+            for _ in range(2):  # two scrapes after traffic: rates and quantiles are defined
+                r = client.post(
+                    "/metrics", json=payload("gateway-eu", events), headers={"X-API-Key": key}
+                )
+                assert r.status_code == 200 and r.json()["rejected"] == 0, r.text
+                _scraped_after(prom, time.time())
+            yield Stack(service, prom, exporter_url)
+    finally:
+        service.stop()
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_error_panels_show_zero_when_nothing_failed(quiet_stack: Stack, name: str) -> None:
+    dashboard = load(name)
+    everything = {v["name"]: v["allValue"] for v in variables(dashboard) if v["type"] == "query"}
+    errors = [(w, e) for w, e in targets(dashboard) if _ERROR_QUERY.search(e)]
+    assert len(errors) >= (7 if name == HEALTH else 3), errors
+    shown = {w: quiet_stack.prom.values(substitute(e, everything)) for w, e in errors}
+    assert all(values and all(v == 0 for v in values) for values in shown.values()), shown
+    # And the rest of the health dashboard has data too: nothing on it says "No data".
+    if name == HEALTH:
+        assert not _failures(quiet_stack, dashboard, everything)

@@ -67,10 +67,15 @@ def test_telemetry_cost_bench_reports_each_mode() -> None:
     result = json.loads(out.stdout)
     assert set(result) == {
         "validate_us_per_metric",
-        "otel_bulk_us_per_metric",
-        "otel_per_value_us_per_metric",
+        "otel_us_per_metric",
+        "prometheus_scrape_ms",
+        "otlp_collect_ms",
+        "series",
+        "exposition_bytes",
     }
     assert all(v > 0 for v in result.values())
+    # 2,000 mixed metrics of the workload: every family of the four kinds has series.
+    assert result["series"] >= 20 and result["exposition_bytes"] > 5_000
 
 
 def test_middleware_overhead_bench_times_every_path() -> None:

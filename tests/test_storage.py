@@ -8,12 +8,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
-from metrics_service import Settings, create_app, storage
+from metrics_service import storage
 from metrics_service.errors import StorageError
 from metrics_service.storage import migrations
-from tests._helpers import INGEST_KEY, custom, db_rows, payload
+from tests._helpers import INGEST_KEY, db_rows
 
 H = {"X-API-Key": INGEST_KEY}
 
@@ -93,69 +92,6 @@ def test_concurrent_starts_apply_each_migration_once(tmp_path: Path) -> None:
         v for v, _, _ in migrations.MIGRATIONS
     ]
     assert db_rows(db, "SELECT count(*) FROM schema_migrations") == [(len(migrations.MIGRATIONS),)]
-
-
-def _hold_write_lock(db: Path) -> sqlite3.Connection:
-    other = sqlite3.connect(db, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    return other
-
-
-def test_a_commit_blocked_by_another_writer_is_retried_without_duplicates(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("METRICS_API_KEY_SVC", INGEST_KEY)
-    settings = Settings(db_path=tmp_path / "m.db", sqlite_busy_timeout_ms=20, commit_retries=100)
-    with TestClient(create_app(settings)) as c:
-        other = _hold_write_lock(settings.db_path)
-        result: dict[str, int] = {}
-        poster = threading.Thread(
-            target=lambda: result.update(
-                status=c.post(
-                    "/metrics", json=payload(metrics=[custom(i) for i in range(50)]), headers=H
-                ).status_code
-            )
-        )
-        poster.start()
-        # Release only once the writer has failed at least once against the lock.
-        state = c.app.state.metrics  # type: ignore[attr-defined]
-        from tests._helpers import wait_for
-
-        wait_for(lambda: state.queue.last_error is not None, timeout_s=10)
-        other.execute("ROLLBACK")
-        other.close()
-        poster.join(30)
-        assert result == {"status": 200}
-        assert state.queue.healthy
-    assert db_rows(
-        settings.db_path, "SELECT count(*), count(DISTINCT value) FROM custom_metrics"
-    ) == [(50, 50)]
-
-
-def test_durable_commit_that_keeps_failing_is_503_and_stores_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("METRICS_API_KEY_SVC", INGEST_KEY)
-    settings = Settings(db_path=tmp_path / "m.db", sqlite_busy_timeout_ms=10, commit_retries=1)
-    with TestClient(create_app(settings)) as c:
-        other = _hold_write_lock(settings.db_path)
-        r = c.post("/metrics", json=payload(metrics=[custom(1)]), headers=H)
-        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
-        assert c.get("/ready").status_code == 503
-        other.execute("ROLLBACK")
-        other.close()
-        # It recovers by itself once the database is free again.
-        r = c.post("/metrics", json=payload(metrics=[custom(2)]), headers=H)
-        assert r.status_code == 200
-        assert c.get("/ready").status_code == 200
-    assert db_rows(settings.db_path, "SELECT value FROM custom_metrics") == [(2.0,)]
-
-
-def test_retention_of_a_backlog_leaves_the_writer_to_ingest_between_chunks() -> None:
-    from metrics_service.retention import pause_after
-
-    assert pause_after(0.010, 0.25) == pytest.approx(0.030)  # deleting takes a quarter of the time
-    assert pause_after(0.010, 1.0) == 0
 
 
 def test_none_binds_as_null_through_the_registered_adapter(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from metrics_service import Settings, create_app
-from metrics_service.telemetry import SECONDS_BUCKETS, _bulk_works
+from metrics_service.telemetry import INSTRUMENTS, SECONDS_BUCKETS, ZERO_SERIES, Telemetry
+from metrics_service.validation import Validator
 from tests._helpers import INGEST_KEY, auth_event, custom, payload, tool_event
 
 H = {"X-API-Key": INGEST_KEY}
@@ -44,10 +45,6 @@ def scrape(c: TestClient) -> dict[str, dict[tuple[tuple[str, str], ...], float]]
             )
             samples.setdefault(s.name, {})[labels] = s.value
     return samples
-
-
-def test_the_bulk_histogram_path_works_with_the_installed_sdk() -> None:
-    assert _bulk_works()
 
 
 def test_counters_and_histograms_match_what_was_posted(app_client: TestClient) -> None:
@@ -125,7 +122,10 @@ def test_counters_and_histograms_match_what_was_posted(app_client: TestClient) -
         or ("service_name", "metrics-under-test") in labels
         for labels in s["target_info"]
     )
-    assert len(SECONDS_BUCKETS) == 15
+    # Every bound of the instrument is a bucket of the exposition, and +Inf holds all 3.
+    bounds = {dict(labels)["le"] for labels in buckets if dict(labels)["method"] == "jwt"}
+    assert bounds == {f"{b}" for b in SECONDS_BUCKETS} | {"+Inf"}
+    assert buckets[tuple(sorted((*jwt, ("le", "+Inf"))))] == 3
 
 
 def test_an_absent_and_an_empty_dimension_are_one_series(app_client: TestClient) -> None:
@@ -183,9 +183,12 @@ def test_never_labels_user_hashes_queries_or_sessions(app_client: TestClient) ->
             "dimensions": {**tool_event()["dimensions"], "session_id": secret_like[2]},
         },
     ]
-    app_client.post("/metrics", json=payload(metrics=events), headers=H)
+    assert app_client.post("/metrics", json=payload(metrics=events), headers=H).json()[
+        "accepted"
+    ] == len(events)
     port = app_client.app.state.metrics.telemetry.prometheus_port  # type: ignore[attr-defined]
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert "mcp_tool_discovery_total" in text and "mcp_tool_executions_total" in text
     assert not any(value in text for value in secret_like)
 
 
@@ -202,7 +205,8 @@ def test_self_metrics_count_rejections_auth_failures_and_rate_limits(
         c.post("/metrics", json=payload(service="other"), headers=H)
         c.post("/metrics", json=payload(), headers=H)
         s = scrape(c)
-    assert s["metrics_service_metrics_rejected_total"] == {
+    rejected = s["metrics_service_metrics_rejected_total"]
+    assert {k: v for k, v in rejected.items() if v} == {
         (("reason", "enum"),): 1,
         (("reason", "type"),): 1,
     }
@@ -234,17 +238,13 @@ def test_label_sets_beyond_the_cap_go_to_one_overflow_series(app_client: TestCli
     assert len(durations) == 21 and sum(durations.values()) == 200
 
 
-def test_histogram_values_reach_the_sdk_at_collection_and_never_pile_up(tmp_path: Path) -> None:
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-
-    from metrics_service.telemetry import Telemetry
-    from metrics_service.validation import Validator
-
-    reader = InMemoryMetricReader()
+def test_histogram_series_stay_capped_without_any_collection(tmp_path: Path) -> None:
+    """Memory is bounded by the cap, not by collections: 53 label sets for a cap of 10 leave 10
+    series and the overflow one, and OTLP's MetricsData carries all 53 values."""
     settings = Settings(
         db_path=tmp_path / "m.db", otel_prometheus_enabled=False, otel_cardinality_limit=10
     )
-    telemetry = Telemetry(settings, extra_readers=[reader])
+    telemetry = Telemetry(settings)
     validator = Validator(settings)
 
     def commit(tools: list[str]) -> None:
@@ -254,26 +254,59 @@ def test_histogram_values_reach_the_sdk_at_collection_and_never_pile_up(tmp_path
         telemetry.on_commit([batch], batch.accepted, 0.001)
 
     def durations() -> dict[str, int]:
-        data = reader.get_metrics_data()
-        assert data is not None
+        data = telemetry.collect()
         points = [
             p
             for m in data.resource_metrics[0].scope_metrics[0].metrics
             if m.name == "mcp_tool_execution_duration_seconds"
             for p in m.data.data_points
         ]
-        return {str(p.attributes.get("tool_name")): p.count for p in points}
+        return {
+            str(p.attributes.get("tool_name", "overflow")): p.count  # type: ignore[union-attr]
+            for p in points
+        }
 
-    try:
-        commit(["search"] * 3)
-        assert telemetry._pending, "values wait for a collection instead of one SDK call per commit"
-        assert durations() == {"search": 3}  # the collection takes them in
-        assert not telemetry._pending
-        # 50 label sets for a cap of 10: handed over at once, so memory stays bounded without
-        # any reader collecting; the SDK folds the excess into its overflow series.
-        commit([f"tool-{i}" for i in range(50)])
-        assert not telemetry._pending
-        counts = durations()
-        assert sum(counts.values()) == 53 and len(counts) <= 11
-    finally:
-        telemetry.shutdown()
+    commit(["search"] * 3)
+    assert durations() == {"search": 3}
+    for i in range(0, 50, 10):
+        commit([f"tool-{j}" for j in range(i, i + 10)])
+    counts = durations()
+    assert len(counts) == 11 and counts["overflow"] == 41 and sum(counts.values()) == 53
+    assert len(telemetry.histograms["mcp_tool_execution_duration_seconds"].series) == 10
+    telemetry.shutdown()
+
+
+def test_rare_event_counters_are_exported_at_zero_from_start(app_client: TestClient) -> None:
+    s = scrape(app_client)
+    for name, keys in ZERO_SERIES.items():
+        labels = INSTRUMENTS[name].labels
+        exported = s[f"{name}_total"]
+        for key in keys:
+            assert exported[tuple(sorted(zip(labels, key, strict=True)))] == 0, (name, key)
+    assert len(s["metrics_service_metrics_rejected_total"]) > 10  # every rule, not a sample
+    # ... and they count from there; the others appear when they first happen.
+    app_client.post("/metrics", json=payload(), headers={"X-API-Key": "nope-nope-nope-nope-x"})
+    after = scrape(app_client)
+    assert after["metrics_service_auth_failures_total"][(("reason", "unknown_key"),)] == 1
+    assert after["metrics_service_auth_failures_total"][(("reason", "missing_key"),)] == 0
+    assert "mcp_tool_executions_total" not in after
+
+
+def test_the_telemetry_uses_no_private_module_of_a_library() -> None:
+    """OpenTelemetry's ``_internal`` and the like can change in any release."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "metrics_service"
+    private = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                top, *rest = name.split(".")
+                if top != "metrics_service" and any(p.startswith("_") for p in rest):
+                    private.append(f"{path.name}: {name}")
+    assert not private, private

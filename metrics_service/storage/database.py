@@ -19,6 +19,7 @@ from typing import Any, cast
 from metrics_service import idempotency
 from metrics_service.errors import StorageError
 from metrics_service.storage import migrations, reference, rollups
+from metrics_service.storage.transaction import write_transaction
 from metrics_service.validation import DIMENSIONS, METADATA_COLUMNS
 
 #: metric type -> typed table.
@@ -135,8 +136,7 @@ def insert_rows(
     """
     count = 0
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             if any(claims):
                 idempotency.claim(conn, [c for c in claims if c is not None])
                 parts = [p for p, c in zip(parts, claims, strict=True) if not (c and c.existing)]
@@ -150,11 +150,6 @@ def insert_rows(
                 cursor = conn.executemany(INSERT_SQL[kind], rows)
                 count += cursor.rowcount
             rollups.maintain(conn, parts)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
     except sqlite3.Error as exc:
         raise StorageError(f"commit failed: {exc}") from exc
     return count

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from metrics_service.storage.transaction import write_transaction
+
 
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
@@ -118,15 +120,17 @@ def revoke_key(conn: sqlite3.Connection, key_id: int) -> KeyRecord | None:
 
 def reconcile_env_keys(
     conn: sqlite3.Connection, wanted: dict[tuple[str, str | None], tuple[str, str]]
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """Make the active ``source='env'`` keys exactly ``wanted``.
 
     ``wanted`` maps (role, service) -> (key_hash, key_prefix). A changed key replaces the old one;
-    an env key whose variable is gone is revoked. Returns counts of kept, added, revoked keys.
+    an env key whose variable is gone is revoked. A revoked key stays revoked: a secret that was
+    revoked (through the API, the CLI or a replaced variable) is never made active again by its
+    variable. Returns counts of kept, added and revoked keys, and under ``refused`` the
+    (role, service) whose variable holds a revoked key.
     """
-    counts = {"kept": 0, "added": 0, "revoked": 0}
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    counts: dict[str, Any] = {"kept": 0, "added": 0, "revoked": 0, "refused": []}
+    with write_transaction(conn):
         kept: set[tuple[str, str | None]] = set()
         for key in list_keys(conn, active_only=True):
             if key.source != "env":
@@ -141,16 +145,18 @@ def reconcile_env_keys(
         for (role, service), (key_hash, prefix) in wanted.items():
             if (role, service) in kept:
                 continue
-            # The same secret may already exist (e.g. created once by the CLI): reuse that row.
             row = conn.execute(
                 "SELECT id, revoked_at FROM api_keys WHERE key_hash = ?", (key_hash,)
             ).fetchone()
-            if row is not None:
+            if row is not None and row[1] is not None:
+                counts["refused"].append((role, service))
+            elif row is not None:
+                # The same secret already exists (e.g. created by the CLI): adopt that row.
                 conn.execute(
-                    "UPDATE api_keys SET revoked_at = NULL, source = 'env', role = ?, service = ?"
-                    " WHERE id = ?",
+                    "UPDATE api_keys SET source = 'env', role = ?, service = ? WHERE id = ?",
                     (role, service, row[0]),
                 )
+                counts["added"] += 1
             else:
                 insert_key(
                     conn,
@@ -161,10 +167,5 @@ def reconcile_env_keys(
                     rate_limit_per_min=None,
                     source="env",
                 )
-            counts["added"] += 1
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+                counts["added"] += 1
     return counts

@@ -15,6 +15,7 @@ import sqlite3
 import time
 
 from metrics_service.storage import rollups
+from metrics_service.storage.transaction import write_transaction
 
 _COMMON = """
     id INTEGER PRIMARY KEY,
@@ -331,11 +332,9 @@ def apply(conn: sqlite3.Connection) -> list[int]:
     for version, name, statements in MIGRATIONS:
         if current_version(conn) >= version:
             continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             # Read again under the write lock: another process may have just migrated.
             if current_version(conn) >= version:
-                conn.execute("ROLLBACK")
                 continue
             for statement in statements:
                 conn.execute(statement)
@@ -344,9 +343,5 @@ def apply(conn: sqlite3.Connection) -> list[int]:
                 (version, name, int(time.time() * 1000)),
             )
             conn.execute(f"PRAGMA user_version = {int(version)}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         applied.append(version)
     return applied

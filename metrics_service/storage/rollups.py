@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from metrics_service.storage.transaction import write_transaction
 from metrics_service.validation import DIMENSIONS, METADATA_COLUMNS
 
 # -- Frozen by schema migration 2: changing any of these needs a new migration. ----------------
@@ -528,19 +529,13 @@ def compact(conn: sqlite3.Connection, now_ms: int) -> int:
     today = now_ms // DAY_MS * DAY_MS
     done = 0
     while (day := day_watermark(conn)) < today:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(conn):
             if day_watermark(conn) == day:
                 for cube in CUBES:
                     conn.execute(_COMPACT[cube.name], (day, day + DAY_MS))
                 conn.execute(
                     "UPDATE rollup_watermark SET until_ms = ? WHERE name = 'day'", (day + DAY_MS,)
                 )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         done += 1
     return done
 

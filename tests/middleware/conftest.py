@@ -350,9 +350,10 @@ class RunningService:
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
-# The service may run on another interpreter than the tests (scripts/test-middleware-mcp1 runs
-# the tests with mcp 1.x and the service from the main virtualenv).
+# The service may run on another interpreter than the tests; scripts/test-installed runs both
+# from wheels installed in a fresh venv (MIDDLEWARE_TEST_INSTALLED=1: nothing from the tree).
 SERVICE_PYTHON = os.environ.get("MIDDLEWARE_TEST_SERVICE_PYTHON") or sys.executable
+INSTALLED = os.environ.get("MIDDLEWARE_TEST_INSTALLED") == "1"
 
 
 def _service_unavailable_reason() -> str | None:
@@ -360,7 +361,7 @@ def _service_unavailable_reason() -> str | None:
         return "metrics_service is not built yet (no metrics_service/__main__.py)"
     probe = subprocess.run(
         [SERVICE_PYTHON, "-c", "import metrics_service"],
-        cwd=REPO_ROOT,
+        cwd=None if INSTALLED else REPO_ROOT,
         capture_output=True,
         timeout=60,
     )
@@ -388,8 +389,9 @@ def start_service(
         "METRICS_SERVICE_PORT": str(port),
         "OTEL_PROMETHEUS_PORT": str(prometheus_port),
         "METRICS_FLUSH_INTERVAL_S": "0.2",  # the service's write-queue flush, not the client's
-        "PYTHONPATH": str(REPO_ROOT),
     }
+    if not INSTALLED:
+        env["PYTHONPATH"] = str(REPO_ROOT)
     for name, key in keys.items():
         env["METRICS_API_KEY_" + name.upper().replace("-", "_")] = key
     log_path = tmp / "service.log"
@@ -460,3 +462,14 @@ def service_runner(tmp_path: Path) -> Callable[[int, dict[str, str]], Any]:
 def anyio_backend() -> str:
     # The async client runs its sender as an asyncio task.
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def npm_tools() -> Any:
+    """`@modelcontextprotocol/server-everything` and the Inspector CLI, from the pinned lock."""
+    from ._npm import install
+
+    tools = install()
+    if isinstance(tools, str):
+        pytest.skip(tools)
+    return tools

@@ -1,7 +1,7 @@
 """Real MCP servers (a separate process) and real SDK clients on stdio, SSE and streamable HTTP.
 
 The same tests run with mcp 2.x (both protocol eras: `legacy` opens with `initialize`, `auto`
-with the 2026-07-28 `server/discover`) and with mcp 1.x (`scripts/test-middleware-mcp1`).
+with the 2026-07-28 `server/discover`) and with mcp 1.x (`scripts/test-installed`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Acknowledged means stored: SIGTERM and kill -9 of a real service process under load.
+"""The write queue: acknowledged means stored. Group commits retried while another process holds
+the lock, durable 503s that store nothing, buffered rows retried whatever the failure, and
+SIGTERM and kill -9 of a real service process under load.
 
 Every metric carries a unique id in its metadata (``tagged``), over all five families, so that
 the check is "every id that got a 2xx is in the ``metrics`` view exactly once"."""
@@ -8,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -16,8 +19,11 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
-from tests._helpers import INGEST_KEY, ServiceProcess, custom, db_rows, payload
+from metrics_service import Settings, create_app, storage
+from metrics_service.settings import AckMode
+from tests._helpers import INGEST_KEY, ServiceProcess, custom, db_rows, payload, wait_for
 from tests._traffic import auth, discovery, protocol, tool
 
 H = {"X-API-Key": INGEST_KEY}
@@ -118,8 +124,7 @@ def test_sigterm_under_load_loses_nothing(service: ServiceProcess) -> None:
     service.start()
     with Load(service.url) as load:
         # Wait until a fair amount is flowing, then stop the service under load.
-        while len(load.acked) < 2000:
-            load.stop.wait(0.01)
+        wait_for(lambda: len(load.acked) >= 2000, timeout_s=60)
         service.signal(signal.SIGTERM)
         assert service.wait() == 0
     assert load.acked
@@ -160,3 +165,87 @@ def test_kill9_at_random_moments_under_load_loses_no_acknowledged_metric(
     record_property("acknowledged_checked", len(acked))
     service.signal(signal.SIGTERM)
     assert service.wait() == 0
+
+
+def _hold_write_lock(db: Path) -> sqlite3.Connection:
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+def test_a_commit_blocked_by_another_writer_is_retried_without_duplicates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("METRICS_API_KEY_SVC", INGEST_KEY)
+    settings = Settings(db_path=tmp_path / "m.db", sqlite_busy_timeout_ms=20, commit_retries=100)
+    with TestClient(create_app(settings)) as c:
+        other = _hold_write_lock(settings.db_path)
+        result: dict[str, int] = {}
+        poster = threading.Thread(
+            target=lambda: result.update(
+                status=c.post(
+                    "/metrics", json=payload(metrics=[custom(i) for i in range(50)]), headers=H
+                ).status_code
+            )
+        )
+        poster.start()
+        # Release only once the writer has failed at least once against the lock.
+        state = c.app.state.metrics  # type: ignore[attr-defined]
+        wait_for(lambda: state.queue.last_error is not None, timeout_s=10)
+        other.execute("ROLLBACK")
+        other.close()
+        poster.join(30)
+        assert result == {"status": 200}
+        assert state.queue.healthy
+    assert db_rows(
+        settings.db_path, "SELECT count(*), count(DISTINCT value) FROM custom_metrics"
+    ) == [(50, 50)]
+
+
+def test_durable_commit_that_keeps_failing_is_503_and_stores_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("METRICS_API_KEY_SVC", INGEST_KEY)
+    settings = Settings(db_path=tmp_path / "m.db", sqlite_busy_timeout_ms=10, commit_retries=1)
+    with TestClient(create_app(settings)) as c:
+        other = _hold_write_lock(settings.db_path)
+        r = c.post("/metrics", json=payload(metrics=[custom(1)]), headers=H)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+        assert c.get("/ready").status_code == 503
+        other.execute("ROLLBACK")
+        other.close()
+        # It recovers by itself once the database is free again.
+        r = c.post("/metrics", json=payload(metrics=[custom(2)]), headers=H)
+        assert r.status_code == 200
+        assert c.get("/ready").status_code == 200
+    assert db_rows(settings.db_path, "SELECT value FROM custom_metrics") == [(2.0,)]
+
+
+def test_buffered_rows_are_retried_whatever_the_failure_until_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In buffered mode a 200 comes before the commit, so a commit that fails with anything
+    (here a RuntimeError, as a bug or an exhausted resource would raise) is retried, never
+    dropped. Fault injection: the first three commits raise, then the real one runs."""
+    monkeypatch.setenv("METRICS_API_KEY_SVC", INGEST_KEY)
+    real_insert = storage.insert_rows
+    failures = {"left": 3}
+
+    def flaky_insert(conn: sqlite3.Connection, parts: Any, claims: Any = ()) -> int:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("injected failure")
+        return real_insert(conn, parts, claims)
+
+    monkeypatch.setattr(storage, "insert_rows", flaky_insert)
+    settings = Settings(db_path=tmp_path / "m.db", ack_mode=AckMode.buffered, flush_interval_s=0.05)
+    with TestClient(create_app(settings)) as c:
+        state = c.app.state.metrics  # type: ignore[attr-defined]
+        r = c.post("/metrics", json=payload(metrics=[custom(i) for i in range(20)]), headers=H)
+        assert r.status_code == 200 and r.json()["accepted"] == 20
+        wait_for(lambda: state.queue.committed_metrics == 20, timeout_s=30)
+        assert failures["left"] == 0 and state.queue.healthy
+        assert state.telemetry.totals["metrics_service_commit_failures"].values[()] == 3
+    assert db_rows(
+        settings.db_path, "SELECT count(*), count(DISTINCT value) FROM custom_metrics"
+    ) == [(20, 20)]

@@ -1,0 +1,5 @@
+"""`python -m mcp_metrics.proxy` is `mcp-metrics`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,179 @@
+"""Keys and authentication: env reconciliation across restarts (a revoked key stays revoked), CLI
+changes reaching a running service, the failed-auth throttle and trusted proxies."""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from metrics_service import Settings, create_app
+from metrics_service.errors import ConfigError
+from metrics_service.settings import load_settings
+from tests._helpers import (
+    ADMIN_KEY,
+    INGEST_KEY,
+    OTHER_KEY,
+    ServiceProcess,
+    clean_env,
+    db_rows,
+    payload,
+    wait_for,
+)
+
+NEW_KEY = "rotated-ingest-key-0123456789abcdefghijklmn"
+
+
+def post(url: str, key: str, service: str = "svc") -> int:
+    return httpx.post(
+        url + "/metrics", json=payload(service=service), headers={"X-API-Key": key}
+    ).status_code
+
+
+def cli(
+    db: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**clean_env(), "SQLITE_DB_PATH": str(db), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "metrics_service", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_env_keys_are_reconciled_at_start(service: ServiceProcess) -> None:
+    service.env["METRICS_API_KEY_BILLING"] = "billing-key-0123456789abcdefghijklmnop"
+    service.start()
+    assert post(service.url, INGEST_KEY) == 200
+    assert post(service.url, "billing-key-0123456789abcdefghijklmnop", "billing") == 200
+    service.stop()
+
+    # Restart with svc's key changed and billing's variable removed.
+    service.env["METRICS_API_KEY_SVC"] = NEW_KEY
+    del service.env["METRICS_API_KEY_BILLING"]
+    service.start()
+    assert post(service.url, NEW_KEY) == 200
+    assert post(service.url, INGEST_KEY) == 401, "the replaced key must stop working"
+    assert post(service.url, "billing-key-0123456789abcdefghijklmnop", "billing") == 401, (
+        "a removed key is revoked"
+    )
+    assert "1 kept, 1 added, 2 revoked" in service.log()
+    rows = db_rows(
+        service.db_path,
+        "SELECT service, revoked_at IS NULL FROM api_keys WHERE source = 'env' AND role = "
+        "'ingest' ORDER BY id",
+    )
+    assert rows == [("svc", 0), ("billing", 0), ("svc", 1)]
+
+
+def test_cli_keys_reach_a_running_service_within_seconds(service: ServiceProcess) -> None:
+    service.env["METRICS_KEY_RELOAD_INTERVAL_S"] = "0.5"
+    service.start()
+    created = cli(service.db_path, "keys", "create", "--service", "registry", "--rate-limit", "50")
+    assert created.returncode == 0, created.stderr
+    secret = re.search(r"(mcpm_\S+)", created.stdout).group(1)  # type: ignore[union-attr]
+    wait_for(lambda: post(service.url, secret, "registry") == 200, timeout_s=5)
+
+    listing = cli(service.db_path, "keys", "list")
+    assert "registry" in listing.stdout and "50" in listing.stdout
+    assert secret not in listing.stdout and secret[:20] not in listing.stdout
+    key_id = next(line.split()[0] for line in listing.stdout.splitlines() if " registry " in line)
+
+    revoked = cli(service.db_path, "keys", "revoke", key_id)
+    assert revoked.returncode == 0, revoked.stderr
+    wait_for(lambda: post(service.url, secret, "registry") == 401, timeout_s=5)
+    assert cli(service.db_path, "keys", "revoke", "424242").returncode == 1
+
+
+def test_a_revoked_env_key_stays_revoked_across_restarts(
+    tmp_path: Path, keyed_env: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(db_path=tmp_path / "m.db", admin_api_key=ADMIN_KEY)
+    with TestClient(create_app(settings)) as c:
+        assert (
+            c.post("/metrics", json=payload(), headers={"X-API-Key": INGEST_KEY}).status_code == 200
+        )
+        keys = c.get("/admin/keys", headers={"X-API-Key": ADMIN_KEY}).json()
+        (env_key,) = [k for k in keys if k["service"] == "svc" and k["source"] == "env"]
+        revoked = c.delete(f"/admin/keys/{env_key['id']}", headers={"X-API-Key": ADMIN_KEY})
+        assert revoked.status_code == 200, revoked.text
+    # The variable still holds the key: the restart must not bring it back.
+    caplog.set_level(logging.WARNING, logger="metrics_service.auth")
+    with TestClient(create_app(settings)) as c:
+        assert (
+            c.post("/metrics", json=payload(), headers={"X-API-Key": INGEST_KEY}).status_code == 401
+        )
+        assert (
+            c.post(
+                "/metrics", json=payload(service="other"), headers={"X-API-Key": OTHER_KEY}
+            ).status_code
+            == 200
+        )
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("METRICS_API_KEY_SVC" in w and "stays revoked" in w for w in warnings), warnings
+    assert db_rows(
+        settings.db_path,
+        "SELECT revoked_at IS NOT NULL FROM api_keys WHERE id = ?",
+        (env_key["id"],),
+    ) == [(1,)]
+
+
+def _auth_app(tmp_path: Path, **settings: Any) -> Any:
+    return create_app(Settings(db_path=tmp_path / "m.db", auth_failure_limit_per_min=3, **settings))
+
+
+def _guess(c: TestClient, forwarded_for: str | None = None) -> int:
+    headers = {"X-API-Key": "mcpm_" + "G" * 43}
+    if forwarded_for is not None:
+        headers["X-Forwarded-For"] = forwarded_for
+    return c.post("/metrics", json=payload(), headers=headers).status_code
+
+
+def test_a_valid_key_passes_the_failed_auth_throttle_of_its_address(
+    tmp_path: Path, keyed_env: None
+) -> None:
+    with TestClient(_auth_app(tmp_path), client=("203.0.113.7", 40000)) as c:
+        assert [_guess(c) for _ in range(5)] == [401, 401, 401, 429, 429]
+        assert (
+            c.post("/metrics", json=payload(), headers={"X-API-Key": INGEST_KEY}).status_code == 200
+        )
+        assert _guess(c) == 429  # the bad client on that address is still refused
+
+
+def test_forwarded_for_names_the_client_only_behind_a_trusted_proxy(
+    tmp_path: Path, keyed_env: None
+) -> None:
+    proxy = ("10.1.2.3", 40000)
+    with TestClient(
+        _auth_app(tmp_path, trusted_proxies="10.0.0.0/8, 192.0.2.1"), client=proxy
+    ) as c:
+        # Behind the proxy, each client has its own budget of failures.
+        assert [_guess(c, "198.51.100.1") for _ in range(4)] == [401, 401, 401, 429]
+        assert _guess(c, "198.51.100.2") == 401
+        # The client's own X-Forwarded-For entries left of it do not help it: the rightmost
+        # entry that is not a trusted proxy is the client.
+        assert _guess(c, "198.51.100.9, 198.51.100.1") == 429
+        assert _guess(c, "198.51.100.1, 192.0.2.1") == 429  # through a second trusted proxy
+    with TestClient(
+        _auth_app(tmp_path / "untrusted", trusted_proxies="192.0.2.1"), client=proxy
+    ) as c:
+        # From a peer that is not a trusted proxy, the header is the client's word: ignored.
+        codes = [_guess(c, f"198.51.100.{i}") for i in range(4)]
+        assert codes == [401, 401, 401, 429]
+
+
+def test_a_bad_trusted_proxies_value_stops_start_up_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("METRICS_TRUSTED_PROXIES", "10.0.0.0/8,not-an-address")
+    with pytest.raises(ConfigError, match=r"METRICS_TRUSTED_PROXIES.*not-an-address"):
+        load_settings()
