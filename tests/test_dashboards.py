@@ -614,7 +614,9 @@ def test_dashboards_and_rules_use_only_exported_metrics(stack: Stack) -> None:
 # -- a healthy service: the error panels show 0, not "No data" -------------------------------
 
 #: Every query that shows failures: on a service without any, each must return 0.
-_ERROR_QUERY = re.compile(r'rejected|failures|rate_limited|deleted_rows|success="false"')
+_ERROR_QUERY = re.compile(
+    r'rejected|failures|rate_limited|deleted_rows|success="false"|error_type!=""'
+)
 
 
 @pytest.fixture(scope="module")
@@ -659,7 +661,7 @@ def test_error_panels_show_zero_when_nothing_failed(quiet_stack: Stack, name: st
     dashboard = load(name)
     everything = {v["name"]: v["allValue"] for v in variables(dashboard) if v["type"] == "query"}
     errors = [(w, e) for w, e in targets(dashboard) if _ERROR_QUERY.search(e)]
-    assert len(errors) >= (7 if name == HEALTH else 3), errors
+    assert len(errors) >= {HEALTH: 7, SEMCONV: 2}.get(name, 3), errors
     shown = {w: quiet_stack.prom.values(substitute(e, everything)) for w, e in errors}
     assert all(values and all(v == 0 for v in values) for values in shown.values()), shown
     # And the rest of the health dashboard has data too: nothing on it says "No data".
