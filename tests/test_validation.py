@@ -63,7 +63,9 @@ def test_row_layout_of_a_tool_execution(validator: Validator) -> None:
     assert row[5:7] == (1.0, 5.0)
     assert row[7:17] == ("tools/call", "t", None, None, None, 0, None, None, None, None)
     assert row[17:20] == (None, None, None)  # server_path, user_hash, error_code
-    assert row[-6:-2] == ("a1", None, None, 7)
+    assert row[20:22] == (None, None)  # protocol_version, error_type (migration 7)
+    # agent_id, tenant_id, input_tokens, output_tokens, trace_id, span_id (migration 7)
+    assert row[-8:-2] == ("a1", None, None, 7, None, None)
     assert json.loads(row[-2]) == {"extra": "e"}
     assert json.loads(row[-1]) == {"agent_id": "a1", "output_tokens": 7}
 
