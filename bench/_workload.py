@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from typing import Any
 
@@ -72,3 +73,11 @@ def bodies(
         ).encode()
         for r in range(n_requests)
     ]
+
+
+def free_port() -> int:
+    """A port that was free a moment ago, for the service a bench starts (the benches run alone,
+    not beside other suites; tests/_ports.py has the race-free way for the tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _workload import bodies
+from _workload import bodies, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-ingest-key-0123456789abcdefghijklmnop"
@@ -56,12 +56,6 @@ TABLES = (
     "protocol_latency_metrics",
     "custom_metrics",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pinned(cmd: list[str], cpu: int | None) -> list[str]:

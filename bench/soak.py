@@ -25,7 +25,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _workload import free_port
 
 KEY = "soak-ingest-key-0123456789abcdefghijklmnop"
 SERVICE = "soak"
@@ -69,12 +69,6 @@ COLUMNS: list[tuple[str, int, Callable[[dict[str, Any]], str]]] = [
     ("p99_ms", 7, lambda r: f"{r['p99_ms']:.2f}"),
     ("non2xx", 6, lambda r: str(r["non_2xx"])),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def metric(rng: random.Random, ident: int) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from metrics_service.analytics.routes import router as analytics_router
 from metrics_service.api import INGEST, admin, install_error_handlers, router, schema_components
 from metrics_service.idempotency import Registry
 from metrics_service.ingest import DbThread, WriteQueue
+from metrics_service.otlp import TRACES, Flows
 from metrics_service.ratelimit import RateLimiter
 from metrics_service.retention import RetentionLoop
 from metrics_service.settings import Settings, load_settings
@@ -52,6 +53,7 @@ class AppState:
     retention: RetentionLoop
     telemetry: Telemetry
     idempotency: Registry
+    flows: Flows = field(default_factory=Flows)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def on_ingested(self, batch: Batch) -> None:
@@ -295,11 +297,20 @@ class MetricsApp(FastAPI):
     plain-ASGI ingest endpoint (wrapped in the same request-id layer as every other route)."""
 
     _ingest = RequestIdMiddleware(INGEST, count_statuses=True)
+    _otlp = RequestIdMiddleware(TRACES, count_statuses=True)
+    otlp_paths: frozenset[str] = frozenset()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/metrics":
             scope["app"] = self
             await self._ingest(scope, receive, send)
+        elif (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"] in self.otlp_paths
+        ):
+            scope["app"] = self
+            await self._otlp(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
 
@@ -320,6 +331,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
+    if settings.otlp_ingest_enabled:
+        # OTLP/HTTP (docs/otlp.md); like /metrics, dispatched before the middleware stack, and
+        # in the route table so that other methods get 405.
+        app.otlp_paths = frozenset({"/v1/traces", "/v1/metrics"})
+        for path in app.otlp_paths:
+            app.add_route(path, TRACES, methods=["POST"], include_in_schema=False)  # type: ignore[arg-type]
     app.include_router(analytics_router)
     if settings.admin_enabled:
         assert compat.preview is not None  # its routes are on the admin router

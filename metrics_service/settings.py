@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     # How long a committed Idempotency-Key is remembered (docs/delivery.md).
     idempotency_window_s: float = _env("METRICS_IDEMPOTENCY_WINDOW_S", 86_400.0, ge=1)
 
+    # OTLP/HTTP trace ingest (POST /v1/traces, docs/otlp.md)
+    otlp_ingest_enabled: bool = _env("METRICS_OTLP_INGEST_ENABLED", True)
+    otlp_max_spans_per_request: int = _env(
+        "METRICS_OTLP_MAX_SPANS_PER_REQUEST", 10_000, ge=1, le=1_000_000
+    )
+
     # Keys, rate limits and abuse
     rate_limit_per_min: int = _env("METRICS_RATE_LIMIT", 1000, ge=1)
     rate_limit_storage_uri: str = _env("METRICS_RATE_LIMIT_STORAGE_URI", "memory://")
@@ -132,6 +138,10 @@ class Settings(BaseSettings):
     otel_export_interval_ms: int = _env("OTEL_METRIC_EXPORT_INTERVAL", 60_000, ge=100)
     otel_cardinality_limit: int = _env("METRICS_OTEL_CARDINALITY_LIMIT", 500, ge=10, le=1_000_000)
     otel_bool_labels: BoolLabels = _env("METRICS_OTEL_BOOL_LABELS", BoolLabels.lowercase)
+    # The two name sets of the export: the architecture document's (mcp_tool_executions_total,
+    # ...) and the OpenTelemetry MCP semantic conventions (mcp.server.operation.duration, ...).
+    otel_seed_metrics_enabled: bool = _env("METRICS_OTEL_SEED_METRICS", True)
+    otel_semconv_metrics_enabled: bool = _env("METRICS_OTEL_SEMCONV_METRICS", True)
 
     # Logs
     log_level: str = _env("METRICS_LOG_LEVEL", "info")

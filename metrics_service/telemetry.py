@@ -85,6 +85,10 @@ SECONDS_BUCKETS = (
     30.0,
     60.0,
 )
+#: The boundaries the OpenTelemetry MCP semantic conventions advise for their durations
+#: (semantic-conventions-genai, model/mcp/metrics.yaml: 10 ms to 300 s, "LLMs will often be
+#: involved here").
+SEMCONV_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 BYTES_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
 RESULTS_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100)
 BATCH_BUCKETS = (1, 10, 100, 1000, 5000, 10000, 50000)
@@ -101,6 +105,18 @@ AUTH_LABELS = ("service", "server", "method", "success")
 TOOL_LABELS = ("service", "server", "method", "tool_name", "client_name", "success")
 PROTOCOL_LABELS = ("service", "server", "client_name", "flow_step")
 SERVICE_LABELS = ("service",)
+#: Attributes of mcp.{server,client}.operation.duration (docs/otlp.md); ``service`` is ours: one
+#: exporter here aggregates many reporting services. Never session or request ids.
+SEMCONV_LABELS = (
+    "service",
+    "mcp.method.name",
+    "gen_ai.tool.name",
+    "gen_ai.operation.name",
+    "error.type",
+    "rpc.response.status_code",
+    "network.transport",
+    "mcp.protocol.version",
+)
 
 
 class Instrument(NamedTuple):
@@ -152,6 +168,24 @@ INSTRUMENTS: dict[str, Instrument] = {
     "mcp_protocol_latency_seconds": Instrument(
         "histogram", "s", PROTOCOL_LABELS, SECONDS_BUCKETS, "Time between MCP protocol steps"
     ),
+    # The OpenTelemetry MCP semantic conventions (status Development), dotted as over OTLP;
+    # Prometheus shows mcp_server_operation_duration_seconds{mcp_method_name=...}.
+    "mcp.server.operation.duration": Instrument(
+        "histogram",
+        "s",
+        SEMCONV_LABELS,
+        SEMCONV_BUCKETS,
+        "MCP request or notification duration as observed on the receiver from the time it was "
+        "received until the result or ack is sent.",
+    ),
+    "mcp.client.operation.duration": Instrument(
+        "histogram",
+        "s",
+        SEMCONV_LABELS,
+        SEMCONV_BUCKETS,
+        "The duration of the MCP request or notification as observed on the sender from the "
+        "time it was sent until the response or ack is received.",
+    ),
     "metrics_service_metrics_accepted": Instrument("counter", "", ("type",), (), "Metrics stored"),
     "metrics_service_metrics_rejected": Instrument(
         "counter", "", ("reason",), (), "Metrics rejected, by the rule they broke"
@@ -171,6 +205,13 @@ INSTRUMENTS: dict[str, Instrument] = {
     ),
     "metrics_service_export_failures": Instrument(
         "counter", "", ("exporter",), (), "Failed OTLP exports"
+    ),
+    "metrics_service_otlp_spans": Instrument(
+        "counter",
+        "",
+        ("outcome",),
+        (),
+        "Spans received on /v1/traces: accepted (MCP, stored), rejected, not_mcp (dropped)",
     ),
     "metrics_service_commit_batch_metrics": Instrument(
         "histogram", "", (), BATCH_BUCKETS, "Metrics per commit"
@@ -196,7 +237,13 @@ ZERO_SERIES: dict[str, tuple[tuple[str, ...], ...]] = {
         (table,) for table in (*storage.TABLES, *rollups.TABLES)
     ),
     "metrics_service_export_failures": (("otlp",),),
+    "metrics_service_otlp_spans": (("accepted",), ("rejected",), ("not_mcp",)),
 }
+
+#: The two name sets a setting can switch off: the semantic conventions' (dotted) and the
+#: architecture document's (``mcp_*``); the self-metrics always stay.
+SEMCONV_NAMES = frozenset(name for name in INSTRUMENTS if "." in name)
+SEED_NAMES = frozenset(n for n in INSTRUMENTS if n.startswith("mcp_") and n not in SEMCONV_NAMES)
 
 # UCUM unit -> Prometheus suffix, as the OpenTelemetry Prometheus exporter maps them.
 _PROMETHEUS_UNITS = {"": "", "s": "seconds", "ms": "milliseconds", "By": "bytes", "1": "ratio"}
@@ -316,7 +363,8 @@ class _PrometheusCollector(Collector):
             }
             self._info = InfoMetricFamily(*_TARGET_INFO, value=attributes)
         yield self._info
-        for name, instrument, points in self._telemetry.snapshot():
+        for dotted, instrument, points in self._telemetry.snapshot():
+            name = _label_name(dotted)  # mcp.server.operation.duration -> mcp_server_...
             named = [({_label_name(k): v for k, v in a.items()}, value) for a, value in points]
             keys = sorted({k for attributes, _ in named for k in attributes})
             rows = [([_label_value(a.get(k, "")) for k in keys], value) for a, value in named]
@@ -453,6 +501,12 @@ class Telemetry:
         self._scope = InstrumentationScope("metrics_service", __version__)
         self._start_ns = time.time_ns()
         limit = settings.otel_cardinality_limit
+        self.seed = settings.otel_seed_metrics_enabled
+        self.semconv = settings.otel_semconv_metrics_enabled
+        off = (SEED_NAMES if not self.seed else frozenset()) | (
+            SEMCONV_NAMES if not self.semconv else frozenset()
+        )
+        self.exported = {name: i for name, i in INSTRUMENTS.items() if name not in off}
         self.totals: dict[str, _Counter] = {}
         self.histograms: dict[str, _Histogram] = {}
         for name, instrument in INSTRUMENTS.items():
@@ -507,6 +561,12 @@ class Telemetry:
     def on_retention_deleted(self, table: str, rows: int) -> None:
         self.totals["metrics_service_retention_deleted_rows"].add((table,), rows)
 
+    def on_spans(self, *, accepted: int, rejected: int, not_mcp: int) -> None:
+        totals = self.totals["metrics_service_otlp_spans"]
+        for outcome, n in (("accepted", accepted), ("rejected", rejected), ("not_mcp", not_mcp)):
+            if n:
+                totals.add((outcome,), n)
+
     def on_rejections(self, batch: Batch) -> None:
         totals = self.totals["metrics_service_metrics_rejected"]
         for rejection in batch.rejections:
@@ -533,7 +593,7 @@ class Telemetry:
         with self._lock:
             histograms = {name: h.points() for name, h in self.histograms.items()}
         out: Snapshot = []
-        for name, instrument in INSTRUMENTS.items():
+        for name, instrument in self.exported.items():
             points: list[tuple[dict[str, Any], Any]]
             if instrument.kind == "counter":
                 points = list(self.totals[name].points())
@@ -551,6 +611,9 @@ class Telemetry:
         start = self._start_ns
         metrics = []
         for name, instrument, points in self.snapshot():
+            if name in SEMCONV_NAMES:
+                # The conventions' attributes are absent, not empty, where they do not apply.
+                points = [({k: v for k, v in a.items() if v != ""}, p) for a, p in points]
             data: Sum | Histogram | Gauge
             if instrument.kind == "counter":
                 data = Sum(
@@ -638,6 +701,8 @@ def _present(group: list[Row], i: int) -> list[Any]:
 
 
 def _auth(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> None:
+    if not t.seed:
+        return
     c = _COL["auth_request"]
     totals = t.totals["mcp_auth_requests"]
     durations = hist("mcp_auth_request_duration_seconds")
@@ -651,6 +716,10 @@ def _auth(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> N
 
 
 def _tool(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> None:
+    if t.semconv:
+        _semconv(rows, hist)
+    if not t.seed:
+        return
     c = _COL["tool_execution"]
     i_in, i_out = c["input_size_bytes"], c["output_size_bytes"]
     columns = (2, c["server_name"], c["method"], c["tool_name"], c["client_name"], c["success"])
@@ -670,6 +739,8 @@ def _tool(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> N
 
 
 def _discovery(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> None:
+    if not t.seed:
+        return
     c = _COL["tool_discovery"]
     i_results, i_embed, i_search = c["results_count"], c["embedding_time_ms"], c["search_time_ms"]
     totals = t.totals["mcp_tool_discovery"]
@@ -687,6 +758,8 @@ def _discovery(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram])
 
 
 def _protocol(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> None:
+    if not t.seed:
+        return
     c = _COL["protocol_latency"]
     latency = hist("mcp_protocol_latency_seconds")
     for text, group in _by_label(
@@ -694,6 +767,58 @@ def _protocol(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) 
     ).items():
         if values := _seconds(group, 6):
             latency.add_all(_labels(text), values)
+
+
+#: ``transport`` as stored -> the semconv ``network.transport`` (stdio is a pipe; the HTTP
+#: transports run over TCP); values already in semconv terms pass unchanged.
+_NETWORK_TRANSPORT = {"stdio": "pipe", "streamable-http": "tcp", "sse": "tcp", "websocket": "tcp"}
+#: How a row marks a client-side operation (``span_kind`` in the extra dimensions, as msgspec
+#: encodes it); everything else is server-side, as the middleware and server spans are.
+_CLIENT_MARK = '"span_kind":"client"'
+
+
+def _semconv(rows: list[Row], hist: Callable[[str], _Histogram]) -> None:
+    """mcp.{server,client}.operation.duration from tool_execution rows (docs/otlp.md)."""
+    c = _COL["tool_execution"]
+    extra = -2  # the extra-dimensions JSON, second to last in every row
+    client = [r for r in rows if r[extra] is not None and _CLIENT_MARK in r[extra]]
+    server = (
+        [r for r in rows if r[extra] is None or _CLIENT_MARK not in r[extra]] if client else rows
+    )
+    columns = (
+        2,
+        c["method"],
+        c["tool_name"],
+        c["success"],
+        c["error_type"],
+        c["transport"],
+        c["protocol_version"],
+    )
+    for name, part in (
+        ("mcp.server.operation.duration", server),
+        ("mcp.client.operation.duration", client),
+    ):
+        if not part:
+            continue
+        durations = hist(name)
+        for (service, method, tool, success, error, transport, version), group in _by_label(
+            part, *columns
+        ).items():
+            values = _seconds(group, 6)
+            if not values:
+                continue
+            code = error if error is not None and error.lstrip("-").isdigit() else None
+            key = (
+                service,
+                method or "",
+                tool or "",
+                "execute_tool" if method == "tools/call" else "",
+                (error or "_OTHER") if success == 0 else "",  # if and only if it failed
+                code or "",
+                _NETWORK_TRANSPORT.get(transport, transport) or "",
+                version or "",
+            )
+            durations.add_all(key, values)
 
 
 #: metric type -> the function that records a commit's rows of that type.
@@ -708,6 +833,7 @@ __all__ = [
     "BYTES_BUCKETS",
     "INSTRUMENTS",
     "SECONDS_BUCKETS",
+    "SEMCONV_BUCKETS",
     "ZERO_SERIES",
     "Instrument",
     "Telemetry",

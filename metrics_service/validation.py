@@ -74,6 +74,10 @@ DIMENSIONS: dict[str, tuple[tuple[str, str], ...]] = {
         ("server_path", "str"),
         ("user_hash", "str"),
         ("error_code", "code"),
+        # Migration 7: the OpenTelemetry MCP semantic conventions (mcp.protocol.version,
+        # error.type: a JSON-RPC error code, "tool_error" or an exception name).
+        ("protocol_version", "str"),
+        ("error_type", "str"),
     ),
     "tool_discovery": (
         ("query", "str"),
@@ -123,6 +127,9 @@ METADATA_COLUMNS = (
     ("tenant_id", "str"),
     ("input_tokens", "count"),
     ("output_tokens", "count"),
+    # Migration 7: the span a tool_execution row came from (hex, as in OTLP/JSON and W3C).
+    ("trace_id", "str"),
+    ("span_id", "str"),
 )
 
 #: Dimension names the MCP Gateway Registry's clients use for a typed column -> that column.
@@ -297,7 +304,37 @@ class Validator:
         self._decoder = msgspec.json.Decoder(envelope)
         self._loose_decoder = msgspec.json.Decoder(loose)
         self._item_decoder = msgspec.json.Decoder(metric)
+        self._metric = metric
         self._encode = msgspec.json.Encoder().encode
+
+    def add_items(
+        self, batch: Batch, head: tuple[str, str, str | None], items: list[tuple[int, Any]]
+    ) -> None:
+        """Validate events built in the process (OTLP spans mapped to events) into ``batch``
+        by the same rules as posted items; ``items`` pairs each with its span's index."""
+        now = self._clock()
+        received_ms = int(now * 1000)
+        oldest_s = now - self._settings.retention_days * 86_400
+        newest_s = now + self._settings.max_future_skew_s
+        convert, metric, rows = msgspec.convert, self._metric, batch.rows
+        for index, item in items:
+            try:
+                try:
+                    m = convert(item, metric)
+                except msgspec.ValidationError as exc:
+                    raise _Reject(*_describe(exc, "")) from None
+                table, row = self._row(m, head, received_ms, oldest_s, newest_s)
+            except _Reject as rej:
+                batch.rejections.append(
+                    Rejection(
+                        index, f"spans[{index}].{rej.field}".rstrip("."), rej.rule, rej.message
+                    )
+                )
+                continue
+            bucket = rows.get(table)
+            if bucket is None:
+                rows[table] = bucket = []
+            bucket.append(row)
 
     def decode(self, body: bytes) -> Batch:
         """Validate ``body``: raise for a body of the wrong shape, else return the batch with

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from metrics_service.settings import Settings
 from metrics_service.storage import rollups
+from metrics_service.validation import Validator
 
 TOOLS = ("search", "fetch", "write")
 CLIENTS = ("claude", "cursor")
@@ -179,3 +182,29 @@ def post_seed(client: Any, seed: Seed, headers: dict[str, str], batch: int = 250
         body = {"service": "svc", "version": "1.0.0", "metrics": seed.metrics[i : i + batch]}
         r = client.post("/metrics", json=body, headers=headers)
         assert r.status_code == 200 and r.json()["rejected"] == 0, r.text
+
+
+def seed_rows(
+    settings: Settings, n: int = 500, registry: bool = True
+) -> tuple[float, list[dict[str, list[tuple[Any, ...]]]]]:
+    """Rows of a seeded history; ``registry``: with the families of migration 5 (an older
+    schema has no table for them)."""
+    seed = make_seed(n)
+    # Some events without optional dimensions or durations: NULLs must round-trip through keys.
+    seed.metrics += [
+        {
+            "type": "tool_execution",
+            "timestamp": seed.now - 3600,
+            "dimensions": {"method": "tools/list", "success": True},
+        },
+        {"type": "auth_request", "timestamp": seed.now - 7200, "dimensions": {"success": False}},
+        *(registry_events(seed.now) if registry else ()),
+    ]
+    validator = Validator(settings)
+    parts = []
+    for i in range(0, len(seed.metrics), 100):
+        body = {"service": "svc", "version": "1", "metrics": seed.metrics[i : i + 100]}
+        batch = validator.decode(json.dumps(body).encode())
+        assert not batch.rejections
+        parts.append(batch.rows)
+    return seed.now, parts

@@ -18,16 +18,24 @@ from typing import Any
 import httpx
 import pytest
 
+from tests._ports import free_port, listening_ports
+
+__all__ = ["free_port", "listening_ports"]  # re-exported: the tests import them from here too
+
 ROOT = Path(__file__).resolve().parent.parent
 INGEST_KEY = "test-ingest-key-0123456789abcdefghijklmnop"
 OTHER_KEY = "test-other-key-0123456789abcdefghijklmnopq"
 ADMIN_KEY = "test-admin-key-0123456789abcdefghijklmnopq"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+#: Table names and values that try SQL injection (admin paths, query parameters, bodies).
+INJECTIONS = [
+    "tool_metrics; DROP TABLE api_keys",
+    "tool_metrics' OR '1'='1",
+    "tool_metrics--",
+    "api_keys",
+    "sqlite_master",
+    "metrics WHERE 1=1",
+    '"; DELETE FROM custom_metrics; --',
+]
 
 
 def wait_for(
@@ -104,7 +112,8 @@ class ServiceProcess:
     db_path: Path
     env: dict[str, str]
     log_path: Path
-    port: int = field(default_factory=free_port)
+    port: int = 0  # 0: the service binds any free port; ``port`` is the real one once started
+    prometheus_port: int | None = None  # its Prometheus endpoint, once started
     args: list[str] = field(default_factory=list)
     unset_env: list[str] = field(default_factory=list)  # variables to leave out (defaults apply)
     python: str = sys.executable  # another venv's, to run what it has installed
@@ -119,7 +128,7 @@ class ServiceProcess:
             **clean_env(),
             "SQLITE_DB_PATH": str(self.db_path),
             "METRICS_SERVICE_HOST": "127.0.0.1",
-            "METRICS_SERVICE_PORT": str(self.port),
+            "METRICS_SERVICE_PORT": "0",
             "OTEL_PROMETHEUS_PORT": "0",
             **self.env,
         }
@@ -135,13 +144,28 @@ class ServiceProcess:
         )
         log.close()
 
+        proc = self.proc
+        prometheus = env.get("OTEL_PROMETHEUS_ENABLED", "true").lower() not in ("false", "0")
+
         def up() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"service exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                return httpx.get(self.url + "/ready", timeout=1).status_code == 200
-            except httpx.HTTPError:
+            if proc.poll() is not None:
+                raise AssertionError(f"service exited with {proc.returncode}:\n{self.log()}")
+            ports = listening_ports(proc.pid)
+            if len(ports) < (2 if prometheus else 1):
                 return False
+            api, ready = None, False
+            for port in ports:  # which one is the API: it answers /ready with JSON
+                try:
+                    r = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1)
+                except httpx.HTTPError:
+                    return False
+                if r.headers.get("content-type", "").startswith("application/json"):
+                    api, ready = port, r.status_code == 200
+            if api is None or not ready:
+                return False
+            self.port = api
+            self.prometheus_port = next(iter(ports - {api}), None)
+            return True
 
         wait_for(up, timeout_s, 0.05)
         return self
@@ -219,3 +243,17 @@ def start_redis(workdir: Path) -> RedisServer:
 
     wait_for(up, 10)
     return RedisServer(port, proc)
+
+
+def cli(
+    db: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m metrics_service ARGS`` on the database ``db``."""
+    env = {**clean_env(), "SQLITE_DB_PATH": str(db), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "metrics_service", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

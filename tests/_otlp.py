@@ -16,7 +16,7 @@ import importlib.util
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -221,11 +221,11 @@ def _listening(port: int) -> bool:
 
 
 @contextmanager
-def start_rotel(workdir: Path, export_to: str) -> Iterator[Rotel]:
+def start_rotel(workdir: Path, export_to: str, extra_args: Sequence[str] = ()) -> Iterator[Rotel]:
     """Run ``rotel-agent`` in the foreground, exporting metrics as OTLP/HTTP to ``export_to``.
 
     Its own pid and log files go to ``workdir`` (the defaults under /tmp would collide between
-    parallel tests). Batches are flushed every 100 ms.
+    parallel tests). Batches are flushed every 100 ms. ``extra_args`` go to ``rotel-agent start``.
     """
     binary = rotel_binary()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -246,6 +246,7 @@ def start_rotel(workdir: Path, export_to: str) -> Iterator[Rotel]:
                 "--batch-timeout", "100ms",
                 "--otlp-exporter-retry-initial-backoff", "100ms",
                 "--otlp-exporter-retry-max-backoff", "500ms",
+                *extra_args,
             ],
             env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
         )  # fmt: skip

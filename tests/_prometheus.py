@@ -176,14 +176,10 @@ def scraped_service(workdir: Path, env: dict[str, str]) -> Iterator[ScrapedServi
     """A real service process (settings ``env``) with its Prometheus endpoint on a free port,
     scraped every second by a real Prometheus. Skips the test when Prometheus is missing."""
     require_binary("prometheus", "prometheus")
-    exporter_port = free_port()
-    service = ServiceProcess(
-        db_path=workdir / "m.db",
-        log_path=workdir / "service.log",
-        env={**env, "OTEL_PROMETHEUS_PORT": str(exporter_port)},
-    )
+    service = ServiceProcess(db_path=workdir / "m.db", log_path=workdir / "service.log", env=env)
     try:
         service.start()
+        exporter_port = service.prometheus_port
         with start_prometheus(workdir / "prom", [f"127.0.0.1:{exporter_port}"]) as prom:
             yield ScrapedService(service, prom, f"http://127.0.0.1:{exporter_port}/metrics")
     finally:

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from metrics_service import Settings
 from metrics_service.settings import valid_service_name
 from metrics_service.storage import TABLES
-from tests._helpers import ADMIN_KEY, INGEST_KEY, custom, db_rows, payload
+from tests._helpers import ADMIN_KEY, INGEST_KEY, INJECTIONS, custom, db_rows, payload
 
 ADMIN = {"X-API-Key": ADMIN_KEY}
 H = {"X-API-Key": INGEST_KEY}
@@ -58,17 +58,6 @@ def test_ingest_key_needs_a_service(client: TestClient) -> None:
     assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "service"
     r = client.post("/admin/keys", json={"service": "svc", "role": "root"}, headers=ADMIN)
     assert r.status_code == 422
-
-
-INJECTIONS = [
-    "tool_metrics; DROP TABLE api_keys",
-    "tool_metrics' OR '1'='1",
-    "tool_metrics--",
-    "api_keys",
-    "sqlite_master",
-    "metrics WHERE 1=1",
-    '"; DELETE FROM custom_metrics; --',
-]
 
 
 @pytest.mark.parametrize("table", INJECTIONS)

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from metrics_service import Settings
 from tests._analytics_seed import Seed, assert_same_bucket, make_seed, post_seed
 from tests._helpers import ADMIN_KEY, INGEST_KEY
 
@@ -326,7 +325,3 @@ def test_openapi_documents_every_view(client: TestClient) -> None:
     for view in VIEWS:
         params = {p["name"] for p in paths[f"/analytics/{view}"]["get"]["parameters"]}
         assert {"since", "until", "service", "format"} <= params
-
-
-def test_settings_default_rollup_retention_is_longer_than_raw(settings: Settings) -> None:
-    assert settings.rollup_retention_days > settings.retention_days

@@ -16,37 +16,11 @@ from metrics_service import Settings, create_app, storage
 from metrics_service.analytics import queries
 from metrics_service.storage import migrations, rollups
 from metrics_service.validation import Validator
-from tests._analytics_seed import make_seed, post_seed, registry_events
+from tests._analytics_seed import make_seed, post_seed, seed_rows
 from tests._helpers import ADMIN_KEY, INGEST_KEY
 
 ADMIN = {"X-API-Key": ADMIN_KEY}
 VIEWS = [v for v in queries.VIEWS if v != "timeseries"]
-
-
-def seed_rows(
-    settings: Settings, n: int = 500, registry: bool = True
-) -> tuple[float, list[dict[str, list[tuple[Any, ...]]]]]:
-    """Rows of a seeded history; ``registry``: with the families of migration 5 (an older
-    schema has no table for them)."""
-    seed = make_seed(n)
-    # Some events without optional dimensions or durations: NULLs must round-trip through keys.
-    seed.metrics += [
-        {
-            "type": "tool_execution",
-            "timestamp": seed.now - 3600,
-            "dimensions": {"method": "tools/list", "success": True},
-        },
-        {"type": "auth_request", "timestamp": seed.now - 7200, "dimensions": {"success": False}},
-        *(registry_events(seed.now) if registry else ()),
-    ]
-    validator = Validator(settings)
-    parts = []
-    for i in range(0, len(seed.metrics), 100):
-        body = {"service": "svc", "version": "1", "metrics": seed.metrics[i : i + 100]}
-        batch = validator.decode(json.dumps(body).encode())
-        assert not batch.rejections
-        parts.append(batch.rows)
-    return seed.now, parts
 
 
 def answers(conn: sqlite3.Connection, now: float) -> dict[str, Any]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from metrics_service import Settings, create_app
-from metrics_service.errors import ConfigError
-from metrics_service.settings import load_settings
 from tests._helpers import (
     ADMIN_KEY,
     INGEST_KEY,
     OTHER_KEY,
     ServiceProcess,
-    clean_env,
+    cli,
     db_rows,
     payload,
     wait_for,
@@ -35,19 +31,6 @@ def post(url: str, key: str, service: str = "svc") -> int:
     return httpx.post(
         url + "/metrics", json=payload(service=service), headers={"X-API-Key": key}
     ).status_code
-
-
-def cli(
-    db: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {**clean_env(), "SQLITE_DB_PATH": str(db), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "metrics_service", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_env_keys_are_reconciled_at_start(service: ServiceProcess) -> None:
@@ -169,11 +152,3 @@ def test_forwarded_for_names_the_client_only_behind_a_trusted_proxy(
         # From a peer that is not a trusted proxy, the header is the client's word: ignored.
         codes = [_guess(c, f"198.51.100.{i}") for i in range(4)]
         assert codes == [401, 401, 401, 429]
-
-
-def test_a_bad_trusted_proxies_value_stops_start_up_naming_the_variable(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("METRICS_TRUSTED_PROXIES", "10.0.0.0/8,not-an-address")
-    with pytest.raises(ConfigError, match=r"METRICS_TRUSTED_PROXIES.*not-an-address"):
-        load_settings()

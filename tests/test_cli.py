@@ -10,8 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests._helpers import ServiceProcess, custom, payload
-from tests.test_keys import cli
+from tests._helpers import ServiceProcess, cli, custom, payload
 
 
 def test_first_run_creates_a_key_printed_once_that_the_quickstart_can_use(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from tests._helpers import (
     wait_for,
 )
 from tests._prometheus import Prometheus, parse_samples, scrape, start_prometheus, total
+from tests._spans import CLIENT, mcp, protobuf
 from tests._traffic import auth, discovery, protocol, tool
 
 DASHBOARDS = {p.stem: p for p in sorted((ROOT / "grafana" / "dashboards").glob("*.json"))}
@@ -44,6 +45,7 @@ SCHEMA = json.loads((ROOT / "grafana" / "schema" / "dashboard.schema.json").read
 RULES = ROOT / "prometheus" / "rules" / "mcp-alerts.yml"
 ANALYTICS = "mcp-analytics-comprehensive"
 HEALTH = "mcp-metrics-service-health"
+SEMCONV = "mcp-semconv"
 #: Panel plugin id -> the prefix of its definitions in the schema.
 PLUGINS = {
     "timeseries": "TimeSeries",
@@ -157,7 +159,7 @@ def substitute(expr: str, values: dict[str, str]) -> str:
 
 
 def test_both_dashboards_are_there() -> None:
-    assert set(DASHBOARDS) == {ANALYTICS, HEALTH}
+    assert set(DASHBOARDS) == {ANALYTICS, HEALTH, SEMCONV}
 
 
 @pytest.mark.parametrize("name", sorted(DASHBOARDS))
@@ -274,6 +276,30 @@ def test_health_dashboard_covers_the_self_metrics() -> None:
         assert name in used, name
 
 
+def test_semconv_dashboard_uses_only_the_conventions_names() -> None:
+    """So that it works for any exporter of the OpenTelemetry MCP semantic conventions."""
+    dashboard = load(SEMCONV)
+    used = set().union(*(metric_names(e) for _, e in targets(dashboard)))
+    families = {n.rsplit("_", 1)[0] for n in used}
+    assert families == {
+        "mcp_server_operation_duration_seconds",
+        "mcp_client_operation_duration_seconds",
+    }
+    labels = set(re.findall(r"(\w+)=~?\"", " ".join(e for _, e in targets(dashboard))))
+    labels |= set(re.findall(r"by \(([^)]*)\)", " ".join(e for _, e in targets(dashboard))))
+    semconv = {
+        "mcp_method_name",
+        "gen_ai_tool_name",
+        "gen_ai_operation_name",
+        "error_type",
+        "network_transport",
+        "mcp_protocol_version",
+        "service",  # the one attribute of ours: which reporting service
+    }
+    names = {name.strip() for group in labels for name in group.split(",")} - {"le"}
+    assert names <= semconv, names - semconv
+
+
 def test_metric_names_are_found_in_queries() -> None:
     """The name extraction that the exported-names check relies on."""
     assert metric_names(
@@ -340,6 +366,27 @@ def _hold_write_lock_while_posting(client: httpx.Client, db: Path, exporter_url:
     assert codes == [200]
 
 
+def _spans_over_otlp(client: httpx.Client, gateway: str) -> None:
+    """MCP spans as an OpenTelemetry-instrumented server and client export them: the transports,
+    protocol versions and error types of the semconv dashboard, and client-side operations."""
+    server = {"mcp.server.name": "github"}
+    spans = [
+        mcp("tools/call", "search_code", transport="pipe", extra=server, duration_ms=40),
+        mcp("tools/call", "read_file", transport="tcp", version="2025-11-25", extra=server),
+        mcp("tools/call", "search_code", error_type="tool_error", extra=server, duration_ms=900),
+        mcp("tools/call", "nope", error_type="-32602", extra=server),  # not a server error
+        mcp("tools/call", "read_file", error_type="-32603", extra=server),
+        mcp("tools/call", "search_code", kind=CLIENT, extra={"server.address": "github"}),
+        mcp("tools/call", "read_file", kind=CLIENT, error_type="-32602", duration_ms=70),
+    ]
+    r = client.post(
+        "/v1/traces",
+        content=protobuf(spans, {"service.name": gateway}),
+        headers={"Content-Type": "application/x-protobuf", "X-API-Key": KEYS[gateway]},
+    )
+    assert r.status_code == 200 and r.content == b"", r.content
+
+
 def _round(client: httpx.Client, db: Path, exporter_url: str, limited_key: str) -> None:
     """One round of realistic traffic: two gateways in front of two MCP servers each, an auth
     server, a tool registry, a client with a bad payload, unknown keys, a key over its limit,
@@ -385,6 +432,7 @@ def _round(client: httpx.Client, db: Path, exporter_url: str, limited_key: str) 
             discovery("read a file", 12, 55, 40, 9),
         ]
         post(gateway, events)
+        _spans_over_otlp(client, gateway)
     post("auth-server", [auth(True, "jwt", "slack", 20), auth(False, "oauth", "slack", 150)])
     post("registry", [discovery("weather", 0, 25, 20, 2), discovery("send email", 3, 70, 50, 15)])
 
@@ -424,21 +472,19 @@ def _round(client: httpx.Client, db: Path, exporter_url: str, limited_key: str) 
 
 
 def _scraped_after(prom: Prometheus, t: float) -> None:
-    wait_for(lambda: (prom.value("max(timestamp(up))") or 0.0) > t + 0.05, 15, 0.1)
+    wait_for(lambda: (prom.value("max(timestamp(up) and up == 1)") or 0.0) > t + 0.05, 15, 0.1)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     require_binary("prometheus", "prometheus")
     tmp = tmp_path_factory.mktemp("dashboards")
-    exporter_port = free_port()
     service = ServiceProcess(
         db_path=tmp / "m.db",
         log_path=tmp / "service.log",
         env={
             **{f"METRICS_API_KEY_{s.upper().replace('-', '_')}": k for s, k in KEYS.items()},
             "METRICS_ADMIN_API_KEY": ADMIN_KEY,
-            "OTEL_PROMETHEUS_PORT": str(exporter_port),
             # A collector that is down, so that export failures are counted.
             "OTEL_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
             "OTEL_EXPORTER_OTLP_TIMEOUT": "500",
@@ -449,9 +495,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "METRICS_SQLITE_SYNCHRONOUS": "normal",
         },
     )
-    exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
     try:
         service.start()
+        exporter_port = service.prometheus_port
+        exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
         with (
             start_prometheus(tmp / "prom", [f"127.0.0.1:{exporter_port}"]) as prom,
             httpx.Client(base_url=service.url, timeout=30) as client,
@@ -480,6 +527,12 @@ def _failures(stack: Stack, dashboard: dict[str, Any], values: dict[str, str]) -
         result = stack.prom.values(query)
         if not any(math.isfinite(v) for v in result):
             failures.append(f"{where}: {query} -> {result}")
+    if failures:  # say why: the target's last scrape
+        active = httpx.get(f"{stack.prom.url}/api/v1/targets", timeout=10).json()["data"]
+        failures += [
+            f"target {t['scrapeUrl']}: {t['health']} {t['lastError']!r}"
+            for t in active["activeTargets"]
+        ]
     return failures
 
 
@@ -517,6 +570,7 @@ def test_variables_filter_the_panels_they_should(stack: Stack) -> None:
     checks = {
         ANALYTICS: {"service": 'service=~"$service"', "server": 'server=~"$server"'},
         HEALTH: {"job": 'job=~"$job"', "instance": 'instance=~"$instance"'},
+        SEMCONV: {"service": 'service=~"$service"'},
     }
     problems = []
     for name, required in checks.items():
@@ -565,7 +619,9 @@ def test_dashboards_and_rules_use_only_exported_metrics(stack: Stack) -> None:
 # -- a healthy service: the error panels show 0, not "No data" -------------------------------
 
 #: Every query that shows failures: on a service without any, each must return 0.
-_ERROR_QUERY = re.compile(r'rejected|failures|rate_limited|deleted_rows|success="false"')
+_ERROR_QUERY = re.compile(
+    r'rejected|failures|rate_limited|deleted_rows|success="false"|error_type!=""'
+)
 
 
 @pytest.fixture(scope="module")
@@ -573,14 +629,12 @@ def quiet_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A service that only ever gets valid traffic: no rejects, failures, limits or deletions."""
     require_binary("prometheus", "prometheus")
     tmp = tmp_path_factory.mktemp("quiet")
-    exporter_port = free_port()
     key = KEYS["gateway-eu"]
     service = ServiceProcess(
         db_path=tmp / "m.db",
         log_path=tmp / "service.log",
-        env={"METRICS_API_KEY_GATEWAY_EU": key, "OTEL_PROMETHEUS_PORT": str(exporter_port)},
+        env={"METRICS_API_KEY_GATEWAY_EU": key},
     )
-    exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
     events = [
         auth(True, "jwt", "github", 8),
         tool("search_code", "tools/call", "github", "cursor", duration_ms=35),
@@ -590,6 +644,8 @@ def quiet_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     ]
     try:
         service.start()
+        exporter_port = service.prometheus_port
+        exporter_url = f"http://127.0.0.1:{exporter_port}/metrics"
         with (
             start_prometheus(tmp / "prom", [f"127.0.0.1:{exporter_port}"]) as prom,
             httpx.Client(base_url=service.url, timeout=30) as client,
@@ -610,7 +666,7 @@ def test_error_panels_show_zero_when_nothing_failed(quiet_stack: Stack, name: st
     dashboard = load(name)
     everything = {v["name"]: v["allValue"] for v in variables(dashboard) if v["type"] == "query"}
     errors = [(w, e) for w, e in targets(dashboard) if _ERROR_QUERY.search(e)]
-    assert len(errors) >= (7 if name == HEALTH else 3), errors
+    assert len(errors) >= {HEALTH: 7, SEMCONV: 2}.get(name, 3), errors
     shown = {w: quiet_stack.prom.values(substitute(e, everything)) for w, e in errors}
     assert all(values and all(v == 0 for v in values) for values in shown.values()), shown
     # And the rest of the health dashboard has data too: nothing on it says "No data".

@@ -1,7 +1,7 @@
 """Faults around a real service process: a full disk, a database locked by another process,
 slow and silent clients. Acknowledged metrics are never lost and no request gets a 500.
 
-(kill -9 and SIGTERM under load: tests/test_durability.py; a collector down or black-holing:
+(kill -9 and SIGTERM under load: tests/test_ingest.py; a collector down or black-holing:
 tests/test_telemetry_otlp.py.)"""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests._acked import assert_all_acked_stored_once, tagged
 from tests._helpers import ADMIN_KEY, INGEST_KEY, ServiceProcess, wait_for
 from tests._helpers import payload as envelope
-from tests.test_durability import assert_all_acked_stored_once, tagged
 
 H = {"X-API-Key": INGEST_KEY}
 ADMIN = {"X-API-Key": ADMIN_KEY}

@@ -23,17 +23,10 @@ from fastapi.testclient import TestClient
 
 from metrics_service import Settings, create_app, storage
 from metrics_service.settings import AckMode
+from tests._acked import assert_all_acked_stored_once, tagged
 from tests._helpers import INGEST_KEY, ServiceProcess, custom, db_rows, payload, wait_for
-from tests._traffic import auth, discovery, protocol, tool
 
 H = {"X-API-Key": INGEST_KEY}
-_FAMILIES = (lambda: custom(1), auth, tool, discovery, protocol)
-
-
-def tagged(ident: int) -> dict[str, Any]:
-    """A metric of one of the five families (by ``ident``), carrying ``ident`` in its metadata."""
-    metric = _FAMILIES[ident % len(_FAMILIES)]()
-    return {**metric, "metadata": {**metric.get("metadata", {}), "id": ident}}
 
 
 class Load:
@@ -84,21 +77,6 @@ class Load:
     async def _main(self) -> None:
         async with httpx.AsyncClient(base_url=self.url, timeout=10) as client:
             await asyncio.gather(*(self._worker(client) for _ in range(self.concurrency)))
-
-
-def stored_ids(db: Path) -> Counter[int]:
-    return Counter(
-        int(v) for (v,) in db_rows(db, "SELECT json_extract(metadata, '$.id') FROM metrics")
-    )
-
-
-def assert_all_acked_stored_once(db: Path, acked: list[int]) -> None:
-    stored = stored_ids(db)
-    missing = [v for v in acked if stored[v] == 0]
-    duplicated = [v for v, n in stored.items() if n > 1]
-    assert not missing, f"{len(missing)} acknowledged metrics missing, e.g. {missing[:5]}"
-    assert not duplicated, f"duplicated: {duplicated[:5]}"
-    assert db_rows(db, "PRAGMA integrity_check") == [("ok",)]
 
 
 def test_sigterm_commits_pending_buffered_metrics_and_exits_0(service: ServiceProcess) -> None:

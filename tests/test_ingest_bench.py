@@ -115,5 +115,8 @@ def test_stages_bench_times_each_stage_alone() -> None:
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert set(result) == {"validation", "insert", "rollups", "opentelemetry"}
-    assert all(v > 0 for v in result.values())
+    stages = {"validation", "insert", "rollups", "opentelemetry"}
+    assert set(result) == stages | {"metrics", "stored", "recorded"}
+    assert all(result[stage] > 0 for stage in stages)
+    # Each of the 2 rounds inserted and recorded all 4 x 20 metrics.
+    assert result["metrics"] == 80 and result["stored"] == result["recorded"] == 160

@@ -9,9 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 from metrics_service import Settings, storage
-from tests._analytics_seed import make_seed
-from tests.test_analytics_rollups import seed_rows
-from tests.test_keys import cli
+from tests._analytics_seed import make_seed, seed_rows
+from tests._helpers import cli
 
 
 def seeded_db(tmp_path: Path) -> tuple[Path, float]:

@@ -5,7 +5,7 @@ loopback by default.
 Already covered elsewhere: injection on admin table names, key ids and key services and in
 ingest values (tests/test_admin.py); failed-auth throttling of a burst (tests/test_ratelimit.py);
 label cardinality (tests/test_telemetry_cardinality.py). The keys-in-plain-text test here widens
-tests/test_keys.py's: debug logging, viewer and revoked keys, wrong guesses, every response, the
+tests/test_auth.py's: debug logging, viewer and revoked keys, wrong guesses, every response, the
 scrape, the files while running and after stopping, and the secret part past the listed prefix.
 """
 
@@ -26,9 +26,8 @@ from fastapi.testclient import TestClient
 
 from metrics_service import Settings, create_app
 from metrics_service.auth import hash_key
-from tests._helpers import ADMIN_KEY, INGEST_KEY, ServiceProcess, db_rows, payload
+from tests._helpers import ADMIN_KEY, INGEST_KEY, INJECTIONS, ServiceProcess, db_rows, payload
 from tests._traffic import auth, discovery, protocol, tool
-from tests.test_admin import INJECTIONS
 
 H = {"X-API-Key": INGEST_KEY}
 ADMIN = {"X-API-Key": ADMIN_KEY}

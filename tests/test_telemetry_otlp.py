@@ -24,7 +24,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
-from tests._helpers import ServiceProcess, db_rows, free_port, wait_for
+from tests._helpers import ServiceProcess, db_rows, free_port, listening_ports, wait_for
 from tests._otlp import OtlpReceiver, start_rotel
 from tests._prometheus import parse_samples, scrape, total
 from tests._traffic import auth, discovery, post_all, protocol, tool
@@ -170,7 +170,6 @@ def test_rotel_relays_what_the_sdk_exporter_sends(
 def test_service_exports_otlp_through_a_collector(
     tmp_path: Path, service: ServiceProcess, receiver: OtlpReceiver, protocol: str
 ) -> None:
-    prometheus_port = free_port()
     with start_rotel(tmp_path / "rotel", receiver.url) as rotel:
         service.env.update(
             OTEL_SERVICE_NAME=f"otlp-{protocol}",
@@ -181,9 +180,12 @@ def test_service_exports_otlp_through_a_collector(
             OTEL_METRIC_EXPORT_INTERVAL="500",
             # OTLP alone: the Prometheus endpoint can be switched off.
             OTEL_PROMETHEUS_ENABLED="false",
-            OTEL_PROMETHEUS_PORT=str(prometheus_port),
         )
         service.start()
+        assert service.proc is not None
+        # No Prometheus endpoint: the API's is the only port the process listens on.
+        assert listening_ports(service.proc.pid) == {service.port}
+        assert service.prometheus_port is None
         with httpx.Client(base_url=service.url, timeout=30) as c:
             post_all(c, TRAFFIC)
         try:
@@ -191,8 +193,6 @@ def test_service_exports_otlp_through_a_collector(
         except AssertionError:
             raise AssertionError(f"received differs: {_mismatches(receiver)}") from None
         service.stop()  # while the collector is up, so that the final export is delivered
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"http://127.0.0.1:{prometheus_port}/metrics", timeout=2)
 
     names = receiver.names()
     assert not {n for n in names if n.endswith("_total")}, names  # OTLP names carry no _total
@@ -224,7 +224,6 @@ def test_seed_endpoint_name_and_headers_reach_the_collector(
         OTEL_OTLP_ENDPOINT=receiver.url,
         OTEL_EXPORTER_OTLP_HEADERS="x-tenant=acme,authorization=Bearer%20t0k",
         OTEL_METRIC_EXPORT_INTERVAL="200",
-        OTEL_PROMETHEUS_PORT=str(free_port()),
     )
     service.start()
     with httpx.Client(base_url=service.url, timeout=30) as c:
@@ -256,7 +255,6 @@ def test_collector_down_does_not_slow_ingest_and_is_counted(
     service: ServiceProcess, protocol: str, collector: str
 ) -> None:
     export_timeout_s = 2.0
-    prometheus = f"http://127.0.0.1:{free_port()}"
     with _SilentCollector() as hung_url:
         endpoint = hung_url if collector == "hung" else f"http://127.0.0.1:{free_port()}"
         service.env.update(
@@ -264,9 +262,9 @@ def test_collector_down_does_not_slow_ingest_and_is_counted(
             OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
             OTEL_EXPORTER_OTLP_TIMEOUT=str(int(export_timeout_s * 1000)),
             OTEL_METRIC_EXPORT_INTERVAL="200",
-            OTEL_PROMETHEUS_PORT=prometheus.rsplit(":", 1)[1],
         )
         service.start()
+        prometheus = f"http://127.0.0.1:{service.prometheus_port}"
         latencies: list[float] = []
         posted = 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -27,41 +28,23 @@ class KeyRecord:
 
     def public(self) -> dict[str, Any]:
         """What may be shown: everything but the hash."""
-        return {
-            "id": self.id,
-            "service": self.service,
-            "role": self.role,
-            "key_prefix": self.key_prefix,
-            "rate_limit_per_min": self.rate_limit_per_min,
-            "source": self.source,
-            "description": self.description,
-            "created_at": self.created_at,
-            "revoked_at": self.revoked_at,
-            "active": self.revoked_at is None,
-            "aliases": list(self.aliases),
-        }
+        shown = {name: getattr(self, name) for name in _COLUMN_OF if name != "key_hash"}
+        return {**shown, "active": self.revoked_at is None, "aliases": list(self.aliases)}
 
 
-_COLUMNS = (
-    "id, service, role, key_hash, key_prefix, rate_limit_per_min, source, description,"
-    " created_at, revoked_at, service_aliases"
-)
+#: ``KeyRecord`` field -> its column in ``api_keys``, in field order: the one list that both the
+#: SELECTs and ``_record`` follow.
+_COLUMN_OF = {
+    f.name: "service_aliases" if f.name == "aliases" else f.name
+    for f in dataclasses.fields(KeyRecord)
+}
+_COLUMNS = ", ".join(_COLUMN_OF.values())
 
 
 def _record(row: tuple[Any, ...]) -> KeyRecord:
-    return KeyRecord(
-        id=row[0],
-        service=row[1],
-        role=row[2],
-        key_hash=row[3],
-        key_prefix=row[4],
-        rate_limit_per_min=row[5],
-        source=row[6],
-        description=row[7],
-        created_at=row[8],
-        revoked_at=row[9],
-        aliases=tuple(a for a in (row[10] or "").split(",") if a),
-    )
+    values = dict(zip(_COLUMN_OF, row, strict=True))
+    values["aliases"] = tuple(a for a in (values["aliases"] or "").split(",") if a)
+    return KeyRecord(**values)
 
 
 def _now_ms() -> int:

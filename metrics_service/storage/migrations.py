@@ -63,9 +63,10 @@ def _bool(column: str) -> str:
     return f"json(CASE {column} WHEN 1 THEN 'true' WHEN 0 THEN 'false' END)"
 
 
-def _view_v5() -> str:
+def _view_v5(tool_extra: str = "") -> str:
     """The ``metrics`` view of migration 5: every family, plus the reference's column names
-    ``metric_type`` and ``timestamp``."""
+    ``metric_type`` and ``timestamp``. Later migrations that add typed tool_metrics columns
+    rebuild it with those (``tool_extra``: more ``'name', column`` pairs)."""
     parts = [
         (
             "auth_request",
@@ -81,7 +82,7 @@ def _view_v5() -> str:
             f" 'success', {_BOOL}, 'input_size_bytes', input_size_bytes,"
             " 'output_size_bytes', output_size_bytes, 'transport', transport,"
             " 'session_id', session_id, 'server_path', server_path, 'user_hash', user_hash,"
-            " 'error_code', error_code",
+            " 'error_code', error_code" + tool_extra,
         ),
         (
             "tool_discovery",
@@ -298,6 +299,21 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 PRIMARY KEY (service, key)
             )""",
             "CREATE INDEX idx_idempotency_keys_committed_at ON idempotency_keys (committed_at)",
+        ],
+    ),
+    # The OpenTelemetry MCP semantic conventions on tool rows (docs/otlp.md): posted events carry
+    # them as dimensions protocol_version, error_type and metadata trace_id, span_id; OTLP spans
+    # fill the same columns. The view shows the two new dimensions like the others.
+    (
+        7,
+        "tool_execution semconv columns",
+        [
+            *(
+                f"ALTER TABLE tool_metrics ADD COLUMN {name} TEXT"
+                for name in ("protocol_version", "error_type", "trace_id", "span_id")
+            ),
+            "DROP VIEW metrics",
+            _view_v5(", 'protocol_version', protocol_version, 'error_type', error_type"),
         ],
     ),
 ]

@@ -309,7 +309,8 @@ class Recorder:
     ) -> None:
         """A `tool_execution` event; extra keyword arguments become dimensions
         (server_name, client_name, client_version, input_size_bytes, output_size_bytes,
-        transport, session_id)."""
+        transport, session_id, protocol_version, error_type; metadata may carry trace_id and
+        span_id)."""
         dims = {"method": method, "tool_name": tool_name, "success": success}
         dims.update(dimensions)
         self.record(_ev.TOOL_EXECUTION, duration_ms=duration_ms, dimensions=dims, metadata=metadata)

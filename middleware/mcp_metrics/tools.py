@@ -131,6 +131,9 @@ def track_tool(
                 )
                 if error is not None:
                     meta = {**(meta or {}), "error": error}
+                    dims["error_type"] = error
+                elif failed:
+                    dims["error_type"] = "tool_error"  # semconv: CallToolResult with isError
                 client.record_tool_execution(
                     tool_name=name,
                     success=not failed,

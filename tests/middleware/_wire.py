@@ -18,7 +18,8 @@ MCP_METRICS = [str(Path(sys.executable).with_name("mcp-metrics"))]
 if not Path(MCP_METRICS[0]).exists():  # not installed as a script: the same entry point
     MCP_METRICS = [sys.executable, "-m", "mcp_metrics.proxy"]
 
-CAPABILITIES = {"sampling": {}, "roots": {"listChanged": False}}
+# No "roots": the server would ask for them on its own timer, at a different point each run.
+CAPABILITIES = {"sampling": {}}
 SAMPLING_RESULT = {
     "role": "assistant",
     "content": {"type": "text", "text": "a canned completion"},

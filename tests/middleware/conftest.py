@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,14 +26,10 @@ from typing import Any
 import httpx
 import pytest
 
+from tests._ports import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-0123456789abcdef0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

@@ -7,6 +7,7 @@ tools/call also produce the `protocol_latency` flow steps, once per session.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import weakref
 from collections import OrderedDict
@@ -18,7 +19,14 @@ from ..events import PROTOCOL_LATENCY, TOOL_EXECUTION
 from ..recorder import Recorder
 from ..tools import is_error_result, payload_size
 
-__all__ = ["DEFAULT_METHODS", "HANDSHAKE_METHODS", "Instrumentation", "McpRequest"]
+__all__ = [
+    "DEFAULT_METHODS",
+    "HANDSHAKE_METHODS",
+    "SERVER_NOT_ERRORS",
+    "Instrumentation",
+    "McpRequest",
+    "error_type_of",
+]
 
 logger = logging.getLogger("mcp_metrics")
 
@@ -27,6 +35,11 @@ logger = logging.getLogger("mcp_metrics")
 HANDSHAKE_METHODS = frozenset({"initialize", "server/discover"})
 DEFAULT_METHODS = frozenset({"initialize", "server/discover", "tools/list", "tools/call"})
 MAX_SESSIONS = 10_000
+#: JSON-RPC codes a server SHOULD NOT count as errors: the caller's mistakes (parse error, invalid
+#: request, unknown method, invalid params incl. an unknown tool, resource not found). OpenTelemetry
+#: MCP semantic conventions, rpc.response.status_code; the service applies the same rule to spans.
+SERVER_NOT_ERRORS = frozenset({"-32700", "-32600", "-32601", "-32602", "-32002"})
+_INVALID_PARAMS = "-32602"
 
 _AGENT_KEYS = ("agent_id", "agentId", "io.modelcontextprotocol/agentId")
 _TENANT_KEYS = ("tenant_id", "tenantId")
@@ -50,6 +63,7 @@ class McpRequest:
     client_name: str | None = None
     client_version: str | None = None
     headers: Mapping[str, str] | None = None
+    protocol_version: str | None = None
 
 
 MetadataHook = Callable[[McpRequest, Any], "Mapping[str, Any] | None"]
@@ -116,7 +130,11 @@ class Instrumentation:
         duration_ms = (time.perf_counter() - request.started) * 1000.0
         method = request.method
         params = request.params or {}
-        success = error is None and not (method == "tools/call" and is_error_result(result))
+        error_type = error_type_of(method, result, error)
+        success = error_type is None or error_type in SERVER_NOT_ERRORS
+        version = request.protocol_version
+        if version is None and method == "initialize":
+            version = params.get("protocolVersion")
         dims: dict[str, Any] = {
             "method": method,
             "tool_name": params.get("name") if method == "tools/call" else None,
@@ -126,6 +144,8 @@ class Instrumentation:
             "client_version": request.client_version,
             "transport": self.transport or request.transport,
             "session_id": request.session_id,
+            "protocol_version": version if isinstance(version, str) else None,
+            "error_type": error_type,
         }
         if self.measure_sizes:
             if method == "tools/call":
@@ -163,6 +183,9 @@ class Instrumentation:
                 meta[target] = value
         if error is not None:
             meta["error"] = type(error).__name__
+        ids = _current_span_ids()
+        if ids is not None:
+            meta["trace_id"], meta["span_id"] = ids
         if self.metadata_hook is not None:
             extra = self.metadata_hook(request, result)
             if extra:
@@ -228,6 +251,39 @@ class Instrumentation:
         else:
             self._flows.move_to_end(key)
         return flow
+
+
+def error_type_of(method: str, result: Any, error: BaseException | None) -> str | None:
+    """The semconv ``error.type``: the JSON-RPC error code as a string, ``tool_error`` for a
+    CallToolResult with isError, else the exception's class name; None when nothing failed."""
+    if error is not None:
+        code = getattr(getattr(error, "error", None), "code", None)  # McpError / MCPError
+        if code is None:
+            code = getattr(error, "code", None)
+        if isinstance(code, int) and not isinstance(code, bool):
+            return str(code)
+        cls = type(error)
+        if cls.__name__ == "ValidationError" and cls.__module__.startswith("pydantic"):
+            return _INVALID_PARAMS  # what the SDKs answer for parameters that do not validate
+        return cls.__qualname__
+    if method == "tools/call" and is_error_result(result):
+        return "tool_error"
+    return None
+
+
+def _current_span_ids() -> tuple[str, str] | None:
+    """(trace id, span id) in hex of the span active in the host, when the host uses
+    OpenTelemetry (already imported: this never imports it, so there is no dependency)."""
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
+        return None
+    try:
+        context = trace.get_current_span().get_span_context()
+    except Exception:
+        return None
+    if not context.is_valid:
+        return None
+    return f"{context.trace_id:032x}", f"{context.span_id:016x}"
 
 
 def _first(source: Any, keys: tuple[str, ...]) -> Any:

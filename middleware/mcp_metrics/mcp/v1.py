@@ -29,6 +29,10 @@ _session: contextvars.ContextVar[_Session | None] = contextvars.ContextVar(
 class JsonRpcErrorResponse(Exception):
     """Stands for a JSON-RPC error response when recording it as a failure."""
 
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
 
 class _Session:
     """One `Server.run` call: one client session, whatever the transport."""
@@ -119,9 +123,20 @@ class _WriteStream(_StreamProxy):
             if request is not None:
                 error = getattr(root, "error", None)
                 if error is not None:
-                    self._inst.observe(request, error=JsonRpcErrorResponse(str(error.message)))
+                    self._inst.observe(
+                        request,
+                        error=JsonRpcErrorResponse(
+                            str(error.message), getattr(error, "code", None)
+                        ),
+                    )
                 else:
-                    self._inst.observe(request, getattr(root, "result", None))
+                    result = getattr(root, "result", None)
+                    if isinstance(result, Mapping) and request.protocol_version is None:
+                        negotiated = result.get("protocolVersion")
+                        request.protocol_version = (
+                            negotiated if isinstance(negotiated, str) else None
+                        )
+                    self._inst.observe(request, result)
         await self._inner.send(item)
 
 
@@ -194,6 +209,7 @@ def _describe(req: Any, method: str, started: float) -> McpRequest:
         client_name=getattr(info, "name", None),
         client_version=getattr(info, "version", None),
         headers=getattr(http, "headers", None),
+        protocol_version=getattr(client_params, "protocolVersion", None),
     )
 
 

@@ -87,6 +87,7 @@ def _describe(ctx: Any, started: float) -> McpRequest:
         client_name=client_name,
         client_version=client_version,
         headers=headers,
+        protocol_version=getattr(ctx, "protocol_version", None),
     )
 
 

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 
-from .frames import DEFAULT_MAX_FRAME_BYTES, SseFramer, decode
+from .frames import DEFAULT_MAX_FRAME_BYTES, SseFramer
 from .observer import CLIENT_TO_SERVER, ERROR_NO_RESPONSE, SERVER_TO_CLIENT, Observer, Session
 
 __all__ = ["HttpProxy", "Upstream"]
@@ -311,7 +311,9 @@ class HttpProxy:
         session: Session,
         ids: list[Any],
     ) -> _Side | None:
-        watcher: asyncio.Future[bytes] = asyncio.ensure_future(down.reader.read(READ_SIZE))
+        # Watches for the client hanging up while a stream is open (an SSE response can last
+        # forever); a plain JSON response is short and is read without it.
+        watcher: asyncio.Future[bytes] | None = None
         sse: SseFramer | None = None
         capture: _Capture | None = None
         status = 0
@@ -341,6 +343,7 @@ class HttpProxy:
                     kind = resp_headers.get(b"content-type", b"").split(b";")[0].strip()
                     if kind == b"text/event-stream":
                         sse = SseFramer(self.max_capture_bytes)
+                        watcher = asyncio.ensure_future(down.reader.read(READ_SIZE))
                     elif kind == b"application/json":
                         capture = _Capture(self.max_capture_bytes)
                     await down.send(
@@ -379,12 +382,17 @@ class HttpProxy:
                 self.observer.close_session(endpoint_key)
             if request.method == b"DELETE" and key[0] == "sid" and 200 <= status < 300:
                 self.observer.close_session(key)
-            if not watcher.done():
+            if watcher is not None and not watcher.done():
                 watcher.cancel()
                 # Let the cancellation land: the stream allows one reader at a time.
                 await asyncio.gather(watcher, return_exceptions=True)
         leftover = b""
-        if watcher.done() and not watcher.cancelled() and watcher.exception() is None:
+        if (
+            watcher is not None
+            and watcher.done()
+            and not watcher.cancelled()
+            and watcher.exception() is None
+        ):
             leftover = watcher.result()
         if leftover:
             down.conn.receive_data(leftover)  # the next pipelined request, read early
@@ -394,8 +402,12 @@ class HttpProxy:
         up.close()
         return None
 
-    async def _read_upstream(self, up: _Side, watcher: asyncio.Future[bytes]) -> bytes | None:
+    async def _read_upstream(
+        self, up: _Side, watcher: asyncio.Future[bytes] | None
+    ) -> bytes | None:
         """The next upstream bytes, or None when the downstream client disconnected first."""
+        if watcher is None:
+            return await up.reader.read(READ_SIZE)
         read = asyncio.ensure_future(up.reader.read(READ_SIZE))
         while True:
             waiting: set[asyncio.Future[bytes]] = {read}
@@ -475,9 +487,8 @@ class HttpProxy:
             message = {"id": synthetic, "method": method.decode("utf-8", "replace")}
             session.message(CLIENT_TO_SERVER, {**message, "params": params}, capture.size, at)
             return [synthetic]
-        body = capture.body()
-        session.frame(CLIENT_TO_SERVER, body, capture.size, at)
-        return [m["id"] for m in decode(body) if "method" in m and "id" in m]
+        messages = session.frame(CLIENT_TO_SERVER, capture.body(), capture.size, at)
+        return [m["id"] for m in messages if "method" in m and "id" in m]
 
 
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:

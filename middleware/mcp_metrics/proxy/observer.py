@@ -86,7 +86,7 @@ def _id_key(value: Any) -> Hashable | None:
 
 
 class _Pending:
-    __slots__ = ("at", "direction", "meta", "method", "size", "tool_name")
+    __slots__ = ("at", "direction", "meta", "method", "silent", "size", "tool_name")
 
     def __init__(
         self,
@@ -103,6 +103,7 @@ class _Pending:
         self.at = at
         self.size = size
         self.meta = meta
+        self.silent = False  # followed for what its answer says, not recorded (methods=)
 
 
 class Observer:
@@ -198,17 +199,21 @@ class Session:
 
     # -- input -------------------------------------------------------------------------------
 
-    def frame(self, direction: str, data: bytes | str | None, size: int, at: float) -> None:
-        """One frame as it went by: a message or a batch. Never raises."""
+    def frame(
+        self, direction: str, data: bytes | str | None, size: int, at: float
+    ) -> list[dict[str, Any]]:
+        """One frame as it went by: a message or a batch; its messages. Never raises."""
+        messages: list[dict[str, Any]] = []
         try:
             messages = decode(data)
             if len(messages) == 1:
                 self._message(direction, messages[0], size, at)
-                return
-            for message in messages:  # a batch: each member by the size of its own JSON
-                self._message(direction, message, _json_size(message), at)
+            else:
+                for message in messages:  # a batch: each member by the size of its own JSON
+                    self._message(direction, message, _json_size(message), at)
         except Exception:
             logger.debug("failed to observe an MCP frame", exc_info=True)
+        return messages
 
     def message(self, direction: str, message: Mapping[str, Any], size: int, at: float) -> None:
         """One decoded JSON-RPC message. Never raises."""
@@ -271,7 +276,8 @@ class Session:
                     self._envelope(meta)
             self._flow(method, at)
         wanted = self.observer.methods
-        if wanted is not None and method not in wanted:
+        silent = wanted is not None and method not in wanted
+        if silent and method != "initialize":
             return
         key = _id_key(msg.get("id"))
         if key is None:
@@ -283,7 +289,9 @@ class Session:
                 if value is not None:
                     extra = extra or {}
                     extra[target] = value
-        self._pending[(direction, key)] = _Pending(direction, method, tool_name, at, size, extra)
+        entry = _Pending(direction, method, tool_name, at, size, extra)
+        entry.silent = silent
+        self._pending[(direction, key)] = entry
         if len(self._pending) > MAX_PENDING:
             self._pending.popitem(last=False)
 
@@ -352,6 +360,8 @@ class Session:
         status_code: str | None = None,
         meta: dict[str, Any] | None = None,
     ) -> None:
+        if entry.silent:
+            return
         dims: dict[str, Any] = {
             "method": entry.method,
             "tool_name": entry.tool_name,

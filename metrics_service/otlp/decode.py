@@ -1,0 +1,198 @@
+"""Decoding ``ExportTraceServiceRequest`` bodies, protobuf or OTLP/JSON, into plain spans.
+
+Protobuf goes through the official ``opentelemetry-proto`` messages (upb); OTLP/JSON through
+typed msgspec structs after https://opentelemetry.io/docs/specs/otlp/#json-protobuf-encoding.
+A body that does not decode raises ``BadRequest`` (400): nothing of it is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from metrics_service.errors import BadRequest
+
+
+@dataclass(slots=True)
+class Span:
+    """One span, as either encoding gives it: ids in lower-case hex, times in ns."""
+
+    trace_id: str
+    span_id: str
+    name: str
+    kind: int
+    start_ns: int
+    end_ns: int
+    status_code: int
+    attributes: dict[str, Any]
+
+
+@dataclass(slots=True)
+class ResourceSpans:
+    attributes: dict[str, Any]
+    spans: list[Span]
+
+
+def _pb_value(value: Any) -> Any:
+    which = value.WhichOneof("value")
+    if which is None or which in ("array_value", "kvlist_value"):
+        return None  # no MCP attribute is structured; nested values are not kept
+    if which == "bytes_value":
+        return value.bytes_value.hex()
+    return getattr(value, which)
+
+
+def _pb_attributes(kvs: Any) -> dict[str, Any]:
+    return {kv.key: _pb_value(kv.value) for kv in kvs}
+
+
+def decode_protobuf(body: bytes) -> Iterator[ResourceSpans]:
+    try:
+        request = ExportTraceServiceRequest.FromString(body)
+    except DecodeError as exc:
+        raise BadRequest(f"the body is not an OTLP ExportTraceServiceRequest: {exc}") from None
+    for rs in request.resource_spans:
+        spans = [
+            Span(
+                s.trace_id.hex(),
+                s.span_id.hex(),
+                s.name,
+                s.kind,
+                s.start_time_unix_nano,
+                s.end_time_unix_nano,
+                s.status.code,
+                _pb_attributes(s.attributes),
+            )
+            for ss in rs.scope_spans
+            for s in ss.spans
+        ]
+        yield ResourceSpans(_pb_attributes(rs.resource.attributes), spans)
+
+
+# OTLP/JSON (https://opentelemetry.io/docs/specs/otlp/#json-protobuf-encoding): lowerCamelCase
+# keys, ids as hex strings, 64-bit integers as decimal strings (numbers accepted too), enums as
+# integers, unknown fields ignored.
+class _JValue(msgspec.Struct):
+    stringValue: str | None = None
+    boolValue: bool | None = None
+    intValue: int | str | None = None
+    doubleValue: float | str | None = None
+    bytesValue: str | None = None
+
+
+class _JKeyValue(msgspec.Struct):
+    key: str
+    value: _JValue | None = None
+
+
+class _JStatus(msgspec.Struct):
+    code: int = 0
+
+
+class _JSpan(msgspec.Struct):
+    traceId: str = ""
+    spanId: str = ""
+    name: str = ""
+    kind: int = 0
+    startTimeUnixNano: int | str = 0
+    endTimeUnixNano: int | str = 0
+    attributes: list[_JKeyValue] = []
+    status: _JStatus | None = None
+
+
+class _JScopeSpans(msgspec.Struct):
+    spans: list[_JSpan] = []
+
+
+class _JResource(msgspec.Struct):
+    attributes: list[_JKeyValue] = []
+
+
+class _JResourceSpans(msgspec.Struct):
+    resource: _JResource | None = None
+    scopeSpans: list[_JScopeSpans] = []
+
+
+class _JRequest(msgspec.Struct):
+    resourceSpans: list[_JResourceSpans] = []
+
+
+_json_request = msgspec.json.Decoder(_JRequest)
+
+
+def _j_value(value: _JValue | None) -> Any:
+    if value is None:
+        return None
+    if value.stringValue is not None:
+        return value.stringValue
+    if value.boolValue is not None:
+        return value.boolValue
+    if value.intValue is not None:
+        return _int(value.intValue, "intValue")
+    if value.doubleValue is not None:
+        try:
+            return float(value.doubleValue)
+        except ValueError:
+            shown = str(value.doubleValue)[:32]
+            raise BadRequest(f"doubleValue {shown!r} is not a number") from None
+    return value.bytesValue
+
+
+def _j_attributes(kvs: list[_JKeyValue]) -> dict[str, Any]:
+    return {kv.key: _j_value(kv.value) for kv in kvs}
+
+
+def _int(value: int | str, name: str) -> int:
+    if isinstance(value, int):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise BadRequest(f"{name} {str(value)[:32]!r} is not an integer") from None
+
+
+def _hex(value: str, size: int, name: str) -> str:
+    if value and (len(value) != 2 * size or not _is_hex(value)):
+        raise BadRequest(f"{name} must be {2 * size} hex digits (OTLP/JSON), got {value[:40]!r}")
+    return value.lower()
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
+
+
+def decode_json(body: bytes) -> Iterator[ResourceSpans]:
+    try:
+        request = _json_request.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"the body is not OTLP/JSON traces: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply") from None
+    for rs in request.resourceSpans:
+        spans = [
+            Span(
+                _hex(s.traceId, 16, "traceId"),
+                _hex(s.spanId, 8, "spanId"),
+                s.name,
+                s.kind,
+                _int(s.startTimeUnixNano, "startTimeUnixNano"),
+                _int(s.endTimeUnixNano, "endTimeUnixNano"),
+                s.status.code if s.status is not None else 0,
+                _j_attributes(s.attributes),
+            )
+            for ss in rs.scopeSpans
+            for s in ss.spans
+        ]
+        resource = _j_attributes(rs.resource.attributes) if rs.resource is not None else {}
+        yield ResourceSpans(resource, spans)

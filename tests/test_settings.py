@@ -1,0 +1,58 @@
+"""Settings: every variable documented, explicit arguments over the environment, a bad value
+named at start, the trusted proxies parsed."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from metrics_service import Settings
+from metrics_service.errors import ConfigError
+from metrics_service.settings import env_names, load_settings
+from tests._helpers import ROOT
+
+
+def test_every_variable_is_documented_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    names = env_names()
+    assert len(names) >= 40 and "METRICS_TRUSTED_PROXIES" in names.values()
+    assert not [v for v in names.values() if f"`{v}`" not in readme]
+
+
+def test_explicit_arguments_win_over_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("METRICS_RATE_LIMIT", "7")
+    monkeypatch.setenv("METRICS_TRUSTED_PROXIES", "10.0.0.1")
+    assert Settings(db_path=tmp_path / "m.db").rate_limit_per_min == 7
+    explicit = Settings(db_path=tmp_path / "m.db", rate_limit_per_min=9, trusted_proxies="")
+    assert explicit.rate_limit_per_min == 9 and explicit.trusted_networks == ()
+
+
+def test_a_bad_value_is_refused_naming_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METRICS_RATE_LIMIT", "many")
+    with pytest.raises(ConfigError, match="METRICS_RATE_LIMIT"):
+        load_settings()
+
+
+def test_trusted_proxies_are_addresses_and_networks(tmp_path: Path) -> None:
+    s = Settings(db_path=tmp_path / "m.db", trusted_proxies=" 10.0.0.0/8, 192.0.2.1 ,::1,")
+    assert s.trusted_networks == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("192.0.2.1/32"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+
+def test_a_bad_trusted_proxies_value_stops_start_up_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("METRICS_TRUSTED_PROXIES", "10.0.0.0/8,not-an-address")
+    with pytest.raises(ConfigError, match=r"METRICS_TRUSTED_PROXIES.*not-an-address"):
+        load_settings()
+
+
+def test_settings_default_rollup_retention_is_longer_than_raw(settings: Settings) -> None:
+    assert settings.rollup_retention_days > settings.retention_days
