@@ -62,7 +62,7 @@ from prometheus_client.registry import Collector
 
 from metrics_service import __version__, storage
 from metrics_service.auth import FAILURE_REASONS
-from metrics_service.settings import OtlpProtocol, Settings
+from metrics_service.settings import BoolLabels, OtlpProtocol, Settings
 from metrics_service.storage import rollups
 from metrics_service.validation import DIMENSIONS, REJECTION_RULES, Batch
 
@@ -100,6 +100,8 @@ _COL = {
     kind: {name: 7 + i for i, (name, _) in enumerate(spec)} for kind, spec in DIMENSIONS.items()
 }
 _SUCCESS = {1: "true", 0: "false", None: "unknown"}
+#: ``METRICS_OTEL_BOOL_LABELS=capitalized``: what dashboards built on the pinned reference expect.
+_SUCCESS_CAPITALIZED = {1: "True", 0: "False", None: "unknown"}
 
 AUTH_LABELS = ("service", "server", "method", "success")
 TOOL_LABELS = ("service", "server", "method", "tool_name", "client_name", "success")
@@ -501,6 +503,11 @@ class Telemetry:
         self._scope = InstrumentationScope("metrics_service", __version__)
         self._start_ns = time.time_ns()
         limit = settings.otel_cardinality_limit
+        self.success_labels = (
+            _SUCCESS_CAPITALIZED
+            if settings.otel_bool_labels is BoolLabels.capitalized
+            else _SUCCESS
+        )
         self.seed = settings.otel_seed_metrics_enabled
         self.semconv = settings.otel_semconv_metrics_enabled
         off = (SEED_NAMES if not self.seed else frozenset()) | (
@@ -709,7 +716,7 @@ def _auth(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> N
     for (*text, success), group in _by_label(
         rows, 2, c["server"], c["method"], c["success"]
     ).items():
-        key = (*_labels(text), _SUCCESS[success])
+        key = (*_labels(text), t.success_labels[success])
         totals.add(key, sum(r[5] for r in group))
         if values := _seconds(group, 6):
             durations.add_all(key, values)
@@ -728,7 +735,7 @@ def _tool(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> N
     inputs = hist("mcp_tool_input_size_bytes")
     outputs = hist("mcp_tool_output_size_bytes")
     for (*text, success), group in _by_label(rows, *columns).items():
-        key = (*_labels(text), _SUCCESS[success])
+        key = (*_labels(text), t.success_labels[success])
         totals.add(key, sum(r[5] for r in group))
         if values := _seconds(group, 6):
             durations.add_all(key, values)
