@@ -215,7 +215,9 @@ async def _in_daemon_thread(fn: Callable[[], None], timeout_s: float, what: str)
         except Exception:
             log.exception("%s failed", what)
         finally:
-            loop.call_soon_threadsafe(finish)
+            # After the deadline the loop may be gone: nobody waits for the answer any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(finish)
 
     threading.Thread(target=run, name=what, daemon=True).start()
     try:

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.anyio
 MODES = {"streamable-http": ("streamableHttp", "/mcp"), "sse": ("sse", "/sse")}
 ROWS = (
     "SELECT tool_name, success, transport, client_name, session_id, input_size_bytes,"
-    " output_size_bytes, dimensions"
+    " output_size_bytes, dimensions, error_type, protocol_version"
     " FROM tool_metrics WHERE instance_id = ? AND method = 'tools/call' ORDER BY ts, id"
 )
 
@@ -67,7 +67,13 @@ def proxied(npm_tools: NpmTools, transport: str, env: dict[str, str]) -> Iterato
 
 
 def _dims(row: Any) -> dict[str, Any]:
-    return dict(json.loads(row["dimensions"] or "{}"))
+    """The row's dimensions: the untyped ones from JSON, with the semconv ones from their typed
+    columns (migration 7)."""
+    dims = dict(json.loads(row["dimensions"] or "{}"))
+    for name in ("error_type", "protocol_version"):
+        if row[name] is not None:
+            dims[name] = row[name]
+    return dims
 
 
 @pytest.mark.parametrize("transport", list(MODES))

@@ -26,13 +26,20 @@ pytestmark = pytest.mark.anyio
 
 TOOL_ROWS = (
     "SELECT tool_name, success, method, transport, client_name, client_version, server_name,"
-    " input_size_bytes, output_size_bytes, dimensions FROM tool_metrics"
+    " input_size_bytes, output_size_bytes, dimensions, error_type, protocol_version"
+    " FROM tool_metrics"
     " WHERE instance_id = ? AND method = 'tools/call' ORDER BY ts, id"
 )
 
 
 def _dims(row: Any) -> dict[str, Any]:
-    return dict(json.loads(row["dimensions"] or "{}"))
+    """The row's dimensions: the untyped ones from JSON, with the semconv ones from their typed
+    columns (migration 7)."""
+    dims = dict(json.loads(row["dimensions"] or "{}"))
+    for name in ("error_type", "protocol_version"):
+        if row[name] is not None:
+            dims[name] = row[name]
+    return dims
 
 
 def _wrapped(npm_tools: NpmTools, *extra: str) -> list[str]:
@@ -162,7 +169,8 @@ def test_wrapped_session_is_byte_identical_and_metered(
     assert sampling is not None and "a canned completion" in json.dumps(sampling)
 
     rows = metrics_service.wait_rows(
-        "SELECT method, tool_name, success, client_name, dimensions FROM tool_metrics"
+        "SELECT method, tool_name, success, client_name, dimensions, error_type, protocol_version"
+        " FROM tool_metrics"
         " WHERE instance_id = ? ORDER BY ts, id",
         (env["METRICS_INSTANCE_ID"],),
         count=8,
@@ -227,7 +235,8 @@ def test_cancelled_and_unanswered_requests(
     driver.proc.send_signal(signal.SIGTERM)  # request 3 is still running: never answered
     driver.finish()
     rows = metrics_service.wait_rows(
-        "SELECT tool_name, success, dimensions FROM tool_metrics"
+        "SELECT tool_name, success, dimensions, error_type, protocol_version"
+        " FROM tool_metrics"
         " WHERE instance_id = ? AND method = 'tools/call' ORDER BY ts, id",
         (env["METRICS_INSTANCE_ID"],),
         count=2,
