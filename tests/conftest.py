@@ -18,6 +18,9 @@ from tests._helpers import (
     start_redis,
 )
 
+# PostgreSQL, HAProxy and replica fixtures (postgres_cluster, postgres_url, postgres_server).
+pytest_plugins = ["tests._servers"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
