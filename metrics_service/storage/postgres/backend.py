@@ -1,0 +1,621 @@
+"""The PostgreSQL backend: N stateless replicas on one database (``METRICS_DATABASE_URL``).
+
+One asyncpg pool per process. Each group of batches is one transaction: the idempotency claims,
+a ``COPY`` of each family's rows into its partitioned raw table, and the rollup upserts; the
+caller acknowledges only after ``COMMIT`` returned. A deadlock or serialisation failure between
+replicas retries the whole transaction (nothing of it was committed). Every driver or network
+error leaves as ``StorageError`` (the API answers 503 with ``Retry-After``); the pool replaces
+broken connections by itself, so the service recovers when the server is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import asyncpg
+
+from metrics_service.errors import StorageError
+from metrics_service.storage import rollups
+from metrics_service.storage.keys import KeyRecord
+from metrics_service.storage.postgres import migrations
+from metrics_service.storage.postgres import rollups as pg_rollups
+from metrics_service.storage.postgres._conn import Conn
+from metrics_service.storage.postgres.migrations import TABLE_OF_TYPE, TABLES, row_columns
+from metrics_service.storage.postgres.partitions import Partitions
+from metrics_service.storage.rollups import DAY_MS
+
+if TYPE_CHECKING:
+    from metrics_service.idempotency import Claim, Stored
+    from metrics_service.storage.database import Policy
+
+T = TypeVar("T")
+ENV = "METRICS_DATABASE_URL"
+#: Session-level advisory lock of the retention run (detaching needs autocommit).
+RETENTION_LOCK = 0x726574656E74  # "retent"
+_RETRIED = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+_COLUMNS = {kind: row_columns(kind) for kind in TABLE_OF_TYPE}
+_KEY_FIELDS = [f.name for f in dataclasses.fields(KeyRecord)]
+_KEY_SELECT = ", ".join("service_aliases" if f == "aliases" else f for f in _KEY_FIELDS)
+_CLAIM_SQL = (
+    "INSERT INTO idempotency_keys (service, key, fingerprint, status, response, committed_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6)"
+    " ON CONFLICT (service, key) DO UPDATE SET fingerprint = excluded.fingerprint,"
+    " status = excluded.status, response = excluded.response,"
+    " committed_at = excluded.committed_at"
+    " WHERE idempotency_keys.committed_at < $7 RETURNING 1"
+)
+_LOOKUP_SQL = (
+    "SELECT fingerprint, status, response FROM idempotency_keys"
+    " WHERE service = $1 AND key = $2 AND committed_at >= $3"
+)
+
+
+def redact(url: str) -> str:
+    """``url`` without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+    except ValueError:
+        return "<unparseable URL>"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _iso_ms(ms: int | None) -> str | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+def _key(record: asyncpg.Record) -> KeyRecord:
+    values = dict(zip(_KEY_FIELDS, tuple(record), strict=True))
+    values["aliases"] = tuple(a for a in (values["aliases"] or "").split(",") if a)
+    return KeyRecord(**values)
+
+
+def _days(parts: Sequence[dict[str, list[tuple[Any, ...]]]]) -> set[tuple[str, int]]:
+    wanted: set[tuple[str, int]] = set()
+    for part in parts:
+        for kind, rows in part.items():
+            table = TABLE_OF_TYPE[kind]
+            wanted.update((table, r[0] - r[0] % DAY_MS) for r in rows)
+    return wanted
+
+
+class Reader:
+    """One snapshot (a read-only REPEATABLE READ transaction) for an analytics view."""
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+
+    async def aggregate(
+        self, q: rollups.Query
+    ) -> tuple[rollups.Cube, dict[tuple[Any, ...], list[Any]], str]:
+        return await pg_rollups.aggregate(self._conn, q)
+
+
+class Backend:
+    """``StorageBackend`` on PostgreSQL (see ``storage/backend.py`` for the contract)."""
+
+    name = "postgresql"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_connections: int = 1,
+        max_connections: int = 10,
+        connect_timeout_s: float = 10.0,
+        command_timeout_s: float = 30.0,
+    ) -> None:
+        self._url = url
+        self.description = redact(url)
+        self.applied_migrations: list[int] = []
+        self._pool: asyncpg.Pool | None = None
+        self._sizes = (min_connections, max_connections)
+        self._connect_timeout_s = connect_timeout_s
+        self._command_timeout_s = command_timeout_s
+        self.partitions = Partitions()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._url,
+                min_size=self._sizes[0],
+                max_size=self._sizes[1],
+                timeout=self._connect_timeout_s,
+                command_timeout=self._command_timeout_s,
+                # Statements are few and fixed: prepared once per connection.
+                statement_cache_size=256,
+            )
+        except (*_DRIVER_ERRORS, ValueError) as exc:
+            raise StorageError(
+                f"{ENV}: cannot connect to {self.description}: {type(exc).__name__}: {exc}"
+            ) from None
+        try:
+            async with self._pool.acquire() as conn:
+                self.applied_migrations = await migrations.apply(conn)
+                await self.partitions.load(conn)
+                await self.partitions.ensure_ahead(conn)
+        except _DRIVER_ERRORS as exc:
+            await self.close()
+            raise StorageError(f"{ENV}: cannot migrate {self.description}: {exc}") from None
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except (TimeoutError, *_DRIVER_ERRORS):
+                pool.terminate()
+
+    @asynccontextmanager
+    async def _conn(self, what: str) -> Any:
+        if self._pool is None:
+            raise StorageError(f"{what}: the database is not open")
+        try:
+            async with self._pool.acquire(timeout=self._connect_timeout_s) as conn:
+                yield conn
+        except _DRIVER_ERRORS as exc:
+            raise StorageError(f"{what} failed: {type(exc).__name__}: {exc}") from None
+
+    async def writable(self) -> bool:
+        try:
+            async with self._conn("readiness") as conn:
+                return bool(
+                    await conn.fetchval(
+                        "SELECT NOT pg_is_in_recovery()"
+                        " AND current_setting('transaction_read_only') = 'off'",
+                        timeout=1.0,
+                    )
+                )
+        except StorageError:
+            return False
+
+    # -- ingest ----------------------------------------------------------------------------
+
+    async def insert_batches(
+        self,
+        parts: Sequence[dict[str, list[tuple[Any, ...]]]],
+        claims: Sequence[Claim | None] = (),
+    ) -> int:
+        wanted = _days(parts)
+        async with self._conn("commit") as conn:
+            if self.partitions.missing(wanted):
+                await self.partitions.ensure(conn, wanted)
+            for attempt in range(5):
+                try:
+                    return await self._insert(conn, parts, claims)
+                except _RETRIED:
+                    if attempt == 4:
+                        raise
+                    for c in claims:
+                        if c is not None:
+                            c.existing = None
+                    await asyncio.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _insert(
+        self,
+        conn: Conn,
+        parts: Sequence[dict[str, list[tuple[Any, ...]]]],
+        claims: Sequence[Claim | None],
+    ) -> int:
+        count = 0
+        async with conn.transaction():
+            if any(claims):
+                now = _now_ms()
+                for c in sorted((c for c in claims if c is not None), key=_claim_order):
+                    cutoff = now - int(c.window_s * 1000)
+                    won = await conn.fetchval(
+                        _CLAIM_SQL,
+                        c.service,
+                        c.key,
+                        c.fingerprint,
+                        c.status,
+                        c.response,
+                        now,
+                        cutoff,
+                    )
+                    if won is None:
+                        c.existing = await _lookup(conn, c.service, c.key, cutoff)
+                parts = [p for p, c in zip(parts, claims, strict=True) if not (c and c.existing)]
+            for kind in sorted({kind for part in parts for kind in part}):
+                rows = [r for part in parts for r in part.get(kind, ())]
+                if rows:
+                    await conn.copy_records_to_table(
+                        TABLE_OF_TYPE[kind], records=rows, columns=_COLUMNS[kind]
+                    )
+                    count += len(rows)
+            await pg_rollups.maintain(conn, parts)
+        return count
+
+    async def idempotency_lookup(self, service: str, key: str, window_s: float) -> Stored | None:
+        async with self._conn("idempotency lookup") as conn:
+            return await _lookup(conn, service, key, _now_ms() - int(window_s * 1000))
+
+    # -- keys ------------------------------------------------------------------------------
+
+    async def list_keys(self, *, active_only: bool = False) -> list[KeyRecord]:
+        where = " WHERE revoked_at IS NULL" if active_only else ""
+        async with self._conn("reading keys") as conn:
+            rows = await conn.fetch(f"SELECT {_KEY_SELECT} FROM api_keys{where} ORDER BY id")
+        return [_key(r) for r in rows]
+
+    async def create_key(
+        self,
+        *,
+        service: str | None,
+        role: str,
+        key_hash: str,
+        key_prefix: str,
+        rate_limit_per_min: int | None,
+        source: str,
+        description: str | None = None,
+        aliases: tuple[str, ...] = (),
+    ) -> KeyRecord:
+        async with self._conn("creating a key") as conn:
+            try:
+                return await _insert_key(
+                    conn,
+                    service,
+                    role,
+                    key_hash,
+                    key_prefix,
+                    rate_limit_per_min,
+                    source,
+                    description,
+                    aliases,
+                )
+            except asyncpg.UniqueViolationError:
+                raise StorageError("a key with this secret already exists") from None
+
+    async def revoke_key(self, key_id: int) -> KeyRecord | None:
+        async with self._conn("revoking a key") as conn:
+            return await _revoke(conn, key_id)
+
+    async def rotate_key(
+        self, key_id: int, *, key_hash: str, key_prefix: str, source: str
+    ) -> tuple[KeyRecord, KeyRecord] | None:
+        async with self._conn("rotating a key") as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"SELECT {_KEY_SELECT} FROM api_keys WHERE id = $1 AND revoked_at IS NULL"
+                " FOR UPDATE",
+                key_id,
+            )
+            if row is None:
+                return None
+            old = _key(row)
+            revoked = await _revoke(conn, key_id)
+            assert revoked is not None
+            new = await _insert_key(
+                conn,
+                old.service,
+                old.role,
+                key_hash,
+                key_prefix,
+                old.rate_limit_per_min,
+                source,
+                old.description,
+                old.aliases,
+            )
+            return revoked, new
+
+    async def reconcile_env_keys(
+        self, wanted: dict[tuple[str, str | None], tuple[str, str]]
+    ) -> dict[str, Any]:
+        counts: dict[str, Any] = {"kept": 0, "added": 0, "revoked": 0, "refused": []}
+        async with self._conn("reconciling keys") as conn, conn.transaction():
+            # Replicas starting together reconcile one after the other.
+            await conn.execute("LOCK TABLE api_keys IN SHARE ROW EXCLUSIVE MODE")
+            kept: set[tuple[str, str | None]] = set()
+            rows = await conn.fetch(
+                f"SELECT {_KEY_SELECT} FROM api_keys WHERE revoked_at IS NULL ORDER BY id"
+            )
+            for key in map(_key, rows):
+                if key.source != "env":
+                    continue
+                want = wanted.get((key.role, key.service))
+                if want is not None and want[0] == key.key_hash:
+                    kept.add((key.role, key.service))
+                    continue
+                await _revoke(conn, key.id)
+                counts["revoked"] += 1
+            counts["kept"] = len(kept)
+            for (role, service), (key_hash, prefix) in wanted.items():
+                if (role, service) in kept:
+                    continue
+                row = await conn.fetchrow(
+                    "SELECT id, revoked_at FROM api_keys WHERE key_hash = $1", key_hash
+                )
+                if row is not None and row["revoked_at"] is not None:
+                    counts["refused"].append((role, service))
+                elif row is not None:
+                    await conn.execute(
+                        "UPDATE api_keys SET source = 'env', role = $1, service = $2 WHERE id = $3",
+                        role,
+                        service,
+                        row["id"],
+                    )
+                    counts["added"] += 1
+                else:
+                    await _insert_key(conn, service, role, key_hash, prefix, None, "env", None, ())
+                    counts["added"] += 1
+        return counts
+
+    # -- retention and upkeep --------------------------------------------------------------
+
+    async def retention_policies(self, default_days: int) -> list[Policy]:
+        from metrics_service.storage.database import Policy
+
+        async with self._conn("reading retention policies") as conn:
+            rows = await conn.fetch(
+                "SELECT table_name, retention_days, enabled FROM retention_policies"
+                " ORDER BY table_name"
+            )
+        return [
+            Policy(r[0], r[1] if r[1] is not None else default_days, r[1] is None, bool(r[2]))
+            for r in rows
+            if r[0] in TABLES
+        ]
+
+    async def set_retention_policy(
+        self, tables: Sequence[str], retention_days: int | None, enabled: bool | None
+    ) -> None:
+        for table in tables:
+            if table not in TABLES:
+                raise ValueError(f"unknown table {table!r}")
+        async with self._conn("setting a retention policy") as conn, conn.transaction():
+            for table in tables:
+                await conn.execute(
+                    "UPDATE retention_policies SET retention_days = $1, updated_at = $2"
+                    " WHERE table_name = $3",
+                    retention_days,
+                    _now_ms(),
+                    table,
+                )
+                if enabled is not None:
+                    await conn.execute(
+                        "UPDATE retention_policies SET enabled = $1 WHERE table_name = $2",
+                        int(enabled),
+                        table,
+                    )
+
+    def _time_column(self, table: str) -> str:
+        if table in TABLES:
+            return "ts"
+        if table in rollups.TABLES:
+            return "bucket"
+        raise ValueError(f"unknown table {table!r}")
+
+    async def count_expired(self, table: str, before_ms: int) -> int:
+        column = self._time_column(table)
+        async with self._conn("counting expired rows") as conn:
+            return int(
+                await conn.fetchval(f"SELECT count(*) FROM {table} WHERE {column} < $1", before_ms)
+            )
+
+    async def delete_expired(self, table: str, before_ms: int, limit: int) -> int:
+        """Raw tables: drop the partitions wholly before ``before_ms`` (their rows counted),
+        then delete up to ``limit`` older rows of the partition holding the cutoff. Rollup
+        tables: delete whole buckets, about ``limit`` rows. Another replica already at it: 0."""
+        column = self._time_column(table)
+        async with self._conn("retention") as conn:
+            if column == "bucket":
+                async with conn.transaction():
+                    upto = await conn.fetchval(
+                        f"SELECT bucket FROM {table} WHERE bucket < $1 ORDER BY bucket"
+                        " LIMIT 1 OFFSET $2",
+                        before_ms,
+                        limit - 1,
+                    )
+                    upto = before_ms if upto is None else upto + 1
+                    status = await conn.execute(f"DELETE FROM {table} WHERE bucket < $1", upto)
+                return int(status.split()[-1])
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK):
+                return 0
+            try:
+                dropped = 0
+                for partition in await self.partitions.expired(conn, table, before_ms):
+                    dropped += await self.partitions.drop(conn, table, partition)
+                if dropped:
+                    return dropped
+                day = before_ms - before_ms % DAY_MS
+                if (table, day) not in self.partitions.known:
+                    return 0
+                from metrics_service.storage.postgres.partitions import name
+
+                part = name(table, day)
+                status = await conn.execute(
+                    f"DELETE FROM {part} WHERE ctid IN"
+                    f" (SELECT ctid FROM {part} WHERE ts < $1 LIMIT $2)",
+                    before_ms,
+                    limit,
+                )
+                return int(status.split()[-1])
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
+
+    async def forget_idempotency_keys(self, before_ms: int, limit: int) -> int:
+        async with self._conn("forgetting idempotency keys") as conn:
+            status = await conn.execute(
+                "DELETE FROM idempotency_keys WHERE ctid IN (SELECT ctid FROM idempotency_keys"
+                " WHERE committed_at < $1 LIMIT $2)",
+                before_ms,
+                limit,
+            )
+        return int(status.split()[-1])
+
+    async def compact_rollups(self, now_ms: int) -> int:
+        """Also the upkeep tick's partition work: the days ahead exist before they begin."""
+        async with self._conn("rollup compaction") as conn:
+            await self.partitions.ensure_ahead(conn, now_ms)
+            return await pg_rollups.compact(conn, now_ms)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def analytics(self, view: Callable[[Reader], Awaitable[T]]) -> T:
+        async with (
+            self._conn("analytics") as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            return await view(Reader(conn))
+
+    async def stats(self) -> dict[str, Any]:
+        async with self._conn("stats") as conn:
+            rows = {t: int(await conn.fetchval(f"SELECT count(*) FROM {t}")) for t in TABLES}
+            size = int(await conn.fetchval("SELECT pg_database_size(current_database())"))
+            partitions = len(self.partitions.known)
+            version = await migrations.current_version(conn)
+        return {
+            "path": self.description,
+            "rows": rows,
+            "total_rows": sum(rows.values()),
+            "database_bytes": size,
+            "partitions": partitions,
+            "schema_version": version,
+        }
+
+    async def table_stats(self, default_days: int, rollup_days: int) -> dict[str, dict[str, Any]]:
+        policies = {p.table: p for p in await self.retention_policies(default_days)}
+        out: dict[str, dict[str, Any]] = {}
+        async with self._conn("table stats") as conn:
+            for table in (*TABLES, *rollups.TABLES):
+                column = self._time_column(table)
+                count, oldest, newest = await conn.fetchrow(
+                    f"SELECT count(*), min({column}), max({column}) FROM {table}"
+                )
+                policy = policies.get(table)
+                raw = table in TABLES
+                out[table] = {
+                    "record_count": count,
+                    "oldest_record": _iso_ms(oldest),
+                    "newest_record": _iso_ms(newest),
+                    "has_retention_policy": policy is not None if raw else True,
+                    "retention_days": (policy.retention_days if policy else None)
+                    if raw
+                    else rollup_days,
+                    "policy_active": (policy.enabled if policy else None) if raw else True,
+                }
+        return out
+
+    async def retention_preview(
+        self, default_days: int, tables: Sequence[str] | None, now_s: float
+    ) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        policies = await self.retention_policies(default_days)
+        async with self._conn("retention preview") as conn:
+            for policy in policies:
+                if not policy.enabled or (tables is not None and policy.table not in tables):
+                    continue
+                table = policy.table
+                cutoff = int((now_s - policy.retention_days * 86_400) * 1000)
+                expired, oldest, newest = await conn.fetchrow(
+                    f"SELECT count(*), min(ts), max(ts) FROM {table} WHERE ts < $1", cutoff
+                )
+                total = int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+                out[table] = {
+                    "retention_days": policy.retention_days,
+                    "records_to_delete": expired,
+                    "total_records": total,
+                    "oldest_record_to_delete": _iso_ms(oldest),
+                    "newest_record_to_delete": _iso_ms(newest),
+                    "cutoff_date": _iso_ms(cutoff),
+                    "percentage_to_delete": round(100.0 * expired / total, 2) if total else 0,
+                }
+        return out
+
+    async def database_size(self) -> dict[str, Any]:
+        async with self._conn("database size") as conn:
+            total = int(await conn.fetchval("SELECT pg_database_size(current_database())"))
+        mib = 1024 * 1024
+        return {
+            "total_bytes": total,
+            "total_mb": round(total / mib, 2),
+            "total_gb": round(total / mib / 1024, 3),
+        }
+
+    async def reference_sql(self, enabled: bool | None = None) -> bool:
+        """The ``metrics`` view always has the reference's text ``timestamp``; the raw tables
+        have no such column on PostgreSQL (the reference's SQL is SQLite's dialect)."""
+        if enabled:
+            raise StorageError(
+                "the reference's SQLite timestamp column is not available on PostgreSQL"
+            )
+        return False
+
+    async def drop_reference(self) -> list[str]:
+        return []
+
+    # -- the test and bench helpers --------------------------------------------------------
+
+    async def execute(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Run one statement (tests, benchmarks, the CLI's diagnostics)."""
+        async with self._conn("query") as conn:
+            return [tuple(r) for r in await conn.fetch(sql, *args)]
+
+
+def _claim_order(c: Claim) -> tuple[str, str]:
+    return (c.service, c.key)
+
+
+async def _lookup(conn: Conn, service: str, key: str, cutoff: int) -> Stored | None:
+    from metrics_service.idempotency import Stored
+
+    row = await conn.fetchrow(_LOOKUP_SQL, service, key, cutoff)
+    return None if row is None else Stored(row[0], int(row[1]), bytes(row[2]))
+
+
+async def _insert_key(
+    conn: Conn,
+    service: str | None,
+    role: str,
+    key_hash: str,
+    key_prefix: str,
+    rate_limit_per_min: int | None,
+    source: str,
+    description: str | None,
+    aliases: tuple[str, ...],
+) -> KeyRecord:
+    row = await conn.fetchrow(
+        "INSERT INTO api_keys (service, role, key_hash, key_prefix, rate_limit_per_min, source,"
+        " description, created_at, service_aliases) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        f" RETURNING {_KEY_SELECT}",
+        service,
+        role,
+        key_hash,
+        key_prefix,
+        rate_limit_per_min,
+        source,
+        description,
+        _now_ms(),
+        ",".join(aliases) or None,
+    )
+    assert row is not None
+    return _key(row)
+
+
+async def _revoke(conn: Conn, key_id: int) -> KeyRecord | None:
+    row = await conn.fetchrow(
+        "UPDATE api_keys SET revoked_at = coalesce(revoked_at, $1) WHERE id = $2"
+        f" RETURNING {_KEY_SELECT}",
+        _now_ms(),
+        key_id,
+    )
+    return None if row is None else _key(row)
