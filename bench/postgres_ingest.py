@@ -1,0 +1,220 @@
+"""Storage ingest on PostgreSQL beside SQLite, in one run, through the same group-commit driver.
+
+    .venv/bin/python bench/postgres_ingest.py                    # batch 100 and 1, c16, 10 s each
+    .venv/bin/python bench/postgres_ingest.py --batch 100 --duration 20 --runs 3
+
+What runs: ``--concurrency`` producers each submit one request's validated rows (``--batch``
+metrics of the bench mix, bench/_workload.py, validated by the service's ``Validator``) and wait
+for its commit, then submit the next, as the service's request handlers do in durable mode; one
+writer takes everything queued (up to 10,000 rows, the service's ``METRICS_COMMIT_MAX_ROWS``) and
+commits it in one transaction, as ``metrics_service/ingest.py`` does. SQLite: ``insert_rows`` on
+a fresh file (WAL, synchronous=FULL) on a thread, as the service's writer thread. PostgreSQL:
+``Backend.insert_batches`` (COPY, rollup upserts, one transaction) on a fresh cluster started by
+tests/_servers.py with the server defaults (fsync and synchronous_commit on).
+
+Reported per backend and batch size: metrics/s committed (acknowledged), and the CPU per metric
+in this process (the storage layer as the service runs it: validation excluded, rows are built
+before the clock starts) and, for PostgreSQL, in the server's processes (postmaster and
+backends, from /proc), in microseconds. Rows are counted afterwards and must equal the metrics
+acknowledged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _workload import bodies  # noqa: E402
+
+from metrics_service import Settings, storage  # noqa: E402
+from metrics_service.storage.postgres import Backend  # noqa: E402
+from metrics_service.validation import Validator  # noqa: E402
+from tests._servers import PostgresServer, start_postgres  # noqa: E402
+
+Part = dict[str, list[tuple[Any, ...]]]
+MAX_ROWS = 10_000
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def parts_for(batch: int, n: int) -> list[Part]:
+    validator = Validator(Settings())
+    out = []
+    for body in bodies(n, batch):
+        decoded = validator.decode(body)
+        assert not decoded.rejections
+        out.append(decoded.rows)
+    return out
+
+
+def server_cpu_s(server: PostgresServer) -> float:
+    """CPU seconds of the postmaster and every process it forked (its backends), so far."""
+    total = 0
+    pids = [server.pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == server.pid:
+                pids.append(int(entry.name))
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _TICK
+
+
+async def drive(
+    commit: Callable[[list[Part]], Awaitable[None]],
+    parts: list[Part],
+    concurrency: int,
+    duration_s: float,
+) -> int:
+    """Producers submit parts and await their commit; one writer group-commits the queue.
+    Returns the metrics acknowledged."""
+    queue: asyncio.Queue[tuple[Part, asyncio.Future[None]]] = asyncio.Queue()
+    stop = time.monotonic() + duration_s
+    acked = 0
+    per_part = sum(len(rows) for rows in parts[0].values())
+
+    async def producer(offset: int) -> None:
+        nonlocal acked
+        i = offset
+        loop = asyncio.get_running_loop()
+        while time.monotonic() < stop:
+            done: asyncio.Future[None] = loop.create_future()
+            await queue.put((parts[i % len(parts)], done))
+            await done
+            acked += per_part
+            i += concurrency
+
+    async def writer() -> None:
+        while True:
+            first = await queue.get()
+            group = [first]
+            rows = per_part
+            while not queue.empty() and rows < MAX_ROWS:
+                group.append(queue.get_nowait())
+                rows += per_part
+            await commit([p for p, _ in group])
+            for _, done in group:
+                done.set_result(None)
+
+    task = asyncio.create_task(writer())
+    await asyncio.gather(*(producer(i) for i in range(concurrency)))
+    task.cancel()
+    return acked
+
+
+def bench_sqlite(parts: list[Part], concurrency: int, duration_s: float) -> dict[str, float]:
+    folder = Path(tempfile.mkdtemp(prefix="bench-sqlite-"))
+    try:
+        conn, _ = storage.open_database(folder / "m.db", check_same_thread=False)
+
+        async def commit(group: list[Part]) -> None:
+            await asyncio.to_thread(storage.insert_rows, conn, group)
+
+        cpu0, t0 = time.process_time(), time.monotonic()
+        acked = asyncio.run(drive(commit, parts, concurrency, duration_s))
+        cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
+        rows = sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in storage.TABLES)
+        conn.close()
+        assert rows == acked, (rows, acked)
+        return {"metrics_s": acked / wall, "service_us": cpu / acked * 1e6, "server_us": 0.0}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def bench_postgres(
+    server: PostgresServer, parts: list[Part], concurrency: int, duration_s: float, run: int
+) -> dict[str, float]:
+    database = f"bench_{run}_{int(time.time())}"
+    server.psql(f"CREATE DATABASE {database}", database="postgres")
+
+    async def go() -> tuple[int, float, float, float]:
+        backend = Backend(server.url(database))
+        await backend.open()
+        try:
+            cpu0, s0, t0 = time.process_time(), server_cpu_s(server), time.monotonic()
+            acked = await drive(backend.insert_batches, parts, concurrency, duration_s)
+            cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
+            scpu = server_cpu_s(server) - s0
+            rows = 0
+            for t in storage.TABLES:
+                rows += (await backend.execute(f"SELECT count(*) FROM {t}"))[0][0]
+            assert rows == acked, (rows, acked)
+            return acked, cpu, wall, scpu
+        finally:
+            await backend.close()
+
+    acked, cpu, wall, scpu = asyncio.run(go())
+    server.psql(f"DROP DATABASE {database}", database="postgres")
+    return {
+        "metrics_s": acked / wall,
+        "service_us": cpu / acked * 1e6,
+        "server_us": scpu / acked * 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, action="append")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    batches = args.batch or [100, 1]
+    server = start_postgres({"fsync": "on"})
+    results: list[dict[str, Any]] = []
+    try:
+        for batch in batches:
+            parts = parts_for(batch, max(64, 2000 // batch))
+            for backend in ("sqlite", "postgresql"):
+                runs = []
+                for run in range(args.runs):
+                    if backend == "sqlite":
+                        runs.append(bench_sqlite(parts, args.concurrency, args.duration))
+                    else:
+                        runs.append(
+                            bench_postgres(server, parts, args.concurrency, args.duration, run)
+                        )
+                row = {
+                    "backend": backend,
+                    "batch": batch,
+                    "concurrency": args.concurrency,
+                    **{k: statistics.median(r[k] for r in runs) for k in runs[0]},
+                }
+                results.append(row)
+                print(
+                    f"{backend:>10}  batch {batch:>3}  c{args.concurrency}"
+                    f"  {row['metrics_s']:>9.0f} metrics/s"
+                    f"  service {row['service_us']:6.1f} us/metric"
+                    f"  postgres {row['server_us']:6.1f} us/metric",
+                    flush=True,
+                )
+    finally:
+        server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
