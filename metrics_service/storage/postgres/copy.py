@@ -62,9 +62,7 @@ async def _copy(lite: sqlite3.Connection, pg: Conn, backend: Backend) -> dict[st
     # Every day partition the history needs, before the transaction that fills them.
     wanted: set[tuple[str, int]] = set()
     for table in TABLES:
-        for (day,) in lite.execute(
-            f"SELECT DISTINCT ts - ts % {DAY_MS} FROM {table}"
-        ):
+        for (day,) in lite.execute(f"SELECT DISTINCT ts - ts % {DAY_MS} FROM {table}"):
             wanted.add((table, int(day)))
     await backend.partitions.ensure(pg, wanted)
     async with pg.transaction():
@@ -111,8 +109,7 @@ async def _chunks(
 ) -> int:
     """COPY ``columns`` of SQLite ``table`` into the same PostgreSQL table, in chunks."""
     cursor = lite.execute(
-        f"SELECT {', '.join(columns)} FROM {table}"
-        + (f" ORDER BY {order}" if order else "")
+        f"SELECT {', '.join(columns)} FROM {table}" + (f" ORDER BY {order}" if order else "")
     )
     total = 0
     while True:

@@ -107,13 +107,17 @@ def _compact_sql(cube: Cube) -> str:
 COMPACT = {cube.name: _compact_sql(cube) for cube in CUBES}
 
 
-async def maintain(conn: Conn, parts: Sequence[dict[str, list[tuple[Any, ...]]]]) -> None:
+async def maintain(
+    conn: Conn, parts: Sequence[dict[str, list[tuple[Any, ...]]]], *, locked: bool = False
+) -> None:
     """Add the rows being inserted to the rollups, inside the insert's transaction (raw rows and
-    rollups commit together): hours always, days for the events of days already compacted."""
+    rollups commit together): hours always, days for the events of days already compacted.
+    ``locked``: the transaction already holds the watermark's shared lock."""
     kinds = {kind for part in parts for kind in part}
     if not any(rollups._BY_KIND.get(kind) for kind in kinds):
         return
-    await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", WATERMARK_LOCK)
+    if not locked:
+        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", WATERMARK_LOCK)
     watermark = int(await conn.fetchval("SELECT until_ms FROM rollup_watermark WHERE name = 'day'"))
     writes: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
     for kind in kinds:
