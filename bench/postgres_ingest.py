@@ -85,9 +85,10 @@ async def drive(
     parts: list[Part],
     concurrency: int,
     duration_s: float,
+    writers: int = 1,
 ) -> int:
-    """Producers submit parts and await their commit; one writer group-commits the queue.
-    Returns the metrics acknowledged."""
+    """Producers submit parts and await their commit; ``writers`` writers (the service has one)
+    group-commit the queue. Returns the metrics acknowledged."""
     queue: asyncio.Queue[tuple[Part, asyncio.Future[None]]] = asyncio.Queue()
     stop = time.monotonic() + duration_s
     acked = 0
@@ -116,9 +117,10 @@ async def drive(
             for _, done in group:
                 done.set_result(None)
 
-    task = asyncio.create_task(writer())
+    tasks = [asyncio.create_task(writer()) for _ in range(writers)]
     await asyncio.gather(*(producer(i) for i in range(concurrency)))
-    task.cancel()
+    for task in tasks:
+        task.cancel()
     return acked
 
 
@@ -142,7 +144,12 @@ def bench_sqlite(parts: list[Part], concurrency: int, duration_s: float) -> dict
 
 
 def bench_postgres(
-    server: PostgresServer, parts: list[Part], concurrency: int, duration_s: float, run: int
+    server: PostgresServer,
+    parts: list[Part],
+    concurrency: int,
+    duration_s: float,
+    run: int,
+    writers: int = 1,
 ) -> dict[str, float]:
     database = f"bench_{run}_{int(time.time())}"
     server.psql(f"CREATE DATABASE {database}", database="postgres")
@@ -152,7 +159,7 @@ def bench_postgres(
         await backend.open()
         try:
             cpu0, s0, t0 = time.process_time(), server_cpu_s(server), time.monotonic()
-            acked = await drive(backend.insert_batches, parts, concurrency, duration_s)
+            acked = await drive(backend.insert_batches, parts, concurrency, duration_s, writers)
             cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
             scpu = server_cpu_s(server) - s0
             rows = 0
@@ -179,6 +186,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--pg-writers",
+        type=int,
+        default=1,
+        help="also run PostgreSQL with this many concurrent writers (as that many replicas)",
+    )
     args = parser.parse_args()
     batches = args.batch or [100, 1]
     server = start_postgres({"fsync": "on"})
@@ -186,24 +199,30 @@ def main() -> None:
     try:
         for batch in batches:
             parts = parts_for(batch, max(64, 2000 // batch))
-            for backend in ("sqlite", "postgresql"):
+            setups = [("sqlite", 1), ("postgresql", 1)]
+            if args.pg_writers > 1:
+                setups.append(("postgresql", args.pg_writers))
+            for backend, writers in setups:
                 runs = []
                 for run in range(args.runs):
                     if backend == "sqlite":
                         runs.append(bench_sqlite(parts, args.concurrency, args.duration))
                     else:
                         runs.append(
-                            bench_postgres(server, parts, args.concurrency, args.duration, run)
+                            bench_postgres(
+                                server, parts, args.concurrency, args.duration, run, writers
+                            )
                         )
                 row = {
                     "backend": backend,
+                    "writers": writers,
                     "batch": batch,
                     "concurrency": args.concurrency,
                     **{k: statistics.median(r[k] for r in runs) for k in runs[0]},
                 }
                 results.append(row)
                 print(
-                    f"{backend:>10}  batch {batch:>3}  c{args.concurrency}"
+                    f"{backend:>10} x{writers}  batch {batch:>3}  c{args.concurrency}"
                     f"  {row['metrics_s']:>9.0f} metrics/s"
                     f"  service {row['service_us']:6.1f} us/metric"
                     f"  postgres {row['server_us']:6.1f} us/metric",
