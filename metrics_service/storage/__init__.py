@@ -1,10 +1,10 @@
 """SQLite storage: schema migrations, batched inserts, retention, keys."""
 
+from metrics_service.storage.backend import KeyRecord, Policy
 from metrics_service.storage.database import (
     INSERT_SQL,
     TABLE_OF_TYPE,
     TABLES,
-    Policy,
     connect,
     count_expired,
     cutoff_ms,
@@ -16,7 +16,6 @@ from metrics_service.storage.database import (
     stats,
 )
 from metrics_service.storage.keys import (
-    KeyRecord,
     insert_key,
     list_keys,
     reconcile_env_keys,

@@ -11,7 +11,6 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any, cast
@@ -19,8 +18,9 @@ from typing import Any, cast
 from metrics_service import idempotency
 from metrics_service.errors import StorageError
 from metrics_service.storage import migrations, reference, rollups
+from metrics_service.storage.backend import Policy
+from metrics_service.storage.schema import DIMENSIONS, METADATA_COLUMNS
 from metrics_service.storage.transaction import write_transaction
-from metrics_service.validation import DIMENSIONS, METADATA_COLUMNS
 
 #: metric type -> typed table.
 TABLE_OF_TYPE = {
@@ -184,14 +184,6 @@ def count_expired(conn: sqlite3.Connection, table: str, before_ms: int) -> int:
     return int(
         conn.execute(f"SELECT count(*) FROM {table} WHERE ts < ?", (before_ms,)).fetchone()[0]
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    table: str
-    retention_days: int
-    is_default: bool
-    enabled: bool
 
 
 def retention_policies(conn: sqlite3.Connection, default_days: int) -> list[Policy]:

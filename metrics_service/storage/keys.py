@@ -5,32 +5,10 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import time
-from dataclasses import dataclass
 from typing import Any
 
+from metrics_service.storage.backend import KeyRecord
 from metrics_service.storage.transaction import write_transaction
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRecord:
-    id: int
-    service: str | None
-    role: str
-    key_hash: str
-    key_prefix: str
-    rate_limit_per_min: int | None
-    source: str
-    description: str | None
-    created_at: int
-    revoked_at: int | None
-    #: Further service names this key may report as (``keys create --alias``).
-    aliases: tuple[str, ...] = ()
-
-    def public(self) -> dict[str, Any]:
-        """What may be shown: everything but the hash."""
-        shown = {name: getattr(self, name) for name in _COLUMN_OF if name != "key_hash"}
-        return {**shown, "active": self.revoked_at is None, "aliases": list(self.aliases)}
-
 
 #: ``KeyRecord`` field -> its column in ``api_keys``, in field order: the one list that both the
 #: SELECTs and ``_record`` follow.

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from metrics_service.storage.schema import DIMENSIONS, METADATA_COLUMNS
 from metrics_service.storage.transaction import write_transaction
-from metrics_service.validation import DIMENSIONS, METADATA_COLUMNS
 
 # -- Frozen by schema migration 2: changing any of these needs a new migration. ----------------
 
