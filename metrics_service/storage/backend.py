@@ -24,6 +24,7 @@ The contract every backend keeps:
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
@@ -254,6 +255,12 @@ class StorageBackend(Protocol):
         ...
 
 
+def cutoff_ms(days: int, now_s: float | None = None) -> int:
+    """The unix ms ``days`` days before ``now_s`` (default now): retention's cut-off."""
+    now_s = time.time() if now_s is None else now_s
+    return int((now_s - days * 86_400) * 1000)
+
+
 # -- choosing a backend --------------------------------------------------------------------------
 
 
@@ -330,7 +337,7 @@ def create_backend(settings: Settings) -> StorageBackend:
     ``ConfigError`` naming the variable for a bad URL or a backend that is not installed."""
     url = parse_database_url(settings.database_url)
     if url is None or url.scheme == "sqlite":
-        from metrics_service.storage.sqlite import SqliteBackend  # type: ignore[import-not-found,unused-ignore]
+        from metrics_service.storage.sqlite import SqliteBackend
 
         if url is not None and url.path is not None:
             from pathlib import Path
