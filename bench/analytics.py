@@ -14,6 +14,7 @@ bench's higher-cardinality mix.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import statistics
@@ -28,6 +29,8 @@ from bench._workload import bodies
 from metrics_service import Settings, storage
 from metrics_service.analytics import queries
 from metrics_service.storage import rollups
+from metrics_service.storage.sqlite import SyncReader
+from metrics_service.storage.sqlite import rollups as sqlite_rollups
 from metrics_service.validation import Validator
 
 SERVICES = ("registry", "weather-mcp", "search-mcp", "auth-server")
@@ -171,7 +174,7 @@ def build(path: Path, events: int, days: int, commit_rows: int = 10_000) -> dict
             print(f"  {done:,} events", file=sys.stderr, flush=True)
     insert_s = time.perf_counter() - started
     started = time.perf_counter()
-    rollups.compact(conn, now_ms)
+    sqlite_rollups.compact(conn, now_ms)
     compact_s = time.perf_counter() - started
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
@@ -207,7 +210,9 @@ def time_views(path: Path, days: int, repeat: int) -> list[dict[str, Any]]:
         times = []
         for _ in range(repeat):
             started = time.perf_counter()
-            body = queries.run(conn, view, query)
+            conn.execute("BEGIN")  # one snapshot, as the service reads a view
+            body = asyncio.run(queries.run(SyncReader(conn), view, query))
+            conn.execute("COMMIT")
             times.append(time.perf_counter() - started)
         results.append(
             {
@@ -250,9 +255,9 @@ def maintenance_cost(tmp: Path, metrics: int) -> list[dict[str, Any]]:
                 for suffix in ("", "-wal", "-shm"):
                     Path(f"{path}{suffix}").unlink(missing_ok=True)
                 conn, _ = storage.open_database(path, synchronous="normal")
-                original = rollups.maintain
+                original = sqlite_rollups.maintain
                 if mode == "without":
-                    rollups.maintain = lambda conn, parts: None  # type: ignore[assignment]
+                    sqlite_rollups.maintain = lambda conn, parts: None  # type: ignore[assignment]
                 try:
                     storage.insert_rows(conn, commits[0])  # warm up
                     started = time.perf_counter()
@@ -261,7 +266,7 @@ def maintenance_cost(tmp: Path, metrics: int) -> list[dict[str, Any]]:
                         total += storage.insert_rows(conn, commit)
                     cost[mode] = (time.perf_counter() - started) / total * 1e6
                 finally:
-                    rollups.maintain = original  # type: ignore[assignment]
+                    sqlite_rollups.maintain = original  # type: ignore[assignment]
                     conn.close()
             out.append(
                 {

@@ -33,7 +33,7 @@ from _workload import bodies
 
 from metrics_service import storage
 from metrics_service.settings import Settings
-from metrics_service.storage import database, rollups
+from metrics_service.storage.sqlite import database, rollups
 from metrics_service.telemetry import Telemetry
 from metrics_service.validation import Validator
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
@@ -18,7 +17,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from metrics_service import auth, idempotency, storage
+from metrics_service import auth, idempotency
 from metrics_service.errors import (
     ApiError,
     Forbidden,
@@ -44,6 +43,7 @@ from metrics_service.models import (
 )
 from metrics_service.retention import run_once
 from metrics_service.settings import AckMode, Settings
+from metrics_service.storage.schema import TABLES
 
 if TYPE_CHECKING:
     from metrics_service.app import AppState
@@ -146,7 +146,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(sqlite3.OperationalError, database_error)
     app.add_exception_handler(StorageError, database_error)
     app.add_exception_handler(Exception, unexpected)
 
@@ -343,7 +342,7 @@ class IngestEndpoint:
 
         async def lookup() -> idempotency.Stored | None:
             window = app.settings.idempotency_window_s
-            return await app.reader.run(lambda c: idempotency.lookup(c, service, key, window))
+            return await app.storage.idempotency_lookup(service, key, window)
 
         return await app.idempotency.execute(
             service,
@@ -483,9 +482,7 @@ async def ready(request: Request) -> Response:
 @admin.get("/retention/policies", response_model=list[PolicyInfo])
 async def list_policies(request: Request, _: Admin) -> Response:
     app = state(request)
-    policies = await app.reader.run(
-        lambda c: storage.retention_policies(c, app.settings.retention_days)
-    )
+    policies = await app.storage.retention_policies(app.settings.retention_days)
     return json_response(
         [
             {
@@ -503,10 +500,8 @@ async def list_policies(request: Request, _: Admin) -> Response:
 
 
 def _known_table(table: str) -> str:
-    if table not in storage.TABLES:
-        raise NotFound(
-            f"no such table; one of: {', '.join(storage.TABLES)} (or metrics: all of them)"
-        )
+    if table not in TABLES:
+        raise NotFound(f"no such table; one of: {', '.join(TABLES)} (or metrics: all of them)")
     return table
 
 
@@ -514,7 +509,7 @@ def tables_named(name: str) -> list[str]:
     """A table name from a request: one of ours, or ``metrics`` (the MCP Gateway Registry's table
     of every event; here the view over all of them) for every raw table."""
     if name == "metrics":
-        return list(storage.TABLES)
+        return list(TABLES)
     return [_known_table(name)]
 
 
@@ -586,11 +581,7 @@ async def update_policy(
     else:
         days, enabled = retention_days, True if is_active is None else is_active
 
-    def apply(c: sqlite3.Connection) -> None:
-        for name in names:
-            storage.set_retention_policy(c, name, days, enabled)
-
-    await app.writer.run(apply)
+    await app.storage.set_retention_policy(names, days, enabled)
     listing = await list_policies(request, _)
     if not query_form:
         return listing
@@ -637,7 +628,7 @@ async def cleanup(
     tables = tables_named(name) if name is not None else None
     started = time.time()
     results = await run_once(
-        app.writer,
+        app.storage,
         app.settings,
         dry_run=dry_run,
         tables=tables,
@@ -679,13 +670,13 @@ def _iso(seconds: float) -> str:
 @admin.get("/db/stats")
 async def db_stats(request: Request, _: Admin) -> Response:
     app = state(request)
-    stats = await app.reader.run(lambda c: storage.stats(c, app.settings.db_path))
+    stats = await app.storage.stats()
     return json_response(stats)
 
 
 @admin.get("/keys", response_model=list[KeyInfo])
 async def list_keys(request: Request, _: Admin) -> Response:
-    records = await state(request).reader.run(storage.list_keys)
+    records = await state(request).storage.list_keys()
     return json_response([r.public() for r in records])
 
 
@@ -706,16 +697,14 @@ async def create_key(request: Request, body: KeyCreate, _: Admin) -> Response:
                 {"field": "aliases", "rule": "ingest_only", "message": "only when role is ingest"}
             ],
         )
-    secret, record = await app.writer.run(
-        lambda c: auth.create_key(
-            c,
-            service=body.service,
-            role=body.role,
-            rate_limit_per_min=body.rate_limit_per_min,
-            source="api",
-            description=body.description,
-            aliases=tuple(body.aliases),
-        )
+    secret, record = await auth.create_key(
+        app.storage,
+        service=body.service,
+        role=body.role,
+        rate_limit_per_min=body.rate_limit_per_min,
+        source="api",
+        description=body.description,
+        aliases=tuple(body.aliases),
     )
     app.keys.add(record)
     log.info(
@@ -734,7 +723,7 @@ async def revoke_key(
     _: Admin,
 ) -> Response:
     app = state(request)
-    record = await app.writer.run(lambda c: storage.revoke_key(c, key_id))
+    record = await app.storage.revoke_key(key_id)
     if record is None:
         raise NotFound(f"no key with id {key_id}")
     app.keys.remove(key_id)

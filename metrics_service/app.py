@@ -12,7 +12,6 @@ import itertools
 import logging
 import os
 import re
-import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,31 +20,28 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from metrics_service import __version__, auth, compat, storage
+from metrics_service import __version__, auth, compat
 from metrics_service.analytics.routes import router as analytics_router
 from metrics_service.api import INGEST, admin, install_error_handlers, router, schema_components
 from metrics_service.idempotency import Registry
-from metrics_service.ingest import DbThread, WriteQueue
+from metrics_service.ingest import WriteQueue
 from metrics_service.otlp import TRACES, Flows
 from metrics_service.ratelimit import RateLimiter
 from metrics_service.retention import RetentionLoop
 from metrics_service.settings import Settings, load_settings
+from metrics_service.storage.backend import StorageBackend, create_backend
 from metrics_service.telemetry import Telemetry
 from metrics_service.validation import Batch, Validator
 
 log = logging.getLogger(__name__)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-#: How long the readiness probe waits for SQLite's write lock.
-PROBE_BUSY_TIMEOUT_MS = 200
 
 
 @dataclass(eq=False)
 class AppState:
     settings: Settings
     validator: Validator
-    writer: DbThread
-    reader: DbThread
-    probe: DbThread
+    storage: StorageBackend
     queue: WriteQueue
     keys: auth.KeyTable
     limiter: RateLimiter
@@ -61,16 +57,10 @@ class AppState:
             self.telemetry.on_rejections(batch)
 
     async def readiness(self) -> dict[str, bool]:
-        def writable(conn: sqlite3.Connection) -> bool:
-            # Taking the write lock and releasing it proves the file is writable, writing nothing.
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ROLLBACK")
-            return True
-
-        # On a connection of its own with a short busy timeout: a probe while another process
-        # holds the write lock must not occupy the writer for the writer's busy timeout.
+        # The backend proves the database writable without writing, on a connection of its own
+        # (a probe while another process holds the write lock must not occupy the writer).
         try:
-            db_ok = await asyncio.wait_for(self.probe.run(writable), 5)
+            db_ok = await asyncio.wait_for(self.storage.writable(), 5)
         except Exception:
             db_ok = False
         return {
@@ -80,7 +70,7 @@ class AppState:
         }
 
     async def reload_keys(self) -> None:
-        records = await self.reader.run(lambda c: storage.list_keys(c, active_only=True))
+        records = await self.storage.list_keys(active_only=True)
         self.keys.replace(records)
 
     async def cancel_tasks(self) -> None:
@@ -148,17 +138,10 @@ class RequestIdMiddleware:
 
 
 def _build_state(settings: Settings) -> AppState:
-    writer = DbThread(settings, name="writer")
-    reader = DbThread(settings, name="reader", readonly=True)
-    probe = DbThread(
-        settings,
-        name="probe",
-        migrate=False,
-        busy_timeout_ms=min(settings.sqlite_busy_timeout_ms, PROBE_BUSY_TIMEOUT_MS),
-    )
+    storage = create_backend(settings)
     keys = auth.KeyTable(settings.alias_map())
     limiter = RateLimiter(settings.rate_limit_async_uri)
-    queue = WriteQueue(writer, settings)
+    queue = WriteQueue(storage, settings)
     telemetry = Telemetry(settings, queue_depth=lambda: queue.pending_metrics)
     queue.add_listener(telemetry.on_commit)
     queue.on_failure = lambda: telemetry.add("metrics_service_commit_failures")
@@ -171,14 +154,12 @@ def _build_state(settings: Settings) -> AppState:
     state = AppState(
         settings=settings,
         validator=Validator(settings),
-        writer=writer,
-        reader=reader,
-        probe=probe,
+        storage=storage,
         queue=queue,
         keys=keys,
         limiter=limiter,
         authenticator=authenticator,
-        retention=RetentionLoop(writer, settings, on_deleted=telemetry.on_retention_deleted),
+        retention=RetentionLoop(storage, settings, on_deleted=telemetry.on_retention_deleted),
         telemetry=telemetry,
         idempotency=Registry(settings.idempotency_window_s),
     )
@@ -238,20 +219,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = _build_state(settings)
         app.state.metrics = state
         log.info(
-            "metrics-service %s starting: database %s, %s acknowledgement",
+            "metrics-service %s starting: database %s (%s), %s acknowledgement",
             __version__,
-            settings.db_path.resolve(),
+            state.storage.description,
+            state.storage.name,
             settings.ack_mode.value,
         )
-        # Each close is registered before its open: a failed open still ends its thread.
-        stack.push_async_callback(state.writer.close)
-        await state.writer.open()
-        if state.writer.applied_migrations:
-            log.info("applied schema migrations %s", state.writer.applied_migrations)
-        stack.push_async_callback(state.reader.close)
-        await state.reader.open()
-        stack.push_async_callback(state.probe.close)
-        await state.probe.open()
+        # Each close is registered before its open: a failed open still ends its threads.
+        stack.push_async_callback(state.storage.close)
+        await state.storage.open()
+        if state.storage.applied_migrations:
+            log.info("applied schema migrations %s", state.storage.applied_migrations)
         stack.push_async_callback(
             lambda: _in_daemon_thread(
                 lambda: state.telemetry.shutdown(deadline.left()),
@@ -260,7 +238,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             )
         )
         state.telemetry.start()
-        counts = await state.writer.run(lambda c: auth.reconcile_env(c, settings))
+        counts = await auth.reconcile_env(state.storage, settings)
         log.info(
             "environment keys reconciled: %d kept, %d added, %d revoked, %d left revoked",
             counts["kept"],

@@ -18,13 +18,11 @@ import ipaddress
 import logging
 import os
 import secrets
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from metrics_service import storage
 from metrics_service.errors import Forbidden, RateLimited, Unauthorized
 from metrics_service.ratelimit import RateLimiter
 from metrics_service.settings import (
@@ -34,6 +32,7 @@ from metrics_service.settings import (
     service_name_from_env,
     valid_service_name,
 )
+from metrics_service.storage.backend import KeyRecord, StorageBackend
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +84,7 @@ class Principal:
     services: frozenset[str] = frozenset()
 
 
-def create_key(
-    conn: sqlite3.Connection,
-    *,
-    service: str | None,
-    role: str = "ingest",
-    rate_limit_per_min: int | None = None,
-    source: str = "cli",
-    description: str | None = None,
-    aliases: tuple[str, ...] = (),
-) -> tuple[str, storage.KeyRecord]:
-    """Create a key; return the secret (shown once) and its record."""
+def _check_new_key(role: str, service: str | None, aliases: tuple[str, ...]) -> None:
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     if role == "ingest" and not service:
@@ -105,9 +94,22 @@ def create_key(
     for alias in aliases:
         if not valid_service_name(alias):
             raise ValueError(f"alias {alias!r} is not a valid service name")
+
+
+async def create_key(
+    storage: StorageBackend,
+    *,
+    service: str | None,
+    role: str = "ingest",
+    rate_limit_per_min: int | None = None,
+    source: str = "cli",
+    description: str | None = None,
+    aliases: tuple[str, ...] = (),
+) -> tuple[str, KeyRecord]:
+    """Create a key; return the secret (shown once) and its record."""
+    _check_new_key(role, service, aliases)
     secret = generate_key()
-    record = storage.insert_key(
-        conn,
+    record = await storage.create_key(
         service=service if role == "ingest" else None,
         role=role,
         key_hash=hash_key(secret),
@@ -120,7 +122,22 @@ def create_key(
     return secret, record
 
 
-def reconcile_env(conn: sqlite3.Connection, settings: Settings) -> dict[str, Any]:
+async def rotate_key(
+    storage: StorageBackend, key_id: int, *, source: str = "cli"
+) -> tuple[str, KeyRecord, KeyRecord] | None:
+    """Revoke active key ``key_id`` and create its successor with the same service, role,
+    aliases and rate limit, in one transaction; return the new secret (shown once), the revoked
+    record and the new one, or None if there is no active key with that id."""
+    secret = generate_key()
+    rotated = await storage.rotate_key(
+        key_id, key_hash=hash_key(secret), key_prefix=key_prefix(secret), source=source
+    )
+    if rotated is None:
+        return None
+    return secret, *rotated
+
+
+async def reconcile_env(storage: StorageBackend, settings: Settings) -> dict[str, Any]:
     """Make the env-sourced keys match ``METRICS_API_KEY_*`` and ``METRICS_ADMIN_API_KEY``."""
     wanted: dict[tuple[str, str | None], tuple[str, str]] = {
         ("ingest", service): (hash_key(key), key_prefix(key))
@@ -131,7 +148,7 @@ def reconcile_env(conn: sqlite3.Connection, settings: Settings) -> dict[str, Any
             hash_key(settings.admin_api_key),
             key_prefix(settings.admin_api_key),
         )
-    counts = storage.reconcile_env_keys(conn, wanted)
+    counts = await storage.reconcile_env_keys(wanted)
     for role, service in counts["refused"]:
         log.warning(
             "%s holds a key that was revoked; it stays revoked (a revoked key is never made "
@@ -164,16 +181,16 @@ class KeyTable:
     def __len__(self) -> int:
         return len(self._by_hash)
 
-    def _principal(self, r: storage.KeyRecord) -> Principal:
+    def _principal(self, r: KeyRecord) -> Principal:
         services: frozenset[str] = frozenset()
         if r.service is not None:
             services = frozenset((r.service, *r.aliases, *self._aliases.get(r.service, ())))
         return Principal(r.id, r.role, r.service, r.rate_limit_per_min, r.key_hash, services)
 
-    def replace(self, records: list[storage.KeyRecord]) -> None:
+    def replace(self, records: list[KeyRecord]) -> None:
         self._by_hash = {r.key_hash: self._principal(r) for r in records if r.revoked_at is None}
 
-    def add(self, record: storage.KeyRecord) -> None:
+    def add(self, record: KeyRecord) -> None:
         table = dict(self._by_hash)
         table[record.key_hash] = self._principal(record)
         self._by_hash = table

@@ -5,6 +5,7 @@
                                 [--role ingest|admin|viewer]
     metrics-service keys list [--all] [--json]
     metrics-service keys revoke ID
+    metrics-service keys rotate ID
     metrics-service retention run [--dry-run]
     metrics-service db stats [--json]
     metrics-service db drop-reference
@@ -25,16 +26,18 @@ import errno
 import json
 import signal
 import socket
-import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from metrics_service import auth, storage
+from metrics_service import auth
 from metrics_service.analytics import report
 from metrics_service.errors import ConfigError, InvalidPayload, StorageError
 from metrics_service.settings import Settings, env_api_keys, load_settings
+from metrics_service.storage.backend import KeyRecord, StorageBackend, create_backend
+
+T = TypeVar("T")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     revoke = keys.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("id", type=int)
+    rotate = keys.add_parser(
+        "rotate",
+        help="replace a key by a new one (same service, role, aliases, rate limit) and revoke it",
+    )
+    rotate.add_argument("id", type=int)
 
     retention = sub.add_parser("retention", help="data retention").add_subparsers(
         dest="retention_command", required=True
@@ -99,16 +107,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open(settings: Settings) -> sqlite3.Connection:
-    from metrics_service.ingest import import_reference_rows
+def _with_storage(settings: Settings, fn: Callable[[StorageBackend], Awaitable[T]]) -> T:
+    """Open the database (migrating it, finishing a pending import) and run ``fn`` on it."""
 
-    conn, _ = storage.open_database(
-        settings.db_path,
-        synchronous=settings.sqlite_synchronous.value,
-        busy_timeout_ms=settings.sqlite_busy_timeout_ms,
-    )
-    import_reference_rows(conn, settings)
-    return conn
+    async def run() -> T:
+        storage = create_backend(settings)
+        try:
+            await storage.open()
+            return await fn(storage)
+        finally:
+            await storage.close()
+
+    return asyncio.run(run())
 
 
 def _time(ms: int | None) -> str:
@@ -125,120 +135,127 @@ def _table(rows: list[list[str]]) -> str:
     )
 
 
+def _created(record: KeyRecord, secret: str, verb: str = "Created") -> None:
+    also = f", also as {', '.join(record.aliases)}" if record.aliases else ""
+    print(
+        f"{verb} key {record.id} "
+        f"({record.role}{', service ' + record.service if record.service else ''}{also})."
+    )
+    print("It is shown only this once; only its hash is stored:\n")
+    print(f"    {secret}\n")
+
+
 def _keys(args: argparse.Namespace, settings: Settings) -> int:
-    conn = _open(settings)
-    try:
-        if args.keys_command == "create":
-            if args.role == "ingest" and not args.service:
-                print("error: an ingest key needs --service NAME", file=sys.stderr)
-                return 2
-            try:
-                secret, record = auth.create_key(
-                    conn,
-                    service=args.service,
-                    role=args.role,
-                    rate_limit_per_min=args.rate_limit,
-                    source="cli",
-                    description=args.description,
-                    aliases=tuple(args.alias),
-                )
-            except ValueError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
-            also = f", also as {', '.join(record.aliases)}" if record.aliases else ""
-            print(
-                f"Created key {record.id} "
-                f"({record.role}{', service ' + record.service if record.service else ''}{also})."
+    if args.keys_command == "create" and args.role == "ingest" and not args.service:
+        print("error: an ingest key needs --service NAME", file=sys.stderr)
+        return 2
+    return _with_storage(settings, lambda storage: _keys_command(args, settings, storage))
+
+
+async def _keys_command(
+    args: argparse.Namespace, settings: Settings, storage: StorageBackend
+) -> int:
+    if args.keys_command == "create":
+        try:
+            secret, record = await auth.create_key(
+                storage,
+                service=args.service,
+                role=args.role,
+                rate_limit_per_min=args.rate_limit,
+                source="cli",
+                description=args.description,
+                aliases=tuple(args.alias),
             )
-            print("It is shown only this once; only its hash is stored:\n")
-            print(f"    {secret}\n")
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        _created(record, secret)
+        return 0
+    if args.keys_command == "list":
+        records = await storage.list_keys(active_only=not args.all)
+        if args.json:
+            print(json.dumps([r.public() for r in records], indent=2))
             return 0
-        if args.keys_command == "list":
-            records = storage.list_keys(conn, active_only=not args.all)
-            if args.json:
-                print(json.dumps([r.public() for r in records], indent=2))
-                return 0
-            rows = [["ID", "ROLE", "SERVICE", "PREFIX", "RATE/MIN", "SOURCE", "CREATED", "REVOKED"]]
-            rows += [
-                [
-                    str(r.id),
-                    r.role,
-                    (r.service or "-") + (f" (+{','.join(r.aliases)})" if r.aliases else ""),
-                    r.key_prefix + "…",
-                    str(r.rate_limit_per_min or f"{settings.rate_limit_per_min} (default)"),
-                    r.source,
-                    _time(r.created_at),
-                    _time(r.revoked_at),
-                ]
-                for r in records
+        rows = [["ID", "ROLE", "SERVICE", "PREFIX", "RATE/MIN", "SOURCE", "CREATED", "REVOKED"]]
+        rows += [
+            [
+                str(r.id),
+                r.role,
+                (r.service or "-") + (f" (+{','.join(r.aliases)})" if r.aliases else ""),
+                r.key_prefix + "…",
+                str(r.rate_limit_per_min or f"{settings.rate_limit_per_min} (default)"),
+                r.source,
+                _time(r.created_at),
+                _time(r.revoked_at),
             ]
-            print(_table(rows))
-            return 0
-        revoked = storage.revoke_key(conn, args.id)
-        if revoked is None:
-            print(f"error: no key with id {args.id}", file=sys.stderr)
+            for r in records
+        ]
+        print(_table(rows))
+        return 0
+    if args.keys_command == "rotate":
+        rotated = await auth.rotate_key(storage, args.id, source="cli")
+        if rotated is None:
+            print(f"error: no active key with id {args.id}", file=sys.stderr)
             return 1
+        secret, old, new = rotated
+        _created(new, secret, f"Key {old.id} revoked and replaced by")
         print(
-            f"Key {revoked.id} revoked; a running service refuses it within "
-            f"{settings.key_reload_interval_s:g} s."
+            f"A running service refuses key {old.id} within {settings.key_reload_interval_s:g} s."
         )
         return 0
-    finally:
-        conn.close()
+    revoked = await storage.revoke_key(args.id)
+    if revoked is None:
+        print(f"error: no key with id {args.id}", file=sys.stderr)
+        return 1
+    print(
+        f"Key {revoked.id} revoked; a running service refuses it within "
+        f"{settings.key_reload_interval_s:g} s."
+    )
+    return 0
 
 
 async def _retention(settings: Settings, dry_run: bool) -> list[dict[str, Any]]:
-    from metrics_service.ingest import DbThread
     from metrics_service.retention import run_once
 
-    writer = DbThread(settings, name="writer")
-    await writer.open()
+    storage = create_backend(settings)
     try:
-        return [r.as_dict() for r in await run_once(writer, settings, dry_run=dry_run)]
+        await storage.open()
+        return [r.as_dict() for r in await run_once(storage, settings, dry_run=dry_run)]
     finally:
-        await writer.close()
+        await storage.close()
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
-    conn = _open(settings)
     try:
-        text = report.render(report.build(conn, args), args.format)
+        text = report.render(
+            _with_storage(settings, lambda storage: report.build(storage, args)), args.format
+        )
     except InvalidPayload as exc:
         for d in exc.details:
             print(f"error: --{d['field']}: {d['message']} ({d['rule']})", file=sys.stderr)
         return 2
-    finally:
-        conn.close()
     print(text, end="" if args.format == "csv" else "\n")
     return 0
 
 
 def _drop_reference(settings: Settings) -> int:
-    from metrics_service.storage import reference
-
-    conn = _open(settings)
     try:
-        dropped = reference.drop_tables(conn)
-    except RuntimeError as exc:
+        dropped = _with_storage(settings, lambda storage: storage.drop_reference())
+    except StorageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        conn.close()
     print(f"dropped {', '.join(dropped)}" if dropped else "no reference_* tables")
     return 0
 
 
-def _reference_sql(settings: Settings, state: str) -> int:
-    from metrics_service.storage import reference
+#: The raw tables that get the reference's text timestamp column (``db reference-sql``).
+REFERENCE_SQL_TABLES = ("auth_metrics", "tool_metrics", "discovery_metrics")
 
-    conn = _open(settings)
-    try:
-        if state != "status":
-            reference.set_sql_columns(conn, state == "on")
-        on = reference.sql_columns_enabled(conn)
-    finally:
-        conn.close()
-    tables = ", ".join(reference.SQL_COLUMN_TABLES)
+
+def _reference_sql(settings: Settings, state: str) -> int:
+    enabled = None if state == "status" else state == "on"
+    on = _with_storage(settings, lambda storage: storage.reference_sql(enabled))
+    tables = ", ".join(REFERENCE_SQL_TABLES)
     print(f"the timestamp column of {tables} is {'on' if on else 'off'}")
     return 0
 
@@ -246,13 +263,16 @@ def _reference_sql(settings: Settings, state: str) -> int:
 def _first_run_key(settings: Settings, service: str) -> None:
     if env_api_keys():
         return
-    conn = _open(settings)
-    try:
-        if storage.list_keys(conn):
-            return
-        secret, _ = auth.create_key(conn, service=service, source="first-run")
-    finally:
-        conn.close()
+
+    async def create(storage: StorageBackend) -> str | None:
+        if await storage.list_keys():
+            return None
+        secret, _ = await auth.create_key(storage, service=service, source="first-run")
+        return secret
+
+    secret = _with_storage(settings, create)
+    if secret is None:
+        return
     line = "=" * 72
     print(
         f"{line}\nFirst run: created an ingest key for service {service!r}.\n"
@@ -366,8 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _drop_reference(settings)
         if args.db_command == "reference-sql":
             return _reference_sql(settings, args.state)
-        stats = storage.stats(conn := _open(settings), settings.db_path)
-        conn.close()
+        stats = _with_storage(settings, lambda storage: storage.stats())
         if args.json:
             print(json.dumps(stats, indent=2))
         else:

@@ -1,8 +1,8 @@
 """``Idempotency-Key`` on ``POST /metrics``: a batch retried with the same key is stored once.
 
 The key is scoped to the caller's service. It is claimed in the same transaction as the batch's
-rows (``storage.insert_rows``), together with a fingerprint of the body and the answer the first
-attempt got, so a replay after a lost response gets that answer again (with
+rows (``StorageBackend.insert_batches``), together with a fingerprint of the body and the answer
+the first attempt got, so a replay after a lost response gets that answer again (with
 ``Idempotent-Replayed: true``) and stores nothing, across restarts and across processes sharing
 the database. Within one process a replay that arrives while the first attempt is still
 committing waits for it (the in-flight map below); between processes the primary key of
@@ -17,13 +17,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import sqlite3
-import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from metrics_service.errors import ApiError, BadRequest, StorageError
+from metrics_service.errors import ApiError, BadRequest
 
 HEADER = "Idempotency-Key"
 REPLAY_HEADER = "Idempotent-Replayed"
@@ -110,59 +108,6 @@ class Claim:
     existing: Stored | None = None
     submitted: bool = False
     settle: Callable[[BaseException | None], None] = field(default=lambda error: None)
-
-
-# -- storage (run on the writer or reader thread) ------------------------------------------
-
-_CLAIM_SQL = (
-    "INSERT INTO idempotency_keys (service, key, fingerprint, status, response, committed_at)"
-    " VALUES (?, ?, ?, ?, ?, ?)"
-    " ON CONFLICT (service, key) DO UPDATE SET fingerprint = excluded.fingerprint,"
-    " status = excluded.status, response = excluded.response,"
-    " committed_at = excluded.committed_at"
-    " WHERE idempotency_keys.committed_at < ?"
-)
-_LOOKUP_SQL = (
-    "SELECT fingerprint, status, response FROM idempotency_keys"
-    " WHERE service = ? AND key = ? AND committed_at >= ?"
-)
-
-
-def claim(conn: sqlite3.Connection, claims: Iterable[Claim]) -> None:
-    """Claim each key inside the caller's transaction; a key still live elsewhere sets
-    ``existing``. An expired key is taken over."""
-    now = int(time.time() * 1000)
-    for c in claims:
-        cutoff = now - int(c.window_s * 1000)
-        cursor = conn.execute(
-            _CLAIM_SQL, (c.service, c.key, c.fingerprint, c.status, c.response, now, cutoff)
-        )
-        if cursor.rowcount == 0:
-            c.existing = lookup(conn, c.service, c.key, c.window_s, cutoff)
-
-
-def lookup(
-    conn: sqlite3.Connection, service: str, key: str, window_s: float, cutoff: int | None = None
-) -> Stored | None:
-    """The committed record of ``key`` if it is within the window."""
-    if cutoff is None:
-        cutoff = int((time.time() - window_s) * 1000)
-    row = conn.execute(_LOOKUP_SQL, (service, key, cutoff)).fetchone()
-    return None if row is None else Stored(row[0], int(row[1]), bytes(row[2]))
-
-
-def delete_expired_chunk(conn: sqlite3.Connection, before_ms: int, limit: int) -> int:
-    """Forget up to ``limit`` keys committed before ``before_ms`` (unix ms)."""
-    cutoff = before_ms
-    try:
-        cursor = conn.execute(
-            "DELETE FROM idempotency_keys WHERE rowid IN (SELECT rowid FROM idempotency_keys"
-            " WHERE committed_at < ? LIMIT ?)",
-            (cutoff, limit),
-        )
-    except sqlite3.Error as exc:
-        raise StorageError(f"forgetting expired idempotency keys failed: {exc}") from exc
-    return int(cursor.rowcount)
 
 
 # -- the request side (event loop) ---------------------------------------------------------

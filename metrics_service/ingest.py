@@ -1,8 +1,9 @@
-"""The write queue: group commit of accepted metrics into SQLite.
+"""The write queue: group commit of accepted metrics into the database.
 
 Requests put their validated rows on a bounded in-memory queue; one writer task takes everything
-queued (up to ``METRICS_COMMIT_MAX_ROWS``) and commits it in one transaction on the writer thread,
-the only connection that writes. While one commit runs the next batch forms, so concurrent
+queued (up to ``METRICS_COMMIT_MAX_ROWS``) and commits it in one transaction
+(``StorageBackend.insert_batches``; on SQLite, on the writer thread, the only connection that
+writes). While one commit runs the next batch forms, so concurrent
 requests share commits and durability costs little throughput.
 
 - ``durable`` acknowledgement (default): ``submit`` returns once the rows are committed. A failed
@@ -21,22 +22,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING
 
-from metrics_service import storage
 from metrics_service.errors import StorageError, Unavailable
 from metrics_service.idempotency import Claim
 from metrics_service.settings import AckMode, Settings
 from metrics_service.validation import Batch
 
+if TYPE_CHECKING:
+    from metrics_service.storage.backend import StorageBackend
+
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 #: Called on the event loop after each successful commit with the committed batches.
 CommitListener = Callable[[Sequence[Batch], int, float], None]
@@ -50,94 +50,9 @@ class _Entry:
     claim: Claim | None = None
 
 
-def import_reference_rows(conn: sqlite3.Connection, settings: Settings) -> None:
-    """Finish importing an adopted MCP Gateway Registry database, if there is one."""
-    from metrics_service.storage import reference
-    from metrics_service.validation import Validator
-
-    try:
-        reference.import_rows(conn, Validator(settings))
-    except sqlite3.Error as exc:
-        raise StorageError(f"cannot import the reference database's rows: {exc}") from exc
-
-
-class DbThread:
-    """One SQLite connection on its own thread; ``run`` executes a function of it there.
-
-    The service has two: the writer (the only connection that writes, migrations included) and
-    a reader for admin queries, so that a long count never delays a commit.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        name: str,
-        readonly: bool = False,
-        migrate: bool = True,
-        busy_timeout_ms: int | None = None,
-    ) -> None:
-        self._settings = settings
-        self._readonly = readonly
-        self._migrate = migrate and not readonly
-        self._busy_timeout_ms = (
-            settings.sqlite_busy_timeout_ms if busy_timeout_ms is None else busy_timeout_ms
-        )
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{name}")
-        self._conn: sqlite3.Connection | None = None
-        self._closed = False
-        self.applied_migrations: list[int] = []
-
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` on this connection's thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn)
-
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._conn is None:
-            raise StorageError("the database is closed")
-        return fn(self._conn)
-
-    def _open(self) -> None:
-        synchronous = self._settings.sqlite_synchronous.value
-        busy_timeout_ms = self._busy_timeout_ms
-        if self._migrate:
-            self._conn, self.applied_migrations = storage.open_database(
-                self._settings.db_path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
-            )
-            import_reference_rows(self._conn, self._settings)
-        else:
-            self._conn = storage.connect(
-                self._settings.db_path, synchronous=synchronous, busy_timeout_ms=busy_timeout_ms
-            )
-            if self._readonly:
-                self._conn.execute("PRAGMA query_only = ON")
-
-    async def open(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._open)
-
-    def _close(self) -> None:
-        if self._conn is not None:
-            if self._migrate:  # the writer
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            self._conn.close()
-            self._conn = None
-
-    async def close(self) -> None:
-        """Close the connection and end the thread (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._close)
-        self._executor.shutdown(wait=True)
-
-
 class WriteQueue:
-    def __init__(self, writer: DbThread, settings: Settings) -> None:
-        self._writer = writer
+    def __init__(self, storage: StorageBackend, settings: Settings) -> None:
+        self._storage = storage
         self._settings = settings
         self._durable = settings.ack_mode is AckMode.durable
         self._pending: deque[_Entry] = deque()
@@ -225,7 +140,7 @@ class WriteQueue:
         while True:
             started = time.perf_counter()
             try:
-                await self._writer.run(lambda conn: storage.insert_rows(conn, parts, claims))
+                await self._storage.insert_batches(parts, claims)
             except Exception as exc:
                 # Any failure, not only the database's: in buffered mode these rows were
                 # acknowledged, so they are retried until stored (or the process exits).

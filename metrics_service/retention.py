@@ -1,24 +1,22 @@
 """Retention: delete metrics older than each table's policy, by event time, in bounded chunks.
 
-Each chunk is one short transaction on the writer thread, queued behind (and in front of) ingest
-commits, so a large backlog never blocks ingest for longer than one chunk.
+Each chunk is one short transaction (``StorageBackend.delete_expired``; on SQLite, on the writer
+thread, queued behind and in front of ingest commits), so a large backlog never blocks ingest
+for longer than one chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from metrics_service import idempotency, storage
-from metrics_service.ingest import DbThread
 from metrics_service.settings import Settings
 from metrics_service.storage import rollups
+from metrics_service.storage.backend import StorageBackend, cutoff_ms
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +46,21 @@ def pause_after(chunk_s: float, share: float) -> float:
 
 
 async def _delete_expired(
-    writer: DbThread,
     settings: Settings,
     table: str,
-    cutoff_ms: int,
-    delete_chunk: Callable[[sqlite3.Connection, str, int, int], int],
+    cutoff: int,
+    delete_chunk: Callable[[str, int, int], Awaitable[int]],
     on_deleted: Callable[[str, int], None] | None,
 ) -> int:
-    """Delete ``table``'s rows older than ``cutoff_ms`` by
-    ``delete_chunk(conn, table, cutoff_ms, limit)``, one short transaction per
-    chunk; after each full chunk (a backlog) pause so that deleting leaves the writer to ingest for
-    most of the time (``METRICS_RETENTION_MAX_SHARE``; README, performance)."""
+    """Delete ``table``'s rows older than ``cutoff`` by ``delete_chunk(table, cutoff, limit)``,
+    one short transaction per chunk; after each full chunk (a backlog) pause so that deleting
+    leaves the writer to ingest for most of the time (``METRICS_RETENTION_MAX_SHARE``; README,
+    performance)."""
     limit = settings.retention_chunk_rows
     deleted = 0
     while True:
         started = time.perf_counter()
-        chunk = await writer.run(lambda c: delete_chunk(c, table, cutoff_ms, limit))
+        chunk = await delete_chunk(table, cutoff, limit)
         deleted += chunk
         if on_deleted is not None and chunk:
             on_deleted(table, chunk)
@@ -75,39 +72,30 @@ async def _delete_expired(
 
 
 async def run_once(
-    writer: DbThread,
+    storage: StorageBackend,
     settings: Settings,
     *,
     dry_run: bool = False,
     tables: list[str] | None = None,
     on_deleted: Callable[[str, int], None] | None = None,
 ) -> list[TableResult]:
-    policies = await writer.run(lambda c: storage.retention_policies(c, settings.retention_days))
+    policies = await storage.retention_policies(settings.retention_days)
     results = []
     now = time.time()
     for policy in policies:
         if tables is not None and policy.table not in tables:
             continue
-        cutoff = storage.cutoff_ms(policy.retention_days, now)
+        cutoff = cutoff_ms(policy.retention_days, now)
         table = policy.table
         if dry_run or not policy.enabled:
-            rows = await writer.run(
-                functools.partial(storage.count_expired, table=table, before_ms=cutoff)
-            )
+            rows = await storage.count_expired(table, cutoff)
             results.append(
                 TableResult(
                     table, policy.retention_days, cutoff, rows if dry_run else 0, policy.enabled
                 )
             )
             continue
-        deleted = await _delete_expired(
-            writer,
-            settings,
-            table,
-            cutoff,
-            storage.delete_expired_chunk,
-            on_deleted,
-        )
+        deleted = await _delete_expired(settings, table, cutoff, storage.delete_expired, on_deleted)
         if deleted:
             log.info(
                 "retention deleted %d rows from %s older than %d days",
@@ -117,22 +105,21 @@ async def run_once(
             )
         results.append(TableResult(table, policy.retention_days, cutoff, deleted, True))
     if tables is None:
-        results += await _rollups(writer, settings, now, dry_run, on_deleted)
+        results += await _rollups(storage, settings, now, dry_run, on_deleted)
         if not dry_run:
-            await _forget_idempotency_keys(writer, settings)
+            await _forget_idempotency_keys(storage, settings)
     return results
 
 
-async def _forget_idempotency_keys(writer: DbThread, settings: Settings) -> None:
+async def _forget_idempotency_keys(storage: StorageBackend, settings: Settings) -> None:
     """Upkeep, not retention: keys past ``METRICS_IDEMPOTENCY_WINDOW_S`` are no longer looked at;
     delete them so that the table stays as small as one window of batches."""
     window = settings.idempotency_window_s
     forgotten = await _delete_expired(
-        writer,
         settings,
         "idempotency_keys",
         int((time.time() - window) * 1000),
-        lambda c, _table, before, n: idempotency.delete_expired_chunk(c, before, n),
+        lambda _table, before, n: storage.forget_idempotency_keys(before, n),
         None,
     )
     if forgotten:
@@ -140,7 +127,7 @@ async def _forget_idempotency_keys(writer: DbThread, settings: Settings) -> None
 
 
 async def _rollups(
-    writer: DbThread,
+    storage: StorageBackend,
     settings: Settings,
     now: float,
     dry_run: bool,
@@ -148,24 +135,17 @@ async def _rollups(
 ) -> list[TableResult]:
     """Compact complete days into the day rollups, then delete rollups past their own retention."""
     if not dry_run:
-        await writer.run(lambda c: rollups.compact(c, int(now * 1000)))
+        await storage.compact_rollups(int(now * 1000))
     days = settings.rollup_retention_days
     # Whole days, so that the hour and day tables always cover the same history.
-    cutoff = storage.cutoff_ms(days, now) // rollups.DAY_MS * rollups.DAY_MS
+    cutoff = cutoff_ms(days, now) // rollups.DAY_MS * rollups.DAY_MS
     results = []
     for table in rollups.TABLES:
         if dry_run:
-            rows = await writer.run(
-                functools.partial(rollups.count_expired, table=table, before_ms=cutoff)
-            )
+            rows = await storage.count_expired(table, cutoff)
         else:
             rows = await _delete_expired(
-                writer,
-                settings,
-                table,
-                cutoff,
-                rollups.delete_expired_chunk,
-                on_deleted,
+                settings, table, cutoff, storage.delete_expired, on_deleted
             )
             if rows:
                 log.info("retention deleted %d rows from %s older than %d days", rows, table, days)
@@ -178,11 +158,11 @@ class RetentionLoop:
 
     def __init__(
         self,
-        writer: DbThread,
+        storage: StorageBackend,
         settings: Settings,
         on_deleted: Callable[[str, int], None] | None = None,
     ) -> None:
-        self._writer = writer
+        self._storage = storage
         self._settings = settings
         self._on_deleted = on_deleted
         self._stop = asyncio.Event()
@@ -195,7 +175,7 @@ class RetentionLoop:
     async def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                await run_once(self._writer, self._settings, on_deleted=self._on_deleted)
+                await run_once(self._storage, self._settings, on_deleted=self._on_deleted)
             except Exception:
                 log.exception("retention run failed; trying again next interval")
             self.finished_runs += 1

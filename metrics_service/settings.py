@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     max_future_skew_s: float = _env("METRICS_MAX_FUTURE_SKEW_S", 300.0, ge=0)
 
     # Storage and the write path
+    # Unset: SQLite at SQLITE_DB_PATH; sqlite:///path; postgresql://... (docs/storage.md).
+    database_url: str | None = _env("METRICS_DATABASE_URL", None, repr=False)
     db_path: Path = _env("SQLITE_DB_PATH", Path("data/metrics.db"))
     sqlite_synchronous: Synchronous = _env("METRICS_SQLITE_SYNCHRONOUS", Synchronous.full)
     sqlite_busy_timeout_ms: int = _env("METRICS_SQLITE_BUSY_TIMEOUT_MS", 5000, ge=0)
@@ -192,6 +194,18 @@ class Settings(BaseSettings):
             if part.strip()
         )
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        from metrics_service.storage.backend import parse_database_url
+
+        try:
+            parse_database_url(value)
+        except ConfigError as exc:
+            # The message without the variable's name (load_settings adds it) and redacted.
+            raise ValueError(str(exc).split(": ", 1)[1]) from None
+        return value or None
+
     @field_validator("otlp_endpoint", "otlp_metrics_endpoint")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
@@ -239,6 +253,9 @@ def load_settings(**overrides: Any) -> Settings:
         for err in exc.errors():
             loc = str(err["loc"][0]) if err["loc"] else "?"
             var = names.get(loc, loc.upper())
+            if loc == "database_url":  # the message shows it redacted; never the password
+                problems.append(f"{var}: {err['msg']}")
+                continue
             problems.append(f"{var}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 

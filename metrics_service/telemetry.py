@@ -63,7 +63,7 @@ from prometheus_client.registry import Collector
 from metrics_service import __version__, storage
 from metrics_service.auth import FAILURE_REASONS
 from metrics_service.settings import BoolLabels, OtlpProtocol, Settings
-from metrics_service.storage import rollups
+from metrics_service.storage import rollups, schema
 from metrics_service.validation import DIMENSIONS, REJECTION_RULES, Batch
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,9 @@ BATCH_BUCKETS = (1, 10, 100, 1000, 5000, 10000, 50000)
 #: The attribute of the overflow series (OpenTelemetry SDK, "cardinality limits").
 OVERFLOW = {"otel.metric.overflow": True}
 
-# Column positions of the typed dimensions in the rows built by ``validation``.
-_COL = {
-    kind: {name: 7 + i for i, (name, _) in enumerate(spec)} for kind, spec in DIMENSIONS.items()
-}
+# Column positions in the rows built by ``validation`` (the column registry, storage/schema.py).
+_COL = {kind: schema.row_positions(kind) for kind in DIMENSIONS}
+_VALUE = schema.VALUE
 _SUCCESS = {1: "true", 0: "false", None: "unknown"}
 #: ``METRICS_OTEL_BOOL_LABELS=capitalized``: what dashboards built on the pinned reference expect.
 _SUCCESS_CAPITALIZED = {1: "True", 0: "False", None: "unknown"}
@@ -717,7 +716,7 @@ def _auth(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> N
         rows, 2, c["server"], c["method"], c["success"]
     ).items():
         key = (*_labels(text), t.success_labels[success])
-        totals.add(key, sum(r[5] for r in group))
+        totals.add(key, sum(r[_VALUE] for r in group))
         if values := _seconds(group, 6):
             durations.add_all(key, values)
 
@@ -736,7 +735,7 @@ def _tool(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> N
     outputs = hist("mcp_tool_output_size_bytes")
     for (*text, success), group in _by_label(rows, *columns).items():
         key = (*_labels(text), t.success_labels[success])
-        totals.add(key, sum(r[5] for r in group))
+        totals.add(key, sum(r[_VALUE] for r in group))
         if values := _seconds(group, 6):
             durations.add_all(key, values)
         if sizes := _present(group, i_in):
@@ -753,7 +752,7 @@ def _discovery(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram])
     totals = t.totals["mcp_tool_discovery"]
     for service, group in _by_label(rows, 2).items():
         key = (service,)
-        totals.add(key, sum(r[5] for r in group))
+        totals.add(key, sum(r[_VALUE] for r in group))
         for name, values in (
             ("mcp_tool_discovery_duration_seconds", _seconds(group, 6)),
             ("mcp_tool_discovery_embedding_duration_seconds", _seconds(group, i_embed)),

@@ -20,6 +20,7 @@ from msgspec import Meta, Struct
 
 from metrics_service.errors import BadRequest, InvalidPayload
 from metrics_service.settings import Settings, valid_service_name
+from metrics_service.storage import schema
 
 METRIC_TYPES = (
     "auth_request",
@@ -51,67 +52,9 @@ REJECTION_RULES = (
     "type",
 )
 
-#: dimension name -> kind, per metric type; these become typed columns, in this order.
-DIMENSIONS: dict[str, tuple[tuple[str, str], ...]] = {
-    "auth_request": (
-        ("success", "bool"),
-        ("method", "str"),
-        ("server", "str"),
-        ("user_hash", "str"),
-        ("error_code", "code"),
-    ),
-    "tool_execution": (
-        ("method", "str"),
-        ("tool_name", "str"),
-        ("server_name", "str"),
-        ("client_name", "str"),
-        ("client_version", "str"),
-        ("success", "bool"),
-        ("input_size_bytes", "count"),
-        ("output_size_bytes", "count"),
-        ("transport", "str"),
-        ("session_id", "str"),
-        ("server_path", "str"),
-        ("user_hash", "str"),
-        ("error_code", "code"),
-        # Migration 7: the OpenTelemetry MCP semantic conventions (mcp.protocol.version,
-        # error.type: a JSON-RPC error code, "tool_error" or an exception name).
-        ("protocol_version", "str"),
-        ("error_type", "str"),
-    ),
-    "tool_discovery": (
-        ("query", "str"),
-        ("results_count", "count_na"),
-        ("top_k", "count"),
-        ("top_n", "count"),
-        ("embedding_time_ms", "ms"),
-        ("search_time_ms", "ms"),
-    ),
-    "protocol_latency": (
-        ("flow_step", "str"),
-        ("server_name", "str"),
-        ("client_name", "str"),
-        ("session_id", "str"),
-    ),
-    # Operations on the registry's resources (the MCP Gateway Registry's middleware sends them).
-    "registry_operation": (
-        ("operation", "str"),
-        ("resource_type", "str"),
-        ("success", "bool"),
-        ("resource_id", "str"),
-        ("user_id", "str"),
-        ("error_code", "code"),
-    ),
-    # Health checks of MCP servers by the registry.
-    "health_check": (
-        ("endpoint", "str"),
-        ("status_code", "count"),
-        ("healthy", "bool"),
-        ("server_name", "str"),
-        ("error_code", "code"),
-    ),
-    "custom": (),
-}
+#: dimension name -> kind, per metric type; these become typed columns, in this order (the
+#: column registry, ``storage/schema.py``, is their one source).
+DIMENSIONS = schema.DIMENSIONS
 REQUIRED: dict[str, tuple[str, ...]] = {
     "auth_request": ("success",),
     "tool_execution": ("method", "success"),
@@ -122,15 +65,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "custom": (),
 }
 #: metadata keys that also get typed columns in ``tool_metrics``.
-METADATA_COLUMNS = (
-    ("agent_id", "str"),
-    ("tenant_id", "str"),
-    ("input_tokens", "count"),
-    ("output_tokens", "count"),
-    # Migration 7: the span a tool_execution row came from (hex, as in OTLP/JSON and W3C).
-    ("trace_id", "str"),
-    ("span_id", "str"),
-)
+METADATA_COLUMNS = schema.METADATA_COLUMNS
 
 #: Dimension names the MCP Gateway Registry's clients use for a typed column -> that column.
 DIMENSION_ALIASES: dict[str, dict[str, str]] = {

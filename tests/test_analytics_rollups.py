@@ -3,6 +3,7 @@ database, compacted into days without changing any answer, and kept past raw ret
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -14,7 +15,9 @@ from fastapi.testclient import TestClient
 
 from metrics_service import Settings, create_app, storage
 from metrics_service.analytics import queries
-from metrics_service.storage import migrations, rollups
+from metrics_service.storage import rollups
+from metrics_service.storage.sqlite import SyncReader, migrations
+from metrics_service.storage.sqlite import rollups as sqlite_rollups
 from metrics_service.validation import Validator
 from tests._analytics_seed import make_seed, post_seed, seed_rows
 from tests._helpers import ADMIN_KEY, INGEST_KEY
@@ -23,15 +26,24 @@ ADMIN = {"X-API-Key": ADMIN_KEY}
 VIEWS = [v for v in queries.VIEWS if v != "timeseries"]
 
 
+def run_view(conn: sqlite3.Connection, view: str, query: dict[str, str]) -> dict[str, Any]:
+    """A view answered from a plain connection (the service reads through aiosqlite)."""
+    conn.execute("BEGIN")
+    try:
+        return asyncio.run(queries.run(SyncReader(conn), view, query))
+    finally:
+        conn.execute("COMMIT")
+
+
 def answers(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     span = {"since": f"{now - 4 * 86_400:.3f}", "until": f"{now:.3f}"}
     out = {
-        view: queries.run(
+        view: run_view(
             conn, view, {**span, "limit": "1000"} if "limit" in queries.VIEWS[view][2] else span
         )
         for view in VIEWS
     }
-    out["timeseries"] = queries.run(conn, "timeseries", {**span, "resolution": "hour"})
+    out["timeseries"] = run_view(conn, "timeseries", {**span, "resolution": "hour"})
     for body in out.values():
         body.pop("source")  # where the numbers came from may differ; the numbers may not
     return out
@@ -74,7 +86,7 @@ def test_every_commit_keeps_hour_rollups_equal_to_aggregating_the_raw_rows(tmp_p
         table = cube.table("hour")
         kept = conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2, 3, 4, 5, 6").fetchall()
         conn.execute(f"DELETE FROM {table}")
-        conn.execute(rollups._from_raw_sql(cube, "hour", "1"))
+        conn.execute(sqlite_rollups._from_raw_sql(cube, "hour", "1"))
         rebuilt = conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2, 3, 4, 5, 6").fetchall()
         assert [tuple(map(_round, r)) for r in kept] == [tuple(map(_round, r)) for r in rebuilt], (
             table
@@ -129,12 +141,12 @@ def test_compaction_fills_days_and_changes_no_answer(tmp_path: Path) -> None:
     storage.insert_rows(conn, parts)
     assert conn.execute("SELECT count(*) FROM rollup_tools_day").fetchone() == (0,)
     before = answers(conn, now)
-    assert rollups.compact(conn, int(now * 1000)) == 7
-    assert rollups.day_watermark(conn) == int(now * 1000) // rollups.DAY_MS * rollups.DAY_MS
+    assert sqlite_rollups.compact(conn, int(now * 1000)) == 7
+    assert sqlite_rollups.day_watermark(conn) == int(now * 1000) // rollups.DAY_MS * rollups.DAY_MS
     assert conn.execute("SELECT count(*) FROM rollup_tools_day").fetchone()[0] > 0
     assert conn.execute("SELECT count(*) FROM rollup_users_day").fetchone()[0] > 0
     assert answers(conn, now) == before
-    assert rollups.compact(conn, int(now * 1000)) == 0
+    assert sqlite_rollups.compact(conn, int(now * 1000)) == 0
 
     # A late event for a compacted day goes to that day's rollup too.
     late = Validator(settings).decode(
@@ -216,7 +228,7 @@ def _tool_and_client(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     # An hour-unaligned start: the answer mixes day, hour and raw segments.
     span = {"since": f"{now - 3.7 * 86_400:.3f}", "until": f"{now:.3f}", "limit": "1000"}
     return {
-        f"{view}?{extra}": queries.run(conn, view, {**span, **extra})
+        f"{view}?{extra}": run_view(conn, view, {**span, **extra})
         for view, extra in TOOL_AND_CLIENT
     }
 
@@ -245,11 +257,11 @@ def _history(
         conn.execute("BEGIN IMMEDIATE")
         for part in parts:
             insert_as_old_schema(conn, part)
-        rollups.maintain(conn, parts)
+        sqlite_rollups.maintain(conn, parts)
         conn.execute("COMMIT")
     else:
         storage.insert_rows(conn, parts)
-    assert rollups.compact(conn, int(now * 1000)) == 7
+    assert sqlite_rollups.compact(conn, int(now * 1000)) == 7
 
 
 def test_tool_and_client_together_are_read_from_rollups_and_equal_the_raw_answer(
@@ -274,7 +286,7 @@ def test_tool_and_client_together_are_read_from_rollups_and_equal_the_raw_answer
     cursor = got["tools?{'client': 'cursor'}"]["rows"]
     assert (
         sum(r["calls"] for r in cursor)
-        == queries.run(
+        == run_view(
             conn,
             "clients",
             {"since": f"{now - 3.7 * 86_400:.3f}", "until": f"{now:.3f}", "client": "cursor"},

@@ -18,10 +18,16 @@ from metrics_service.errors import ConfigError
 from tests._helpers import INGEST_KEY, payload, wait_for
 
 DB_THREADS = ("sqlite-writer", "sqlite-reader", "sqlite-probe")
+#: aiosqlite's thread per connection (the reader and the probe) is named after its function.
+AIOSQLITE_THREAD = "_connection_worker_thread"
 
 
 def _db_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith(DB_THREADS)]
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t.name.startswith(DB_THREADS) or AIOSQLITE_THREAD in t.name
+    ]
 
 
 def _port_is_free(port: int) -> bool:
@@ -115,7 +121,7 @@ def test_ready_leaves_the_writer_free_while_another_process_holds_the_lock(
     settings = Settings(db_path=tmp_path / "m.db", sqlite_busy_timeout_ms=60_000)
     with TestClient(create_app(settings)) as c:
         state = c.app.state.metrics  # type: ignore[attr-defined]
-        writer = state.writer
+        writer = state.storage._writer  # the SQLite backend's writer thread
         # Retention's start-up run is the writer's own work: let it finish first.
         wait_for(lambda: state.retention.finished_runs >= 1)
         other = sqlite3.connect(settings.db_path, isolation_level=None)

@@ -21,8 +21,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from metrics_service import Settings, create_app, storage
+from metrics_service import Settings, create_app
 from metrics_service.settings import AckMode
+from metrics_service.storage.sqlite import database as sqlite_database
 from tests._acked import assert_all_acked_stored_once, tagged
 from tests._helpers import INGEST_KEY, ServiceProcess, custom, db_rows, payload, wait_for
 
@@ -206,7 +207,7 @@ def test_buffered_rows_are_retried_whatever_the_failure_until_stored(
     (here a RuntimeError, as a bug or an exhausted resource would raise) is retried, never
     dropped. Fault injection: the first three commits raise, then the real one runs."""
     monkeypatch.setenv("METRICS_API_KEY_SVC", INGEST_KEY)
-    real_insert = storage.insert_rows
+    real_insert = sqlite_database.insert_rows
     failures = {"left": 3}
 
     def flaky_insert(conn: sqlite3.Connection, parts: Any, claims: Any = ()) -> int:
@@ -215,7 +216,8 @@ def test_buffered_rows_are_retried_whatever_the_failure_until_stored(
             raise RuntimeError("injected failure")
         return real_insert(conn, parts, claims)
 
-    monkeypatch.setattr(storage, "insert_rows", flaky_insert)
+    # The SQLite backend commits through this module attribute.
+    monkeypatch.setattr(sqlite_database, "insert_rows", flaky_insert)
     settings = Settings(db_path=tmp_path / "m.db", ack_mode=AckMode.buffered, flush_interval_s=0.05)
     with TestClient(create_app(settings)) as c:
         state = c.app.state.metrics  # type: ignore[attr-defined]

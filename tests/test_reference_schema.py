@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from metrics_service import Settings, create_app
 from metrics_service.cli import main as cli
-from metrics_service.storage import migrations, reference
+from metrics_service.storage.sqlite import migrations, reference
 from tests import _reference as ref
 from tests._helpers import ADMIN_KEY, db_rows
 

@@ -11,7 +11,7 @@ import pytest
 
 from metrics_service import storage
 from metrics_service.errors import StorageError
-from metrics_service.storage import migrations
+from metrics_service.storage.sqlite import migrations
 from tests._helpers import INGEST_KEY, db_rows
 
 H = {"X-API-Key": INGEST_KEY}

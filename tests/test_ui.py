@@ -6,6 +6,7 @@ Screenshots are saved under the test's tmp_path."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
@@ -16,7 +17,7 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 import pytest
 
-from metrics_service import auth, storage
+from metrics_service import Settings, auth, storage
 from tests._analytics_seed import handshakes, make_seed
 from tests._helpers import INGEST_KEY, OTHER_KEY, ServiceProcess
 
@@ -172,10 +173,16 @@ READ_PAGE = """() => {
 
 
 def viewer_key(service: ServiceProcess) -> str:
-    conn, _ = storage.open_database(service.db_path)
-    key, _ = auth.create_key(conn, service=None, role="viewer", source="cli")
-    conn.close()
-    return key
+    async def create() -> str:
+        backend = storage.create_backend(Settings(db_path=service.db_path))
+        await backend.open()
+        try:
+            key, _ = await auth.create_key(backend, service=None, role="viewer", source="cli")
+        finally:
+            await backend.close()
+        return key
+
+    return asyncio.run(create())
 
 
 def post(service: ServiceProcess, metrics: list[dict[str, Any]], key: str = INGEST_KEY) -> None:

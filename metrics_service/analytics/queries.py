@@ -1,17 +1,16 @@
 """Analytics over the stored history: parameters, and one function per view.
 
-Every view is a plain function of a ``sqlite3.Connection`` and :class:`Params`, so that the HTTP
-routes, the ``report`` command and tests share them. Numbers come from the rollups
+Every view is an async function of a :class:`~metrics_service.storage.backend.Reader` (one
+snapshot of whichever backend) and :class:`Params`, so that the HTTP routes, the ``report``
+command and tests share them. Numbers come from the rollups
 (``storage.rollups``), exact over any range; percentiles are estimated from fixed latency buckets.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
-import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from metrics_service.errors import InvalidPayload
 from metrics_service.settings import valid_service_name
 from metrics_service.storage import rollups
+from metrics_service.storage.backend import Reader
 
 #: API filter name -> column, per metric family (a filter a family lacks is refused).
 FILTERS: dict[str, dict[str, str]] = {
@@ -190,21 +190,11 @@ def parse_params(
     return params
 
 
-@contextlib.contextmanager
-def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """One read transaction: every query of a view sees the same commits."""
-    conn.execute("BEGIN")
-    try:
-        yield conn
-    finally:
-        conn.execute("COMMIT")
-
-
 # -- aggregation helpers -----------------------------------------------------------------------
 
 
-def _grouped(
-    conn: sqlite3.Connection,
+async def _grouped(
+    reader: Reader,
     p: Params,
     kind: str,
     group: tuple[str, ...],
@@ -221,7 +211,7 @@ def _grouped(
         columns,
         series_ms,
     )
-    cube, out, source = rollups.aggregate(conn, query)
+    cube, out, source = await reader.aggregate(query)
     folded: dict[tuple[Any, ...], tuple[list[Any], float]] = {}
     for key, st in out.items():
         k = key[:-1] if has_success else key
@@ -301,15 +291,14 @@ def _value(v: Any) -> Any:
     return None if v == "" else v
 
 
-def _breakdown(
-    conn: sqlite3.Connection,
+async def _breakdown(
+    reader: Reader,
     p: Params,
     group: tuple[str, ...],
     names: tuple[str, ...],
     skip_empty: str | None = None,
 ) -> dict[str, Any]:
-    with snapshot(conn):
-        cube, folded, source = _grouped(conn, p, "tool_execution", group)
+    cube, folded, source = await _grouped(reader, p, "tool_execution", group)
     rows = []
     for key, (st, errors) in folded.items():
         labels = dict(zip(names, map(_value, key[1:]), strict=True))
@@ -334,12 +323,12 @@ def _no_calls() -> dict[str, Any]:
     }
 
 
-def _tool_calls(
-    conn: sqlite3.Connection, p: Params, series_ms: int | None = None
+async def _tool_calls(
+    reader: Reader, p: Params, series_ms: int | None = None
 ) -> tuple[rollups.Cube, dict[int, tuple[list[Any], float]]]:
     """States of the calls that name a tool (``tools/call``: the rows of the tools view), by time
     bucket; grouped by tool so that every filter is read from a rollup, as the tools view is."""
-    cube, folded, _ = _grouped(conn, p, "tool_execution", ("tool_name",), series_ms)
+    cube, folded, _ = await _grouped(reader, p, "tool_execution", ("tool_name",), series_ms)
     out: dict[int, tuple[list[Any], float]] = {}
     for (t, tool), (st, errors) in folded.items():
         if _value(tool) is None:
@@ -353,30 +342,29 @@ def _tool_calls(
     return cube, out
 
 
-def summary(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
+async def summary(reader: Reader, p: Params) -> dict[str, Any]:
     """Calls (every MCP method call), errors, latency percentiles, tokens, distinct clients, and
     authentications with distinct hashed users when the filters apply to them; tool_calls: the
     same for tools/call alone.
 
     ``tool_calls`` holds the calls that name a tool, the rows of the tools view."""
-    with snapshot(conn):
-        cube, folded, source = _grouped(conn, p, "tool_execution", ())
-        st, errors = folded.get((0,), (None, 0.0))
-        _, clients, _ = _grouped(conn, p, "tool_execution", ("client_name",))
-        tool_cube, tool_calls = _tool_calls(conn, p)
-        auth: dict[str, Any] | None = None
-        users: int | None = None
-        if set(p.filters) <= set(FILTERS["auth_request"]):
-            _, afolded, _ = _grouped(conn, p, "auth_request", ())
-            ast, afail = afolded.get((0,), (None, 0.0))
-            _, ufolded, _ = _grouped(conn, p, "auth_request", ("user_hash",))
-            users = sum(1 for k, (s, _) in ufolded.items() if k[1] != "" and s[1] > 0)
-            requests = ast[1] if ast else 0
-            auth = {
-                "requests": _num(requests),
-                "failures": _num(afail),
-                "success_rate": round(1 - afail / requests, 6) if requests else None,
-            }
+    cube, folded, source = await _grouped(reader, p, "tool_execution", ())
+    st, errors = folded.get((0,), (None, 0.0))
+    _, clients, _ = await _grouped(reader, p, "tool_execution", ("client_name",))
+    tool_cube, tool_calls = await _tool_calls(reader, p)
+    auth: dict[str, Any] | None = None
+    users: int | None = None
+    if set(p.filters) <= set(FILTERS["auth_request"]):
+        _, afolded, _ = await _grouped(reader, p, "auth_request", ())
+        ast, afail = afolded.get((0,), (None, 0.0))
+        _, ufolded, _ = await _grouped(reader, p, "auth_request", ("user_hash",))
+        users = sum(1 for k, (s, _) in ufolded.items() if k[1] != "" and s[1] > 0)
+        requests = ast[1] if ast else 0
+        auth = {
+            "requests": _num(requests),
+            "failures": _num(afail),
+            "success_rate": round(1 - afail / requests, 6) if requests else None,
+        }
     body = _calls(cube, st, errors) if st else _no_calls()
     tool_st, tool_errors = tool_calls.get(0, (None, 0.0))
     distinct = sum(1 for k, (s, _) in clients.items() if k[1] != "" and s[1] > 0)
@@ -391,40 +379,39 @@ def summary(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
     }
 
 
-def tools(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
+async def tools(reader: Reader, p: Params) -> dict[str, Any]:
     """``tools/call`` by tool (and its server and service)."""
-    return _breakdown(
-        conn, p, ("service", "server_name", "tool_name"), ("service", "server", "tool"), "tool"
+    return await _breakdown(
+        reader, p, ("service", "server_name", "tool_name"), ("service", "server", "tool"), "tool"
     )
 
 
-def clients(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
+async def clients(reader: Reader, p: Params) -> dict[str, Any]:
     """MCP method calls by client application (``by=client``) or by agent id (``by=agent``)."""
     if p.by == "agent":
-        return _breakdown(conn, p, ("agent_id",), ("agent",))
-    return _breakdown(conn, p, ("client_name",), ("client",))
+        return await _breakdown(reader, p, ("agent_id",), ("agent",))
+    return await _breakdown(reader, p, ("client_name",), ("client",))
 
 
-def services(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
+async def services(reader: Reader, p: Params) -> dict[str, Any]:
     """MCP method calls by reporting service (``by=service``) or by service and server
     (``by=server``)."""
     if p.by == "server":
-        return _breakdown(conn, p, ("service", "server_name"), ("service", "server"))
-    return _breakdown(conn, p, ("service",), ("service",))
+        return await _breakdown(reader, p, ("service", "server_name"), ("service", "server"))
+    return await _breakdown(reader, p, ("service",), ("service",))
 
 
-def tenants(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
+async def tenants(reader: Reader, p: Params) -> dict[str, Any]:
     """Calls and token counts by tenant (``by=tenant``), or by tenant and tool (``by=tool``):
     the export for billing and cost allocation."""
     if p.by == "tool":
-        return _breakdown(conn, p, ("tenant_id", "tool_name"), ("tenant", "tool"))
-    return _breakdown(conn, p, ("tenant_id",), ("tenant",))
+        return await _breakdown(reader, p, ("tenant_id", "tool_name"), ("tenant", "tool"))
+    return await _breakdown(reader, p, ("tenant_id",), ("tenant",))
 
 
-def users(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
+async def users(reader: Reader, p: Params) -> dict[str, Any]:
     """Authentications by hashed user."""
-    with snapshot(conn):
-        _, folded, source = _grouped(conn, p, "auth_request", ("user_hash",))
+    _, folded, source = await _grouped(reader, p, "auth_request", ("user_hash",))
     rows = []
     for key, (st, failures) in folded.items():
         if key[1] == "":
@@ -440,21 +427,19 @@ def users(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
     return _page(p, rows, source, ("user",))
 
 
-def auth(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
+async def auth(reader: Reader, p: Params) -> dict[str, Any]:
     """Authentication success by method, with latency."""
-    with snapshot(conn):
-        cube, folded, source = _grouped(conn, p, "auth_request", ("method",))
+    cube, folded, source = await _grouped(reader, p, "auth_request", ("method",))
     rows = [{"method": _value(k[1]), **_calls(cube, st, fail)} for k, (st, fail) in folded.items()]
     for row in rows:
         row["success_rate"] = None if row["error_rate"] is None else round(1 - row["error_rate"], 6)
     return _page(p, rows, source, ("method",))
 
 
-def discovery(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
+async def discovery(reader: Reader, p: Params) -> dict[str, Any]:
     """Tool discovery searches by service: results, and total latency split into embedding and
     index search."""
-    with snapshot(conn):
-        cube, folded, source = _grouped(conn, p, "tool_discovery", ("service",))
+    cube, folded, source = await _grouped(reader, p, "tool_discovery", ("service",))
     rows = []
     for key, (st, _) in folded.items():
         rows.append(
@@ -472,10 +457,9 @@ def discovery(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
     return _page(p, rows, source, ("service",))
 
 
-def protocol(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
+async def protocol(reader: Reader, p: Params) -> dict[str, Any]:
     """Protocol flow latency by step (``initialize->tools/list``, ...)."""
-    with snapshot(conn):
-        cube, folded, source = _grouped(conn, p, "protocol_latency", ("flow_step",))
+    cube, folded, source = await _grouped(reader, p, "protocol_latency", ("flow_step",))
     rows = [
         {"flow_step": _value(k[1]), "calls": _num(st[1]), "latency_ms": _latency(cube, st)}
         for k, (st, _) in folded.items()
@@ -483,13 +467,12 @@ def protocol(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
     return _page(p, rows, source, ("flow_step",))
 
 
-def registry(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
+async def registry(reader: Reader, p: Params) -> dict[str, Any]:
     """Registry operations (the MCP Gateway Registry's ``registry_operation``) by operation and
     resource type: calls, failures, latency."""
-    with snapshot(conn):
-        cube, folded, source = _grouped(
-            conn, p, "registry_operation", ("operation", "resource_type")
-        )
+    cube, folded, source = await _grouped(
+        reader, p, "registry_operation", ("operation", "resource_type")
+    )
     rows = [
         {"operation": _value(k[1]), "resource_type": _value(k[2]), **_calls(cube, st, fail)}
         for k, (st, fail) in folded.items()
@@ -497,19 +480,17 @@ def registry(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
     return _page(p, rows, source, ("operation", "resource_type"))
 
 
-def health(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
+async def health(reader: Reader, p: Params) -> dict[str, Any]:
     """Health checks by endpoint: checks, unhealthy ones (``errors``), latency."""
-    with snapshot(conn):
-        cube, out, source = rollups.aggregate(
-            conn,
-            rollups.Query(
-                "health_check",
-                p.since_ms,
-                p.until_ms,
-                ("endpoint", "healthy"),
-                p.columns("health_check"),
-            ),
-        )
+    cube, out, source = await reader.aggregate(
+        rollups.Query(
+            "health_check",
+            p.since_ms,
+            p.until_ms,
+            ("endpoint", "healthy"),
+            p.columns("health_check"),
+        ),
+    )
     folded: dict[Any, tuple[list[Any], float]] = {}
     for (_, endpoint, healthy), st in out.items():
         unhealthy = st[1] if healthy == 0 else 0.0
@@ -527,16 +508,15 @@ def health(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
     return _page(p, rows, source, ("endpoint",))
 
 
-def timeseries(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
+async def timeseries(reader: Reader, p: Params) -> dict[str, Any]:
     """Calls, errors and latency percentiles per minute, hour or day (``type`` picks the
     family; for tool executions each point also has ``tool_calls``, as in the summary); empty
     intervals are present with zero calls."""
     width = RESOLUTIONS[p.resolution]
     tool_calls: dict[int, tuple[list[Any], float]] | None = None
-    with snapshot(conn):
-        cube, folded, source = _grouped(conn, p, p.kind, (), width)
-        if p.kind == "tool_execution":
-            tool_cube, tool_calls = _tool_calls(conn, p, width)
+    cube, folded, source = await _grouped(reader, p, p.kind, (), width)
+    if p.kind == "tool_execution":
+        tool_cube, tool_calls = await _tool_calls(reader, p, width)
     points = []
     start = p.since_ms // width * width
     for t in range(start, p.until_ms, width):
@@ -574,10 +554,8 @@ def timeseries(conn: sqlite3.Connection, p: Params) -> dict[str, Any]:
 
 
 #: view -> (function, allowed ``by`` values, extra parameters)
-VIEWS: dict[
-    str,
-    tuple[Callable[[sqlite3.Connection, Params], dict[str, Any]], tuple[str, ...], tuple[str, ...]],
-] = {
+View = Callable[[Reader, Params], Awaitable[dict[str, Any]]]
+VIEWS: dict[str, tuple[View, tuple[str, ...], tuple[str, ...]]] = {
     "summary": (summary, ("",), ()),
     "tools": (tools, ("",), ("limit", "offset", "sort")),
     "clients": (clients, ("client", "agent"), ("limit", "offset", "sort")),
@@ -593,12 +571,14 @@ VIEWS: dict[
 }
 
 
-def run(
-    conn: sqlite3.Connection, view: str, query: Mapping[str, str], max_string_length: int = 256
+async def run(
+    reader: Reader, view: str, query: Mapping[str, str], max_string_length: int = 256
 ) -> dict[str, Any]:
-    """Parse ``query`` for ``view`` and answer it."""
+    """Parse ``query`` for ``view`` and answer it from ``reader`` (one snapshot:
+    ``StorageBackend.analytics``)."""
     fn, by, extra = VIEWS[view]
-    return fn(conn, parse_params(query, by=by, extra=extra, max_string_length=max_string_length))
+    params = parse_params(query, by=by, extra=extra, max_string_length=max_string_length)
+    return await fn(reader, params)
 
 
 def flatten(row: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import time
 from typing import Any
 
 from metrics_service.analytics import queries
 from metrics_service.analytics.routes import to_csv
+from metrics_service.storage.backend import Reader, StorageBackend
 
 
 def add_parser(sub: Any) -> None:
@@ -24,7 +24,7 @@ def add_parser(sub: Any) -> None:
     report.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
 
-def build(conn: sqlite3.Connection, args: argparse.Namespace) -> dict[str, Any]:
+async def build(storage: StorageBackend, args: argparse.Namespace) -> dict[str, Any]:
     """Raises ``InvalidPayload`` (field and rule) for a bad argument."""
     # Relative times count back from one instant, the same for every table.
     query = {
@@ -34,14 +34,18 @@ def build(conn: sqlite3.Connection, args: argparse.Namespace) -> dict[str, Any]:
     if args.service:
         query["service"] = args.service
     top = {**query, "limit": args.limit}
-    return {
-        "summary": queries.run(conn, "summary", query),
-        "tools": queries.run(conn, "tools", top)["rows"],
-        "clients": queries.run(conn, "clients", top)["rows"],
-        "errors": [
-            r for r in queries.run(conn, "tools", {**top, "sort": "errors"})["rows"] if r["errors"]
-        ],
-    }
+
+    async def views(reader: Reader) -> dict[str, Any]:
+        errors = (await queries.run(reader, "tools", {**top, "sort": "errors"}))["rows"]
+        return {
+            "summary": await queries.run(reader, "summary", query),
+            "tools": (await queries.run(reader, "tools", top))["rows"],
+            "clients": (await queries.run(reader, "clients", top))["rows"],
+            "errors": [r for r in errors if r["errors"]],
+        }
+
+    # One snapshot for the whole report.
+    return await storage.analytics(views)
 
 
 def _ms(value: float | None) -> str:

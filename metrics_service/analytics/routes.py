@@ -129,7 +129,7 @@ def _route(view: str) -> Any:
         params = queries.parse_params(
             query, by=by, extra=extra, max_string_length=app.settings.max_string_length
         )
-        body = await app.reader.run(lambda conn: fn(conn, params))
+        body = await app.storage.analytics(lambda reader: fn(reader, params))
         if fmt == "csv":
             return Response(
                 to_csv(csv_rows(view, body), CSV_COLUMNS.get((view, params.by), ())),

@@ -1,28 +1,27 @@
-"""SQLite storage: schema migrations, batched inserts, retention, keys."""
+"""Storage: the backend interface (``backend``), the column registry (``schema``), the rollup
+logic every backend shares (``rollups``), and the backends (``sqlite``; ``postgres``).
 
-from metrics_service.storage.database import (
-    INSERT_SQL,
-    TABLE_OF_TYPE,
-    TABLES,
+The service uses only :class:`StorageBackend` (``create_backend(settings)`` picks one from
+``METRICS_DATABASE_URL``). The SQLite functions re-exported here work on a plain connection,
+for tools, benchmarks and tests.
+"""
+
+from metrics_service.storage.backend import (
+    KeyRecord,
     Policy,
-    connect,
-    count_expired,
+    Reader,
+    StorageBackend,
+    create_backend,
     cutoff_ms,
-    delete_expired_chunk,
+)
+from metrics_service.storage.schema import TABLE_OF_TYPE, TABLES
+from metrics_service.storage.sqlite.database import (
+    INSERT_SQL,
+    connect,
     insert_rows,
     open_database,
-    retention_policies,
-    set_retention_policy,
-    stats,
 )
-from metrics_service.storage.keys import (
-    KeyRecord,
-    insert_key,
-    list_keys,
-    reconcile_env_keys,
-    revoke_key,
-)
-from metrics_service.storage.migrations import LATEST_VERSION
+from metrics_service.storage.sqlite.migrations import LATEST_VERSION
 
 __all__ = [
     "INSERT_SQL",
@@ -31,17 +30,11 @@ __all__ = [
     "TABLE_OF_TYPE",
     "KeyRecord",
     "Policy",
+    "Reader",
+    "StorageBackend",
     "connect",
-    "count_expired",
+    "create_backend",
     "cutoff_ms",
-    "delete_expired_chunk",
-    "insert_key",
     "insert_rows",
-    "list_keys",
     "open_database",
-    "reconcile_env_keys",
-    "retention_policies",
-    "revoke_key",
-    "set_retention_policy",
-    "stats",
 ]

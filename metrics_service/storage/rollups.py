@@ -1,5 +1,9 @@
 """Rollups: pre-aggregated history, kept up to date in the same transaction as each raw insert.
 
+This module is the shared logic of every backend (what is aggregated, how states merge, how a
+range is split, percentiles); the SQL is the backend's (``storage/sqlite/rollups.py``). Nothing
+here imports a database driver.
+
 Each *cube* groups one metric family by a few dimensions, per hour and per UTC day
 (``rollup_<cube>_hour``, ``rollup_<cube>_day``; WITHOUT ROWID, clustered by time bucket). A row
 holds the event count, the sum of ``value`` (calls), sums such as token counts, and for each
@@ -18,14 +22,12 @@ from __future__ import annotations
 
 import functools
 import math
-import sqlite3
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from metrics_service.storage.transaction import write_transaction
-from metrics_service.validation import DIMENSIONS, METADATA_COLUMNS
+from metrics_service.storage import schema
 
 # -- Frozen by schema migration 2: changing any of these needs a new migration. ----------------
 
@@ -74,20 +76,8 @@ _HIST_PREFIX = {"duration_ms": "lat", "embedding_time_ms": "emb", "search_time_m
 
 
 def row_positions(kind: str) -> dict[str, int]:
-    """Column name -> position in the rows ``validation`` builds (and ``INSERT_SQL`` inserts)."""
-    names = [
-        "ts",
-        "received_at",
-        "service",
-        "service_version",
-        "instance_id",
-        "value",
-        "duration_ms",
-    ]
-    names += [name for name, _ in DIMENSIONS[kind]]
-    if kind == "tool_execution":
-        names += [name for name, _ in METADATA_COLUMNS]
-    return {name: i for i, name in enumerate(names)}
+    """Column name -> position in the rows ``validation`` builds (the column registry)."""
+    return schema.row_positions(kind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,109 +188,32 @@ _V5_CUBES: tuple[Cube, ...] = (
 CUBES: tuple[Cube, ...] = _V2_CUBES + _V4_CUBES + _V5_CUBES
 
 TABLES = tuple(cube.table(level) for cube in CUBES for level in cube.levels)
-RAW_TABLE = {
-    "auth_request": "auth_metrics",
-    "tool_execution": "tool_metrics",
-    "tool_discovery": "discovery_metrics",
-    "protocol_latency": "protocol_latency_metrics",
-    "registry_operation": "registry_operation_metrics",
-    "health_check": "health_check_metrics",
-}
-_INT_DIMS = {"success", "healthy"}
-_MIN_MAX = ("_min", "_max")
+RAW_TABLE = {kind: schema.TABLE_OF_TYPE[kind] for kind in dict.fromkeys(c.kind for c in CUBES)}
+#: Integer dimensions; a missing one is stored as -1 (a missing text dimension as ''): primary
+#: keys hold no NULL.
+INT_DIMS = frozenset({"success", "healthy"})
+MIN_MAX = ("_min", "_max")
+
+
+def missing_value(dim: str) -> int | str:
+    """What a rollup key holds for an absent dimension ``dim``."""
+    return -1 if dim in INT_DIMS else ""
+
+
+def merge_function(column: str) -> str:
+    """The SQL aggregate that merges state ``column`` over rows: min, max or sum."""
+    return "min" if column.endswith("_min") else "max" if column.endswith("_max") else "sum"
+
+
+def sql_type(column: str) -> str:
+    """The logical type of a state column: ``real`` for calls, sums, minima and maxima, else
+    ``integer``; each backend spells it."""
+    return "real" if column == "calls" or column.endswith(("_sum", *MIN_MAX)) else "integer"
 
 
 def bucket_of(value_ms: float) -> int:
     """Index of the latency bucket holding ``value_ms``: ``BOUNDS_MS[i-1] < v <= BOUNDS_MS[i]``."""
     return bisect_left(BOUNDS_MS, value_ms)
-
-
-# -- schema (migration 2) ----------------------------------------------------------------------
-
-
-def _create_sql(cube: Cube, level: str) -> str:
-    dims = ", ".join(f"{d} {'INTEGER' if d in _INT_DIMS else 'TEXT'} NOT NULL" for d in cube.dims)
-    states = []
-    for column in cube.state_columns:
-        kind = "REAL" if column == "calls" or column.endswith(("_sum", *_MIN_MAX)) else "INTEGER"
-        default = "" if column.endswith(_MIN_MAX) else " NOT NULL DEFAULT 0"
-        states.append(f"{column} {kind}{default}")
-    return (
-        f"CREATE TABLE {cube.table(level)} (bucket INTEGER NOT NULL, {dims}, {', '.join(states)},"
-        f" PRIMARY KEY (bucket, {', '.join(cube.dims)})) WITHOUT ROWID"
-    )
-
-
-def _keys_sql(dims: Iterable[str]) -> list[str]:
-    return [f"coalesce({d}, {-1 if d in _INT_DIMS else repr('')})" for d in dims]
-
-
-def _values_sql(cube: Cube) -> list[str]:
-    """SQL aggregates of raw rows into a state, in ``state_columns`` order."""
-    values = ["count(*)", "total(value)", *(f"coalesce(sum({c}), 0)" for c in cube.sums)]
-    for h in cube.hists:
-        values += [f"count({h})", f"total({h})", f"min({h})", f"max({h})"]
-        for i in range(NBUCKETS):
-            if i == 0:
-                test = f"{h} <= {BOUNDS_MS[0]!r}"
-            elif i < NBUCKETS - 1:
-                test = f"{h} > {BOUNDS_MS[i - 1]!r} AND {h} <= {BOUNDS_MS[i]!r}"
-            else:
-                test = f"{h} > {BOUNDS_MS[-1]!r}"
-            values.append(f"count(CASE WHEN {test} THEN 1 END)")
-    return values
-
-
-def _from_raw_sql(cube: Cube, level: str, where: str) -> str:
-    """Aggregate raw rows (``where`` picks them) into ``cube``'s ``level`` table."""
-    width = LEVELS[level]
-    keys, values = _keys_sql(cube.dims), _values_sql(cube)
-    return (
-        f"INSERT INTO {cube.table(level)} (bucket, {', '.join(cube.dims)}, "
-        f"{', '.join(cube.state_columns)})"
-        f" SELECT ts / {width} * {width}, {', '.join(keys)}, {', '.join(values)}"
-        f" FROM {RAW_TABLE[cube.kind]} WHERE {where}"
-        f" GROUP BY 1, {', '.join(str(i + 2) for i in range(len(cube.dims)))}"
-    )
-
-
-_TODAY_SQL = f"CAST(strftime('%s', 'now') AS INTEGER) * 1000 / {DAY_MS} * {DAY_MS}"
-
-
-def _create_and_backfill(cubes: Iterable[Cube]) -> list[str]:
-    """Create ``cubes``' tables and fill them from the raw rows already stored: hours from every
-    row, days up to the compaction watermark."""
-    statements = []
-    for cube in cubes:
-        for level in cube.levels:
-            statements.append(_create_sql(cube, level))
-            where = (
-                "1"
-                if level == "hour"
-                else "ts < (SELECT until_ms FROM rollup_watermark WHERE name = 'day')"
-            )
-            statements.append(_from_raw_sql(cube, level, where))
-    return statements
-
-
-def migration_v2() -> list[str]:
-    """Create the rollup tables and fill them from the raw rows already stored: hours from every
-    row, days up to the start of today (the compaction watermark)."""
-    return [
-        "CREATE TABLE rollup_watermark (name TEXT PRIMARY KEY, until_ms INTEGER NOT NULL)",
-        f"INSERT INTO rollup_watermark VALUES ('day', {_TODAY_SQL})",
-        *_create_and_backfill(_V2_CUBES),
-    ]
-
-
-def migration_v4() -> list[str]:
-    """The tool-by-client cube, backfilled like migration 2 up to the current watermark."""
-    return _create_and_backfill(_V4_CUBES)
-
-
-def migration_v5() -> list[str]:
-    """The registry-operation and health-check cubes (their raw tables are created just before)."""
-    return _create_and_backfill(_V5_CUBES)
 
 
 # -- accumulation (ingest, and the raw ends of a query range) ----------------------------------
@@ -356,28 +269,10 @@ for _cube in CUBES:
     _BY_KIND.setdefault(_cube.kind, []).append(_SHAPES[_cube.name])
 
 
-def _upsert_sql(cube: Cube, level: str) -> str:
-    columns = ["bucket", *cube.dims, *cube.state_columns]
-    updates = []
-    for c in cube.state_columns:
-        if c.endswith("_min"):
-            updates.append(f"{c} = coalesce(min({c}, excluded.{c}), {c}, excluded.{c})")
-        elif c.endswith("_max"):
-            updates.append(f"{c} = coalesce(max({c}, excluded.{c}), {c}, excluded.{c})")
-        else:
-            updates.append(f"{c} = {c} + excluded.{c}")
-    return (
-        f"INSERT INTO {cube.table(level)} ({', '.join(columns)}) VALUES "
-        f"({', '.join('?' * len(columns))})"
-        f" ON CONFLICT (bucket, {', '.join(cube.dims)}) DO UPDATE SET {', '.join(updates)}"
-    )
-
-
-_UPSERT = {(cube.name, level): _upsert_sql(cube, level) for cube in CUBES for level in cube.levels}
-
-
-def _stored(shape: _Shape, acc: dict[tuple[Any, ...], list[Any]]) -> Iterable[tuple[Any, ...]]:
-    ints = [i + 1 for i, d in enumerate(shape.dims) if d in _INT_DIMS]
+def stored_rows(shape: _Shape, acc: dict[tuple[Any, ...], list[Any]]) -> Iterable[tuple[Any, ...]]:
+    """The rows to upsert for accumulated states: ``(bucket, *dims, *state)``, absent
+    dimensions as ``missing_value``, an empty minimum and maximum as NULL."""
+    ints = [i + 1 for i, d in enumerate(shape.dims) if d in INT_DIMS]
     for key, st in acc.items():
         k = ["" if v is None else v for v in key]
         for i in ints:
@@ -389,25 +284,24 @@ def _stored(shape: _Shape, acc: dict[tuple[Any, ...], list[Any]]) -> Iterable[tu
         yield (*k, *st)
 
 
-def day_watermark(conn: sqlite3.Connection) -> int:
-    """Days before this (ms) are in the day tables; later ones are compacted once complete."""
-    return int(
-        conn.execute("SELECT until_ms FROM rollup_watermark WHERE name = 'day'").fetchone()[0]
-    )
+def has_cubes(parts: Sequence[dict[str, list[tuple[Any, ...]]]]) -> bool:
+    """Whether rows of ``parts`` feed any cube (if not, nothing needs the watermark)."""
+    return any(_BY_KIND.get(kind) for part in parts for kind in part)
 
 
-def maintain(conn: sqlite3.Connection, parts: Sequence[dict[str, list[tuple[Any, ...]]]]) -> None:
-    """Add the rows being inserted to the hour tables (and, for a late event whose day is
-    already compacted, to the day tables); call inside the insert's transaction so that rollups
-    and raw rows commit or roll back together."""
+def updates(
+    parts: Sequence[dict[str, list[tuple[Any, ...]]]], watermark: int
+) -> Iterator[tuple[Cube, str, Iterable[tuple[Any, ...]]]]:
+    """What inserting ``parts`` adds to the rollups: (cube, level, rows to upsert), where the
+    rows merge into existing ones (counts and sums added, minima and maxima kept). Hour tables
+    take every row; for a late event whose day is already compacted (before ``watermark``),
+    the day tables too. Day-only cubes take only such late events; the rest reach them through
+    compaction. Consume each item before taking the next (they share the states)."""
     kinds = {kind for part in parts for kind in part}
-    watermark: int | None = None
     for kind in kinds:
         shapes = _BY_KIND.get(kind, ())
         if not shapes:
             continue
-        if watermark is None:
-            watermark = day_watermark(conn)
         hourly = tuple(shape for shape in shapes if "hour" in shape.cube.levels)
         daily = [shape for shape in shapes if "hour" not in shape.cube.levels]
         if hourly:
@@ -418,15 +312,10 @@ def maintain(conn: sqlite3.Connection, parts: Sequence[dict[str, list[tuple[Any,
                 if rows:
                     accumulate(rows, HOUR_MS, accs)
             for shape, hours in zip(hourly, accs, strict=True):
-                name = shape.cube.name
                 late = {k: st for k, st in hours.items() if k[0] < watermark}
-                conn.executemany(_UPSERT[(name, "hour")], _stored(shape, hours))
+                yield shape.cube, "hour", stored_rows(shape, hours)
                 if late:
-                    conn.executemany(
-                        _UPSERT[(name, "day")], _stored(shape, shape.coarsen(late, DAY_MS))
-                    )
-        # Day-only cubes take only the events of days already compacted; the rest reach them
-        # through compaction.
+                    yield shape.cube, "day", stored_rows(shape, shape.coarsen(late, DAY_MS))
         late_rows = (
             [r for part in parts for r in part.get(kind, ()) if r[0] < watermark] if daily else []
         )
@@ -434,7 +323,7 @@ def maintain(conn: sqlite3.Connection, parts: Sequence[dict[str, list[tuple[Any,
             for shape in daily:
                 days: dict[tuple[Any, ...], list[Any]] = {}
                 _accumulator((shape,))(late_rows, DAY_MS, [days])
-                conn.executemany(_UPSERT[(shape.cube.name, "day")], _stored(shape, days))
+                yield shape.cube, "day", stored_rows(shape, days)
 
 
 Accumulator = Callable[
@@ -501,68 +390,6 @@ def _accumulator(shapes: tuple[_Shape, ...]) -> Accumulator:
     return namespace["accumulate"]  # type: ignore[no-any-return]
 
 
-def _compact_sql(cube: Cube) -> str:
-    upsert = _UPSERT[(cube.name, "day")]
-    conflict = upsert[upsert.index(" ON CONFLICT") :]
-    if "hour" not in cube.levels:
-        return _from_raw_sql(cube, "day", "ts >= ? AND ts < ?") + conflict
-    values = []
-    for c in cube.state_columns:
-        values.append(
-            f"{'min' if c.endswith('_min') else 'max' if c.endswith('_max') else 'sum'}({c})"
-        )
-    dims = ", ".join(cube.dims)
-    return (
-        f"INSERT INTO {cube.table('day')} (bucket, {dims}, {', '.join(cube.state_columns)})"
-        f" SELECT bucket / {DAY_MS} * {DAY_MS}, {dims}, {', '.join(values)} FROM "
-        f"{cube.table('hour')}"
-        f" WHERE bucket >= ? AND bucket < ? GROUP BY {dims}{conflict}"
-    )
-
-
-_COMPACT = {cube.name: _compact_sql(cube) for cube in CUBES}
-
-
-def compact(conn: sqlite3.Connection, now_ms: int) -> int:
-    """Fill the day tables for every complete day past the watermark, one transaction per day;
-    return the number of days compacted."""
-    today = now_ms // DAY_MS * DAY_MS
-    done = 0
-    while (day := day_watermark(conn)) < today:
-        with write_transaction(conn):
-            if day_watermark(conn) == day:
-                for cube in CUBES:
-                    conn.execute(_COMPACT[cube.name], (day, day + DAY_MS))
-                conn.execute(
-                    "UPDATE rollup_watermark SET until_ms = ? WHERE name = 'day'", (day + DAY_MS,)
-                )
-        done += 1
-    return done
-
-
-# -- retention ---------------------------------------------------------------------------------
-
-
-def delete_expired_chunk(conn: sqlite3.Connection, table: str, before_ms: int, limit: int) -> int:
-    """Delete about ``limit`` rows (whole buckets) of rollup ``table`` older than ``before_ms``."""
-    if table not in TABLES:
-        raise ValueError(f"unknown rollup table {table!r}")
-    row = conn.execute(
-        f"SELECT bucket FROM {table} WHERE bucket < ? ORDER BY bucket LIMIT 1 OFFSET ?",
-        (before_ms, limit - 1),
-    ).fetchone()
-    upto = before_ms if row is None else row[0] + 1
-    return int(conn.execute(f"DELETE FROM {table} WHERE bucket < ?", (upto,)).rowcount)
-
-
-def count_expired(conn: sqlite3.Connection, table: str, before_ms: int) -> int:
-    if table not in TABLES:
-        raise ValueError(f"unknown rollup table {table!r}")
-    return int(
-        conn.execute(f"SELECT count(*) FROM {table} WHERE bucket < ?", (before_ms,)).fetchone()[0]
-    )
-
-
 # -- queries -----------------------------------------------------------------------------------
 
 
@@ -619,72 +446,43 @@ class Query:
     series_ms: int | None = None
 
 
-def aggregate(
-    conn: sqlite3.Connection, q: Query
-) -> tuple[Cube, dict[tuple[Any, ...], list[Any]], str]:
-    """States per group key ``(time bucket or 0, *group values)`` over the range; also the cube
-    the states are shaped by and the source used (``rollup`` or ``raw``: no cube covers the
-    dimensions asked for, so every raw row in the range is read)."""
+def query_shape(q: Query) -> tuple[_Shape, str]:
+    """The shape of ``q``'s states and its source: ``rollup`` (the smallest cube holding the
+    group and filter dimensions) or ``raw`` (no cube does: an ad-hoc shape over the raw rows)."""
     dims = (*q.group, *q.filters)
     cube = cube_for(q.kind, dims)
     if cube is not None:
-        shape = _SHAPES[cube.name]
-        source = "rollup"
-        segments = plan(cube, q.since_ms, q.until_ms, day_watermark(conn), q.series_ms)
+        return _SHAPES[cube.name], "rollup"
+    family = next(c for c in CUBES if c.kind == q.kind)
+    adhoc = Cube(family.name, q.kind, tuple(dict.fromkeys(dims)), family.sums, family.hists)
+    return _Shape(adhoc), "raw"
+
+
+def query_segments(
+    q: Query, source: str, shape: _Shape, watermark_ms: int | None
+) -> tuple[list[tuple[str, int, int]], str]:
+    """The (level, start, end) segments to read for ``q`` and the source they amount to
+    (``raw`` when every segment is raw, e.g. a minute series). ``watermark_ms`` is needed only
+    for a ``rollup`` source."""
+    if source == "rollup":
+        assert watermark_ms is not None
+        segments = plan(shape.cube, q.since_ms, q.until_ms, watermark_ms, q.series_ms)
     else:
-        family = next(c for c in CUBES if c.kind == q.kind)
-        cube = Cube(family.name, q.kind, tuple(dict.fromkeys(dims)), family.sums, family.hists)
-        shape = _Shape(cube)
-        source = "raw"
         segments = [("raw", q.since_ms, q.until_ms)]
     if all(level == "raw" for level, _, _ in segments):
-        source = "raw"  # e.g. a minute series: no rollup is that fine
-    out: dict[tuple[Any, ...], list[Any]] = {}
-    for level, lo, hi in segments:
-        _segment(conn, shape, q, level, lo, hi, out)
-    for st in out.values():
-        for i in shape.mins:
-            if st[i] == math.inf:
-                st[i] = st[i + 1] = None
-    return cube, out, source
+        source = "raw"
+    return segments, source
 
 
-def _filter_sql(filters: dict[str, str | int]) -> tuple[str, list[Any]]:
-    # Column names come from the cubes' fixed dimension lists; values are bound.
-    return "".join(f" AND {column} = ?" for column in filters), list(filters.values())
-
-
-def _segment(
-    conn: sqlite3.Connection,
+def fold(
     shape: _Shape,
-    q: Query,
-    level: str,
-    lo: int,
-    hi: int,
+    rows: Iterable[Sequence[Any]],
+    keylen: int,
     out: dict[tuple[Any, ...], list[Any]],
 ) -> None:
-    """Add the states of ``[lo, hi)`` from a rollup table, or from the raw rows (``level`` raw)
-    aggregated in SQL the same way, to ``out``."""
-    cube = shape.cube
-    if level == "raw":
-        table, time_col = RAW_TABLE[q.kind], "ts"
-        values = [*_keys_sql(q.group), *_values_sql(cube)]
-    else:
-        table, time_col = cube.table(level), "bucket"
-        values = [*q.group]
-        for c in cube.state_columns:
-            values.append(
-                f"{'min' if c.endswith('_min') else 'max' if c.endswith('_max') else 'sum'}({c})"
-            )
-    t = f"{time_col} / {int(q.series_ms)} * {int(q.series_ms)}" if q.series_ms else "0"
-    where, params = _filter_sql(q.filters)
-    keylen = 1 + len(q.group)
-    sql = (
-        f"SELECT {t}, {', '.join(values)} FROM {table}"
-        f" WHERE {time_col} >= ? AND {time_col} < ?{where}"
-        f" GROUP BY {', '.join(str(i + 1) for i in range(keylen))}"
-    )
-    for row in conn.execute(sql, (lo, hi, *params)):
+    """Merge segment result rows ``(*key, *state)`` into ``out`` (an empty minimum/maximum
+    comes as NULL)."""
+    for row in rows:
         key = tuple(row[:keylen])
         st = list(row[keylen:])
         for i in shape.mins:
@@ -695,6 +493,14 @@ def _segment(
             out[key] = st
         else:
             shape.merge(have, st)
+
+
+def finish(shape: _Shape, out: dict[tuple[Any, ...], list[Any]]) -> None:
+    """Empty minima and maxima back to None once every segment is folded."""
+    for st in out.values():
+        for i in shape.mins:
+            if st[i] == math.inf:
+                st[i] = st[i + 1] = None
 
 
 def merge(cube: Cube, into: list[Any], other: Sequence[Any]) -> None:

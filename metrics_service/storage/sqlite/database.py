@@ -1,57 +1,36 @@
 """The SQLite database: connections, batched inserts, retention deletes and statistics.
 
-Only one connection writes (the writer thread of ``ingest``); everything here that writes is a
-plain function of a ``sqlite3.Connection`` so that the writer, the CLI and tests share it.
+Only one connection writes (the backend's writer thread); everything here that writes is a
+plain function of a ``sqlite3.Connection`` so that the writer, tools and tests share it.
 Table names in SQL come from the fixed ``TABLES`` whitelist, never from input.
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from metrics_service import idempotency
 from metrics_service.errors import StorageError
-from metrics_service.storage import migrations, reference, rollups
-from metrics_service.storage.transaction import write_transaction
-from metrics_service.validation import DIMENSIONS, METADATA_COLUMNS
+from metrics_service.storage import schema
+from metrics_service.storage.backend import Policy, cutoff_ms
+from metrics_service.storage.schema import TABLE_OF_TYPE, TABLES
+from metrics_service.storage.sqlite import idempotency, migrations, reference, rollups
+from metrics_service.storage.sqlite.transaction import write_transaction
 
-#: metric type -> typed table.
-TABLE_OF_TYPE = {
-    "auth_request": "auth_metrics",
-    "tool_execution": "tool_metrics",
-    "tool_discovery": "discovery_metrics",
-    "protocol_latency": "protocol_latency_metrics",
-    "registry_operation": "registry_operation_metrics",
-    "health_check": "health_check_metrics",
-    "custom": "custom_metrics",
-}
-TABLES = tuple(TABLE_OF_TYPE.values())
+if TYPE_CHECKING:
+    from metrics_service.idempotency import Claim
 
-_COMMON_COLUMNS = (
-    "ts",
-    "received_at",
-    "service",
-    "service_version",
-    "instance_id",
-    "value",
-    "duration_ms",
-)
+__all__ = ["TABLES", "TABLE_OF_TYPE", "cutoff_ms"]
 
 
 def _insert_sql(kind: str) -> str:
-    columns = [*_COMMON_COLUMNS, *(name for name, _ in DIMENSIONS[kind])]
-    if kind == "tool_execution":
-        columns += [name for name, _ in METADATA_COLUMNS]
-    columns += ["dimensions", "metadata"]
-    marks = ", ".join("?" * len(columns))
-    return f"INSERT INTO {TABLE_OF_TYPE[kind]} ({', '.join(columns)}) VALUES ({marks})"
+    names = schema.FAMILY[kind].names
+    marks = ", ".join("?" * len(names))
+    return f"INSERT INTO {TABLE_OF_TYPE[kind]} ({', '.join(names)}) VALUES ({marks})"
 
 
 INSERT_SQL = {kind: _insert_sql(kind) for kind in TABLE_OF_TYPE}
@@ -130,7 +109,7 @@ def open_database(path: Path | str, **kwargs: Any) -> tuple[sqlite3.Connection, 
 def insert_rows(
     conn: sqlite3.Connection,
     parts: Sequence[dict[str, list[tuple[Any, ...]]]],
-    claims: Sequence[idempotency.Claim | None] = (),
+    claims: Sequence[Claim | None] = (),
 ) -> int:
     """Insert the rows of several requests in one transaction; all or nothing.
 
@@ -159,11 +138,6 @@ def insert_rows(
     return count
 
 
-def cutoff_ms(days: int, now_s: float | None = None) -> int:
-    now_s = time.time() if now_s is None else now_s
-    return int((now_s - days * 86_400) * 1000)
-
-
 def delete_expired_chunk(conn: sqlite3.Connection, table: str, before_ms: int, limit: int) -> int:
     """Delete up to ``limit`` rows of ``table`` whose event time is before ``before_ms``."""
     if table not in TABLES:
@@ -186,23 +160,21 @@ def count_expired(conn: sqlite3.Connection, table: str, before_ms: int) -> int:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Policy:
-    table: str
-    retention_days: int
-    is_default: bool
-    enabled: bool
+POLICIES_SQL = (
+    "SELECT table_name, retention_days, enabled FROM retention_policies ORDER BY table_name"
+)
 
 
-def retention_policies(conn: sqlite3.Connection, default_days: int) -> list[Policy]:
-    rows = conn.execute(
-        "SELECT table_name, retention_days, enabled FROM retention_policies ORDER BY table_name"
-    ).fetchall()
+def policies_of(rows: Iterable[Sequence[Any]], default_days: int) -> list[Policy]:
     return [
         Policy(table, days if days is not None else default_days, days is None, bool(enabled))
         for table, days, enabled in rows
         if table in TABLES
     ]
+
+
+def retention_policies(conn: sqlite3.Connection, default_days: int) -> list[Policy]:
+    return policies_of(conn.execute(POLICIES_SQL).fetchall(), default_days)
 
 
 def set_retention_policy(
@@ -219,29 +191,3 @@ def set_retention_policy(
         conn.execute(
             "UPDATE retention_policies SET enabled = ? WHERE table_name = ?", (int(enabled), table)
         )
-
-
-def stats(conn: sqlite3.Connection, path: Path | str) -> dict[str, Any]:
-    """Rows per table and the size of the database and its WAL, in bytes."""
-    rows = {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in TABLES}
-    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-    page_count = conn.execute("PRAGMA page_count").fetchone()[0]
-    freelist = conn.execute("PRAGMA freelist_count").fetchone()[0]
-    return {
-        "path": str(path),
-        "rows": rows,
-        "total_rows": sum(rows.values()),
-        "file_bytes": _size(Path(path)),
-        "wal_bytes": _size(Path(f"{path}-wal")),
-        "page_size": page_size,
-        "page_count": page_count,
-        "free_pages": freelist,
-        "schema_version": migrations.current_version(conn),
-    }
-
-
-def _size(path: Path) -> int:
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0

@@ -33,8 +33,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from metrics_service.storage import rollups
-from metrics_service.storage.keys import insert_key
+from metrics_service.storage.sqlite import rollups
+from metrics_service.storage.sqlite.keys import insert_key
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def sql_columns_enabled(conn: sqlite3.Connection) -> bool:
 def set_sql_columns(conn: sqlite3.Connection, enabled: bool) -> bool:
     """Add (or drop) the reference's ``timestamp`` column on the raw tables its SQL reads;
     return whether anything changed. ``conn`` is in autocommit."""
-    from metrics_service.storage.migrations import TEXT_TIME, compat_column
+    from metrics_service.storage.sqlite.migrations import TEXT_TIME, compat_column
 
     conn.execute("BEGIN IMMEDIATE")
     changed = False
@@ -256,7 +256,7 @@ def _items(rows: list[tuple[Any, ...]]) -> dict[tuple[str, str | None, str | Non
 
 
 def _import_metrics(conn: sqlite3.Connection, validator: Any) -> dict[str, int]:
-    from metrics_service.storage.database import INSERT_SQL
+    from metrics_service.storage.sqlite.database import INSERT_SQL
 
     totals = {"imported": 0, "expired": 0, "rejected": 0}
     last_id, done = _progress(conn, "metrics")

@@ -14,8 +14,8 @@ from __future__ import annotations
 import sqlite3
 import time
 
-from metrics_service.storage import rollups
-from metrics_service.storage.transaction import write_transaction
+from metrics_service.storage.sqlite import rollups
+from metrics_service.storage.sqlite.transaction import write_transaction
 
 _COMMON = """
     id INTEGER PRIMARY KEY,

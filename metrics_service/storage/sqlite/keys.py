@@ -5,32 +5,11 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-from metrics_service.storage.transaction import write_transaction
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRecord:
-    id: int
-    service: str | None
-    role: str
-    key_hash: str
-    key_prefix: str
-    rate_limit_per_min: int | None
-    source: str
-    description: str | None
-    created_at: int
-    revoked_at: int | None
-    #: Further service names this key may report as (``keys create --alias``).
-    aliases: tuple[str, ...] = ()
-
-    def public(self) -> dict[str, Any]:
-        """What may be shown: everything but the hash."""
-        shown = {name: getattr(self, name) for name in _COLUMN_OF if name != "key_hash"}
-        return {**shown, "active": self.revoked_at is None, "aliases": list(self.aliases)}
-
+from metrics_service.storage.backend import KeyRecord
+from metrics_service.storage.sqlite.transaction import write_transaction
 
 #: ``KeyRecord`` field -> its column in ``api_keys``, in field order: the one list that both the
 #: SELECTs and ``_record`` follow.
@@ -41,7 +20,7 @@ _COLUMN_OF = {
 _COLUMNS = ", ".join(_COLUMN_OF.values())
 
 
-def _record(row: tuple[Any, ...]) -> KeyRecord:
+def record(row: Sequence[Any]) -> KeyRecord:
     values = dict(zip(_COLUMN_OF, row, strict=True))
     values["aliases"] = tuple(a for a in (values["aliases"] or "").split(",") if a)
     return KeyRecord(**values)
@@ -82,13 +61,16 @@ def insert_key(
             ",".join(aliases) or None,
         ),
     )
-    return _record(cursor.fetchone())
+    return record(cursor.fetchone())
+
+
+def list_sql(active_only: bool) -> str:
+    where = " WHERE revoked_at IS NULL" if active_only else ""
+    return f"SELECT {_COLUMNS} FROM api_keys{where} ORDER BY id"
 
 
 def list_keys(conn: sqlite3.Connection, *, active_only: bool = False) -> list[KeyRecord]:
-    where = " WHERE revoked_at IS NULL" if active_only else ""
-    rows = conn.execute(f"SELECT {_COLUMNS} FROM api_keys{where} ORDER BY id").fetchall()
-    return [_record(row) for row in rows]
+    return [record(row) for row in conn.execute(list_sql(active_only)).fetchall()]
 
 
 def revoke_key(conn: sqlite3.Connection, key_id: int) -> KeyRecord | None:
@@ -98,7 +80,35 @@ def revoke_key(conn: sqlite3.Connection, key_id: int) -> KeyRecord | None:
         (_now_ms(), key_id),
     )
     row = conn.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
-    return _record(row) if row else None
+    return record(row) if row else None
+
+
+def rotate_key(
+    conn: sqlite3.Connection, key_id: int, *, key_hash: str, key_prefix: str, source: str
+) -> tuple[KeyRecord, KeyRecord] | None:
+    """In one transaction: revoke active key ``key_id`` and create its successor (the same
+    service, role, aliases, rate limit and description). None if no active key has that id."""
+    with write_transaction(conn):
+        row = conn.execute(
+            f"SELECT {_COLUMNS} FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        old = record(row)
+        revoked = revoke_key(conn, key_id)
+        assert revoked is not None
+        new = insert_key(
+            conn,
+            service=old.service,
+            role=old.role,
+            key_hash=key_hash,
+            key_prefix=key_prefix,
+            rate_limit_per_min=old.rate_limit_per_min,
+            source=source,
+            description=old.description,
+            aliases=old.aliases,
+        )
+    return revoked, new
 
 
 def reconcile_env_keys(
