@@ -155,7 +155,7 @@ def bench_postgres(
     server.psql(f"CREATE DATABASE {database}", database="postgres")
 
     async def go() -> tuple[int, float, float, float]:
-        backend = Backend(server.url(database))
+        backend = Backend(None, server.url(database))
         await backend.open()
         try:
             cpu0, s0, t0 = time.process_time(), server_cpu_s(server), time.monotonic()

@@ -23,6 +23,7 @@ from metrics_service.storage import rollups
 from metrics_service.storage.postgres import LATEST_VERSION, Backend
 from metrics_service.storage.postgres import partitions as pg_partitions
 from metrics_service.storage.rollups import DAY_MS, HOUR_MS, Query
+from metrics_service.storage.sqlite import rollups as sqlite_rollups
 from tests._analytics_seed import seed_rows
 from tests._servers import PG_PASSWORD, PostgresServer
 
@@ -34,7 +35,7 @@ def run(coro: Awaitable[T]) -> T:
 
 
 async def opened(url: str) -> Backend:
-    backend = Backend(url)
+    backend = Backend(None, url)
     await backend.open()
     return backend
 
@@ -54,7 +55,7 @@ _MIGRATE = """
 import asyncio, json, sys
 from metrics_service.storage.postgres import Backend
 async def main():
-    b = Backend(sys.argv[1])
+    b = Backend(None, sys.argv[1])
     await b.open()
     print(json.dumps(b.applied_migrations))
     await b.close()
@@ -77,7 +78,7 @@ def test_two_replicas_starting_at_once_apply_each_migration_exactly_once(
     assert applied == list(range(1, LATEST_VERSION + 1))
 
     async def check(b: Backend) -> tuple[list[tuple[Any, ...]], list[int]]:
-        again = Backend(postgres_url)
+        again = Backend(None, postgres_url)
         await again.open()
         await again.close()
         return await b.execute("SELECT version FROM schema_migrations"), again.applied_migrations
@@ -118,7 +119,7 @@ def test_rollups_and_raw_rows_give_the_answers_sqlite_gives(
         storage.insert_rows(conn, parts[i : i + 2])
 
     def sqlite_answers() -> list[Any]:
-        return [_norm(rollups.aggregate(conn, q)[1]) for q in _queries(now_ms)]
+        return [_norm(sqlite_rollups.aggregate(conn, q)[1]) for q in _queries(now_ms)]
 
     async def body(b: Backend) -> tuple[list[Any], list[Any], list[str], int]:
         for i in range(0, len(parts), 2):
@@ -307,11 +308,11 @@ def test_unreachable_server_fails_naming_the_variable_without_the_password(
 
     url = f"postgresql://metrics:{PG_PASSWORD}@127.0.0.1:{free_port()}/metrics"
     with pytest.raises(StorageError) as caught:
-        run(Backend(url, connect_timeout_s=2).open())
+        run(Backend(None, url, connect_timeout_s=2).open())
     assert "METRICS_DATABASE_URL" in str(caught.value)
     assert PG_PASSWORD not in str(caught.value)
     wrong = postgres_cluster.url().replace(PG_PASSWORD, "wrong-password-123")
     with pytest.raises(StorageError) as caught:
-        run(Backend(wrong, connect_timeout_s=5).open())
+        run(Backend(None, wrong, connect_timeout_s=5).open())
     assert "METRICS_DATABASE_URL" in str(caught.value)
     assert "wrong-password-123" not in str(caught.value)

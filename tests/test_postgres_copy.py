@@ -13,9 +13,11 @@ import pytest
 from metrics_service import Settings, storage
 from metrics_service.errors import StorageError
 from metrics_service.idempotency import Claim
-from metrics_service.storage import rollups
 from metrics_service.storage.postgres import Backend
 from metrics_service.storage.postgres.copy import copy_from_sqlite
+from metrics_service.storage.sqlite import database as sqlite_db
+from metrics_service.storage.sqlite import keys as sqlite_keys
+from metrics_service.storage.sqlite import rollups as sqlite_rollups
 from tests._analytics_seed import seed_rows
 from tests.test_postgres_backend import _norm, _queries
 
@@ -31,7 +33,7 @@ def test_copy_from_sqlite_keeps_every_answer_key_and_policy(
         storage.insert_rows(conn, [part])
     claim = Claim("svc", "key-1", "fp", 200, b'{"ok":1}', 3600)
     storage.insert_rows(conn, parts[-1:], [claim])
-    storage.insert_key(
+    sqlite_keys.insert_key(
         conn,
         service="svc",
         role="ingest",
@@ -41,7 +43,7 @@ def test_copy_from_sqlite_keeps_every_answer_key_and_policy(
         source="cli",
         aliases=("svc-x",),
     )
-    revoked = storage.insert_key(
+    revoked = sqlite_keys.insert_key(
         conn,
         service="svc",
         role="ingest",
@@ -50,15 +52,15 @@ def test_copy_from_sqlite_keeps_every_answer_key_and_policy(
         rate_limit_per_min=None,
         source="cli",
     )
-    storage.revoke_key(conn, revoked.id)
-    storage.set_retention_policy(conn, "tool_metrics", 45, None)
+    sqlite_keys.revoke_key(conn, revoked.id)
+    sqlite_db.set_retention_policy(conn, "tool_metrics", 45, None)
     counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in storage.TABLES}
-    expected = [_norm(rollups.aggregate(conn, q)[1]) for q in _queries(now_ms)]
-    keys = storage.list_keys(conn)
+    expected = [_norm(sqlite_rollups.aggregate(conn, q)[1]) for q in _queries(now_ms)]
+    keys = sqlite_keys.list_keys(conn)
     conn.close()
 
     async def body() -> tuple[dict[str, int], list[Any], list[Any], Any, list[Any], int]:
-        backend = Backend(postgres_url)
+        backend = Backend(None, postgres_url)
         await backend.open()
         try:
             copied = await copy_from_sqlite(settings.db_path, backend)

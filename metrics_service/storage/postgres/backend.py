@@ -22,7 +22,7 @@ import asyncpg
 
 from metrics_service.errors import StorageError
 from metrics_service.storage import rollups
-from metrics_service.storage.keys import KeyRecord
+from metrics_service.storage.backend import ENV, Aggregate, DatabaseUrl, KeyRecord, Policy, redact
 from metrics_service.storage.postgres import migrations
 from metrics_service.storage.postgres import rollups as pg_rollups
 from metrics_service.storage.postgres._conn import Conn
@@ -32,10 +32,9 @@ from metrics_service.storage.rollups import DAY_MS
 
 if TYPE_CHECKING:
     from metrics_service.idempotency import Claim, Stored
-    from metrics_service.storage.database import Policy
+    from metrics_service.settings import Settings
 
 T = TypeVar("T")
-ENV = "METRICS_DATABASE_URL"
 #: Session-level advisory lock of the retention run (detaching needs autocommit).
 RETENTION_LOCK = 0x726574656E74  # "retent"
 _RETRIED = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
@@ -64,22 +63,6 @@ _LOOKUP_SQL = (
     "SELECT fingerprint, status, response FROM idempotency_keys"
     " WHERE service = $1 AND key = $2 AND committed_at >= $3"
 )
-
-
-def redact(url: str) -> str:
-    """``url`` without its password."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-    except ValueError:
-        return "<unparseable URL>"
 
 
 def _now_ms() -> int:
@@ -111,9 +94,7 @@ class Reader:
     def __init__(self, conn: Conn) -> None:
         self._conn = conn
 
-    async def aggregate(
-        self, q: rollups.Query
-    ) -> tuple[rollups.Cube, dict[tuple[Any, ...], list[Any]], str]:
+    async def aggregate(self, q: rollups.Query) -> Aggregate:
         return await pg_rollups.aggregate(self._conn, q)
 
 
@@ -124,15 +105,17 @@ class Backend:
 
     def __init__(
         self,
-        url: str,
+        settings: Settings | None,
+        url: DatabaseUrl | str,
         *,
         min_connections: int = 1,
         max_connections: int = 10,
         connect_timeout_s: float = 10.0,
         command_timeout_s: float = 30.0,
     ) -> None:
-        self._url = url
-        self.description = redact(url)
+        self._url = url.url if isinstance(url, DatabaseUrl) else url
+        self.description = redact(self._url)
+        self._settings = settings
         self.applied_migrations: list[int] = []
         self._pool: asyncpg.Pool | None = None
         self._sizes = (min_connections, max_connections)
@@ -368,8 +351,6 @@ class Backend:
     # -- retention and upkeep --------------------------------------------------------------
 
     async def retention_policies(self, default_days: int) -> list[Policy]:
-        from metrics_service.storage.database import Policy
-
         async with self._conn("reading retention policies") as conn:
             rows = await conn.fetch(
                 "SELECT table_name, retention_days, enabled FROM retention_policies"
@@ -636,3 +617,11 @@ async def _revoke(conn: Conn, key_id: int) -> KeyRecord | None:
         key_id,
     )
     return None if row is None else _key(row)
+
+
+if TYPE_CHECKING:
+    from metrics_service.storage.backend import StorageBackend
+
+    def _conforms(backend: Backend) -> StorageBackend:
+        """mypy checks here that the class keeps the whole interface."""
+        return backend

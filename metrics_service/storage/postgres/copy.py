@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from metrics_service.errors import StorageError
-from metrics_service.storage import database, rollups
+from metrics_service.storage import rollups
 from metrics_service.storage.postgres._conn import Conn
 from metrics_service.storage.postgres.backend import Backend
 from metrics_service.storage.postgres.migrations import TABLE_OF_TYPE, TABLES, row_columns
 from metrics_service.storage.rollups import DAY_MS
+from metrics_service.storage.sqlite import database
 
 CHUNK_ROWS = 20_000
 _KEY_COLUMNS = (

@@ -18,66 +18,43 @@ from __future__ import annotations
 
 import time
 
-from metrics_service.storage import rollups
+from metrics_service.storage import rollups, schema
 from metrics_service.storage.postgres._conn import Conn
-from metrics_service.validation import DIMENSIONS, METADATA_COLUMNS
 
 #: The key of the advisory lock that serialises migrations (any fixed 64-bit number; this one
 #: is "metrics" in ASCII).
 MIGRATION_LOCK = 0x6D657472696373
 
-TABLE_OF_TYPE = {
-    "auth_request": "auth_metrics",
-    "tool_execution": "tool_metrics",
-    "tool_discovery": "discovery_metrics",
-    "protocol_latency": "protocol_latency_metrics",
-    "registry_operation": "registry_operation_metrics",
-    "health_check": "health_check_metrics",
-    "custom": "custom_metrics",
-}
-TABLES = tuple(TABLE_OF_TYPE.values())
+TABLE_OF_TYPE = dict(schema.TABLE_OF_TYPE)
+TABLES = schema.TABLES
 
-#: Validation kind -> PostgreSQL type.
-_PG_TYPE = {
-    "str": "text",
-    "code": "text",
-    "bool": "integer",
-    "count": "integer",
-    "count_na": "integer",
-    "ms": "double precision",
-}
-_COMMON = (
-    ("ts", "bigint NOT NULL"),
-    ("received_at", "bigint NOT NULL"),
-    ("service", "text NOT NULL"),
-    ("service_version", "text NOT NULL"),
-    ("instance_id", "text"),
-    ("value", "double precision NOT NULL"),
-    ("duration_ms", "double precision"),
-)
+#: The registry's logical column types (``schema.SQL_TYPE``) in PostgreSQL.
+_PG_TYPE = {"integer": "integer", "real": "double precision", "text": "text"}
+#: The common columns that are unix milliseconds: bigint, not integer.
+_MS = {"ts", "received_at"}
+
+
+def _pg_type(column: schema.Column) -> str:
+    if column.name in _MS:
+        return "bigint"
+    return _PG_TYPE[column.sql_type]
 
 
 def row_columns(kind: str) -> list[str]:
-    """The columns of a row of ``kind`` in the order validation builds it."""
-    names = [name for name, _ in _COMMON]
-    names += [name for name, _ in DIMENSIONS[kind]]
-    if kind == "tool_execution":
-        names += [name for name, _ in METADATA_COLUMNS]
-    return [*names, "dimensions", "metadata"]
+    """The columns of a row of ``kind`` in the order validation builds it (the registry's)."""
+    return list(schema.FAMILY[kind].names)
+
+
+def row_types(kind: str) -> list[str]:
+    """The PostgreSQL type of each column of ``row_columns(kind)``."""
+    return [_pg_type(c) for c in schema.FAMILY[kind].columns]
 
 
 def _raw_table(kind: str) -> list[str]:
     table = TABLE_OF_TYPE[kind]
-    typed = list(DIMENSIONS[kind])
-    if kind == "tool_execution":
-        typed += list(METADATA_COLUMNS)
-    columns = [
-        f"id bigint NOT NULL DEFAULT nextval('{table}_id_seq')",
-        *(f"{name} {sql}" for name, sql in _COMMON),
-        *(f"{name} {_PG_TYPE[k]}" for name, k in typed),
-        "dimensions text",
-        "metadata text",
-    ]
+    columns = [f"id bigint NOT NULL DEFAULT nextval('{table}_id_seq')"]
+    for column in schema.FAMILY[kind].columns:
+        columns.append(f"{column.name} {_pg_type(column)}{'' if column.nullable else ' NOT NULL'}")
     return [
         f"CREATE SEQUENCE {table}_id_seq AS bigint CACHE 64",
         f"CREATE TABLE {table} ({', '.join(columns)}) PARTITION BY RANGE (ts)",
@@ -90,46 +67,9 @@ def _bool(column: str) -> str:
     return f"CASE {column} WHEN 1 THEN true WHEN 0 THEN false END"
 
 
-#: metric type -> the typed columns the view folds into ``dimensions`` (as SQLite's view does).
-_VIEW_DIMENSIONS = {
-    "auth_request": ("success", "method", "server", "user_hash", "error_code"),
-    "tool_execution": (
-        "method",
-        "tool_name",
-        "server_name",
-        "client_name",
-        "client_version",
-        "success",
-        "input_size_bytes",
-        "output_size_bytes",
-        "transport",
-        "session_id",
-        "server_path",
-        "user_hash",
-        "error_code",
-        "protocol_version",
-        "error_type",
-    ),
-    "tool_discovery": (
-        "query",
-        "results_count",
-        "top_k",
-        "top_n",
-        "embedding_time_ms",
-        "search_time_ms",
-    ),
-    "protocol_latency": ("flow_step", "server_name", "client_name", "session_id"),
-    "registry_operation": (
-        "operation",
-        "resource_type",
-        "success",
-        "resource_id",
-        "user_id",
-        "error_code",
-    ),
-    "health_check": ("endpoint", "status_code", "healthy", "server_name", "error_code"),
-    "custom": (),
-}
+#: metric type -> the typed columns the view folds into ``dimensions`` (as SQLite's view does:
+#: the dimensions, not the metadata columns).
+_VIEW_DIMENSIONS = {f.kind: tuple(c.name for c in f.dimensions) for f in schema.FAMILIES}
 _UTC = "to_timestamp(ts / 1000.0) AT TIME ZONE 'UTC'"
 
 
@@ -138,7 +78,7 @@ def _view() -> str:
     for kind, table in TABLE_OF_TYPE.items():
         pairs = []
         for column in _VIEW_DIMENSIONS[kind]:
-            value = _bool(column) if column in ("success", "healthy") else column
+            value = _bool(column) if column in rollups.INT_DIMS else column
             pairs.append(f"'{column}', {value}")
         typed = f"jsonb_strip_nulls(jsonb_build_object({', '.join(pairs)}))" if pairs else "'{}'"
         selects.append(
@@ -154,16 +94,14 @@ def _view() -> str:
 
 def _rollup_table(cube: rollups.Cube, level: str) -> str:
     dims = ", ".join(
-        f"{d} {'integer' if d in ('success', 'healthy') else 'text'} NOT NULL" for d in cube.dims
+        f"{d} {'integer' if d in rollups.INT_DIMS else 'text'} NOT NULL" for d in cube.dims
     )
     states = []
     for column in cube.state_columns:
-        if column.endswith(("_min", "_max")):
-            states.append(f"{column} double precision")
-        elif column == "calls" or column.endswith("_sum"):
-            states.append(f"{column} double precision NOT NULL DEFAULT 0")
-        else:
-            states.append(f"{column} bigint NOT NULL DEFAULT 0")
+        kind = _PG_TYPE[rollups.sql_type(column)]
+        kind = "bigint" if kind == "integer" else kind
+        default = "" if column.endswith(rollups.MIN_MAX) else " NOT NULL DEFAULT 0"
+        states.append(f"{column} {kind}{default}")
     return (
         f"CREATE TABLE {cube.table(level)} (bucket bigint NOT NULL, {dims}, {', '.join(states)},"
         f" PRIMARY KEY (bucket, {', '.join(cube.dims)}))"

@@ -1,24 +1,37 @@
-"""The rollups' SQL for PostgreSQL. What is aggregated (cubes, states, buckets, the query plan)
-is ``storage/rollups.py``'s; only the statements are written here.
+"""The rollups' SQL for PostgreSQL. What is aggregated (cubes, states, buckets, the query plan,
+the folding of segment results) is ``storage/rollups.py``'s; only the statements are here.
 
 Upserts lock rollup rows; two replicas adding to the same rows in different orders could
-deadlock, so every writer upserts tables in ``CUBES`` order and rows sorted by key.
+deadlock, so every writer upserts tables in ``CUBES`` order and rows sorted by key (and a
+deadlock that happens anyway retries the transaction: ``backend.insert_batches``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 from metrics_service.storage import rollups
+from metrics_service.storage.backend import Aggregate
 from metrics_service.storage.postgres._conn import Conn
-from metrics_service.storage.rollups import CUBES, DAY_MS, HOUR_MS, LEVELS, NBUCKETS, Cube, Query
+from metrics_service.storage.rollups import (
+    CUBES,
+    DAY_MS,
+    INT_DIMS,
+    NBUCKETS,
+    Cube,
+    Query,
+    merge_function,
+    missing_value,
+    sql_type,
+)
 
-_INT_DIMS = {"success", "healthy"}
 #: A shared advisory lock held by every insert transaction and taken exclusively by compaction:
 #: a day is compacted only when no insert that read the old watermark is still open.
 WATERMARK_LOCK = 0x726F6C6C7570  # "rollup"
+WATERMARK_SQL = "SELECT until_ms FROM rollup_watermark WHERE name = 'day'"
+#: Rollup tables in the one order every writer follows.
+ROLLUP_KEYS = tuple((cube.name, level) for cube in CUBES for level in cube.levels)
 
 
 def _combine(column: str, table: str) -> str:
@@ -47,7 +60,7 @@ UPSERT = {(cube.name, level): _upsert_sql(cube, level) for cube in CUBES for lev
 
 
 def _keys_sql(dims: Sequence[str]) -> list[str]:
-    return [f"coalesce({d}, {-1 if d in _INT_DIMS else repr('')})" for d in dims]
+    return [f"coalesce({d}, {missing_value(d)!r})" for d in dims]
 
 
 def _values_sql(cube: Cube) -> list[str]:
@@ -72,17 +85,12 @@ def _values_sql(cube: Cube) -> list[str]:
 
 
 def _merged_sql(cube: Cube) -> list[str]:
-    """Aggregates of rollup rows into a state (sums stay their column's type)."""
+    """Aggregates of rollup rows into a state (PostgreSQL's sum of bigint is numeric: cast)."""
     values = []
     for c in cube.state_columns:
-        if c.endswith("_min"):
-            values.append(f"min({c})")
-        elif c.endswith("_max"):
-            values.append(f"max({c})")
-        elif c == "calls" or c.endswith("_sum"):
-            values.append(f"sum({c})::float8")
-        else:
-            values.append(f"sum({c})::bigint")
+        function = merge_function(c)
+        cast = "" if function != "sum" else "::float8" if sql_type(c) == "real" else "::bigint"
+        values.append(f"{function}({c}){cast}")
     return values
 
 
@@ -111,46 +119,20 @@ async def maintain(
     conn: Conn, parts: Sequence[dict[str, list[tuple[Any, ...]]]], *, locked: bool = False
 ) -> None:
     """Add the rows being inserted to the rollups, inside the insert's transaction (raw rows and
-    rollups commit together): hours always, days for the events of days already compacted.
-    ``locked``: the transaction already holds the watermark's shared lock."""
-    kinds = {kind for part in parts for kind in part}
-    if not any(rollups._BY_KIND.get(kind) for kind in kinds):
+    rollups commit together). ``locked``: the transaction holds the watermark's shared lock."""
+    if not rollups.has_cubes(parts):
         return
     if not locked:
         await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", WATERMARK_LOCK)
-    watermark = int(await conn.fetchval("SELECT until_ms FROM rollup_watermark WHERE name = 'day'"))
+    watermark = int(await conn.fetchval(WATERMARK_SQL))
     writes: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
-    for kind in kinds:
-        shapes = rollups._BY_KIND.get(kind, ())
-        hourly = tuple(s for s in shapes if "hour" in s.cube.levels)
-        daily = [s for s in shapes if "hour" not in s.cube.levels]
-        if hourly:
-            accs: list[dict[tuple[Any, ...], list[Any]]] = [{} for _ in hourly]
-            accumulate = rollups._accumulator(hourly)
-            for part in parts:
-                rows = part.get(kind)
-                if rows:
-                    accumulate(rows, HOUR_MS, accs)
-            for shape, hours in zip(hourly, accs, strict=True):
-                late = {k: st for k, st in hours.items() if k[0] < watermark}
-                writes[(shape.cube.name, "hour")] = list(rollups._stored(shape, hours))
-                if late:
-                    coarse = shape.coarsen(late, DAY_MS)
-                    writes[(shape.cube.name, "day")] = list(rollups._stored(shape, coarse))
-        late_rows = (
-            [r for part in parts for r in part.get(kind, ()) if r[0] < watermark] if daily else []
-        )
-        for shape in daily if late_rows else ():
-            days: dict[tuple[Any, ...], list[Any]] = {}
-            rollups._accumulator((shape,))(late_rows, DAY_MS, [days])
-            writes[(shape.cube.name, "day")] = list(rollups._stored(shape, days))
-    for cube in CUBES:
-        for level in cube.levels:
-            rows = writes.get((cube.name, level))
-            if rows:
-                width = 1 + len(cube.dims)
-                rows.sort(key=lambda r: r[:width])
-                await conn.executemany(UPSERT[(cube.name, level)], rows)
+    for cube, level, rows in rollups.updates(parts, watermark):
+        width = 1 + len(cube.dims)
+        writes[(cube.name, level)] = sorted(rows, key=lambda r: r[:width])
+    for key in ROLLUP_KEYS:
+        upserts = writes.get(key)
+        if upserts:
+            await conn.executemany(UPSERT[key], upserts)
 
 
 async def compact(conn: Conn, now_ms: int) -> int:
@@ -160,11 +142,7 @@ async def compact(conn: Conn, now_ms: int) -> int:
     while True:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", WATERMARK_LOCK)
-            day = int(
-                await conn.fetchval(
-                    "SELECT until_ms FROM rollup_watermark WHERE name = 'day' FOR UPDATE"
-                )
-            )
+            day = int(await conn.fetchval(WATERMARK_SQL))
             if day >= today:
                 return done
             for cube in CUBES:
@@ -175,50 +153,13 @@ async def compact(conn: Conn, now_ms: int) -> int:
         done += 1
 
 
-async def aggregate(conn: Conn, q: Query) -> tuple[Cube, dict[tuple[Any, ...], list[Any]], str]:
-    """``rollups.aggregate`` on PostgreSQL: the same plan, the same states."""
-    dims = (*q.group, *q.filters)
-    cube = rollups.cube_for(q.kind, dims)
-    if cube is not None:
-        shape = rollups._SHAPES[cube.name]
-        source = "rollup"
-        watermark = int(
-            await conn.fetchval("SELECT until_ms FROM rollup_watermark WHERE name = 'day'")
-        )
-        segments = rollups.plan(cube, q.since_ms, q.until_ms, watermark, q.series_ms)
-    else:
-        family = next(c for c in CUBES if c.kind == q.kind)
-        cube = Cube(family.name, q.kind, tuple(dict.fromkeys(dims)), family.sums, family.hists)
-        shape = rollups._Shape(cube)
-        source = "raw"
-        segments = [("raw", q.since_ms, q.until_ms)]
-    if all(level == "raw" for level, _, _ in segments):
-        source = "raw"
-    out: dict[tuple[Any, ...], list[Any]] = {}
-    for level, lo, hi in segments:
-        await _segment(conn, shape, q, level, lo, hi, out)
-    for st in out.values():
-        for i in shape.mins:
-            if st[i] == math.inf:
-                st[i] = st[i + 1] = None
-    return cube, out, source
-
-
-async def _segment(
-    conn: Conn,
-    shape: Any,
-    q: Query,
-    level: str,
-    lo: int,
-    hi: int,
-    out: dict[tuple[Any, ...], list[Any]],
-) -> None:
-    cube = shape.cube
+def segment_sql(cube: Cube, q: Query, level: str) -> tuple[str, int]:
+    """The SELECT of one segment's states ``(*key, *state)`` grouped by key (``$1``, ``$2``:
+    the range; then the filter values), and the key length."""
     if level == "raw":
         table, time_col = rollups.RAW_TABLE[q.kind], "ts"
         values = [*_keys_sql(q.group), *_values_sql(cube)]
     else:
-        assert level in LEVELS
         table, time_col = cube.table(level), "bucket"
         values = [*q.group, *_merged_sql(cube)]
     series = int(q.series_ms) if q.series_ms else 0
@@ -231,15 +172,21 @@ async def _segment(
         f" WHERE {time_col} >= $1 AND {time_col} < $2{where}"
         f" GROUP BY {', '.join(str(i + 1) for i in range(keylen))}"
     )
-    for record in await conn.fetch(sql, lo, hi, *q.filters.values()):
-        row = tuple(record)
-        key = row[:keylen]
-        st = list(row[keylen:])
-        for i in shape.mins:
-            if st[i] is None:
-                st[i], st[i + 1] = math.inf, -math.inf
-        have = out.get(key)
-        if have is None:
-            out[key] = st
-        else:
-            shape.merge(have, st)
+    return sql, keylen
+
+
+async def aggregate(conn: Conn, q: Query) -> Aggregate:
+    """``Reader.aggregate`` on PostgreSQL: the shared plan and folding, this dialect's SQL."""
+    shape, source = rollups.query_shape(q)
+    watermark = int(await conn.fetchval(WATERMARK_SQL)) if source == "rollup" else None
+    segments, source = rollups.query_segments(q, source, shape, watermark)
+    out: dict[tuple[Any, ...], list[Any]] = {}
+    for level, lo, hi in segments:
+        sql, keylen = segment_sql(shape.cube, q, level)
+        rows = await conn.fetch(sql, lo, hi, *q.filters.values())
+        rollups.fold(shape, (tuple(r) for r in rows), keylen, out)
+    rollups.finish(shape, out)
+    return shape.cube, out, source
+
+
+__all__ = ["INT_DIMS", "WATERMARK_LOCK", "aggregate", "compact", "maintain"]
