@@ -324,6 +324,24 @@ def _check_ports(settings: Settings) -> None:
                 raise ConfigError(f"cannot listen on {host}:{port} ({variable}): {exc}") from exc
 
 
+def _check_database(settings: Settings) -> None:
+    """Open (and migrate) the database ``METRICS_DATABASE_URL`` names before serving, so that a
+    server that cannot be reached fails start-up with one line naming the variable (a
+    ``StorageError``), not a traceback from inside the server's lifespan."""
+    import asyncio
+
+    from metrics_service.storage import create_backend
+
+    async def check() -> None:
+        backend = create_backend(settings)
+        try:
+            await backend.open()
+        finally:
+            await backend.close()
+
+    asyncio.run(check())
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
@@ -339,6 +357,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     logs.setup(settings.log_level, settings.log_format.value)
     if args.first_run_key:
         _first_run_key(settings, args.first_run_key)
+    if settings.database_url:
+        _check_database(settings)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,

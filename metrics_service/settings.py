@@ -253,7 +253,8 @@ def load_settings(**overrides: Any) -> Settings:
         for err in exc.errors():
             loc = str(err["loc"][0]) if err["loc"] else "?"
             var = names.get(loc, loc.upper())
-            if loc == "database_url":  # the message shows it redacted; never the password
+            # The message shows it redacted; never the password (``loc`` is the alias).
+            if var == names.get("database_url"):
                 problems.append(f"{var}: {err['msg']}")
                 continue
             problems.append(f"{var}: {err['msg']} (got {err.get('input')!r})")

@@ -1,0 +1,261 @@
+"""Replicas of the service on one real PostgreSQL: start-up errors that name the variable, keys
+shared within a second, three replicas behind HAProxy losing and duplicating nothing when one is
+killed, one rate limit across them through Redis, and PostgreSQL restarted under load."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests._acked import tagged
+from tests._helpers import (
+    ADMIN_KEY,
+    INGEST_KEY,
+    RedisServer,
+    ServiceProcess,
+    clean_env,
+    free_port,
+    payload,
+    wait_for,
+)
+from tests._servers import PG_PASSWORD, PostgresServer, Replicas
+from tests.test_ratelimit import burst
+
+pytestmark = pytest.mark.slow
+INGEST = {"X-API-Key": INGEST_KEY}
+ADMIN = {"X-API-Key": ADMIN_KEY}
+
+
+def replica(tmp_path: Path, url: str, name: str, **env: str) -> ServiceProcess:
+    return ServiceProcess(
+        db_path=tmp_path / f"{name}-unused.db",
+        env={
+            "METRICS_DATABASE_URL": url,
+            "METRICS_API_KEY_SVC": INGEST_KEY,
+            "METRICS_ADMIN_API_KEY": ADMIN_KEY,
+            **env,
+        },
+        log_path=tmp_path / f"{name}.log",
+    )
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, postgres_url: str) -> Iterator[list[ServiceProcess]]:
+    started: list[ServiceProcess] = []
+    yield started
+    for service in started:
+        service.stop()
+
+
+def stored_ids(server: PostgresServer, url: str) -> Counter[int]:
+    database = url.rsplit("/", 1)[1]
+    out = server.psql("SELECT metadata::jsonb->>'id' FROM metrics", database=database)
+    return Counter(int(v) for v in out.split() if v)
+
+
+# -- start-up --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("mysql://metrics:{pw}@127.0.0.1/metrics", "unsupported scheme"),
+        ("postgresql://metrics:{pw}@127.0.0.1:{port}/metrics", "cannot connect"),
+        ("postgresql://metrics:wrong-{pw}@127.0.0.1:{cluster}/metrics", "cannot connect"),
+    ],
+    ids=["bad-scheme", "unreachable", "wrong-password"],
+)
+def test_start_up_fails_naming_the_variable_never_the_password(
+    url: str, says: str, postgres_cluster: PostgresServer, tmp_path: Path
+) -> None:
+    value = url.format(pw=PG_PASSWORD, port=free_port(), cluster=postgres_cluster.port)
+    result = subprocess.run(
+        [sys.executable, "-m", "metrics_service", "serve"],
+        env={
+            **clean_env(),
+            "METRICS_DATABASE_URL": value,
+            "METRICS_SERVICE_PORT": "0",
+            "OTEL_PROMETHEUS_PORT": "0",
+            "METRICS_API_KEY_SVC": INGEST_KEY,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "METRICS_DATABASE_URL" in output and says in output, output
+    assert PG_PASSWORD not in output
+    assert "Traceback" not in output
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+def test_a_key_revoked_through_one_replica_is_refused_by_the_other_within_a_second(
+    tmp_path: Path, postgres_url: str, replicas: list[ServiceProcess]
+) -> None:
+    env = {"METRICS_KEY_RELOAD_INTERVAL_S": "0.25"}
+    a = replica(tmp_path, postgres_url, "a", **env).start()
+    replicas.append(a)
+    b = replica(tmp_path, postgres_url, "b", **env).start()
+    replicas.append(b)
+    created = httpx.post(
+        f"{a.url}/admin/keys", json={"role": "ingest", "service": "team-x"}, headers=ADMIN
+    )
+    assert created.status_code == 201, created.text
+    key = {"X-API-Key": created.json()["key"]}
+    # Created on A: accepted by B at once (an unknown key reloads the table first).
+    assert httpx.post(f"{b.url}/metrics", json=payload("team-x"), headers=key).status_code == 200
+    revoked = httpx.delete(f"{a.url}/admin/keys/{created.json()['id']}", headers=ADMIN)
+    assert revoked.status_code == 200
+    since = time.monotonic()
+
+    def refused() -> bool:
+        r = httpx.post(f"{b.url}/metrics", json=payload("team-x"), headers=key)
+        return r.status_code == 401
+
+    wait_for(refused, timeout_s=1.0, interval_s=0.02)
+    assert time.monotonic() - since < 1.0
+
+
+# -- three replicas behind HAProxy ----------------------------------------------------------
+
+
+class Sender:
+    """Clients posting tagged metrics through the balancer, each batch under an
+    ``Idempotency-Key`` and retried with it until acknowledged (as the middleware does)."""
+
+    def __init__(self, url: str, threads: int = 4, batch: int = 20) -> None:
+        self.url = url
+        self.batch = batch
+        self.acked: list[int] = []
+        self.statuses: Counter[int] = Counter()
+        self.failures = 0
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def start(self) -> Sender:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as http:
+            while not self._stop.is_set():
+                with self._lock:
+                    ids = [next(self._ids) for _ in range(self.batch)]
+                body = payload(metrics=[tagged(i) for i in ids])
+                headers = {**INGEST, "Idempotency-Key": f"batch-{ids[0]}"}
+                for _ in range(200):
+                    try:
+                        r = http.post("/metrics", json=body, headers=headers)
+                    except httpx.HTTPError:
+                        with self._lock:
+                            self.failures += 1
+                        time.sleep(0.05)
+                        continue
+                    with self._lock:
+                        self.statuses[r.status_code] += 1
+                    if r.status_code == 200:
+                        with self._lock:
+                            self.acked += ids
+                        break
+                    time.sleep(0.05)
+
+
+def test_kill_9_of_a_replica_under_load_loses_and_duplicates_nothing(
+    tmp_path: Path, postgres_url: str, postgres_cluster: PostgresServer
+) -> None:
+    group = Replicas(tmp_path, postgres_url, 3).start()
+    try:
+        sender = Sender(group.url).start()
+        wait_for(lambda: len(sender.acked) >= 400, 60)
+        victim = group.services[1]
+        victim.kill9()
+        before = len(sender.acked)
+        wait_for(lambda: len(sender.acked) >= before + 400, 60)
+        sender.stop()
+    finally:
+        group.stop()
+    stored = stored_ids(postgres_cluster, postgres_url)
+    missing = [i for i in sender.acked if stored[i] == 0]
+    duplicated = [i for i, n in stored.items() if n > 1]
+    assert not missing, f"{len(missing)} acknowledged metrics missing, e.g. {missing[:5]}"
+    assert not duplicated, f"duplicated: {duplicated[:5]}"
+    assert len(sender.acked) >= 800
+    # Stored but never acknowledged: at most the batches in flight when the senders stopped.
+    assert len(set(stored) - set(sender.acked)) <= 4 * 20
+
+
+def test_a_shared_rate_limit_is_exact_across_three_replicas(
+    tmp_path: Path, postgres_url: str, redis_server: RedisServer
+) -> None:
+    env = {"METRICS_RATE_LIMIT": "40", "METRICS_RATE_LIMIT_STORAGE_URI": redis_server.url}
+    group = Replicas(tmp_path, postgres_url, 3, env=env).start()
+    try:
+        urls = [s.url for s in group.services]
+        counts = asyncio.run(burst(urls, 150))
+        assert counts == {200: 40, 429: 110}
+        through = httpx.post(f"{group.url}/metrics", json=payload(), headers=INGEST)
+        assert through.status_code == 429 and int(through.headers["retry-after"]) >= 1
+    finally:
+        group.stop()
+
+
+# -- PostgreSQL restarted under load ---------------------------------------------------------
+
+
+def test_postgres_restarted_under_load_503_with_retry_after_then_recovery(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    url = postgres_server.url()
+    service = replica(tmp_path, url, "r").start()
+    try:
+        sender = Sender(service.url, threads=3, batch=10).start()
+        wait_for(lambda: len(sender.acked) >= 200, 60)
+        postgres_server.stop()
+        down: list[httpx.Response] = []
+
+        def refused() -> bool:
+            r = httpx.post(f"{service.url}/metrics", json=payload(), headers=INGEST, timeout=30)
+            if r.status_code == 503:
+                down.append(r)
+            return bool(down)
+
+        wait_for(refused, 30, 0.1)
+        ready = httpx.get(f"{service.url}/ready", timeout=10)
+        assert ready.status_code == 503
+        assert int(down[0].headers["retry-after"]) >= 1
+        assert down[0].json()["error"]["code"]
+        postgres_server.start()
+        before = len(sender.acked)
+        wait_for(lambda: len(sender.acked) >= before + 200, 60)
+        wait_for(lambda: httpx.get(f"{service.url}/ready").status_code == 200, 30)
+        sender.stop()
+        assert service.proc is not None and service.proc.poll() is None
+    finally:
+        service.stop()
+    stored = stored_ids(postgres_server, url)
+    missing = [i for i in sender.acked if stored[i] == 0]
+    assert not missing, f"{len(missing)} acknowledged metrics missing"
+    assert not [i for i, n in stored.items() if n > 1]
+    assert sender.statuses[503] >= 1
