@@ -259,3 +259,37 @@ def test_postgres_restarted_under_load_503_with_retry_after_then_recovery(
     assert not missing, f"{len(missing)} acknowledged metrics missing"
     assert not [i for i, n in stored.items() if n > 1]
     assert sender.statuses[503] >= 1
+
+
+# -- Prometheus over every replica ----------------------------------------------------------
+
+
+def test_prometheus_sum_over_the_replicas_equals_the_rows_stored(
+    tmp_path: Path, postgres_url: str, postgres_cluster: PostgresServer
+) -> None:
+    from tests._prometheus import start_prometheus
+
+    group = Replicas(tmp_path, postgres_url, 3).start()
+    try:
+        with httpx.Client(base_url=group.url, headers=INGEST, timeout=10) as http:
+            for start in range(0, 300, 25):
+                body = payload(metrics=[tagged(i) for i in range(start, start + 25)])
+                assert http.post("/metrics", json=body).status_code == 200
+        database = postgres_url.rsplit("/", 1)[1]
+        rows = int(postgres_cluster.psql("SELECT count(*) FROM metrics", database=database))
+        tools = int(postgres_cluster.psql("SELECT count(*) FROM tool_metrics", database=database))
+        assert rows == 300
+        targets = [f"127.0.0.1:{s.prometheus_port}" for s in group.services]
+        with start_prometheus(tmp_path, targets) as prom:
+            prom.wait_for_series('up{job="target"} == 1')
+
+            def summed(promql: str) -> float | None:
+                return prom.value(promql)
+
+            wait_for(lambda: summed("sum(metrics_service_metrics_accepted_total)") == rows, 30)
+            assert summed("sum(mcp_tool_executions_total)") == tools
+            # Every replica took a share (round-robin): each one's counter is below the sum.
+            shares = prom.values("sum by (instance) (metrics_service_metrics_accepted_total)")
+            assert len(shares) == 3 and all(0 < v < rows for v in shares)
+    finally:
+        group.stop()
