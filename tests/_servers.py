@@ -30,11 +30,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests._helpers import ADMIN_KEY, INGEST_KEY, ServiceProcess, free_port, wait_for
+from tests._helpers import ADMIN_KEY, INGEST_KEY, ServiceProcess, db_rows, free_port, wait_for
 
 PG_USER = "metrics"
 PG_PASSWORD = "pg-test-secret-8d1e"
@@ -373,6 +374,30 @@ def _through(url: str) -> bool:
         return httpx.get(f"{url}/ready", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# -- reading what a test stored, on either backend -------------------------------------------
+
+
+def stored_rows(settings: Any, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` from the database ``settings`` point at: SQLite's file, or PostgreSQL
+    (``METRICS_DATABASE_URL``; asyncpg, ``$1``-style SQL). Plain SQL that both dialects read
+    the same (counts, columns) gives the same answer on both."""
+    url = getattr(settings, "database_url", None)
+    if not url:
+        return db_rows(settings.db_path, sql)
+    import asyncio
+
+    import asyncpg
+
+    async def fetch() -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [tuple(r) for r in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
 
 
 # -- fixtures (conftest.py loads this module as a plugin) ----------------------------------

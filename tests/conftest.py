@@ -40,9 +40,24 @@ def keyed_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METRICS_API_KEY_OTHER", OTHER_KEY)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module whose behaviour does not depend on the backend says ``BACKENDS = ("sqlite",
+    "postgresql")``: its tests that use ``settings`` (or ``client``) run once on each, the
+    PostgreSQL run on a new database of a real server (tests/_servers.py)."""
+    backends = getattr(metafunc.module, "BACKENDS", None)
+    if backends and "settings" in metafunc.fixturenames:
+        metafunc.parametrize("backend", backends, indirect=True)
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(db_path=tmp_path / "m.db", admin_api_key=ADMIN_KEY)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def settings(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Settings:
+    url = request.getfixturevalue("postgres_url") if backend == "postgresql" else None
+    return Settings(db_path=tmp_path / "m.db", admin_api_key=ADMIN_KEY, database_url=url)
 
 
 @pytest.fixture

@@ -14,6 +14,9 @@ from fastapi.testclient import TestClient
 from tests._analytics_seed import Seed, assert_same_bucket, make_seed, post_seed
 from tests._helpers import ADMIN_KEY, INGEST_KEY
 
+#: The same answers on either backend (tests/conftest.py).
+BACKENDS = ("sqlite", "postgresql")
+
 ADMIN = {"X-API-Key": ADMIN_KEY}
 H = {"X-API-Key": INGEST_KEY}
 VIEWS = (

@@ -22,6 +22,9 @@ from tests._analytics_seed import (
 )
 from tests._helpers import ADMIN_KEY, INGEST_KEY
 
+#: The same answers on either backend (tests/conftest.py).
+BACKENDS = ("sqlite", "postgresql")
+
 ADMIN = {"X-API-Key": ADMIN_KEY}
 H = {"X-API-Key": INGEST_KEY}
 #: Views whose answer always has rows (one summary row; a point per interval of the range).

@@ -15,6 +15,12 @@ from metrics_service import Settings, create_app
 from metrics_service.retention import pause_after
 from metrics_service.storage import TABLES
 from tests._helpers import ADMIN_KEY, INGEST_KEY, custom, db_rows, payload
+from tests._servers import stored_rows
+
+#: Policies and deletion by event time are the same on either backend (tests/conftest.py); the
+#: chunking tests build their own SQLite settings (PostgreSQL drops whole partitions instead:
+#: tests/test_postgres_backend.py).
+BACKENDS = ("sqlite", "postgresql")
 
 ADMIN = {"X-API-Key": ADMIN_KEY}
 H = {"X-API-Key": INGEST_KEY}
@@ -69,10 +75,10 @@ def test_retention_deletes_by_event_time_with_dry_run_first(
     dry = client.post("/admin/retention/cleanup?dry_run=true", headers=ADMIN).json()
     custom_row = next(t for t in dry["tables"] if t["table"] == "custom_metrics")
     assert dry["dry_run"] is True and custom_row["rows"] == 2
-    assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(5,)]
+    assert stored_rows(settings, "SELECT count(*) FROM custom_metrics") == [(5,)]
     done = client.post("/admin/retention/cleanup?dry_run=false", headers=ADMIN).json()
     assert next(t for t in done["tables"] if t["table"] == "custom_metrics")["rows"] == 2
-    assert db_rows(settings.db_path, "SELECT value FROM custom_metrics ORDER BY value") == [
+    assert stored_rows(settings, "SELECT value FROM custom_metrics ORDER BY value") == [
         (2.0,),
         (3.0,),
         (4.0,),
@@ -102,7 +108,7 @@ def test_disabled_policy_deletes_nothing(client: TestClient, settings: Settings)
         headers=ADMIN,
     )
     client.post("/admin/retention/cleanup?dry_run=false", headers=ADMIN)
-    assert db_rows(settings.db_path, "SELECT count(*) FROM custom_metrics") == [(1,)]
+    assert stored_rows(settings, "SELECT count(*) FROM custom_metrics") == [(1,)]
 
 
 def test_a_backlog_is_deleted_with_commits_of_new_metrics_between_its_chunks(

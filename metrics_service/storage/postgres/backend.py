@@ -28,6 +28,7 @@ from metrics_service.storage.postgres import rollups as pg_rollups
 from metrics_service.storage.postgres._conn import Conn
 from metrics_service.storage.postgres.migrations import TABLE_OF_TYPE, TABLES, row_columns
 from metrics_service.storage.postgres.partitions import Partitions
+from metrics_service.storage.postgres.partitions import name as partition_name
 from metrics_service.storage.rollups import DAY_MS
 
 if TYPE_CHECKING:
@@ -421,21 +422,18 @@ class Backend:
                 dropped = 0
                 for partition in await self.partitions.expired(conn, table, before_ms):
                     dropped += await self.partitions.drop(conn, table, partition)
-                if dropped:
-                    return dropped
                 day = before_ms - before_ms % DAY_MS
                 if (table, day) not in self.partitions.known:
-                    return 0
-                from metrics_service.storage.postgres.partitions import name
-
-                part = name(table, day)
+                    return dropped
+                part = partition_name(table, day)
                 status = await conn.execute(
                     f"DELETE FROM {part} WHERE ctid IN"
                     f" (SELECT ctid FROM {part} WHERE ts < $1 LIMIT $2)",
                     before_ms,
                     limit,
                 )
-                return int(status.split()[-1])
+                # Fewer than ``limit`` in all: nothing older is left.
+                return dropped + int(status.split()[-1])
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
 
