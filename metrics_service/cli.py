@@ -97,6 +97,16 @@ def _parser() -> argparse.ArgumentParser:
         "drop-reference",
         help="drop the reference_* tables left by adopting an MCP Gateway Registry database",
     )
+    copy = db.add_parser(
+        "copy-to-postgres",
+        help="copy the SQLite database at SQLITE_DB_PATH (its metrics, rollups, keys and "
+        "policies) into an empty PostgreSQL database",
+    )
+    copy.add_argument(
+        "--to",
+        metavar="URL",
+        help="postgresql://user:password@host:5432/db (default: METRICS_DATABASE_URL)",
+    )
     sql = db.add_parser(
         "reference-sql",
         help="the text timestamp column the MCP Gateway Registry's documented SQL reads "
@@ -324,6 +334,36 @@ def _check_ports(settings: Settings) -> None:
                 raise ConfigError(f"cannot listen on {host}:{port} ({variable}): {exc}") from exc
 
 
+def _copy_to_postgres(settings: Settings, to: str | None) -> int:
+    """``db copy-to-postgres``: SQLITE_DB_PATH into ``to`` (or METRICS_DATABASE_URL)."""
+    from metrics_service.storage.backend import parse_database_url
+
+    url = parse_database_url(to or settings.database_url)
+    if url is None or url.scheme != "postgresql":
+        raise ConfigError(
+            "db copy-to-postgres needs a PostgreSQL URL: --to postgresql://... or "
+            "METRICS_DATABASE_URL"
+        )
+    if not settings.db_path.exists():
+        raise ConfigError(f"SQLITE_DB_PATH: no SQLite database at {settings.db_path}")
+    from metrics_service.storage.postgres import Backend
+    from metrics_service.storage.postgres.copy import copy_from_sqlite
+
+    async def copy() -> dict[str, int]:
+        backend = Backend(settings, url)
+        await backend.open()
+        try:
+            return await copy_from_sqlite(settings.db_path, backend)
+        finally:
+            await backend.close()
+
+    copied = asyncio.run(copy())
+    for table, rows in copied.items():
+        print(f"{table}: {rows} rows")
+    print(f"copied {settings.db_path} into {url.redacted}")
+    return 0
+
+
 def _check_database(settings: Settings) -> None:
     """Open (and migrate) the database ``METRICS_DATABASE_URL`` names before serving, so that a
     server that cannot be reached fails start-up with one line naming the variable (a
@@ -406,12 +446,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _drop_reference(settings)
         if args.db_command == "reference-sql":
             return _reference_sql(settings, args.state)
+        if args.db_command == "copy-to-postgres":
+            return _copy_to_postgres(settings, args.to)
         stats = _with_storage(settings, lambda storage: storage.stats())
         if args.json:
             print(json.dumps(stats, indent=2))
         else:
             print(f"database {stats['path']} (schema version {stats['schema_version']})")
-            print(f"file {stats['file_bytes']} bytes, WAL {stats['wal_bytes']} bytes")
+            if "file_bytes" in stats:
+                print(f"file {stats['file_bytes']} bytes, WAL {stats['wal_bytes']} bytes")
+            else:
+                print(f"{stats['database_bytes']} bytes in {stats['partitions']} partitions")
             for table, count in stats["rows"].items():
                 print(f"  {table}: {count} rows")
         return 0
