@@ -232,7 +232,9 @@ def test_prometheus_scrapes_every_instrument_with_its_labels(stack: ScrapedServi
     assert v("mcp_tool_discovery_embedding_duration_seconds_sum") == pytest.approx(0.024)
     assert v("mcp_tool_discovery_search_duration_seconds_sum") == pytest.approx(0.006)
     assert (
-        v('mcp_protocol_latency_seconds_count{flow_step="initialize->tools/call",server_name="srv"}')
+        v(
+            'mcp_protocol_latency_seconds_count{flow_step="initialize->tools/call",server_name="srv"}'
+        )
         == 1
     )
     assert v('mcp_health_checks_total{server_name="srv",healthy="true",status_code="200"}') == 2
