@@ -314,6 +314,25 @@ def test_semconv_dashboard_uses_only_the_conventions_names() -> None:
     assert names <= semconv, names - semconv
 
 
+#: A matcher on a boolean label (``success``, ``healthy``).
+BOOL_MATCHER = re.compile(r'\b(success|healthy)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+
+
+def test_boolean_labels_are_matched_in_both_spellings() -> None:
+    """``METRICS_OTEL_BOOL_LABELS=capitalized`` (for the reference's dashboard) must not empty
+    ours: every matcher on ``success``/``healthy`` takes ``true|True`` or ``false|False``."""
+    queries = [(f"{n}: {w}", e) for n in DASHBOARDS for w, e in targets(load(n))]
+    queries += [(f"rule {a}", e) for a, e in rule_exprs()]
+    matchers = [(where, m.groups()) for where, e in queries for m in BOOL_MATCHER.finditer(e)]
+    assert len(matchers) >= 9, matchers
+    bad = [
+        (where, g)
+        for where, g in matchers
+        if g[1:] not in {("=~", "true|True"), ("=~", "false|False")}
+    ]
+    assert not bad, bad
+
+
 def test_metric_names_are_found_in_queries() -> None:
     """The name extraction that the exported-names check relies on."""
     assert metric_names(
@@ -658,7 +677,7 @@ def test_dashboards_and_rules_use_only_exported_metrics(stack: Stack) -> None:
 
 #: Every query that shows failures: on a service without any, each must return 0.
 _ERROR_QUERY = re.compile(
-    r'rejected|failures|rate_limited|deleted_rows|success="false"|healthy="false"|error_type!=""'
+    r'rejected|failures|rate_limited|deleted_rows|(success|healthy)=~"false\|False"|error_type!=""'
 )
 
 
