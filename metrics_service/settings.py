@@ -253,7 +253,7 @@ def load_settings(**overrides: Any) -> Settings:
         for err in exc.errors():
             loc = str(err["loc"][0]) if err["loc"] else "?"
             var = names.get(loc, loc.upper())
-            if loc == "database_url":  # the message shows it redacted; never the password
+            if var == "METRICS_DATABASE_URL":  # the message shows it redacted, not the password
                 problems.append(f"{var}: {err['msg']}")
                 continue
             problems.append(f"{var}: {err['msg']} (got {err.get('input')!r})")
