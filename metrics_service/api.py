@@ -162,7 +162,19 @@ def client_address(request: Request) -> str:
     )
 
 
-APIKey = Annotated[str | None, Header(alias="X-API-Key", description="The caller's API key.")]
+def _presented_key(
+    x_api_key: Annotated[
+        str | None, Header(alias="X-API-Key", description="The caller's API key.")
+    ] = None,
+    authorization: Annotated[
+        str | None,
+        Header(description="`Bearer <key>`: the same key, in the form OTLP exporters send."),
+    ] = None,
+) -> str | None:
+    return auth.presented_key(x_api_key, authorization)
+
+
+APIKey = Annotated[str | None, Depends(_presented_key)]
 
 
 async def admin_principal(request: Request, x_api_key: APIKey = None) -> auth.Principal:
@@ -272,11 +284,13 @@ class IngestEndpoint:
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         """Store the valid metrics of the batch; report each rejected one by index, field and
         rule."""
-        api_key = content_type = encoding = length = idempotency_key = None
+        api_key = authorization = content_type = encoding = length = idempotency_key = None
         forwarded: list[str] = []
         for name, value in scope["headers"]:
             if name == b"x-api-key":
-                api_key = api_key or value.decode("latin-1")
+                api_key = api_key or value
+            elif name == b"authorization":
+                authorization = authorization or value
             elif name == b"x-forwarded-for":
                 forwarded.append(value.decode("latin-1"))
             elif name == b"content-type":
@@ -289,7 +303,9 @@ class IngestEndpoint:
                 idempotency_key = idempotency_key or value
         peer = scope.get("client")
         client = app.authenticator.client_address(peer[0] if peer else None, forwarded)
-        principal = await app.authenticator.authenticate(api_key, client, "ingest")
+        principal = await app.authenticator.authenticate(
+            auth.presented_key(api_key, authorization), client, "ingest"
+        )
         decision = await app.limiter.hit(
             "key",
             str(principal.key_id),
@@ -734,6 +750,13 @@ _INGEST_OPERATION: dict[str, Any] = {
             "in": "header",
             "required": False,
             "description": "The caller's API key.",
+            "schema": {"type": "string"},
+        },
+        {
+            "name": "Authorization",
+            "in": "header",
+            "required": False,
+            "description": "`Bearer <key>`: the same key, in the form OTLP exporters send.",
             "schema": {"type": "string"},
         },
         {

@@ -44,6 +44,20 @@ ROLES = ("ingest", "admin", "viewer")
 FAILURE_REASONS = ("missing_key", "unknown_key", "wrong_role", "wrong_service", "throttled")
 
 
+def presented_key(x_api_key: str | bytes | None, authorization: str | bytes | None) -> str | None:
+    """The key a request presents: ``X-API-Key``, else the token of ``Authorization: Bearer``
+    (the form OpenTelemetry exporters and most HTTP clients send). Any other scheme presents no
+    key, so the 401 names the header to use."""
+    if x_api_key:
+        return x_api_key.decode("latin-1") if isinstance(x_api_key, bytes) else x_api_key
+    if not authorization:
+        return None
+    value = authorization.decode("latin-1") if isinstance(authorization, bytes) else authorization
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
@@ -198,7 +212,7 @@ class KeyTable:
 
 
 class Authenticator:
-    """Checks ``X-API-Key``; throttles failed attempts per client address.
+    """Checks the presented key (``presented_key``); throttles failed attempts per client address.
 
     A valid key is never throttled: behind a load balancer or NAT many clients share an address,
     and one of them guessing must not lock the others out. Keys are 256 random bits (or long
@@ -287,8 +301,10 @@ class Authenticator:
                     headers={"Retry-After": str(decision.retry_after_s)},
                 )
             raise Unauthorized(
-                "missing API key" if not presented else "unknown or revoked API key",
-                headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'},
+                "missing API key: send it as X-API-Key: <key> (or Authorization: Bearer <key>)"
+                if not presented
+                else "unknown or revoked API key",
+                headers={"WWW-Authenticate": 'ApiKey header="X-API-Key", Bearer'},
             )
         if principal.role not in roles:
             self._on_failure("wrong_role")

@@ -114,11 +114,11 @@ def _auth_app(tmp_path: Path, **settings: Any) -> Any:
     return create_app(Settings(db_path=tmp_path / "m.db", auth_failure_limit_per_min=3, **settings))
 
 
-def _guess(c: TestClient, forwarded_for: str | None = None) -> int:
+def _guess(c: TestClient, forwarded_for: str | None = None, path: str = "/metrics") -> int:
     headers = {"X-API-Key": "mcpm_" + "G" * 43}
     if forwarded_for is not None:
         headers["X-Forwarded-For"] = forwarded_for
-    return c.post("/metrics", json=payload(), headers=headers).status_code
+    return c.post(path, json=payload(), headers=headers).status_code
 
 
 def test_a_valid_key_passes_the_failed_auth_throttle_of_its_address(
@@ -132,23 +132,45 @@ def test_a_valid_key_passes_the_failed_auth_throttle_of_its_address(
         assert _guess(c) == 429  # the bad client on that address is still refused
 
 
+@pytest.mark.parametrize("path", ["/metrics", "/v1/traces"])
 def test_forwarded_for_names_the_client_only_behind_a_trusted_proxy(
-    tmp_path: Path, keyed_env: None
+    tmp_path: Path, keyed_env: None, path: str
 ) -> None:
     proxy = ("10.1.2.3", 40000)
     with TestClient(
         _auth_app(tmp_path, trusted_proxies="10.0.0.0/8, 192.0.2.1"), client=proxy
     ) as c:
         # Behind the proxy, each client has its own budget of failures.
-        assert [_guess(c, "198.51.100.1") for _ in range(4)] == [401, 401, 401, 429]
-        assert _guess(c, "198.51.100.2") == 401
+        assert [_guess(c, "198.51.100.1", path) for _ in range(4)] == [401, 401, 401, 429]
+        assert _guess(c, "198.51.100.2", path) == 401
         # The client's own X-Forwarded-For entries left of it do not help it: the rightmost
         # entry that is not a trusted proxy is the client.
-        assert _guess(c, "198.51.100.9, 198.51.100.1") == 429
-        assert _guess(c, "198.51.100.1, 192.0.2.1") == 429  # through a second trusted proxy
+        assert _guess(c, "198.51.100.9, 198.51.100.1", path) == 429
+        assert _guess(c, "198.51.100.1, 192.0.2.1", path) == 429  # through a second proxy
     with TestClient(
         _auth_app(tmp_path / "untrusted", trusted_proxies="192.0.2.1"), client=proxy
     ) as c:
         # From a peer that is not a trusted proxy, the header is the client's word: ignored.
         codes = [_guess(c, f"198.51.100.{i}") for i in range(4)]
         assert codes == [401, 401, 401, 429]
+
+
+def test_a_bearer_key_is_the_same_key_on_every_endpoint(tmp_path: Path, keyed_env: None) -> None:
+    """``Authorization: Bearer <key>`` (the OTLP exporters' form) works where X-API-Key does;
+    another scheme presents no key and the 401 says which header to send."""
+    with TestClient(_auth_app(tmp_path)) as c:
+        bearer = {"Authorization": f"Bearer {INGEST_KEY}"}
+        r = c.post("/metrics", json=payload(), headers=bearer)
+        assert r.status_code == 200 and r.json()["accepted"] == 1
+        assert c.get("/rate-limit", headers=bearer).json()["service"] == "svc"
+        # X-API-Key wins when both are sent: the Bearer token here is not a key.
+        both = {"X-API-Key": INGEST_KEY, "Authorization": "Bearer not-a-key"}
+        assert c.post("/metrics", json=payload(), headers=both).status_code == 200
+        for headers in ({"Authorization": f"Basic {INGEST_KEY}"}, {"Authorization": "Bearer "}):
+            r = c.post("/metrics", json=payload(), headers=headers)
+            assert r.status_code == 401
+            assert "X-API-Key" in r.json()["error"]["message"]
+            assert r.headers["WWW-Authenticate"] == 'ApiKey header="X-API-Key", Bearer'
+        r = c.get("/analytics/summary", headers={"Authorization": "Bearer wrong-wrong-wrong"})
+        assert r.status_code == 401 and r.json()["error"]["message"] == "unknown or revoked API key"
+    assert db_rows(tmp_path / "m.db", "SELECT count(*) FROM custom_metrics") == [(2,)]

@@ -15,6 +15,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from starlette.types import Receive, Scope, Send
 
 from metrics_service.api import ClientGone, read_body
+from metrics_service.auth import presented_key
 from metrics_service.errors import (
     ApiError,
     BadRequest,
@@ -99,21 +100,24 @@ class TracesEndpoint:
     async def export(
         app: AppState, scope: Scope, receive: Receive, as_json: bool
     ) -> tuple[int, bytes, dict[str, str]]:
-        api_key = encoding = length = None
+        api_key = authorization = encoding = length = None
+        forwarded: list[str] = []
         for name, value in scope["headers"]:
             if name == b"x-api-key":
-                api_key = api_key or value.decode("latin-1")
-            elif name == b"authorization" and api_key is None:
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                if scheme.lower() == "bearer" and token.strip():
-                    api_key = token.strip()
+                api_key = api_key or value
+            elif name == b"authorization":
+                authorization = authorization or value
+            elif name == b"x-forwarded-for":
+                forwarded.append(value.decode("latin-1"))
             elif name == b"content-encoding":
                 encoding = encoding or value.strip().lower()
             elif name == b"content-length":
                 length = length or value
-        client = scope.get("client")
+        peer = scope.get("client")
         principal = await app.authenticator.authenticate(
-            api_key, client[0] if client else "unknown", "ingest"
+            presented_key(api_key, authorization),
+            app.authenticator.client_address(peer[0] if peer else None, forwarded),
+            "ingest",
         )
         decision = await app.limiter.hit(
             "key",
