@@ -15,13 +15,15 @@ validated as the service does) go into a fresh database (``synchronous=FULL``, W
 
 While the commits run, the event loop also serves ``--tickers`` coroutines that wake every
 millisecond, standing in for the requests the loop serves meanwhile. Reported per way: commits/s,
-metrics/s, event-loop CPU and total process CPU per metric (median of ``--runs``).
+metrics/s, event-loop CPU and total process CPU per metric (median of ``--runs``). After each
+run both databases are checked to hold every metric and identical rollup tables (exit 1 if not).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -36,11 +38,13 @@ from _workload import bodies
 
 from metrics_service.settings import Settings
 from metrics_service.storage import rollups
+from metrics_service.storage.schema import TABLES
 from metrics_service.storage.sqlite import SqliteBackend, database
 from metrics_service.storage.sqlite import rollups as sqlite_rollups
 from metrics_service.validation import Validator
 
 Parts = list[dict[str, list[tuple[Any, ...]]]]
+CUBES = rollups.TABLES
 
 
 def workload(batch: int, parts: int, commits: int) -> list[Parts]:
@@ -100,6 +104,17 @@ async def _measure(way: str, path: Path, commits: list[Parts], tickers: int) -> 
     }
 
 
+def _contents(path: Path) -> tuple[int, dict[str, list[tuple[Any, ...]]]]:
+    """Raw rows stored, and every rollup table's rows."""
+    conn = sqlite3.connect(path)
+    try:
+        stored = sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES)
+        cubes = {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2, 3").fetchall() for t in CUBES}
+    finally:
+        conn.close()
+    return stored, cubes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", default="100,1", help="metrics per request")
@@ -108,20 +123,24 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tickers", type=int, default=16)
     args = parser.parse_args()
-    print("batch way        commits/s  metrics/s  loop CPU us/metric  CPU us/metric")
+    print("batch way        commits/s  metrics/s  loop CPU us/metric  CPU us/metric  stored")
     for batch in (int(b) for b in args.batch.split(",")):
         commits = workload(batch, args.parts, args.commits)
         results: dict[str, list[dict[str, float]]] = {"thread": [], "aiosqlite": []}
+        metrics = sum(len(r) for parts in commits for p in parts for r in p.values())
         for run in range(args.runs):
-            for way in results:  # alternating, so that drift hits both
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / f"{way}-{run}.db"
+            with tempfile.TemporaryDirectory() as tmp:
+                paths = {way: Path(tmp) / f"{way}.db" for way in results}
+                for way, path in paths.items():  # alternating, so that drift hits both
                     results[way].append(asyncio.run(_measure(way, path, commits, args.tickers)))
+                contents = {way: _contents(path) for way, path in paths.items()}
+            if contents["thread"] != contents["aiosqlite"] or contents["thread"][0] != metrics:
+                sys.exit(f"batch {batch}, run {run}: the two ways stored different data")
         for way, runs in results.items():
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             rates = f"{med['commits_per_s']:>10,.0f} {med['metrics_per_s']:>10,.0f}"
             cpu = f"{med['loop_cpu_us_per_metric']:>19.1f} {med['cpu_us_per_metric']:>14.1f}"
-            print(f"{batch:>5} {way:<10} {rates} {cpu}")
+            print(f"{batch:>5} {way:<10} {rates} {cpu} {metrics:>7}")
 
 
 if __name__ == "__main__":
