@@ -213,8 +213,7 @@ FIRST_TYPED = len(COMMON)
 
 
 def row_positions(kind: str) -> dict[str, int]:
-    """Column name -> position in a row of ``kind`` (the typed and common columns; the JSON
-    columns are the last two)."""
+    """Column name -> position in a row of ``kind``, every column (the two JSON columns last)."""
     return FAMILY[kind].positions
 
 
