@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._workload import bodies
 from metrics_service import Settings, storage
 from metrics_service.analytics import queries
-from metrics_service.storage import rollups
+from metrics_service.storage import rollups, schema
 from metrics_service.storage.sqlite import SyncReader
 from metrics_service.storage.sqlite import rollups as sqlite_rollups
 from metrics_service.validation import Validator
@@ -48,8 +48,8 @@ def _row(kind: str, **values: Any) -> tuple[Any, ...]:
     """A row in the layout ``validation`` builds for ``kind`` (positions by column name, so new
     columns need no change here): the named columns, NULL elsewhere, no dimensions or metadata
     JSON."""
-    positions = rollups.row_positions(kind)
-    row: list[Any] = [None] * (len(positions) + 2)
+    positions = schema.row_positions(kind)
+    row: list[Any] = [None] * len(schema.FAMILY[kind].columns)
     for name, value in values.items():
         row[positions[name]] = value
     return tuple(row)

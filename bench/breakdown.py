@@ -5,10 +5,10 @@
 Starts ``metrics-service serve`` (default settings, fresh temporary database) in a child
 process pinned to ``--server-cpu``, with thread-CPU timers around the stages of the ingest path:
 validation (``Validator.decode``), the OpenTelemetry recording (``Telemetry.on_commit``), the
-insert of the raw rows and the rollup maintenance (both on the writer thread, inside
-``storage.insert_rows``). Everything else (HTTP, auth, rate limiting, the write queue, the event
-loop, garbage collection) is the process's CPU time minus those. Drives it like ``ingest.py``
-and prints microseconds of CPU per metric for each stage.
+insert of the raw rows and the rollup maintenance (both on the SQLite backend's writer thread,
+inside ``storage/sqlite/database.insert_rows``). Everything else (HTTP, auth, rate limiting, the
+write queue, the event loop, garbage collection) is the process's CPU time minus those. Drives
+it like ``ingest.py`` and prints microseconds of CPU per metric for each stage.
 """
 
 from __future__ import annotations

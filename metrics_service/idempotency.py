@@ -94,9 +94,9 @@ class Stored:
 class Claim:
     """A key to claim in the transaction that stores its batch's rows.
 
-        ``storage.insert_rows`` sets ``existing`` when the key was already committed (by another
-        process sharing the database, or by an attempt that finished after this one looked): the
-    XX
+    ``StorageBackend.insert_batches`` sets ``existing`` when the key was already committed (by
+    another process sharing the database, or by an attempt that finished after this one looked):
+    then the batch's rows are not stored again.
     """
 
     service: str

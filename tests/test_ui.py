@@ -6,7 +6,6 @@ Screenshots are saved under the test's tmp_path."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import time
@@ -17,9 +16,8 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 import pytest
 
-from metrics_service import Settings, auth, storage
 from tests._analytics_seed import handshakes, make_seed
-from tests._helpers import INGEST_KEY, OTHER_KEY, ServiceProcess
+from tests._helpers import INGEST_KEY, OTHER_KEY, ServiceProcess, cli
 
 LOAD_MS = 15_000
 NOTHING = "\N{EN DASH}"  # what the page shows for a value the API answers null
@@ -173,16 +171,9 @@ READ_PAGE = """() => {
 
 
 def viewer_key(service: ServiceProcess) -> str:
-    async def create() -> str:
-        backend = storage.create_backend(Settings(db_path=service.db_path))
-        await backend.open()
-        try:
-            key, _ = await auth.create_key(backend, service=None, role="viewer", source="cli")
-        finally:
-            await backend.close()
-        return key
-
-    return asyncio.run(create())
+    created = cli(service.db_path, "keys", "create", "--role", "viewer")
+    assert created.returncode == 0, created.stderr
+    return next(w for w in created.stdout.split() if w.startswith("mcpm_"))
 
 
 def post(service: ServiceProcess, metrics: list[dict[str, Any]], key: str = INGEST_KEY) -> None:

@@ -10,9 +10,10 @@ telemetry read values by the positions computed here. A row of family ``kind`` i
 - ``family.metadata``: the typed columns filled from ``metadata`` (tool executions only);
 - the two JSON columns: the dimensions without a typed column, and the metadata as sent.
 
-Adding a typed column is one ``Column(...)`` line here (with ``since`` the schema version that
-adds it) plus that version's entry in each backend's migration list, which takes the column
-from here (``added_in``): validation, inserts, rollups and telemetry follow by position.
+Adding a typed column is one ``Column(...)`` line here, with ``since`` the next schema version:
+each backend generates that version's migration from ``added_in`` (SQLite:
+``storage/sqlite/migrations.py``, ``typed_columns_migration``), and validation, inserts, the
+``metrics`` view, rollups and telemetry follow by name and position.
 Nothing here imports a database driver; ``tests/test_storage_seam.py`` checks that every
 consumer agrees with this registry and with the tables the SQLite migrations create.
 """
@@ -212,9 +213,13 @@ FIRST_TYPED = len(COMMON)
 
 
 def row_positions(kind: str) -> dict[str, int]:
-    """Column name -> position in a row of ``kind`` (the typed and common columns; the JSON
-    columns are the last two)."""
+    """Column name -> position in a row of ``kind``, every column (the two JSON columns last)."""
     return FAMILY[kind].positions
+
+
+def versions() -> list[int]:
+    """The schema versions that add typed columns, in order."""
+    return sorted({c.since for f in FAMILIES for c in (*f.dimensions, *f.metadata)})
 
 
 def added_in(version: int) -> list[tuple[str, Column]]:

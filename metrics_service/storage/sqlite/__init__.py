@@ -31,7 +31,7 @@ import aiosqlite
 
 from metrics_service.errors import StorageError
 from metrics_service.storage import rollups as shared
-from metrics_service.storage.backend import Aggregate, KeyRecord, Part, Policy
+from metrics_service.storage.backend import Aggregate, KeyRecord, Part, Policy, Reader
 from metrics_service.storage.schema import TABLES
 from metrics_service.storage.sqlite import admin, database, keys, reference
 from metrics_service.storage.sqlite import idempotency as idem
@@ -368,7 +368,7 @@ class SqliteBackend:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    async def analytics(self, view: Callable[[_AioReader], Awaitable[T]]) -> T:
+    async def analytics(self, view: Callable[[Reader], Awaitable[T]]) -> T:
         async with self._read("analytics query") as conn:
             # One read transaction: every query of the view sees the same commits.
             await conn.execute("BEGIN")

@@ -40,7 +40,7 @@ async def idempotency_lookup(
     conn: aiosqlite.Connection, service: str, key: str, window_s: float
 ) -> Stored | None:
     row = await one(conn, idempotency.LOOKUP_SQL, (service, key, idempotency.cutoff_of(window_s)))
-    return idempotency.stored(None if row is None else tuple(row))
+    return idempotency.stored(row)
 
 
 def _iso_ms(ms: int | None) -> str | None:

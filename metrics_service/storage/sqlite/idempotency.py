@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from metrics_service.idempotency import Claim, Stored
 
@@ -43,13 +44,11 @@ def cutoff_of(window_s: float) -> int:
     return int((time.time() - window_s) * 1000)
 
 
-def stored(row: tuple[object, ...] | None) -> Stored | None:
+def stored(row: Sequence[Any] | None) -> Stored | None:
+    """A record from a ``LOOKUP_SQL`` row."""
     if row is None:
         return None
-    fingerprint, status, response = row
-    assert isinstance(fingerprint, str) and isinstance(status, int)
-    assert isinstance(response, bytes)
-    return Stored(fingerprint, int(status), bytes(response))
+    return Stored(str(row[0]), int(row[1]), bytes(row[2]))
 
 
 def lookup(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sqlite3
 import time
 
+from metrics_service.storage import schema
 from metrics_service.storage.sqlite import rollups
 from metrics_service.storage.sqlite.transaction import write_transaction
 
@@ -112,6 +113,10 @@ def _view_v5(tool_extra: str = "") -> str:
         ),
         ("custom", "custom_metrics", ""),
     ]
+    return _view(parts)
+
+
+def _view(parts: list[tuple[str, str, str]]) -> str:
     selects = []
     for kind, table, typed in parts:
         selects.append(
@@ -318,6 +323,51 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     ),
 ]
 
+
+def registry_view() -> str:
+    """The ``metrics`` view built from the column registry (``storage/schema.py``): every
+    family's typed dimension columns. It is the view of migration 7 exactly (a test says so);
+    the generated migrations below rebuild the view with it."""
+    return _view(
+        [
+            (
+                f.kind,
+                f.table,
+                ", ".join(
+                    f"'{c.name}', {_bool(c.name) if c.kind == 'bool' else c.name}"
+                    for c in f.dimensions
+                ),
+            )
+            for f in schema.FAMILIES
+        ]
+    )
+
+
+def typed_columns_migration(version: int) -> list[str]:
+    """A migration generated from the column registry: the typed columns it marks ``since``
+    ``version``, and the ``metrics`` view rebuilt with them."""
+    return [
+        *(
+            f"ALTER TABLE {table} ADD COLUMN {c.name} {c.sql_type.upper()}"
+            for table, c in schema.added_in(version)
+        ),
+        "DROP VIEW metrics",
+        registry_view(),
+    ]
+
+
+#: The last migration written out above; a typed column added to the registry with a later
+#: ``since`` gets its migration generated (adding a typed column is a change in one place).
+WRITTEN_VERSION = MIGRATIONS[-1][0]
+MIGRATIONS += [
+    (
+        version,
+        "typed columns " + ", ".join(f"{t}.{c.name}" for t, c in schema.added_in(version)),
+        typed_columns_migration(version),
+    )
+    for version in schema.versions()
+    if version > WRITTEN_VERSION
+]
 LATEST_VERSION = MIGRATIONS[-1][0]
 
 
