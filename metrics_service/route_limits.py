@@ -3,7 +3,7 @@
 The regular routes are the FastAPI ones: ``/analytics/*``, ``/admin/*``, ``/rate-limit``,
 ``/flush``, ``/``, ``/ui`` and its assets, ``/docs``. Each request spends
 
-- its key's budget, when it presents a known key (``X-API-Key`` or ``Authorization: Bearer``):
+- its key's budget, when it presents a key (``X-API-Key`` or ``Authorization: Bearer``):
   ``METRICS_ANALYTICS_RATE_LIMIT`` shared by every analytics view (the expensive queries), or
   ``METRICS_ROUTE_RATE_LIMIT`` shared by the admin routes, ``/rate-limit`` and ``/flush``;
 - and its client address's budget, ``METRICS_ROUTE_RATE_LIMIT_PER_ADDRESS``, shared by every
@@ -92,29 +92,28 @@ def route_class(path: str) -> str | None:
     return "page"
 
 
-def _principal(request: Request) -> auth.Principal | None:
-    """The active key the request presents, from the in-memory key table (no database, no
-    failure counted: authentication proper comes after, in the endpoint)."""
-    cached = request.scope.get("route_limits.principal", False)
+def _presented_hash(request: Request) -> str | None:
+    """The key the request presents, as the digest the key table stores (never the secret)."""
+    cached = request.scope.get("route_limits.key", False)
     if cached is not False:
-        return cast("auth.Principal | None", cached)
+        return cast("str | None", cached)
     presented = auth.presented_key(
         request.headers.get("x-api-key"), request.headers.get("authorization")
     )
-    principal = state(request).keys.lookup(presented) if presented else None
-    request.scope["route_limits.principal"] = principal
-    return principal
+    digest = auth.hash_key(presented)[:32] if presented else None
+    request.scope["route_limits.key"] = digest
+    return digest
 
 
 def _key_of(request: Request) -> str:
-    principal = _principal(request)
-    return f"key:{principal.key_id}" if principal is not None else "none"
+    # By the presented key, not by the key table: the bucket is the same on every replica
+    # whether or not it has loaded a new key yet, and nothing is looked up before auth.
+    return f"key:{_presented_hash(request)}"
 
 
-def _no_known_key(request: Request) -> bool:
-    # A missing or unknown key spends no key budget: the address budget and the failed-auth
-    # throttle bound those requests.
-    return _principal(request) is None
+def _no_key(request: Request) -> bool:
+    # No key, no key budget: the address budget (and the failed-auth throttle) bound these.
+    return _presented_hash(request) is None
 
 
 def _address_of(request: Request) -> str:
@@ -122,7 +121,8 @@ def _address_of(request: Request) -> str:
 
 
 class _OncePerInterval(logging.Filter):
-    """Passes one record of slowapi's swallowed storage errors per interval."""
+    """Passes one record of slowapi's swallowed storage errors per interval, and none of its
+    warnings about each refused request."""
 
     def __init__(self, interval_s: float) -> None:
         super().__init__()
@@ -130,7 +130,10 @@ class _OncePerInterval(logging.Filter):
         self._last = -math.inf
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if "Swallowing error" not in record.getMessage():
+        message = record.getMessage()
+        if "exceeded at endpoint" in message:
+            return False  # every 429 would log a warning; the ingest limiter logs none either
+        if "Swallowing error" not in message:
             return True
         now = time.monotonic()
         if now - self._last < self._interval_s:
@@ -196,7 +199,7 @@ class RouteLimits:
             scope=budget.scope,
             key_func=key_func,
             error_message=budget.message,
-            exempt_when=_no_known_key if budget.subject == "key" else None,
+            exempt_when=_no_key if budget.subject == "key" else None,
         )
         return cast("Callable[[Guard], Guard]", decorator)
 
@@ -206,6 +209,9 @@ class RouteLimits:
         path = getattr(route, "path", request.url.path)
         kind = route_class(path)
         if kind is not None:
+            # slowapi reads it after the guard even when a storage error was swallowed before
+            # it was set (an AttributeError, a 500, instead of failing open).
+            request.state.view_rate_limit = None
             await self._guards[kind](request)
 
     def retry_after_s(self, request: Request, item: RateLimitItem) -> tuple[int, int]:
