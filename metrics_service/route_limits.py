@@ -44,7 +44,7 @@ from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
 
 from metrics_service import auth
-from metrics_service.api import client_address, error_response, state
+from metrics_service.api import client_address, error_response
 from metrics_service.errors import RateLimited
 from metrics_service.settings import Settings
 
