@@ -206,7 +206,7 @@ class RouteLimits:
     async def check(self, request: Request) -> None:
         """Spend the request's budgets; raises slowapi's ``RateLimitExceeded`` when one is out."""
         route = request.scope.get("route")
-        path = getattr(route, "path", request.url.path)
+        path = getattr(route, "path", None) or request.scope.get("path", "")
         kind = route_class(path)
         if kind is not None:
             # slowapi reads it after the guard even when a storage error was swallowed before

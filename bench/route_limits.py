@@ -1,0 +1,179 @@
+"""What a limit check costs: the ingest path's direct ``limits`` check (asyncio storage) next to
+the regular routes' slowapi guard (synchronous storage), on memory and on a real redis-server.
+
+    .venv/bin/python bench/route_limits.py [--checks 20000] [--concurrency 16] [--redis-url URL]
+
+Without ``--redis-url`` a redis-server is started on a free loopback port (and stopped) if the
+binary is installed. For each storage it reports
+
+- µs per check, one at a time: ``RateLimiter.hit`` (one hit and its window stats, what
+  ``POST /metrics`` does) and the slowapi guard of a route class, with one limit (``page``: the
+  address) and with two (``analytics``: the key, then the address);
+- checks per second with ``--concurrency`` checks in flight on one event loop: the asyncio
+  storage overlaps its Redis round trips, slowapi's blocks the loop for each one.
+
+Each check is for a key of its own (a few hits per window, as under real budgets), and budgets
+are large enough that none is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from starlette.requests import Request
+
+from metrics_service import auth
+from metrics_service.ratelimit import RateLimiter
+from metrics_service.route_limits import RouteLimits
+from metrics_service.settings import Settings
+
+BIG = "100000000/minute"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_redis() -> tuple[str, subprocess.Popen[bytes]] | None:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{port}/0", proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("redis-server did not start")
+
+
+def _request(app: Any, path: str, key: str) -> Request:
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"x-api-key", key.encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8890),
+        "scheme": "http",
+        "root_path": "",
+        "app": app,
+        "state": {},
+    }
+    return Request(scope)
+
+
+async def _per_check_us(check: Callable[[int], Awaitable[None]], n: int) -> float:
+    for i in range(min(n, 500)):  # warm up: connections, scripts, caches
+        await check(i)
+    t = time.perf_counter()
+    for i in range(n):
+        await check(i)
+    return (time.perf_counter() - t) / n * 1e6
+
+
+async def _concurrent_per_s(check: Callable[[int], Awaitable[None]], n: int, c: int) -> float:
+    async def worker(offset: int) -> None:
+        for i in range(offset, n, c):
+            await check(i)
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(c)))
+    return n / (time.perf_counter() - t)
+
+
+async def _measure(uri: str, n: int, concurrency: int) -> dict[str, tuple[float, float]]:
+    settings = Settings(
+        db_path=Path(tempfile.mkdtemp()) / "m.db",
+        rate_limit_storage_uri=uri,
+        analytics_rate_limit=BIG,
+        route_rate_limit=BIG,
+        route_rate_limit_per_address=BIG,
+        otel_prometheus_port=0,
+    )
+    limiter = RateLimiter(settings.rate_limit_async_uri)
+    routes = RouteLimits(settings)
+    metrics = SimpleNamespace(authenticator=auth.Authenticator(auth.KeyTable(), limiter, settings))
+    app = SimpleNamespace(state=SimpleNamespace(metrics=metrics, route_limits=routes))
+
+    async def ingest(i: int) -> None:
+        decision = await limiter.hit("key", str(i), 100_000_000)
+        assert decision.allowed
+
+    def guard(path: str) -> Callable[[int], Awaitable[None]]:
+        async def check(i: int) -> None:
+            await routes.check(_request(app, path, f"bench-key-{i:08d}-0123456789"))
+
+        return check
+
+    checks = {
+        "limits, asyncio (ingest)": ingest,
+        "slowapi, 1 limit (page)": guard("/ui"),
+        "slowapi, 2 limits (analytics)": guard("/analytics/summary"),
+    }
+    out = {}
+    for name, check in checks.items():
+        per_us = await _per_check_us(check, n)
+        per_s = await _concurrent_per_s(check, n, concurrency)
+        out[name] = (per_us, per_s)
+    await limiter.reset()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checks", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--redis-url", default=None)
+    args = parser.parse_args()
+    started = None
+    uris = ["memory://"]
+    if args.redis_url:
+        uris.append(args.redis_url)
+    else:
+        started = _start_redis()
+        if started is not None:
+            uris.append(started[0])
+        else:
+            print("redis-server not installed: memory only (apt-get install -y redis-server)")
+    try:
+        print(
+            f"{'storage':<10} {'check':<32} {'us/check':>9} {'checks/s c' + str(args.concurrency):>14}"
+        )
+        for uri in uris:
+            results = asyncio.run(_measure(uri, args.checks, args.concurrency))
+            label = uri.split("://", 1)[0]
+            for name, (per_us, per_s) in results.items():
+                print(f"{label:<10} {name:<32} {per_us:>9.1f} {per_s:>14.0f}")
+    finally:
+        if started is not None:
+            started[1].terminate()
+            started[1].wait(10)
+
+
+if __name__ == "__main__":
+    main()
