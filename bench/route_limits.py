@@ -161,9 +161,8 @@ def main() -> None:
         else:
             print("redis-server not installed: memory only (apt-get install -y redis-server)")
     try:
-        print(
-            f"{'storage':<10} {'check':<32} {'us/check':>9} {'checks/s c' + str(args.concurrency):>14}"
-        )
+        in_flight = f"checks/s c{args.concurrency}"
+        print(f"{'storage':<10} {'check':<32} {'us/check':>9} {in_flight:>14}")
         for uri in uris:
             results = asyncio.run(_measure(uri, args.checks, args.concurrency))
             label = uri.split("://", 1)[0]

@@ -111,11 +111,6 @@ def _key_of(request: Request) -> str:
     return f"key:{_presented_hash(request)}"
 
 
-def _no_key(request: Request) -> bool:
-    # No key, no key budget: the address budget (and the failed-auth throttle) bound these.
-    return _presented_hash(request) is None
-
-
 def _address_of(request: Request) -> str:
     return "address:" + client_address(request)
 
@@ -199,7 +194,6 @@ class RouteLimits:
             scope=budget.scope,
             key_func=key_func,
             error_message=budget.message,
-            exempt_when=_no_key if budget.subject == "key" else None,
         )
         return cast("Callable[[Guard], Guard]", decorator)
 
@@ -208,6 +202,9 @@ class RouteLimits:
         route = request.scope.get("route")
         path = getattr(route, "path", None) or request.scope.get("path", "")
         kind = route_class(path)
+        if kind is not None and kind != "page" and _presented_hash(request) is None:
+            # No key, no key budget: the address budget (and the failed-auth throttle) bound it.
+            kind = "page"
         if kind is not None:
             # slowapi reads it after the guard even when a storage error was swallowed before
             # it was set (an AttributeError, a 500, instead of failing open).

@@ -140,7 +140,7 @@ def test_the_failed_auth_budget_of_an_address_is_shared_by_both_replicas(
     responses = fire(calls)
     # Guesses on any path of either replica draw on one budget: exactly 15 are told 401.
     assert statuses(responses) == {401: 15, 429: 45}
-    assert {urls[i % 2] for i, r in enumerate(responses) if r.status_code == 401} == set(urls)
+    # (Alone, each replica would have told 15 of its 30 guesses 401: 30 in all.)
     for r in responses:
         if r.status_code == 429:
             assert r.json()["error"]["code"] == "rate_limited"
