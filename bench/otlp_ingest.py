@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -33,6 +32,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _workload import free_port  # noqa: E402
+
 from tests._spans import SpanSpec, mcp, otlp_json, protobuf  # noqa: E402
 
 KEY = "bench-otlp-key-0123456789abcdefghijklmnop"
@@ -90,12 +91,6 @@ WAYS: dict[str, tuple[str, str, Any]] = {
         lambda s: otlp_json(s, {"service.name": "bench"}),
     ),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_s(pid: int) -> float:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _workload import free_port
 
 MCP_METRICS = [str(Path(sys.executable).with_name("mcp-metrics"))]
 if not Path(MCP_METRICS[0]).exists():
@@ -46,12 +47,6 @@ for line in sys.stdin.buffer:
 _BODY = json.dumps(
     {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": "ok"}]}}
 ).encode()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _request(i: int) -> bytes:
@@ -172,7 +167,7 @@ def main() -> None:
         )
         _report("stdio", run(child), run([*MCP_METRICS, "wrap", "--", *child]))
 
-        listen = _free_port()
+        listen = free_port()
         proxy = subprocess.Popen(
             [
                 *MCP_METRICS,

@@ -25,11 +25,20 @@ from typing import Any
 
 import httpx
 import pytest
+from mcp_metrics import MetricsClient
 
 from tests._ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-0123456789abcdef0123456789abcdef"
+
+
+def make_client(url: str, **options: Any) -> MetricsClient:
+    """An async client of the test service with short intervals (tests that wait on delivery)."""
+    options.setdefault("flush_interval_s", 0.05)
+    options.setdefault("backoff_base_s", 0.05)
+    options.setdefault("backoff_max_s", 0.2)
+    return MetricsClient(url=url, api_key=API_KEY, service="mw-test", version="1.2.3", **options)
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

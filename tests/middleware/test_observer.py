@@ -6,12 +6,17 @@ Events go through the real `Recorder` (its queue is read back; nothing is sent).
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
+import time
 from typing import Any
 
 from mcp_metrics import Recorder
 from mcp_metrics.proxy.observer import CLIENT_TO_SERVER as C2S
 from mcp_metrics.proxy.observer import SERVER_TO_CLIENT as S2C
 from mcp_metrics.proxy.observer import Observer
+from mcp_metrics.proxy.stdio import StdioWrapper
 
 
 class _Queued(Recorder):
@@ -182,3 +187,47 @@ def test_no_payload_content_is_recorded() -> None:
     answer = {"content": [{"type": "text", "text": secret}]}
     session.frame(S2C, _line({"jsonrpc": "2.0", "id": 1, "result": answer}), 90, 1.0)
     assert recorder.events() and secret not in json.dumps(list(recorder._queue))
+
+
+_ANSWERING_CHILD = """
+import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    answer = {"jsonrpc": "2.0", "id": message["id"], "result": {"content": []}}
+    sys.stdout.write(json.dumps(answer) + "\\n")
+    sys.stdout.flush()
+"""
+
+
+def test_an_instant_answer_never_overtakes_its_request() -> None:
+    """The stdio relay queues a chunk for the observer before delivering it: an answer read the
+    moment its request arrives still pairs with it. The observer's half of the inbound relay is
+    slowed here, which widens the window that existed when a chunk was queued after delivery (then
+    most of these calls were recorded as unanswered)."""
+    recorder, observer = _observer()
+
+    class SlowObserverSide(StdioWrapper):
+        def _copy(self, direction: str, at: float, chunk: bytes) -> None:
+            if direction == C2S:
+                time.sleep(0.02)
+            super()._copy(direction, at, chunk)
+
+    client_in, wrapper_in = os.pipe()
+    wrapper_out, client_out = os.pipe()
+    wrapper = SlowObserverSide(
+        [sys.executable, "-c", _ANSWERING_CHILD], observer, stdin_fd=client_in, stdout_fd=client_out
+    )
+    runner = threading.Thread(target=wrapper.run)
+    runner.start()
+    with os.fdopen(wrapper_in, "wb", buffering=0) as to_child, os.fdopen(wrapper_out, "rb") as out:
+        for i in range(8):
+            to_child.write(_line(_call(i, "t")) + b"\n")
+            assert json.loads(out.readline())["id"] == i
+    runner.join(30)
+    assert not runner.is_alive()
+    os.close(client_in)
+    os.close(client_out)
+    events = recorder.events()
+    assert len(events) == 8
+    assert [e["dimensions"]["success"] for e in events] == [True] * 8
+    assert {e["dimensions"].get("error_type") for e in events} == {None}

@@ -15,7 +15,9 @@ from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..events import PROTOCOL_LATENCY, TOOL_EXECUTION
+from ..events import TOOL_EXECUTION
+from ..flow import FLOW_METHODS, HANDSHAKE_METHODS, FlowState
+from ..flow import SERVER_NOT_ERRORS as _SERVER_NOT_ERROR_CODES
 from ..recorder import Recorder
 from ..tools import is_error_result, payload_size
 
@@ -30,15 +32,10 @@ __all__ = [
 
 logger = logging.getLogger("mcp_metrics")
 
-# "initialize" names the handshake in flow steps whichever method carried it (the 2026-07-28
-# protocol opens with server/discover); the real method goes in metadata.handshake_method.
-HANDSHAKE_METHODS = frozenset({"initialize", "server/discover"})
 DEFAULT_METHODS = frozenset({"initialize", "server/discover", "tools/list", "tools/call"})
 MAX_SESSIONS = 10_000
-#: JSON-RPC codes a server SHOULD NOT count as errors: the caller's mistakes (parse error, invalid
-#: request, unknown method, invalid params incl. an unknown tool, resource not found). OpenTelemetry
-#: MCP semantic conventions, rpc.response.status_code; the service applies the same rule to spans.
-SERVER_NOT_ERRORS = frozenset({"-32700", "-32600", "-32601", "-32602", "-32002"})
+#: `flow.SERVER_NOT_ERRORS` as the strings the SDKs' errors carry.
+SERVER_NOT_ERRORS = frozenset(str(code) for code in _SERVER_NOT_ERROR_CODES)
 _INVALID_PARAMS = "-32602"
 
 _AGENT_KEYS = ("agent_id", "agentId", "io.modelcontextprotocol/agentId")
@@ -69,28 +66,20 @@ class McpRequest:
 MetadataHook = Callable[[McpRequest, Any], "Mapping[str, Any] | None"]
 
 
-class _Flow:
-    __slots__ = (
-        "call_seen",
-        "handshake_at",
-        "handshake_method",
-        "last_list_at",
-        "list_seen",
-        "owner",
-    )
+class _Flow(FlowState):
+    """A session's flow, with the object that owns the session (weakly: a reused id() is a new
+    session)."""
+
+    __slots__ = ("owner",)
 
     def __init__(self, owner: object | None) -> None:
+        super().__init__()
         self.owner: weakref.ref[object] | None = None
         if owner is not None:
             try:
                 self.owner = weakref.ref(owner)
             except TypeError:
                 self.owner = None
-        self.handshake_at: float | None = None
-        self.handshake_method: str | None = None
-        self.last_list_at: float | None = None
-        self.list_seen = False
-        self.call_seen = False
 
 
 class Instrumentation:
@@ -193,46 +182,19 @@ class Instrumentation:
         return meta or None
 
     def _flow_steps(self, request: McpRequest, dims: Mapping[str, Any]) -> None:
-        method = request.method
-        if request.session_key is None or not (
-            method in HANDSHAKE_METHODS or method in ("tools/list", "tools/call")
-        ):
+        if request.session_key is None or request.method not in FLOW_METHODS:
             return
-        flow = self._flow(request)
-        at = request.started
-        steps: list[tuple[str, float]] = []
-        if method in HANDSHAKE_METHODS:
-            if flow.handshake_at is None:
-                flow.handshake_at = at
-                flow.handshake_method = method
-        elif method == "tools/list":
-            if not flow.list_seen:
-                flow.list_seen = True
-                if flow.handshake_at is not None:
-                    steps.append(("initialize->tools/list", at - flow.handshake_at))
-            if not flow.call_seen:
-                flow.last_list_at = at
-        elif not flow.call_seen:
-            flow.call_seen = True
-            if flow.last_list_at is not None:
-                steps.append(("tools/list->tools/call", at - flow.last_list_at))
-            if flow.handshake_at is not None:
-                steps.append(("initialize->tools/call", at - flow.handshake_at))
-        for step, seconds in steps:
-            self.client.record(
-                PROTOCOL_LATENCY,
-                duration_ms=seconds * 1000.0,
-                dimensions={
-                    "flow_step": step,
-                    "server_name": self.server_name,
-                    "client_name": dims.get("client_name"),
-                    "session_id": dims.get("session_id"),
-                    "transport": dims.get("transport"),
-                },
-                metadata={"handshake_method": flow.handshake_method}
-                if flow.handshake_method
-                else None,
-            )
+        self._flow(request).record(
+            self.client,
+            request.method,
+            request.started,
+            {
+                "server_name": self.server_name,
+                "client_name": dims.get("client_name"),
+                "session_id": dims.get("session_id"),
+                "transport": dims.get("transport"),
+            },
+        )
 
     def _flow(self, request: McpRequest) -> _Flow:
         key = request.session_key

@@ -20,7 +20,8 @@ from collections import OrderedDict
 from collections.abc import Collection, Hashable, Mapping
 from typing import Any
 
-from ..events import PROTOCOL_LATENCY, TOOL_EXECUTION
+from ..events import TOOL_EXECUTION
+from ..flow import SERVER_NOT_ERRORS, FlowState
 from ..recorder import Recorder
 from .frames import decode
 
@@ -46,8 +47,6 @@ ERROR_CANCELLED = "cancelled"  # the requester sent notifications/cancelled for 
 ERROR_NO_RESPONSE = "no_response"  # the session ended (or the stream broke) before an answer
 
 # "SHOULD NOT be considered errors" on the server side (semconv: rpc.response.status_code).
-_SERVER_NON_ERRORS = frozenset({-32700, -32600, -32601, -32602, -32002})
-_HANDSHAKES = frozenset({"initialize", "server/discover"})
 _META_PROTOCOL = "io.modelcontextprotocol/protocolVersion"
 _META_CLIENT = "io.modelcontextprotocol/clientInfo"
 _AGENT_KEYS = ("agent_id", "agentId", "io.modelcontextprotocol/agentId")
@@ -191,11 +190,7 @@ class Session:
         self.client_version: str | None = None
         self.protocol_version: str | None = None
         self._pending: OrderedDict[tuple[str, Hashable], _Pending] = OrderedDict()
-        self._handshake_at: float | None = None
-        self._handshake_method: str | None = None
-        self._last_list_at: float | None = None
-        self._list_seen = False
-        self._call_seen = False
+        self._flow = FlowState()
 
     # -- input -------------------------------------------------------------------------------
 
@@ -274,7 +269,17 @@ class Session:
                     tool_name = _str(params.get("name"))
                 if meta is not None:
                     self._envelope(meta)
-            self._flow(method, at)
+            self._flow.record(
+                self.observer.client,
+                method,
+                at,
+                {
+                    "server_name": self.server_name,
+                    "client_name": self.client_name,
+                    "session_id": self.session_id,
+                    "transport": self.transport,
+                },
+            )
         wanted = self.observer.methods
         silent = wanted is not None and method not in wanted
         if silent and method != "initialize":
@@ -318,7 +323,7 @@ class Session:
         if error is not None or "error" in msg:
             code = error.get("code") if error is not None else None
             status = str(code) if isinstance(code, int) and not isinstance(code, bool) else None
-            exempt = code in _SERVER_NON_ERRORS and direction == SERVER_TO_CLIENT
+            exempt = code in SERVER_NOT_ERRORS and direction == SERVER_TO_CLIENT
             self._record(
                 entry,
                 size,
@@ -385,39 +390,6 @@ class Session:
             dimensions=dims,
             metadata=meta if meta is not None else entry.meta,
         )
-
-    def _flow(self, method: str, at: float) -> None:
-        steps: list[tuple[str, float]] = []
-        if method in _HANDSHAKES:
-            if self._handshake_at is None:
-                self._handshake_at = at
-                self._handshake_method = method
-        elif method == "tools/list":
-            if not self._list_seen:
-                self._list_seen = True
-                if self._handshake_at is not None:
-                    steps.append(("initialize->tools/list", at - self._handshake_at))
-            if not self._call_seen:
-                self._last_list_at = at
-        elif method == "tools/call" and not self._call_seen:
-            self._call_seen = True
-            if self._last_list_at is not None:
-                steps.append(("tools/list->tools/call", at - self._last_list_at))
-            if self._handshake_at is not None:
-                steps.append(("initialize->tools/call", at - self._handshake_at))
-        for step, seconds in steps:
-            self.observer.client.record(
-                PROTOCOL_LATENCY,
-                duration_ms=seconds * 1000.0,
-                dimensions={
-                    "flow_step": step,
-                    "server_name": self.server_name,
-                    "client_name": self.client_name,
-                    "session_id": self.session_id,
-                    "transport": self.transport,
-                },
-                metadata={"handshake_method": self._handshake_method},
-            )
 
 
 def _str(value: Any) -> str | None:

@@ -120,6 +120,8 @@ class StdioWrapper:
                 signal.signal(signum, handler)
         self._queue.put(None)
         observer.join()
+        if not outbound.is_alive():  # still reading: closing under it could reuse its fd
+            proc.stdout.close()
         return status
 
     # -- relay (the hot path) -------------------------------------------------------------
@@ -134,6 +136,11 @@ class StdioWrapper:
             if not chunk:
                 break
             at = time.perf_counter()
+            # Queued for the observer before it is delivered: the answer to a request can only
+            # be read after the request was delivered, so it always queues after the request.
+            # (Queued after delivery, a fast answer could overtake its request on the queue,
+            # and the observer would count an answered call as unanswered.)
+            self._copy(direction, at, chunk)
             if sink_open:
                 try:
                     _write_all(dst, chunk)
@@ -141,7 +148,6 @@ class StdioWrapper:
                     # The reader is gone (EPIPE). Keep draining the source so that the other
                     # side never blocks on a full pipe; there is nobody to deliver to.
                     sink_open = False
-            self._copy(direction, at, chunk)
         if on_eof is not None:
             with contextlib.suppress(OSError):
                 on_eof()
