@@ -1,16 +1,20 @@
 """What a limit check costs: the ingest path's direct ``limits`` check (asyncio storage) next to
 the regular routes' slowapi guard (synchronous storage), on memory and on a real redis-server.
 
-    .venv/bin/python bench/route_limits.py [--checks 20000] [--concurrency 16] [--redis-url URL]
+    .venv/bin/python bench/route_limits.py [--checks 20000] [--concurrency 16] [--rtt-ms 1]
+                                           [--redis-url URL]
 
 Without ``--redis-url`` a redis-server is started on a free loopback port (and stopped) if the
-binary is installed. For each storage it reports
+binary is installed. Storages: memory, that Redis, and the same Redis behind a proxy that adds
+``--rtt-ms`` of round trip (bench/_delay_proxy.py: a Redis on another host). For each it reports
 
 - µs per check, one at a time: ``RateLimiter.hit`` (one hit and its window stats, what
   ``POST /metrics`` does) and the slowapi guard of a route class, with one limit (``page``: the
   address) and with two (``analytics``: the key, then the address);
 - checks per second with ``--concurrency`` checks in flight on one event loop: the asyncio
-  storage overlaps its Redis round trips, slowapi's blocks the loop for each one.
+  storage overlaps its Redis round trips, slowapi's blocks the loop for each one;
+- for each Redis, the median PING round trip as measured (the proxy's real delay, which on a
+  loaded machine is more than ``--rtt-ms``).
 
 Each check is for a key of its own (a few hits per window, as under real budgets), and budgets
 are large enough that none is refused.
@@ -23,6 +27,7 @@ import asyncio
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -135,38 +140,77 @@ async def _measure(uri: str, n: int, concurrency: int) -> dict[str, tuple[float,
         per_us = await _per_check_us(check, n)
         per_s = await _concurrent_per_s(check, n, concurrency)
         out[name] = (per_us, per_s)
-    await limiter.reset()
     return out
+
+
+def _ping_ms(url: str, n: int = 200) -> float:
+    """The median round trip of a Redis PING at ``url``."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            client.ping()
+            times.append(time.perf_counter() - t)
+    finally:
+        client.close()
+    return sorted(times)[n // 2] * 1000
+
+
+def _start_delay(redis_url: str, rtt_ms: float) -> tuple[str, subprocess.Popen[bytes]]:
+    target = int(redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+    port = free_port()
+    script = str(Path(__file__).with_name("_delay_proxy.py"))
+    proxy = subprocess.Popen(
+        [sys.executable, script, str(port), str(target), str(rtt_ms)],
+        stdout=subprocess.PIPE,
+    )
+    assert proxy.stdout is not None
+    if proxy.stdout.readline().strip() != b"ready":
+        raise SystemExit("the delay proxy did not start")
+    return f"redis://127.0.0.1:{port}/0", proxy
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checks", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=16)
+    # asyncio sleeps in whole milliseconds: the proxy's real round trip is longer (measured).
+    parser.add_argument("--rtt-ms", type=float, default=1.0)
     parser.add_argument("--redis-url", default=None)
     args = parser.parse_args()
-    started = None
-    uris = ["memory://"]
-    if args.redis_url:
-        uris.append(args.redis_url)
-    else:
+    processes: list[subprocess.Popen[bytes]] = []
+    uris = [("memory", "memory://")]
+    redis_url = args.redis_url
+    if redis_url is None:
         started = _start_redis()
         if started is not None:
-            uris.append(started[0])
+            redis_url = started[0]
+            processes.append(started[1])
         else:
             print("redis-server not installed: memory only (apt-get install -y redis-server)")
     try:
+        if redis_url is not None:
+            uris.append(("redis", redis_url))
+            if args.rtt_ms > 0:
+                delayed, proxy = _start_delay(redis_url, args.rtt_ms)
+                processes.append(proxy)
+                uris.append(("redis+proxy", delayed))
         in_flight = f"checks/s c{args.concurrency}"
-        print(f"{'storage':<10} {'check':<32} {'us/check':>9} {in_flight:>14}")
-        for uri in uris:
+        print(f"{'storage':<12} {'check':<32} {'us/check':>9} {in_flight:>14}")
+        for label, uri in uris:
+            if uri.startswith("redis"):
+                print(f"{label}: PING round trip {_ping_ms(uri):.2f} ms (median)")
             results = asyncio.run(_measure(uri, args.checks, args.concurrency))
-            label = uri.split("://", 1)[0]
             for name, (per_us, per_s) in results.items():
-                print(f"{label:<10} {name:<32} {per_us:>9.1f} {per_s:>14.0f}")
+                print(f"{label:<12} {name:<32} {per_us:>9.1f} {per_s:>14.0f}")
     finally:
-        if started is not None:
-            started[1].terminate()
-            started[1].wait(10)
+        for proc in reversed(processes):
+            proc.terminate()
+            proc.wait(10)
 
 
 if __name__ == "__main__":
