@@ -23,17 +23,19 @@ decorators want a module-level limiter over route functions; ours are built per 
 budget class has a small guard function that the limiter decorates, and one FastAPI dependency
 (on the routers, in ``create_app``) runs the guard of the request's route before the endpoint —
 before authentication, so a refused request costs no database work. slowapi's storage is
-synchronous: on Redis each guard blocks the event loop for its round trips (two hits, about
-0.1 ms on a local Redis; bounded by ``REDIS_TIMEOUT_S`` if Redis hangs). If the storage fails,
+synchronous: on Redis the guard runs in a worker thread of the loop's default executor, so a
+round trip never holds up the event loop (which ingest shares); a hung Redis holds a check at most
+``REDIS_TIMEOUT_S`` per call. In memory it runs on the loop (no I/O). If the storage fails,
 requests pass (fail open, as on the ingest path) and the failure is logged once a minute.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -52,12 +54,12 @@ log = logging.getLogger(__name__)
 
 #: Paths that are never limited: the probes.
 EXEMPT_PATHS = frozenset({"/health", "/ready"})
-#: A hung Redis blocks the event loop at most this long per call (slowapi's storage is sync).
+#: A hung Redis holds a route check at most this long per call (slowapi's storage is sync).
 REDIS_TIMEOUT_S = 0.25
 #: slowapi logs every request it lets through while the storage is down; we keep one a minute.
 STORAGE_ERROR_LOG_INTERVAL_S = 60.0
 
-Guard = Callable[[Request], Awaitable[None]]
+Guard = Callable[[Request], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +149,8 @@ class RouteLimits:
 
     def __init__(self, settings: Settings) -> None:
         uri = settings.rate_limit_storage_uri
+        #: Storage round trips go to a worker thread (Redis), not the event loop.
+        self._in_thread = uri.startswith("redis")
         options: dict[str, Any] = {}
         if uri.startswith("redis"):
             options = {"socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": REDIS_TIMEOUT_S}
@@ -165,13 +169,15 @@ class RouteLimits:
         )
         per_address = self._limit(settings.route_rate_limit_per_address, ADDRESS, _address_of)
 
-        async def analytics_guard(request: Request) -> None:
+        # Plain functions: slowapi's check is synchronous, and on Redis it runs in a worker thread
+        # (``check``), so the event loop never waits for a round trip.
+        def analytics_guard(request: Request) -> None:
             return None
 
-        async def routes_guard(request: Request) -> None:
+        def routes_guard(request: Request) -> None:
             return None
 
-        async def page_guard(request: Request) -> None:
+        def page_guard(request: Request) -> None:
             return None
 
         # Limits are checked in the order they were added (the inner decorator's first), and a
@@ -209,16 +215,25 @@ class RouteLimits:
             # slowapi reads it after the guard even when a storage error was swallowed before
             # it was set (an AttributeError, a 500, instead of failing open).
             request.state.view_rate_limit = None
-            await self._guards[kind](request)
+            guard = self._guards[kind]
+            if self._in_thread:
+                await asyncio.to_thread(guard, request)
+            else:
+                guard(request)  # memory: a few µs, no I/O
 
-    def retry_after_s(self, request: Request, item: RateLimitItem) -> tuple[int, int]:
+    async def retry_after_s(self, request: Request, item: RateLimitItem) -> tuple[int, int]:
         """Seconds until the refused budget frees a request, and its reset as epoch seconds."""
         now = time.time()
         reset = now + item.get_expiry()
         hit = getattr(request.state, "view_rate_limit", None)
         if hit is not None:
             try:
-                reset = float(self.limiter.limiter.get_window_stats(hit[0], *hit[1]).reset_time)
+                stats = self.limiter.limiter.get_window_stats
+                if self._in_thread:
+                    window = await asyncio.to_thread(stats, hit[0], *hit[1])
+                else:
+                    window = stats(hit[0], *hit[1])
+                reset = float(window.reset_time)
             except Exception:
                 log.debug("route-limit window stats unavailable", exc_info=True)
         return max(1, math.ceil(reset - now)), math.ceil(reset)
@@ -243,7 +258,7 @@ async def refused(request: Request, exc: Exception) -> Response:
     item: RateLimitItem = limit.limit
     budget = _BUDGETS.get(limit.scope, ADDRESS)
     limits: RouteLimits = request.app.state.route_limits
-    retry_after, reset = limits.retry_after_s(request, item)
+    retry_after, reset = await limits.retry_after_s(request, item)
     error = RateLimited(
         budget.message,
         details=[
