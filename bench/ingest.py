@@ -7,15 +7,16 @@
     .venv/bin/python bench/ingest.py --targets service --batch 100 --concurrency 16 --runs 1 \
         --duration 600 --sample-every 10                  # memory over a 10-minute run
 
-For each batch size and concurrency, and for each of ``--runs`` rounds, the baseline
-(``bench/baseline_app.py``: FastAPI + the service's pydantic models, nothing stored) and the
+For each batch size and concurrency, and for each of ``--runs`` rounds, the two baselines
+(``bench/baseline_app.py``: FastAPI parsing with the service's pydantic models, and ``lean``:
+with the reference metrics-service's simpler models; neither stores anything) and the
 service (default settings: durable acknowledgement, SQLite on a fresh temporary file) each run in
 a fresh process pinned to ``--server-cpu`` while this process, pinned to ``--client-cpu``, drives
 it over keep-alive HTTP/1.1 connections for ``--duration`` seconds. Reported per run: requests/s,
 metrics/s accepted, latency p50/p95/p99, responses by status, server CPU (share of one core) and
 peak RSS (VmHWM); for the service the rows in the database are counted after shutdown and compared
-with the metrics acknowledged (2xx). The table gives medians over the runs and the service/baseline
-ratio of those medians.
+with the metrics acknowledged (2xx). The table gives medians over the runs and the service's
+ratio of those medians to each baseline.
 
 ``--prefill N`` copies a database already holding N events (7 days of history, built once with
 ``bench/analytics.py``'s generator, rollups included) under every service run; ``--expired N``
@@ -103,7 +104,7 @@ class Server:
                 sys.executable,
                 "-m",
                 "uvicorn",
-                "baseline_app:app",
+                "baseline_app:lean" if self.kind == "lean" else "baseline_app:app",
                 "--app-dir",
                 "bench",
                 "--port",
@@ -423,7 +424,11 @@ def main() -> None:
         "--warmup", type=float, default=1.0, help="seconds of unmeasured load first"
     )
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--targets", default="baseline,service")
+    parser.add_argument(
+        "--targets",
+        default="baseline,lean,service",
+        help="baseline (our pydantic models), lean (the reference's models), service",
+    )
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--client-cpu", type=int, default=1)
     parser.add_argument(
@@ -497,8 +502,14 @@ def summarise(
                 n for r in results for s, n in r["statuses"].items() if not 200 <= s < 300
             )
             row["service_bytes_per_metric"] = median(results, "bytes_per_metric")
-    if "baseline" in runs and "service" in runs:
-        row["ratio"] = row["service_metrics_per_s"] / row["baseline_metrics_per_s"]
+    if "service" in runs:
+        for base, name in (("baseline", "ratio"), ("lean", "lean_ratio")):
+            if base in runs:
+                row[name] = row["service_metrics_per_s"] / row[f"{base}_metrics_per_s"]
+                row[f"{name}_requests"] = (
+                    row["service_requests_per_s"] / row[f"{base}_requests_per_s"]
+                )
+                row[f"{name}_p99"] = row["service_p99_ms"] / row[f"{base}_p99_ms"]
     return row
 
 
@@ -506,7 +517,7 @@ def print_table(table: list[dict[str, Any]]) -> None:
     header = (
         f"{'batch':>5} {'conc':>4} | {'base req/s':>10} {'base m/s':>9} {'b p99':>6} | "
         f"{'svc req/s':>9} {'svc m/s':>9} {'p50':>6} {'p99':>6} {'cpu':>4} {'rss MB':>6} "
-        f"{'lost':>4} | {'ratio':>5}"
+        f"{'lost':>4} | {'ratio':>5} | {'lean m/s':>9} {'l p99':>6} {'lean':>5}"
     )
     print(header)
     print("-" * len(header))
@@ -523,7 +534,9 @@ def print_table(table: list[dict[str, Any]]) -> None:
             f"{g('service_p50_ms', '>6.1f')} {g('service_p99_ms', '>6.1f')} "
             f"{g('service_server_cpu', '>4.2f')} "
             f"{g('service_peak_rss_mb', '>6.0f')} {g('service_missing', '>4')} | "
-            f"{g('ratio', '>5.2f')}"
+            f"{g('ratio', '>5.2f')} | "
+            f"{g('lean_metrics_per_s', '>9,.0f')} {g('lean_p99_ms', '>6.1f')} "
+            f"{g('lean_ratio', '>5.2f')}"
         )
 
 

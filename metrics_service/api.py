@@ -8,6 +8,7 @@ import asyncio
 import logging
 import sqlite3
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -244,6 +245,58 @@ async def read_body(
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+@dataclass(slots=True)
+class IngestHeaders:
+    """What the ingest paths read from the request headers, in one pass over the raw ASGI list
+    (the first of each header counts; ``X-Forwarded-For`` is read only from trusted proxies)."""
+
+    api_key: str | None = None
+    client: str = "unknown"
+    content_type: bytes | None = None
+    encoding: bytes | None = None  # stripped, lower case
+    length: bytes | None = None
+    idempotency_key: bytes | None = None
+
+
+async def admit(
+    app: AppState, scope: Scope
+) -> tuple[auth.Principal, IngestHeaders, dict[str, str]]:
+    """Authenticate an ingest request (``X-API-Key`` or ``Authorization: Bearer``) and take one
+    hit of its key's rate limit: the principal, the headers the caller reads next, and the
+    rate-limit headers of the answer."""
+    headers = IngestHeaders()
+    api_key = authorization = None
+    forwarded: list[str] = []
+    for name, value in scope["headers"]:
+        if name == b"x-api-key":
+            api_key = api_key or value
+        elif name == b"authorization":
+            authorization = authorization or value
+        elif name == b"x-forwarded-for":
+            forwarded.append(value.decode("latin-1"))
+        elif name == b"content-type":
+            headers.content_type = headers.content_type or value
+        elif name == b"content-encoding":
+            headers.encoding = headers.encoding or value.strip().lower()
+        elif name == b"content-length":
+            headers.length = headers.length or value
+        elif name == b"idempotency-key":
+            headers.idempotency_key = headers.idempotency_key or value
+    peer = scope.get("client")
+    headers.api_key = auth.presented_key(api_key, authorization)
+    headers.client = app.authenticator.client_address(peer[0] if peer else None, forwarded)
+    principal = await app.authenticator.authenticate(headers.api_key, headers.client, "ingest")
+    decision = await app.limiter.hit(
+        "key",
+        str(principal.key_id),
+        principal.rate_limit_per_min or app.settings.rate_limit_per_min,
+    )
+    if not decision.allowed:
+        app.telemetry.add("metrics_service_rate_limited_requests")
+        raise RateLimited("rate limit exceeded for this key", headers=decision.headers())
+    return principal, headers, decision.headers()
+
+
 class IngestEndpoint:
     """``POST /metrics`` as a plain ASGI app: the ingest path reads top to bottom, with no
     framework layer on it (FastAPI's routing, dependency solving and middleware cost more per
@@ -285,54 +338,29 @@ class IngestEndpoint:
     ) -> tuple[int, dict[str, Any], dict[str, str]]:
         """Store the valid metrics of the batch; report each rejected one by index, field and
         rule."""
-        api_key = authorization = content_type = encoding = length = idempotency_key = None
-        forwarded: list[str] = []
-        for name, value in scope["headers"]:
-            if name == b"x-api-key":
-                api_key = api_key or value
-            elif name == b"authorization":
-                authorization = authorization or value
-            elif name == b"x-forwarded-for":
-                forwarded.append(value.decode("latin-1"))
-            elif name == b"content-type":
-                content_type = content_type or value
-            elif name == b"content-encoding":
-                encoding = encoding or value
-            elif name == b"content-length":
-                length = length or value
-            elif name == b"idempotency-key":
-                idempotency_key = idempotency_key or value
-        peer = scope.get("client")
-        client = app.authenticator.client_address(peer[0] if peer else None, forwarded)
-        principal = await app.authenticator.authenticate(
-            auth.presented_key(api_key, authorization), client, "ingest"
-        )
-        decision = await app.limiter.hit(
-            "key",
-            str(principal.key_id),
-            principal.rate_limit_per_min or app.settings.rate_limit_per_min,
-        )
-        if not decision.allowed:
-            app.telemetry.add("metrics_service_rate_limited_requests")
-            raise RateLimited("rate limit exceeded for this key", headers=decision.headers())
+        principal, request, headers = await admit(app, scope)
+        content_type, encoding = request.content_type, request.encoding
         if (
             content_type is None
             or content_type.split(b";", 1)[0].strip().lower() != b"application/json"
         ):
             raise UnsupportedMediaType("Content-Type must be application/json")
-        if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
+        if encoding not in (None, b"", b"identity"):
             raise UnsupportedMediaType(
                 "Content-Encoding is not supported; send the body uncompressed"
             )
-        key = None if idempotency_key is None else idempotency.parse_key(idempotency_key)
+        key = (
+            None
+            if request.idempotency_key is None
+            else idempotency.parse_key(request.idempotency_key)
+        )
         body = await read_body(
-            receive, length, app.settings.max_request_bytes, app.settings.request_timeout_s
+            receive, request.length, app.settings.max_request_bytes, app.settings.request_timeout_s
         )
         batch = app.validator.decode(body)
         if batch.service not in principal.services:
             app.telemetry.add("metrics_service_auth_failures", ("wrong_service",))
             raise Forbidden(wrong_service_message(principal, batch.service))
-        headers = decision.headers()
         if key is None:
             return await IngestEndpoint.store(app, batch, rid, headers, None)
         service = batch.service

@@ -210,6 +210,16 @@ class Settings(BaseSettings):
             if part.strip()
         )
 
+    @field_validator("admin_api_key")
+    @classmethod
+    def _admin_key(cls, value: str | None) -> str | None:
+        # Empty is what compose passes for an unset ${VARIABLE}: no admin key, as when unset.
+        if not value:
+            return None
+        if len(value) < 16:
+            raise ValueError("an API key must be at least 16 characters")
+        return value
+
     @field_validator("otlp_endpoint", "otlp_metrics_endpoint")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
@@ -257,7 +267,14 @@ def load_settings(**overrides: Any) -> Settings:
         for err in exc.errors():
             loc = str(err["loc"][0]) if err["loc"] else "?"
             var = names.get(loc, loc.upper())
-            problems.append(f"{var}: {err['msg']} (got {err.get('input')!r})")
+            # A secret's value is never printed, not even a wrong one.
+            secret = any(
+                not field.repr
+                for name, field in Settings.model_fields.items()
+                if names[name] == var
+            )
+            got = "" if secret else f" (got {err.get('input')!r})"
+            problems.append(f"{var}: {err['msg']}{got}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 
 

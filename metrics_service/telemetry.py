@@ -103,9 +103,16 @@ _SUCCESS = {1: "true", 0: "false", None: "unknown"}
 #: ``METRICS_OTEL_BOOL_LABELS=capitalized``: what dashboards built on the pinned reference expect.
 _SUCCESS_CAPITALIZED = {1: "True", 0: "False", None: "unknown"}
 
+#: The label names are the reference's (the MCP Gateway Registry exports each dimension under
+#: its own name): its auth middleware sends ``server``, its tool and protocol events
+#: ``server_name``, and its dashboard queries both (``label_values(mcp_auth_requests_total,
+#: server)``, ``by (server_name)`` on tool executions).
 AUTH_LABELS = ("service", "server", "method", "success")
-TOOL_LABELS = ("service", "server", "method", "tool_name", "client_name", "success")
-PROTOCOL_LABELS = ("service", "server", "client_name", "flow_step")
+TOOL_LABELS = ("service", "server_name", "method", "tool_name", "client_name", "success")
+PROTOCOL_LABELS = ("service", "server_name", "client_name", "flow_step")
+#: The reference's health-check labels (``endpoint``, ``status_code``, ``healthy``), plus the
+#: ``server_name`` our clients may send; ``healthy`` is spelled as ``success`` is.
+HEALTH_LABELS = ("service", "server_name", "endpoint", "status_code", "healthy")
 SERVICE_LABELS = ("service",)
 #: Attributes of mcp.{server,client}.operation.duration (docs/otlp.md); ``service`` is ours: one
 #: exporter here aggregates many reporting services. Never session or request ids.
@@ -169,6 +176,12 @@ INSTRUMENTS: dict[str, Instrument] = {
     ),
     "mcp_protocol_latency_seconds": Instrument(
         "histogram", "s", PROTOCOL_LABELS, SECONDS_BUCKETS, "Time between MCP protocol steps"
+    ),
+    "mcp_health_checks": Instrument(
+        "counter", "", HEALTH_LABELS, (), "Health checks of MCP servers (sum of value)"
+    ),
+    "mcp_health_check_duration_seconds": Instrument(
+        "histogram", "s", HEALTH_LABELS, SECONDS_BUCKETS, "Health check duration"
     ),
     # The OpenTelemetry MCP semantic conventions (status Development), dotted as over OTLP;
     # Prometheus shows mcp_server_operation_duration_seconds{mcp_method_name=...}.
@@ -828,12 +841,29 @@ def _semconv(rows: list[Row], hist: Callable[[str], _Histogram]) -> None:
             durations.add_all(key, values)
 
 
-#: metric type -> the function that records a commit's rows of that type.
+def _health(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> None:
+    if not t.seed:
+        return
+    c = _COL["health_check"]
+    columns = (2, c["server_name"], c["endpoint"], c["status_code"], c["healthy"])
+    totals = t.totals["mcp_health_checks"]
+    durations = hist("mcp_health_check_duration_seconds")
+    for (service, server, endpoint, status, healthy), group in _by_label(rows, *columns).items():
+        code = "" if status is None else str(status)
+        key = (service, server or "", endpoint or "", code, t.success_labels[healthy])
+        totals.add(key, sum(r[5] for r in group))
+        if values := _seconds(group, 6):
+            durations.add_all(key, values)
+
+
+#: metric type -> the function that records a commit's rows of that type. ``registry_operation``
+#: and ``custom`` are stored only: the reference exports no instrument for them either.
 _RECORDERS: dict[str, Callable[[Telemetry, list[Row], Callable[[str], _Histogram]], None]] = {
     "auth_request": _auth,
     "tool_execution": _tool,
     "tool_discovery": _discovery,
     "protocol_latency": _protocol,
+    "health_check": _health,
 }
 
 __all__ = [

@@ -9,6 +9,11 @@ require_python() {
     fi
 }
 
+# The stamp of an install: its pip arguments and the project files that decide what it installs.
+stamp_of() {
+    { echo "$*"; cat pyproject.toml; if [ -f middleware/pyproject.toml ]; then cat middleware/pyproject.toml; fi; } | sha256sum | cut -d' ' -f1
+}
+
 # ensure_venv DIR PIP_ARGS...
 ensure_venv() {
     local dir=$1
@@ -17,7 +22,7 @@ ensure_venv() {
     [ -x "$dir/bin/python" ] || "$PYTHON" -m venv "$dir"
     local stamp="$dir/.install-stamp"
     local want
-    want=$( { echo "$*"; cat pyproject.toml; if [ -f middleware/pyproject.toml ]; then cat middleware/pyproject.toml; fi; } | sha256sum | cut -d' ' -f1)
+    want=$(stamp_of "$@")
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo "installing into $dir ..." >&2
         "$dir/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
@@ -28,6 +33,17 @@ ensure_venv() {
 
 # The development venv of scripts/test and scripts/check: the service with its test extras (the
 # gate's pinned ruff and mypy among them) and the client middleware with MCP 2.x.
+DEV_INSTALL=(-e ".[test]" -e "./middleware[asgi,mcp,proxy]" "mcp>=2.3,<3")
 ensure_dev_venv() {
-    ensure_venv .venv -e ".[test]" -e "./middleware[asgi,mcp,proxy]" "mcp>=2.3,<3"
+    ensure_venv .venv "${DEV_INSTALL[@]}"
+}
+
+# The venv of scripts/serve: the service installed editable, so that a `git pull` takes effect
+# at the next start (only a change of pyproject.toml reinstalls). A development venv already has
+# it, and is used as it is.
+ensure_serve_venv() {
+    if [ -f .venv/.install-stamp ] && [ "$(cat .venv/.install-stamp)" = "$(stamp_of "${DEV_INSTALL[@]}")" ]; then
+        return
+    fi
+    ensure_venv .venv -e "."
 }

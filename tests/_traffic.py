@@ -92,6 +92,22 @@ def protocol(
     return {"type": "protocol_latency", "duration_ms": duration_ms, "dimensions": dims}
 
 
+def health(
+    server: str = "srv",
+    healthy: bool = True,
+    status_code: int | None = 200,
+    duration_ms: float | None = 7.5,
+    value: float = 1,
+) -> dict[str, Any]:
+    """A health check of an MCP server as the registry sends it (``endpoint``, ``status_code``,
+    ``healthy``), with our ``server_name``."""
+    dims: dict[str, Any] = {"endpoint": f"/health/{server}", "healthy": healthy}
+    dims["server_name"] = server
+    if status_code is not None:
+        dims["status_code"] = status_code
+    return {"type": "health_check", "value": value, "duration_ms": duration_ms, "dimensions": dims}
+
+
 def post_all(client: httpx.Client, metrics: Sequence[dict[str, Any]], batch: int = 1000) -> None:
     """Post ``metrics`` in batches (the API takes at most 1000 per request); each must be stored."""
     for i in range(0, len(metrics), batch):

@@ -6,6 +6,7 @@ That the rules only name metrics the service exports is proved against a real sc
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -95,3 +96,13 @@ def test_unit_tests_fail_without_the_rule(name: str, tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert f"alertname: {name}," in output, output
+
+
+def test_the_migration_query_of_the_docs_is_the_one_promtool_checks() -> None:
+    """docs/migrating.md's query across the `server` -> `server_name` rename is tested by
+    prometheus/rules/tests/migration.yml (run with the other unit tests above)."""
+    docs = (ROOT / "docs" / "migrating.md").read_text()
+    [query] = re.findall(r"```promql\n(.*?)\n```", docs, re.S)
+    doc = yaml.safe_load((ROOT / "prometheus" / "rules" / "tests" / "migration.yml").read_text())
+    checked = [case["expr"] for test in doc["tests"] for case in test["promql_expr_test"]]
+    assert checked.count(query) == 2, (query, checked)

@@ -38,7 +38,7 @@ from tests._helpers import (
 )
 from tests._prometheus import Prometheus, parse_samples, scrape, start_prometheus, total
 from tests._spans import CLIENT, mcp, protobuf
-from tests._traffic import auth, discovery, protocol, tool
+from tests._traffic import auth, discovery, health, protocol, tool
 
 DASHBOARDS = {p.stem: p for p in sorted((ROOT / "grafana" / "dashboards").glob("*.json"))}
 SCHEMA = json.loads((ROOT / "grafana" / "schema" / "dashboard.schema.json").read_text())
@@ -105,6 +105,7 @@ def rule_exprs() -> list[tuple[str, str]]:
 # -- PromQL, just enough of it -----------------------------------------------------------------
 
 _LABEL_VALUES = re.compile(r"^label_values\((?P<selector>.*),\s*(?P<label>\w+)\)$", re.S)
+_QUERY_RESULT = re.compile(r"^query_result\((?P<expr>.*)\)$", re.S)
 _SELECTOR = re.compile(r"(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)?\{(?P<matchers>[^}]*)\}")
 _WORD = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
 _GROUPING = ("by", "without", "on", "ignoring", "group_left", "group_right")
@@ -131,12 +132,25 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
-def variable_selector(var: dict[str, Any]) -> tuple[str, str]:
+def variable_selector(var: dict[str, Any]) -> tuple[str, str | None]:
+    """(selector, label) of ``label_values(selector, label)``; (expression, None) of
+    ``query_result(expression)``, whose values the variable's regex extracts."""
+    if m := _QUERY_RESULT.match(var["query"]):
+        assert var["regex"], f"variable {var['name']}: query_result needs a regex"
+        return m.group("expr"), None
     m = _LABEL_VALUES.match(var["query"])
     assert m, (
-        f"variable {var['name']}: expected label_values(selector, label), got {var['query']!r}"
+        f"variable {var['name']}: expected label_values(selector, label) or "
+        f"query_result(expression), got {var['query']!r}"
     )
     return m.group("selector"), m.group("label")
+
+
+def grafana_regex(var: dict[str, Any]) -> re.Pattern[str]:
+    """A variable's ``/regex/`` as a pattern (Grafana uses its first capture group)."""
+    m = re.fullmatch(r"/(.*)/", var["regex"], re.S)
+    assert m, f"variable {var['name']}: regex must be /.../, got {var['regex']!r}"
+    return re.compile(m.group(1))
 
 
 def regex_escape(value: str) -> str:
@@ -300,6 +314,25 @@ def test_semconv_dashboard_uses_only_the_conventions_names() -> None:
     assert names <= semconv, names - semconv
 
 
+#: A matcher on a boolean label (``success``, ``healthy``).
+BOOL_MATCHER = re.compile(r'\b(success|healthy)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+
+
+def test_boolean_labels_are_matched_in_both_spellings() -> None:
+    """``METRICS_OTEL_BOOL_LABELS=capitalized`` (for the reference's dashboard) must not empty
+    ours: every matcher on ``success``/``healthy`` takes ``true|True`` or ``false|False``."""
+    queries = [(f"{n}: {w}", e) for n in DASHBOARDS for w, e in targets(load(n))]
+    queries += [(f"rule {a}", e) for a, e in rule_exprs()]
+    matchers = [(where, m.groups()) for where, e in queries for m in BOOL_MATCHER.finditer(e)]
+    assert len(matchers) >= 9, matchers
+    bad = [
+        (where, g)
+        for where, g in matchers
+        if g[1:] not in {("=~", "true|True"), ("=~", "false|False")}
+    ]
+    assert not bad, bad
+
+
 def test_metric_names_are_found_in_queries() -> None:
     """The name extraction that the exported-names check relies on."""
     assert metric_names(
@@ -326,8 +359,21 @@ class Stack:
         return labels
 
     def options(self, var: dict[str, Any], values: dict[str, str]) -> set[str]:
-        """What Grafana lists for a ``label_values(selector, label)`` variable."""
+        """What Grafana lists for a ``label_values(selector, label)`` variable (the series of the
+        range), or for a ``query_result(expression)`` one (an instant query at the range's end,
+        each result written ``name{label="value", ...} value timestamp`` and matched by the
+        variable's regex)."""
         selector, label = variable_selector(var)
+        if label is None:
+            regex, found = grafana_regex(var), set()
+            for result in self.prom.query(substitute(selector, values)):
+                metric = dict(result["metric"])
+                name = metric.pop("__name__", "")
+                text = ", ".join(f'{k}="{v}"' for k, v in sorted(metric.items()))
+                line = f"{name}{{{text}}} {result['value'][1]} {int(result['value'][0] * 1000)}"
+                if m := regex.search(line):
+                    found.add(m.group(1))
+            return found
         r = httpx.get(
             f"{self.prom.url}/api/v1/series",
             params={"match[]": substitute(selector, values), "start": time.time() - 3600},
@@ -426,6 +472,9 @@ def _round(client: httpx.Client, db: Path, exporter_url: str, limited_key: str) 
                 protocol("tools/list->tools/call", 2400, server, "claude-desktop"),
                 protocol("initialize->tools/call", 2520, server, "claude-desktop"),
                 protocol("initialize->tools/list", 80, server, "cursor"),
+                health(server, duration_ms=6),
+                health(server, duration_ms=30),
+                health(server, server == "github", 200 if server == "github" else 503, 1800),
             ]
         events += [
             discovery("open pull requests", 5, 30, 18, 4),
@@ -435,6 +484,7 @@ def _round(client: httpx.Client, db: Path, exporter_url: str, limited_key: str) 
         _spans_over_otlp(client, gateway)
     post("auth-server", [auth(True, "jwt", "slack", 20), auth(False, "oauth", "slack", 150)])
     post("registry", [discovery("weather", 0, 25, 20, 2), discovery("send email", 3, 70, 50, 15)])
+    post("registry", [health("mcpgw", duration_ms=12), health("mcpgw", False, None, 2000)])
 
     # A client with two invalid items (rules "type" and "required") and one good one.
     bad = [
@@ -558,8 +608,11 @@ def test_variables_list_what_the_traffic_sent(stack: Stack) -> None:
     by_name = {v["name"]: v for v in variables(load(ANALYTICS))}
     every = {"service": ".*", "server": ".*", "method": ".*"}
     assert stack.options(by_name["service"], every) == {*KEYS}
-    assert stack.options(by_name["server"], every) == {"github", "filesystem", "slack"}
+    # The union of the auth metrics' `server` and the other families' `server_name`: slack
+    # only from auth events, the registry's servers only from its health checks.
+    assert stack.options(by_name["server"], every) == {"github", "filesystem", "slack", "mcpgw"}
     assert stack.options(by_name["server"], {**every, "service": "auth-server"}) == {"slack"}
+    assert stack.options(by_name["server"], {**every, "service": "registry"}) == {"mcpgw"}
     assert stack.options(by_name["method"], every) == {"initialize", "tools/list", "tools/call"}
 
 
@@ -568,7 +621,11 @@ def test_variables_filter_the_panels_they_should(stack: Stack) -> None:
     whose `method` is jwt/oauth/noauth, are not filtered by the MCP method."""
     exported = stack.exported()
     checks = {
-        ANALYTICS: {"service": 'service=~"$service"', "server": 'server=~"$server"'},
+        ANALYTICS: {
+            "service": 'service=~"$service"',
+            "server": 'server=~"$server"',
+            "server_name": 'server_name=~"$server"',
+        },
         HEALTH: {"job": 'job=~"$job"', "instance": 'instance=~"$instance"'},
         SEMCONV: {"service": 'service=~"$service"'},
     }
@@ -620,7 +677,7 @@ def test_dashboards_and_rules_use_only_exported_metrics(stack: Stack) -> None:
 
 #: Every query that shows failures: on a service without any, each must return 0.
 _ERROR_QUERY = re.compile(
-    r'rejected|failures|rate_limited|deleted_rows|success="false"|error_type!=""'
+    r'rejected|failures|rate_limited|deleted_rows|(success|healthy)=~"false\|False"|error_type!=""'
 )
 
 

@@ -22,7 +22,7 @@ def run(args: list[str], timeout_s: float = 120) -> subprocess.CompletedProcess[
     )
 
 
-def test_ingest_bench_measures_service_and_baseline_and_counts_every_acknowledged_metric(
+def test_ingest_bench_measures_service_and_baselines_and_counts_every_acknowledged_metric(
     tmp_path: Path,
 ) -> None:
     out = run(
@@ -49,15 +49,16 @@ def test_ingest_bench_measures_service_and_baseline_and_counts_every_acknowledge
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     runs = {r["kind"]: r for r in report["runs"]}
-    assert set(runs) == {"baseline", "service"}
+    assert set(runs) == {"baseline", "lean", "service"}
     service = runs["service"]
     assert service["statuses"].get("200", 0) > 0 and set(service["statuses"]) == {"200"}
     assert service["acknowledged"] == service["stored"] > 0 and service["missing"] == 0
     assert service["expired_left"] == 0  # retention deleted the expired history meanwhile
     assert service["samples"] and all(s["rss_mb"] > 0 and s["fds"] > 0 for s in service["samples"])
-    assert runs["baseline"]["metrics_per_s"] > 0
+    for base in ("baseline", "lean"):  # both parse every body of the workload
+        assert runs[base]["metrics_per_s"] > 0 and set(runs[base]["statuses"]) == {"200"}
     row = report["summary"][0]
-    assert row["service_missing"] == 0 and row["ratio"] > 0
+    assert row["service_missing"] == 0 and row["ratio"] > 0 and row["lean_ratio"] > 0
     assert "ratio" in out.stdout  # the table
 
 

@@ -48,3 +48,17 @@ def test_a_bad_trusted_proxies_value_stops_start_up_naming_the_variable(
 
 def test_settings_default_rollup_retention_is_longer_than_raw(settings: Settings) -> None:
     assert settings.rollup_retention_days > settings.retention_days
+
+
+def test_a_short_admin_key_stops_start_up_without_printing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("METRICS_ADMIN_API_KEY", "hunter2-secret")
+    with pytest.raises(ConfigError, match=r"METRICS_ADMIN_API_KEY.*at least 16") as raised:
+        load_settings()
+    assert "hunter2" not in str(raised.value)
+    # Empty, as compose passes an unset variable: no admin key, as when unset.
+    monkeypatch.setenv("METRICS_ADMIN_API_KEY", "")
+    assert load_settings().admin_api_key is None
+    monkeypatch.setenv("METRICS_ADMIN_API_KEY", "a" * 16)
+    assert load_settings().admin_api_key == "a" * 16

@@ -99,14 +99,14 @@ def test_counters_and_histograms_match_what_was_posted(app_client: TestClient) -
     tool_ok = (
         ("client_name", "claude"),
         ("method", "tools/call"),
-        ("server", "srv"),
+        ("server_name", "srv"),
         ("service", "svc"),
         ("success", "true"),
         ("tool_name", "search"),
     )
     assert s["mcp_tool_executions_total"][tool_ok] == 1
     assert s["mcp_tool_output_size_bytes_sum"][tool_ok] == 2048
-    step = (("flow_step", "initialize->tools/list"), ("server", "srv"), ("service", "svc"))
+    step = (("flow_step", "initialize->tools/list"), ("server_name", "srv"), ("service", "svc"))
     assert s["mcp_protocol_latency_seconds_count"][step] == 1
     assert s["mcp_tool_discovery_embedding_duration_seconds_sum"][
         (("service", "svc"),)
@@ -155,7 +155,7 @@ def test_an_absent_and_an_empty_dimension_are_one_series(app_client: TestClient)
     assert s["mcp_protocol_latency_seconds_bucket"][tuple(sorted((*flow, ("le", "0.05"))))] == 2
     tool = (
         ("method", "tools/call"),
-        ("server", "srv"),
+        ("server_name", "srv"),
         ("service", "svc"),
         ("success", "true"),
         ("tool_name", "search"),

@@ -1,5 +1,6 @@
-"""``METRICS_OTEL_BOOL_LABELS``: ``success`` exported as ``true``/``false`` by default and as
-``True``/``False`` when capitalized (dashboards built on the pinned reference filter on those)."""
+"""``METRICS_OTEL_BOOL_LABELS``: ``success`` (and ``healthy`` of the health checks) exported as
+``true``/``false`` by default and as ``True``/``False`` when capitalized (dashboards built on the
+pinned reference filter on those)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fastapi.testclient import TestClient
 from metrics_service import Settings, create_app
 from metrics_service.settings import BoolLabels
 from tests._helpers import INGEST_KEY, auth_event, payload, tool_event
+from tests._traffic import health
 from tests.test_telemetry import scrape
 
 
@@ -23,9 +25,10 @@ def test_success_labels_follow_the_setting(
 ) -> None:
     settings = Settings(db_path=tmp_path / "m.db", otel_bool_labels=mode)
     with TestClient(create_app(settings)) as c:
-        body = payload(metrics=[tool_event("a", True), tool_event("a", False), auth_event(True)])
-        r = c.post("/metrics", json=body, headers={"X-API-Key": INGEST_KEY})
-        assert r.status_code == 200 and r.json()["accepted"] == 3, r.text
+        events = [tool_event("a", True), tool_event("a", False), auth_event(True)]
+        events += [health(healthy=True), health(healthy=False, status_code=503)]
+        r = c.post("/metrics", json=payload(metrics=events), headers={"X-API-Key": INGEST_KEY})
+        assert r.status_code == 200 and r.json()["accepted"] == 5, r.text
         samples = scrape(c)
     for name in ("mcp_tool_executions_total", "mcp_auth_requests_total"):
         values = {dict(labels).get("success") for labels in samples[name]}
@@ -35,3 +38,7 @@ def test_success_labels_follow_the_setting(
         dict(labels)["success"]: v for labels, v in samples["mcp_tool_executions_total"].items()
     }
     assert tools[yes] == 1 and tools[no] == 1
+    checks = {
+        dict(labels)["healthy"]: v for labels, v in samples["mcp_health_checks_total"].items()
+    }
+    assert checks == {yes: 1, no: 1}

@@ -27,7 +27,7 @@ from opentelemetry.sdk.resources import Resource
 from tests._helpers import ServiceProcess, db_rows, free_port, listening_ports, wait_for
 from tests._otlp import OtlpReceiver, start_rotel
 from tests._prometheus import parse_samples, scrape, total
-from tests._traffic import auth, discovery, post_all, protocol, tool
+from tests._traffic import auth, discovery, health, post_all, protocol, tool
 
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BYTES = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
@@ -38,7 +38,7 @@ AUTH_OAUTH = {**AUTH_JWT, "method": "oauth", "success": "false"}
 AUTH_NOAUTH = {**AUTH_JWT, "method": "noauth"}
 SEARCH = {
     "service": "svc",
-    "server": "srv",
+    "server_name": "srv",
     "method": "tools/call",
     "tool_name": "search",
     "client_name": "claude",
@@ -48,10 +48,20 @@ LIST = {**SEARCH, "method": "tools/list", "tool_name": ""}
 SVC = {"service": "svc"}
 STEP = {
     "service": "svc",
-    "server": "srv",
+    "server_name": "srv",
     "client_name": "claude",
     "flow_step": "initialize->tools/list",
 }
+HEALTHY = {
+    "service": "svc",
+    "server_name": "srv",
+    "endpoint": "/health/srv",
+    "status_code": "200",
+    "healthy": "true",
+}
+UNHEALTHY = {**HEALTHY, "status_code": "503", "healthy": "false"}
+#: No status code (the server did not answer): an empty attribute, like tool_name of LIST.
+UNREACHABLE = {**HEALTHY, "status_code": "", "healthy": "false"}
 
 TRAFFIC = [
     auth(True, "jwt", duration_ms=5, user_hash="a"),
@@ -66,6 +76,10 @@ TRAFFIC = [
     discovery("q2", results=0, duration_ms=40, embedding_ms=30, search_ms=6),
     protocol("initialize->tools/list", duration_ms=15),
     protocol("initialize->tools/list", duration_ms=150, session_id="s2"),
+    health(duration_ms=4),
+    health(duration_ms=40),
+    health(healthy=False, status_code=503, duration_ms=2000),
+    health(healthy=False, status_code=None, duration_ms=None, value=2),  # unreachable
 ]
 
 
@@ -107,6 +121,11 @@ EXPECTED: dict[str, dict[frozenset[tuple[str, Any]], Any]] = {
     "mcp_tool_discovery_search_duration_seconds": {_key(SVC): _hist([0.003, 0.006], SECONDS)},
     "mcp_tool_discovery_results": {_key(SVC): _hist([7, 0], RESULTS)},
     "mcp_protocol_latency_seconds": {_key(STEP): _hist([0.015, 0.15], SECONDS)},
+    "mcp_health_checks": {_key(HEALTHY): 2, _key(UNHEALTHY): 1, _key(UNREACHABLE): 2},
+    "mcp_health_check_duration_seconds": {
+        _key(HEALTHY): _hist([0.004, 0.04], SECONDS),
+        _key(UNHEALTHY): _hist([2.0], SECONDS),
+    },
 }
 BOUNDS = {
     name: b

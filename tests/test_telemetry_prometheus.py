@@ -25,7 +25,7 @@ from tests._helpers import (
     wait_for,
 )
 from tests._prometheus import ScrapedService, parse_samples, scrape, scraped_service, total
-from tests._traffic import H, auth, discovery, post_all, protocol, tool
+from tests._traffic import H, auth, discovery, health, post_all, protocol, tool
 
 SERVICE_NAME = "mcp-metrics-test"
 ADMIN = {"X-API-Key": ADMIN_KEY}
@@ -34,8 +34,9 @@ BYTES = (64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
 RESULTS = (0, 1, 2, 5, 10, 20, 50, 100)
 
 AUTH = {"service", "server", "method", "success"}
-TOOL = {"service", "server", "method", "tool_name", "client_name", "success"}
-PROTOCOL = {"service", "server", "client_name", "flow_step"}
+TOOL = {"service", "server_name", "method", "tool_name", "client_name", "success"}
+PROTOCOL = {"service", "server_name", "client_name", "flow_step"}
+HEALTH = {"service", "server_name", "endpoint", "status_code", "healthy"}
 SERVICE = {"service"}
 # Added by Prometheus (job, instance) and by the OpenTelemetry exporter (instrumentation scope;
 # its empty otel_scope_schema_url is dropped by Prometheus like any empty label).
@@ -55,6 +56,8 @@ EXPECTED: dict[str, tuple[set[str], tuple[float, ...] | None]] = {
     "mcp_tool_input_size_bytes": (TOOL, BYTES),
     "mcp_tool_output_size_bytes": (TOOL, BYTES),
     "mcp_tool_discovery_results": (SERVICE, RESULTS),
+    "mcp_health_checks_total": (HEALTH, None),
+    "mcp_health_check_duration_seconds": (HEALTH, SECONDS),
     "metrics_service_metrics_accepted_total": ({"type"}, None),
     "metrics_service_metrics_rejected_total": ({"reason"}, None),
     "metrics_service_requests_total": ({"status"}, None),
@@ -113,6 +116,9 @@ def _send_every_kind(service: ServiceProcess, exporter_url: str) -> None:
             protocol("initialize->tools/list"),
             protocol("tools/list->tools/call"),
             protocol("initialize->tools/call", duration_ms=900),
+            health(duration_ms=4),
+            health(duration_ms=40),
+            health("other", healthy=False, status_code=503, duration_ms=2000),
         ]
         post_all(c, events)
         # One valid item and two invalid ones (rules "type" and "required"), then nothing valid.
@@ -226,9 +232,16 @@ def test_prometheus_scrapes_every_instrument_with_its_labels(stack: ScrapedServi
     assert v("mcp_tool_discovery_embedding_duration_seconds_sum") == pytest.approx(0.024)
     assert v("mcp_tool_discovery_search_duration_seconds_sum") == pytest.approx(0.006)
     assert (
-        v('mcp_protocol_latency_seconds_count{flow_step="initialize->tools/call",server="srv"}')
+        v(
+            'mcp_protocol_latency_seconds_count{flow_step="initialize->tools/call",server_name="srv"}'
+        )
         == 1
     )
+    assert v('mcp_health_checks_total{server_name="srv",healthy="true",status_code="200"}') == 2
+    assert v('mcp_health_checks_total{endpoint="/health/other",healthy="false"}') == 1
+    assert v('mcp_health_check_duration_seconds_sum{healthy="true"}') == pytest.approx(0.044)
+    assert bucket("mcp_health_check_duration_seconds", 'status_code="503"', 1) == 0
+    assert bucket("mcp_health_check_duration_seconds", 'status_code="503"', 2.5) == 1
     assert {
         s["metric"]["reason"] for s in prom.query("metrics_service_metrics_rejected_total")
     } >= {"type", "required"}

@@ -14,13 +14,11 @@ import msgspec
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from starlette.types import Receive, Scope, Send
 
-from metrics_service.api import ClientGone, read_body
-from metrics_service.auth import presented_key
+from metrics_service.api import ClientGone, admit, read_body
 from metrics_service.errors import (
     ApiError,
     BadRequest,
     PayloadTooLarge,
-    RateLimited,
     UnsupportedMediaType,
 )
 from metrics_service.otlp.decode import decode_json, decode_protobuf
@@ -100,33 +98,8 @@ class TracesEndpoint:
     async def export(
         app: AppState, scope: Scope, receive: Receive, as_json: bool
     ) -> tuple[int, bytes, dict[str, str]]:
-        api_key = authorization = encoding = length = None
-        forwarded: list[str] = []
-        for name, value in scope["headers"]:
-            if name == b"x-api-key":
-                api_key = api_key or value
-            elif name == b"authorization":
-                authorization = authorization or value
-            elif name == b"x-forwarded-for":
-                forwarded.append(value.decode("latin-1"))
-            elif name == b"content-encoding":
-                encoding = encoding or value.strip().lower()
-            elif name == b"content-length":
-                length = length or value
-        peer = scope.get("client")
-        principal = await app.authenticator.authenticate(
-            presented_key(api_key, authorization),
-            app.authenticator.client_address(peer[0] if peer else None, forwarded),
-            "ingest",
-        )
-        decision = await app.limiter.hit(
-            "key",
-            str(principal.key_id),
-            principal.rate_limit_per_min or app.settings.rate_limit_per_min,
-        )
-        if not decision.allowed:
-            app.telemetry.add("metrics_service_rate_limited_requests")
-            raise RateLimited("rate limit exceeded for this key", headers=decision.headers())
+        principal, request, answer_headers = await admit(app, scope)
+        encoding, length = request.encoding, request.length
         kind = _content_type(scope)
         if kind not in (_PROTOBUF, _JSON):
             raise UnsupportedMediaType(
@@ -157,12 +130,12 @@ class TracesEndpoint:
                 if mapped.rejected
                 else {}
             )
-            return 200, msgspec.json.encode(partial), decision.headers()
+            return 200, msgspec.json.encode(partial), answer_headers
         response = ExportTraceServiceResponse()
         if mapped.rejected:
             response.partial_success.rejected_spans = mapped.rejected
             response.partial_success.error_message = message
-        return 200, response.SerializeToString(), decision.headers()
+        return 200, response.SerializeToString(), answer_headers
 
 
 def _metrics_refused() -> ApiError:

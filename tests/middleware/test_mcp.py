@@ -164,7 +164,7 @@ async def test_mcp_rows_in_the_real_service(
             ("method", "tools/call"),
             ("service", "mw-mcp"),
             ("client_name", "pytest-client"),
-            ("server", "calc-server"),
+            ("server_name", "calc-server"),
         }
     )
     before = metrics_service.series("mcp_tool_executions_total").get(add_ok, 0.0)
