@@ -12,7 +12,7 @@ binary is installed. Storages: memory, that Redis, and the same Redis behind a p
   ``POST /metrics`` does) and the slowapi guard of a route class, with one limit (``page``: the
   address) and with two (``analytics``: the key, then the address);
 - checks per second with ``--concurrency`` checks in flight on one event loop: the asyncio
-  storage overlaps its Redis round trips, slowapi's blocks the loop for each one;
+  storage overlaps its Redis round trips on the loop, slowapi's runs in a worker thread on Redis;
 - for each Redis, the median PING round trip as measured (the proxy's real delay, which on a
   loaded machine is more than ``--rtt-ms``).
 
