@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from metrics_service import __version__, auth, compat
+from metrics_service import __version__, auth, compat, route_limits
 from metrics_service.analytics.routes import router as analytics_router
 from metrics_service.api import INGEST, admin, install_error_handlers, router, schema_components
 from metrics_service.idempotency import Registry
@@ -310,17 +310,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
-    app.include_router(router)
+    # Per-key and per-address limits (slowapi) on the regular routes; the ingest routes have
+    # their own (metrics_service/ratelimit.py).
+    route_limits.install(app, settings)
+    limited = route_limits.dependencies()
+    app.include_router(router, dependencies=limited)
     if settings.otlp_ingest_enabled:
         # OTLP/HTTP (docs/otlp.md); like /metrics, dispatched before the middleware stack, and
         # in the route table so that other methods get 405.
         app.otlp_paths = frozenset({"/v1/traces", "/v1/metrics"})
         for path in app.otlp_paths:
             app.add_route(path, TRACES, methods=["POST"], include_in_schema=False)  # type: ignore[arg-type]
-    app.include_router(analytics_router)
+    app.include_router(analytics_router, dependencies=limited)
     if settings.admin_enabled:
         assert compat.preview is not None  # its routes are on the admin router
-        app.include_router(admin)
+        app.include_router(admin, dependencies=limited)
     schema_components(app)
     app.add_middleware(RequestIdMiddleware)
     return app

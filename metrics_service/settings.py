@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     #: proxies in front of the service: from these peers only, ``X-Forwarded-For`` names the client.
     trusted_proxies: str = _env("METRICS_TRUSTED_PROXIES", "")
     key_reload_interval_s: float = _env("METRICS_KEY_RELOAD_INTERVAL_S", 2.0, gt=0)
+    # Route limits (slowapi, metrics_service/route_limits.py) on the regular routes, in the
+    # `limits` notation ("120/minute", "10/second;500/hour"); the ingest routes have the above.
+    analytics_rate_limit: str = _env("METRICS_ANALYTICS_RATE_LIMIT", "120/minute")
+    route_rate_limit: str = _env("METRICS_ROUTE_RATE_LIMIT", "600/minute")
+    route_rate_limit_per_address: str = _env("METRICS_ROUTE_RATE_LIMIT_PER_ADDRESS", "1200/minute")
     #: ``service:alias,service:alias``: keys of ``service`` may also report as ``alias``.
     service_aliases: str = _env("METRICS_SERVICE_ALIASES", "")
 
@@ -163,6 +168,19 @@ class Settings(BaseSettings):
         scheme = value.split("://", 1)[0]
         if scheme not in {"memory", "redis", "rediss", "redis+sentinel", "redis+cluster"}:
             raise ValueError("must be memory:// or a redis:// URI")
+        return value
+
+    @field_validator("analytics_rate_limit", "route_rate_limit", "route_rate_limit_per_address")
+    @classmethod
+    def _limit_string(cls, value: str) -> str:
+        from limits import parse_many
+
+        try:
+            items = parse_many(value)
+        except ValueError:
+            items = []
+        if not items or any(item.amount < 1 for item in items):
+            raise ValueError("must be a limit such as 120/minute or 10/second;500/hour")
         return value
 
     @field_validator("service_aliases")

@@ -53,6 +53,9 @@ def service_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             # turn the run into a run of 429s.
             "METRICS_RATE_LIMIT": "100000000",
             "METRICS_AUTH_FAILURE_LIMIT": "100000000",
+            "METRICS_ANALYTICS_RATE_LIMIT": "100000000/minute",
+            "METRICS_ROUTE_RATE_LIMIT": "100000000/minute",
+            "METRICS_ROUTE_RATE_LIMIT_PER_ADDRESS": "100000000/minute",
             "METRICS_SQLITE_SYNCHRONOUS": "normal",
         },
         log_path=tmp / "service.log",

@@ -60,9 +60,14 @@ def _snapshot(db: Path) -> dict[str, Any]:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    """The suite's settings, with a rate limit the injection matrix cannot reach."""
+    """The suite's settings, with rate limits (ingest and route) the injection matrix cannot
+    reach."""
     return Settings(
-        db_path=tmp_path / "m.db", admin_api_key=ADMIN_KEY, rate_limit_per_min=1_000_000
+        db_path=tmp_path / "m.db",
+        admin_api_key=ADMIN_KEY,
+        rate_limit_per_min=1_000_000,
+        analytics_rate_limit="1000000/minute",
+        route_rate_limit_per_address="1000000/minute",
     )
 
 

@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from metrics_service.analytics import queries
 from metrics_service.api import _ERRORS, APIKey, client_address, json_response, state
-from metrics_service.errors import InvalidPayload, NotFound, RateLimited
+from metrics_service.errors import InvalidPayload, NotFound
 
 router = APIRouter(tags=["analytics"])
 
@@ -103,13 +103,8 @@ def _route(view: str) -> Any:
 
     async def endpoint(request: Request, x_api_key: APIKey = None) -> Response:
         app = state(request)
-        principal = await app.authenticator.authenticate(
-            x_api_key, client_address(request), "viewer", "admin"
-        )
-        limit = principal.rate_limit_per_min or app.settings.rate_limit_per_min
-        decision = await app.limiter.hit("key", str(principal.key_id), limit)
-        if not decision.allowed:
-            raise RateLimited("rate limit exceeded for this key", headers=decision.headers())
+        # The key's budget was spent before (route_limits, per key and per address).
+        await app.authenticator.authenticate(x_api_key, client_address(request), "viewer", "admin")
         query = dict(request.query_params)
         if len(query) != len(request.query_params.multi_items()):
             raise InvalidPayload(
