@@ -260,11 +260,13 @@ def test_image_settings_are_the_services() -> None:
 
 
 def test_image_installs_the_project_as_scripts_serve_does(tmp_path: Path) -> None:
-    """`pip install .` (what scripts/serve installs), from the files the image copies, which the
-    .dockerignore lets through and which are enough to build the project with every module."""
-    serve = (ROOT / "scripts" / "serve").read_text()
-    [serve_args] = re.findall(r"^ensure_venv \.venv (.+)$", serve, re.M)
-    assert shlex.split(serve_args) == ["."]
+    """`pip install .` (the project scripts/serve installs, there editable so that a git pull
+    takes effect), from the files the image copies, which the .dockerignore lets through and
+    which are enough to build the project with every module."""
+    assert "ensure_serve_venv" in (ROOT / "scripts" / "serve").read_text()
+    venv = (ROOT / "scripts" / "_venv.sh").read_text()
+    [serve_args] = re.findall(r"^    ensure_venv \.venv (.+)$", venv, re.M)
+    assert shlex.split(serve_args) == ["-e", "."]
     steps = dockerfile()
     build = steps[: [i for i, (instr, _) in enumerate(steps) if instr == "FROM"][1]]
     assert ("RUN", "pip install .") in build
