@@ -265,7 +265,8 @@ def test_image_installs_the_project_as_scripts_serve_does(tmp_path: Path) -> Non
     which are enough to build the project with every module."""
     assert "ensure_serve_venv" in (ROOT / "scripts" / "serve").read_text()
     venv = (ROOT / "scripts" / "_venv.sh").read_text()
-    [serve_args] = re.findall(r"^    ensure_venv \.venv (.+)$", venv, re.M)
+    serve_venv = venv[venv.index("ensure_serve_venv() {") :]
+    [serve_args] = re.findall(r"^    ensure_venv \.venv (.+)$", serve_venv, re.M)
     assert shlex.split(serve_args) == ["-e", "."]
     steps = dockerfile()
     build = steps[: [i for i, (instr, _) in enumerate(steps) if instr == "FROM"][1]]
