@@ -27,6 +27,7 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
@@ -259,6 +260,31 @@ def cutoff_ms(days: int, now_s: float | None = None) -> int:
     """The unix ms ``days`` days before ``now_s`` (default now): retention's cut-off."""
     now_s = time.time() if now_s is None else now_s
     return int((now_s - days * 86_400) * 1000)
+
+
+def iso_ms(ms: int | None) -> str | None:
+    """Unix ms as ISO 8601 in UTC (the admin answers' timestamps); None stays None."""
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+def retention_preview_entry(
+    retention_days: int,
+    cutoff: int,
+    expired: int,
+    total: int,
+    oldest: int | None,
+    newest: int | None,
+) -> dict[str, Any]:
+    """One table's entry of ``retention_preview``, from its counts below and above ``cutoff``."""
+    return {
+        "retention_days": retention_days,
+        "records_to_delete": expired,
+        "total_records": total,
+        "oldest_record_to_delete": iso_ms(oldest),
+        "newest_record_to_delete": iso_ms(newest),
+        "cutoff_date": iso_ms(cutoff),
+        "percentage_to_delete": round(100.0 * expired / total, 2) if total else 0,
+    }
 
 
 # -- choosing a backend --------------------------------------------------------------------------

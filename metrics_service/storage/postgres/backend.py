@@ -15,14 +15,23 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
 from metrics_service.errors import StorageError
 from metrics_service.storage import rollups
-from metrics_service.storage.backend import ENV, Aggregate, DatabaseUrl, KeyRecord, Policy, redact
+from metrics_service.storage.backend import (
+    ENV,
+    Aggregate,
+    DatabaseUrl,
+    KeyRecord,
+    Policy,
+    cutoff_ms,
+    iso_ms,
+    redact,
+    retention_preview_entry,
+)
 from metrics_service.storage.postgres import migrations
 from metrics_service.storage.postgres import rollups as pg_rollups
 from metrics_service.storage.postgres._conn import Conn
@@ -68,10 +77,6 @@ _LOOKUP_SQL = (
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _iso_ms(ms: int | None) -> str | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat()
 
 
 def _key(record: asyncpg.Record) -> KeyRecord:
@@ -490,8 +495,8 @@ class Backend:
                 raw = table in TABLES
                 out[table] = {
                     "record_count": count,
-                    "oldest_record": _iso_ms(oldest),
-                    "newest_record": _iso_ms(newest),
+                    "oldest_record": iso_ms(oldest),
+                    "newest_record": iso_ms(newest),
                     "has_retention_policy": policy is not None if raw else True,
                     "retention_days": (policy.retention_days if policy else None)
                     if raw
@@ -510,20 +515,14 @@ class Backend:
                 if not policy.enabled or (tables is not None and policy.table not in tables):
                     continue
                 table = policy.table
-                cutoff = int((now_s - policy.retention_days * 86_400) * 1000)
+                cutoff = cutoff_ms(policy.retention_days, now_s)
                 expired, oldest, newest = await conn.fetchrow(
                     f"SELECT count(*), min(ts), max(ts) FROM {table} WHERE ts < $1", cutoff
                 )
                 total = int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
-                out[table] = {
-                    "retention_days": policy.retention_days,
-                    "records_to_delete": expired,
-                    "total_records": total,
-                    "oldest_record_to_delete": _iso_ms(oldest),
-                    "newest_record_to_delete": _iso_ms(newest),
-                    "cutoff_date": _iso_ms(cutoff),
-                    "percentage_to_delete": round(100.0 * expired / total, 2) if total else 0,
-                }
+                out[table] = retention_preview_entry(
+                    policy.retention_days, cutoff, expired, total, oldest, newest
+                )
         return out
 
     async def database_size(self) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import aiosqlite
 
 from metrics_service.idempotency import Stored
 from metrics_service.storage import rollups
-from metrics_service.storage.backend import KeyRecord, Policy
+from metrics_service.storage.backend import KeyRecord, Policy, iso_ms, retention_preview_entry
 from metrics_service.storage.schema import TABLES
 from metrics_service.storage.sqlite import idempotency, keys
 from metrics_service.storage.sqlite.database import POLICIES_SQL, cutoff_ms, policies_of
@@ -43,12 +42,6 @@ async def idempotency_lookup(
     return idempotency.stored(row)
 
 
-def _iso_ms(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
-
-
 async def retention_preview(
     conn: aiosqlite.Connection, default_days: int, tables: Sequence[str] | None, now_s: float
 ) -> dict[str, dict[str, Any]]:
@@ -63,15 +56,9 @@ async def retention_preview(
             conn, f"SELECT count(*), min(ts), max(ts) FROM {table} WHERE ts < ?", (cutoff,)
         )
         (total,) = await one(conn, f"SELECT count(*) FROM {table}")
-        out[table] = {
-            "retention_days": policy.retention_days,
-            "records_to_delete": expired,
-            "total_records": total,
-            "oldest_record_to_delete": _iso_ms(oldest),
-            "newest_record_to_delete": _iso_ms(newest),
-            "cutoff_date": _iso_ms(cutoff),
-            "percentage_to_delete": round(100.0 * expired / total, 2) if total else 0,
-        }
+        out[table] = retention_preview_entry(
+            policy.retention_days, cutoff, expired, total, oldest, newest
+        )
     return out
 
 
@@ -86,8 +73,8 @@ async def table_stats(
         policy = policies.get(table)
         out[table] = {
             "record_count": count,
-            "oldest_record": _iso_ms(oldest),
-            "newest_record": _iso_ms(newest),
+            "oldest_record": iso_ms(oldest),
+            "newest_record": iso_ms(newest),
             "has_retention_policy": policy is not None,
             "retention_days": policy.retention_days if policy else None,
             "policy_active": policy.enabled if policy else None,
@@ -98,8 +85,8 @@ async def table_stats(
         )
         out[table] = {
             "record_count": count,
-            "oldest_record": _iso_ms(oldest),
-            "newest_record": _iso_ms(newest),
+            "oldest_record": iso_ms(oldest),
+            "newest_record": iso_ms(newest),
             "has_retention_policy": True,
             "retention_days": rollup_days,
             "policy_active": True,
