@@ -1,5 +1,6 @@
-"""What a limit check costs: the ingest path's direct ``limits`` check (asyncio storage) next to
-the regular routes' slowapi guard (synchronous storage), on memory and on a real redis-server.
+"""What a limit check costs: the ingest path's own sliding window (metrics_service/ratelimit.py)
+next to the regular routes' slowapi guard (synchronous storage), on memory and on a real
+redis-server.
 
     .venv/bin/python bench/route_limits.py [--checks 20000] [--concurrency 16] [--rtt-ms 1]
                                            [--redis-url URL]
@@ -8,7 +9,7 @@ Without ``--redis-url`` a redis-server is started on a free loopback port (and s
 binary is installed. Storages: memory, that Redis, and the same Redis behind a proxy that adds
 ``--rtt-ms`` of round trip (bench/_delay_proxy.py: a Redis on another host). For each it reports
 
-- µs per check, one at a time: ``RateLimiter.hit`` (one hit and its window stats, what
+- µs per check, one at a time: ``RateLimiter.hit`` (one atomic take from the window, what
   ``POST /metrics`` does) and the slowapi guard of a route class, with one limit (``page``: the
   address) and with two (``analytics``: the key, then the address);
 - checks per second with ``--concurrency`` checks in flight on one event loop: the asyncio
@@ -115,7 +116,7 @@ async def _measure(uri: str, n: int, concurrency: int) -> dict[str, tuple[float,
         route_rate_limit_per_address=BIG,
         otel_prometheus_port=0,
     )
-    limiter = RateLimiter(settings.rate_limit_async_uri)
+    limiter = RateLimiter(settings.rate_limit_storage_uri)
     routes = RouteLimits(settings)
     metrics = SimpleNamespace(authenticator=auth.Authenticator(auth.KeyTable(), limiter, settings))
     app = SimpleNamespace(state=SimpleNamespace(metrics=metrics, route_limits=routes))
@@ -131,7 +132,7 @@ async def _measure(uri: str, n: int, concurrency: int) -> dict[str, tuple[float,
         return check
 
     checks = {
-        "limits, asyncio (ingest)": ingest,
+        "own limit, 1 s buckets (ingest)": ingest,
         "slowapi, 1 limit (page)": guard("/ui"),
         "slowapi, 2 limits (analytics)": guard("/analytics/summary"),
     }

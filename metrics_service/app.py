@@ -140,7 +140,7 @@ class RequestIdMiddleware:
 def _build_state(settings: Settings) -> AppState:
     storage = create_backend(settings)
     keys = auth.KeyTable(settings.alias_map())
-    limiter = RateLimiter(settings.rate_limit_async_uri)
+    limiter = RateLimiter(settings.rate_limit_storage_uri)
     queue = WriteQueue(storage, settings)
     telemetry = Telemetry(settings, queue_depth=lambda: queue.pending_metrics)
     queue.add_listener(telemetry.on_commit)
@@ -226,6 +226,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings.ack_mode.value,
         )
         # Each close is registered before its open: a failed open still ends its threads.
+        stack.push_async_callback(state.limiter.close)
         stack.push_async_callback(state.storage.close)
         await state.storage.open()
         if state.storage.applied_migrations:

@@ -255,11 +255,6 @@ class Settings(BaseSettings):
                 headers[key.strip().lower()] = unquote(value.strip())
         return headers
 
-    @property
-    def rate_limit_async_uri(self) -> str:
-        """The URI for `limits`' asyncio storage (``async+redis://`` etc.)."""
-        return f"async+{self.rate_limit_storage_uri}"
-
 
 def env_names() -> dict[str, str]:
     """Field name -> the environment variable that sets it."""

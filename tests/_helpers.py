@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -212,37 +211,38 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}"
 
 
-def start_redis(workdir: Path) -> RedisServer:
+def start_redis(workdir: Path, attempts: int = 5) -> RedisServer:
+    """A redis-server of our own on a free loopback port. redis-server cannot bind port 0, so
+    the port is picked in advance; if another process took it first, ours exits and the next
+    port is tried (a PING alone could be answered by that other server)."""
     binary = require_binary("redis-server", "redis-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    for _ in range(attempts):
+        port = free_port()
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
-    def up() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
+        def settled(proc: subprocess.Popen[bytes] = proc, port: int = port) -> bool:
+            return proc.poll() is not None or port in listening_ports(proc.pid)
 
-    wait_for(up, 10)
-    return RedisServer(port, proc)
+        wait_for(settled, 10)
+        if proc.poll() is None:
+            return RedisServer(port, proc)
+    raise AssertionError(f"redis-server found no free port in {attempts} attempts")
 
 
 def cli(

@@ -104,8 +104,9 @@ def test_key_and_route_budgets_are_exact_across_two_replicas_under_mixed_load(
         by_kind[call.path.split("/summary")[0]][r.status_code] += 1
         if r.status_code == 200:
             served[call.url] += 1
-    # The ingest key budget (limits, asyncio storage), the analytics key budget and the address
-    # budget (slowapi): each exact across both replicas, none spending another.
+    # The ingest key budget (metrics_service/ratelimit.py's window on Redis), the analytics key
+    # budget and the address budget (slowapi): each exact across both replicas, none spending
+    # another.
     assert by_kind == {
         "/metrics": {200: 30, 429: 50},
         "/analytics": {200: 20, 429: 40},
@@ -121,11 +122,13 @@ def test_key_and_route_budgets_are_exact_across_two_replicas_under_mixed_load(
     store = redis.Redis.from_url(redis_server.url)
     try:
         names = [k.decode() for k in store.scan_iter("LIMITS:LIMITER/*")]
+        ingest_names = [k.decode() for k in store.scan_iter("metrics-service:rl:*")]
     finally:
         store.close()
     assert any(n.startswith("LIMITS:LIMITER/routes/key:") for n in names), names
     assert any(n.startswith("LIMITS:LIMITER/routes/address:127.0.0.2/") for n in names), names
-    assert any(n.startswith("LIMITS:LIMITER/key/") for n in names), names
+    assert not any(n.startswith("LIMITS:LIMITER/key/") for n in names), names
+    assert any(n.startswith("metrics-service:rl:key/") for n in ingest_names), ingest_names
 
 
 def test_the_failed_auth_budget_of_an_address_is_shared_by_both_replicas(
@@ -144,7 +147,7 @@ def test_the_failed_auth_budget_of_an_address_is_shared_by_both_replicas(
     for r in responses:
         if r.status_code == 429:
             assert r.json()["error"]["code"] == "rate_limited"
-            assert 1 <= int(r.headers["retry-after"]) <= 60
+            assert 1 <= int(r.headers["retry-after"]) <= 61
     for url in urls:
         # That client stays refused everywhere, with any wrong or missing key ...
         blocked = {"X-Forwarded-For": "203.0.113.5"}
