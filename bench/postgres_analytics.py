@@ -2,14 +2,19 @@
 
     .venv/bin/python bench/postgres_analytics.py                          # 10 million, 30 days
     .venv/bin/python bench/postgres_analytics.py --events 200000 --days 3 # quick
+    .venv/bin/python bench/postgres_analytics.py --url postgresql://... [--reuse]
 
 The history (bench/analytics.py's generator: Zipf-distributed tools, clients and tenants) is
-written through ``Backend.insert_batches`` in time order, in commits of 10,000 (COPY, rollup
-upserts, one transaction each, as the service's group commit under load), into a fresh cluster
-started by tests/_servers.py (server defaults, fsync on); complete days are then compacted and
-the tables analysed. Each view is then answered over the whole range ``--repeat`` times through
-``Backend.analytics`` (one read-only snapshot per view, as the service answers it): median and
-worst.
+loaded in bulk, one day at a time in time order: ``COPY`` of the day's raw rows and the day's
+hour rollups, aggregated by the shared rollup logic (``storage/rollups.py``) and upserted as the
+service's commits upsert them, one transaction per day (``add_raw``). The rollups are the ones
+ingest builds (``tests/test_postgres_rollups.py`` checks them against the raw rows); the service's
+own path (``Backend.insert_batches``, commits of 10,000) builds about 16,000 events/s here, too
+slow for 10 million. Complete days are then compacted and the tables analysed. The database is a
+fresh cluster started by tests/_servers.py (server defaults, fsync on) unless ``--url`` names one
+(``--reuse``: time the views of a history built before). Each view is answered over the whole
+range ``--repeat`` times through ``Backend.analytics`` (one read-only snapshot per view, as the
+service answers it): median and worst.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +37,67 @@ from bench.analytics import CASES, History  # noqa: E402
 from metrics_service.analytics import queries  # noqa: E402
 from metrics_service.storage import rollups  # noqa: E402
 from metrics_service.storage.postgres import Backend  # noqa: E402
+from metrics_service.storage.postgres import rollups as pg_rollups  # noqa: E402
+from metrics_service.storage.postgres._conn import Conn  # noqa: E402
+from metrics_service.storage.postgres.migrations import TABLE_OF_TYPE, row_columns  # noqa: E402
+from metrics_service.storage.postgres.partitions import Partitions  # noqa: E402
 from tests._servers import start_postgres  # noqa: E402
 
+DAY_MS = rollups.DAY_MS
+#: Events generated at a time (rows of one ``History.rows`` call).
+CHUNK_EVENTS = 50_000
 
-async def build(backend: Backend, events: int, days: int, commit_rows: int) -> dict[str, float]:
+
+async def add_raw(
+    conn: Conn, partitions: Partitions, parts: Sequence[dict[str, list[tuple[Any, ...]]]]
+) -> int:
+    """Store ``parts`` (rows in the layout ``validation`` builds) in bulk, in one transaction:
+    ``COPY`` of each family's raw rows, then the rollups of all of them at once (the service's
+    ``maintain``: the shared aggregation, one upsert per rollup row). Rows of many commits thus
+    cost one upsert per hour and key instead of one per commit. Returns the rows stored."""
+    wanted = {
+        (TABLE_OF_TYPE[kind], r[0] - r[0] % DAY_MS)
+        for part in parts
+        for kind, rows in part.items()
+        for r in rows
+    }
+    await partitions.ensure(conn, wanted)
+    count = 0
+    async with conn.transaction():
+        for kind in sorted({kind for part in parts for kind in part}):
+            rows = [r for part in parts for r in part.get(kind, ())]
+            if rows:
+                await conn.copy_records_to_table(
+                    TABLE_OF_TYPE[kind], records=rows, columns=row_columns(kind)
+                )
+            count += len(rows)
+        await pg_rollups.maintain(conn, parts)
+    return count
+
+
+async def build(backend: Backend, events: int, days: int) -> dict[str, float]:
+    """``events`` over the ``days`` before now, loaded one day at a time by ``add_raw``."""
     now_ms = int(time.time() * 1000)
-    start_ms = now_ms - days * rollups.DAY_MS
-    await backend.execute(
-        "UPDATE rollup_watermark SET until_ms = $1", start_ms // rollups.DAY_MS * rollups.DAY_MS
-    )
+    start_ms = now_ms - days * DAY_MS
+    # As a service that has run all along: days are compacted after the fact, not as late events.
+    await backend.execute("UPDATE rollup_watermark SET until_ms = $1", start_ms // DAY_MS * DAY_MS)
     history = History()
     started = time.perf_counter()
-    step = (now_ms - start_ms) * commit_rows // events
+    span = now_ms - start_ms
+    step = max(1, span * CHUNK_EVENTS // events)
     t, done = start_ms, 0
-    while done < events:
-        n = min(commit_rows, events - done)
-        await backend.insert_batches([history.rows(t, min(now_ms, t + step), n)])
-        t += step
-        done += n
-        if done % 1_000_000 < commit_rows:
+    async with backend._conn("bulk load") as conn:
+        while t < now_ms:
+            day_end = min(now_ms, (t // DAY_MS + 1) * DAY_MS)
+            parts = []
+            while t < day_end:
+                end = min(day_end, t + step)
+                n = events * (end - start_ms) // span - done  # evenly over time
+                if n:
+                    parts.append(history.rows(t, end, n))
+                t, done = end, done + n
+            if parts:
+                await add_raw(conn, backend.partitions, parts)
             print(f"  {done:,} events", file=sys.stderr, flush=True)
     insert_s = time.perf_counter() - started
     started = time.perf_counter()
@@ -84,44 +132,57 @@ async def time_views(backend: Backend, days: int, repeat: int) -> list[dict[str,
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--events", type=int, default=10_000_000)
-    parser.add_argument("--days", type=int, default=30)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--commit-rows", type=int, default=10_000)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    server = start_postgres({"fsync": "on", "shared_buffers": "256MB", "work_mem": "32MB"})
-
-    async def go() -> dict[str, Any]:
-        backend = Backend(None, server.url())
-        await backend.open()
-        try:
-            built = await build(backend, args.events, args.days, args.commit_rows)
+async def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    backend = Backend(None, url, command_timeout_s=600)
+    await backend.open()
+    try:
+        report: dict[str, Any] = {"events": args.events, "days": args.days}
+        if not args.reuse:
+            built = report["build"] = await build(backend, args.events, args.days)
             print(
                 f"built {args.events:,} events over {args.days} days in {built['insert_s']:.0f} s"
                 f" ({args.events / built['insert_s']:,.0f} events/s), compacted in"
                 f" {built['compact_s']:.1f} s, {built['bytes'] / 2**20:,.0f} MiB",
+                file=sys.stderr,
                 flush=True,
             )
-            views = await time_views(backend, args.days, args.repeat)
-            return {"build": built, "views": views}
-        finally:
-            await backend.close()
-
-    try:
-        result = asyncio.run(go())
+        report["views"] = await time_views(backend, args.days, args.repeat)
+        return report
     finally:
-        server.stop()
-        shutil.rmtree(server.root, ignore_errors=True)
-    for row in result["views"]:
-        print(
-            f"{row['case']:<48} {row['median_ms']:8.1f} ms median {row['max_ms']:8.1f} ms max"
-            f"  ({row['source']})"
-        )
+        await backend.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--url", help="an empty PostgreSQL database instead of a fresh cluster")
+    parser.add_argument("--reuse", action="store_true", help="time the views of --url's history")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.reuse and not args.url:
+        parser.error("--reuse needs --url")
+    if args.url:
+        report = asyncio.run(run(args.url, args))
+    else:
+        server = start_postgres({"fsync": "on", "shared_buffers": "256MB", "work_mem": "32MB"})
+        try:
+            report = asyncio.run(run(server.url(), args))
+        finally:
+            server.stop()
+            shutil.rmtree(server.root, ignore_errors=True)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        print(json.dumps(report, indent=2))
+        return
+    print(
+        f"\n| view, {args.days} days over {args.events:,} events | median ms | max ms | source |"
+        "\n|---|---|---|---|"
+    )
+    for v in report["views"]:
+        print(f"| `{v['case']}` | {v['median_ms']:.0f} | {v['max_ms']:.0f} | {v['source']} |")
 
 
 if __name__ == "__main__":

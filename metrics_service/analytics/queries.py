@@ -199,8 +199,10 @@ async def _grouped(
     kind: str,
     group: tuple[str, ...],
     series_ms: int | None = None,
+    present: tuple[str, ...] = (),
 ) -> tuple[rollups.Cube, dict[tuple[Any, ...], tuple[list[Any], float]], str]:
-    """States by ``(time, *group)`` with the calls of failed events, folded over ``success``."""
+    """States by ``(time, *group)`` with the calls of failed events, folded over ``success``;
+    only of the events that have every ``present`` dimension."""
     has_success = "success" in FILTERS[kind]
     columns = p.columns(kind)
     query = rollups.Query(
@@ -210,6 +212,7 @@ async def _grouped(
         (*group, "success") if has_success else group,
         columns,
         series_ms,
+        present,
     )
     cube, out, source = await reader.aggregate(query)
     folded: dict[tuple[Any, ...], tuple[list[Any], float]] = {}
@@ -327,19 +330,12 @@ async def _tool_calls(
     reader: Reader, p: Params, series_ms: int | None = None
 ) -> tuple[rollups.Cube, dict[int, tuple[list[Any], float]]]:
     """States of the calls that name a tool (``tools/call``: the rows of the tools view), by time
-    bucket; grouped by tool so that every filter is read from a rollup, as the tools view is."""
-    cube, folded, _ = await _grouped(reader, p, "tool_execution", ("tool_name",), series_ms)
-    out: dict[int, tuple[list[Any], float]] = {}
-    for (t, tool), (st, errors) in folded.items():
-        if _value(tool) is None:
-            continue
-        have = out.get(t)
-        if have is None:
-            out[t] = (list(st), errors)
-        else:
-            rollups.merge(cube, have[0], st)
-            out[t] = (have[0], have[1] + errors)
-    return cube, out
+    bucket; from a cube with the tool, so that every filter is read from a rollup as the tools
+    view is, but not grouped by it (an hour series by tool is tens of thousands of states)."""
+    cube, folded, _ = await _grouped(
+        reader, p, "tool_execution", (), series_ms, present=("tool_name",)
+    )
+    return cube, {t: state for (t,), state in folded.items()}
 
 
 async def summary(reader: Reader, p: Params) -> dict[str, Any]:

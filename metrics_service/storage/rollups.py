@@ -444,12 +444,24 @@ class Query:
     group: tuple[str, ...] = ()
     filters: dict[str, str | int] = field(default_factory=dict)
     series_ms: int | None = None
+    #: Dimensions that must be present: rows missing one are left out, without grouping by
+    #: them (``tool_calls``: the calls that name a tool, whichever tool).
+    present: tuple[str, ...] = ()
+
+
+def present_sql(q: Query) -> str:
+    """The condition, in both dialects, that leaves out rows missing a ``q.present``
+    dimension: ``AND d <> ''`` (``<> -1`` for an integer one) holds for a rollup key that has
+    it and for a raw value that has it (a NULL fails it too). Column names come from the
+    cubes' fixed dimension lists."""
+    return "".join(f" AND {d} <> {missing_value(d)!r}" for d in q.present)
 
 
 def query_shape(q: Query) -> tuple[_Shape, str]:
     """The shape of ``q``'s states and its source: ``rollup`` (the smallest cube holding the
-    group and filter dimensions) or ``raw`` (no cube does: an ad-hoc shape over the raw rows)."""
-    dims = (*q.group, *q.filters)
+    group, filter and present dimensions) or ``raw`` (no cube does: an ad-hoc shape over the
+    raw rows)."""
+    dims = (*q.group, *q.filters, *q.present)
     cube = cube_for(q.kind, dims)
     if cube is not None:
         return _SHAPES[cube.name], "rollup"

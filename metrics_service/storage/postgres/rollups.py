@@ -172,6 +172,7 @@ def segment_sql(cube: Cube, q: Query, level: str) -> tuple[str, int]:
     t = f"{time_col} / {series} * {series}" if series else "0::bigint"
     # Column names come from the cubes' fixed dimension lists; values are bound.
     where = "".join(f" AND {column} = ${i + 3}" for i, column in enumerate(q.filters))
+    where += rollups.present_sql(q)
     keylen = 1 + len(q.group)
     sql = (
         f"SELECT {t}, {', '.join(values)} FROM {table}"

@@ -234,7 +234,7 @@ def segment_sql(
         values = [*q.group, *(f"{merge_function(c)}({c})" for c in cube.state_columns)]
     t = f"{time_col} / {int(q.series_ms)} * {int(q.series_ms)}" if q.series_ms else "0"
     # Filter column names come from the cubes' fixed dimension lists; values are bound.
-    where = "".join(f" AND {column} = ?" for column in q.filters)
+    where = "".join(f" AND {column} = ?" for column in q.filters) + rollups.present_sql(q)
     keylen = 1 + len(q.group)
     sql = (
         f"SELECT {t}, {', '.join(values)} FROM {table}"
