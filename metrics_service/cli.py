@@ -408,6 +408,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         server_header=False,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
         timeout_keep_alive=5,
+        # X-Forwarded-For is read by the service itself, and only from METRICS_TRUSTED_PROXIES
+        # (auth.Authenticator.client_address); uvicorn's own rewriting would trust any local
+        # peer by default, and costs a middleware layer on every request.
+        proxy_headers=False,
         # uvicorn has no deadline for a request head; without one a silent connection is held
         # for ever (see metrics_service/server.py).
         http=deadline_protocol(settings.request_timeout_s),

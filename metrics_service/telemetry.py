@@ -595,13 +595,23 @@ class Telemetry:
         """Account a commit: rows grouped per label set, each group added once."""
         accepted = self.totals["metrics_service_metrics_accepted"]
         hist = self.histograms.__getitem__
+        # The rows of every batch of the commit, per type: each recorder runs once per commit
+        # (a commit of small requests carries many batches of a row or two).
+        by_kind: dict[str, list[list[Row]]] = {}
+        for batch in batches:
+            for kind, rows in batch.rows.items():
+                lists = by_kind.get(kind)
+                if lists is None:
+                    by_kind[kind] = [rows]
+                else:
+                    lists.append(rows)
         with self._lock:
-            for batch in batches:
-                for kind, rows in batch.rows.items():
-                    accepted.add((kind,), len(rows))
-                    record = _RECORDERS.get(kind)
-                    if record is not None:
-                        record(self, rows, hist)
+            for kind, lists in by_kind.items():
+                rows = lists[0] if len(lists) == 1 else [r for part in lists for r in part]
+                accepted.add((kind,), len(rows))
+                record = _RECORDERS.get(kind)
+                if record is not None:
+                    record(self, rows, hist)
             hist("metrics_service_commit_batch_metrics").add((), size)
             hist("metrics_service_commit_duration_seconds").add((), elapsed_s)
 

@@ -248,6 +248,26 @@ def test_key_guessing_burst_is_throttled_for_that_address_only(service: ServiceP
     assert db_rows(service.db_path, "SELECT count(*) FROM custom_metrics") == [(7,)]
 
 
+def test_forwarded_for_from_an_untrusted_local_peer_buys_no_fresh_budget(
+    service: ServiceProcess,
+) -> None:
+    """With no METRICS_TRUSTED_PROXIES, a client on the same host cannot name another address
+    in X-Forwarded-For to escape the failed-auth throttle (uvicorn's own proxy-header handling,
+    off, would trust 127.0.0.1 and take the header's word)."""
+    service.env["METRICS_AUTH_FAILURE_LIMIT"] = "5"
+    service.start()
+    guess = {"X-API-Key": "mcpm_" + "F" * 43}
+    codes = [
+        httpx.post(
+            service.url + "/metrics",
+            json=payload(),
+            headers={**guess, "X-Forwarded-For": f"198.51.100.{i}"},
+        ).status_code
+        for i in range(8)
+    ]
+    assert codes == [401] * 5 + [429] * 3
+
+
 def _secret_parts(key: str) -> list[str]:
     """The key, and its secret part past the prefix that listings show."""
     return [key, key[11:]]

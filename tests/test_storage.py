@@ -108,3 +108,41 @@ def test_none_binds_as_null_through_the_registered_adapter(tmp_path: Path) -> No
         ("null", "null", "null", "null"),
     ]
     assert conn.execute("SELECT count(*) FROM t WHERE a IS NULL").fetchone() == (2,)
+
+
+@pytest.mark.parametrize("n", [3, 40])
+def test_rows_store_exactly_as_given_whichever_columns_a_commit_sets(
+    tmp_path: Path, n: int
+) -> None:
+    """A commit binds only the columns some of its rows set (at 8 rows of a type or more): the
+    stored rows equal the given tuples, a column set by one row only included, NULL elsewhere."""
+    from metrics_service.storage import schema
+    from metrics_service.storage.sqlite import database
+
+    conn, _ = storage.open_database(tmp_path / "m.db")
+    names = schema.FAMILY["tool_execution"].names
+    width = len(names)
+    rows = []
+    for i in range(n):
+        row: list[object] = [None] * width
+        row[names.index("ts")] = 1_800_000_000_000 + i
+        row[names.index("received_at")] = 1_800_000_000_500
+        row[names.index("service")] = "svc"
+        row[names.index("service_version")] = ""
+        row[names.index("value")] = 1.0
+        row[names.index("method")] = "tools/call"
+        row[names.index("tool_name")] = f"t{i % 3}"
+        row[names.index("success")] = i % 2
+        if i == n - 1:  # set by the last row only
+            row[names.index("duration_ms")] = 12.5
+            row[names.index("client_name")] = "cli"
+        rows.append(tuple(row))
+    half = n // 2
+    assert (
+        database.insert_rows(
+            conn, [{"tool_execution": rows[:half]}, {"tool_execution": rows[half:]}]
+        )
+        == n
+    )
+    stored = conn.execute(f"SELECT {', '.join(names)} FROM tool_metrics ORDER BY id").fetchall()
+    assert stored == rows
