@@ -1,13 +1,25 @@
 """Validation of ``POST /metrics`` bodies, item by item, into rows for storage.
 
-The hot path decodes the whole body with msgspec straight into typed structs (one C pass, no
-per-field Python). Only if that fails does the slow path decode the body loosely and check each
-item on its own, so that valid items are kept and every rejected item is named with its index,
-field and rule (as OTLP's partial success does). Both paths use the same structs, so they agree.
+Three paths, each taken only when the one before it cannot take the body:
+
+1. Typed: the whole body in one msgspec decode into a struct per metric type (a tagged union on
+   ``type``) whose dimensions are a struct of that type's typed columns, so msgspec's C code
+   checks every value and the row is read off the struct (``_Plan``). Any extra dimension, any
+   invalid item, a dimension next to its alias: the next path.
+2. Fast: one decode into a generic metric struct with dimensions as a mapping; the dimensions
+   are checked in Python (``Validator._row``), extras kept as JSON.
+3. Item by item: the body decoded loosely and each item on its own, so that valid items are
+   kept and every rejected item is named with its index, field and rule (as OTLP's partial
+   success does).
+
+All three share the column rules after the dimensions (``Validator._complete``) and the limits
+of the structs, and tests/test_validation_typed.py checks that the typed path gives exactly
+what the others give for any body.
 """
 
 from __future__ import annotations
 
+import operator
 import re
 import time
 from collections.abc import Callable
@@ -158,13 +170,31 @@ class _Reject(Exception):
         self.field, self.rule, self.message = field, rule, message
 
 
-def _structs(s: Settings) -> tuple[type[Struct], type[Struct], type[Struct]]:
+_FINITE = Annotated[float, Meta(ge=-MAX_VALUE, le=MAX_VALUE)]
+
+
+def _common_fields(s: Settings) -> list[tuple[str, Any, Any]]:
+    """The fields of a metric besides its type and dimensions: value, duration_ms, timestamp,
+    metadata (name, type, default)."""
+    return [
+        ("value", _FINITE, 1.0),
+        ("duration_ms", Annotated[float, Meta(ge=0, le=MAX_DURATION_MS)] | None, None),
+        ("timestamp", Annotated[str, Meta(max_length=64)] | _FINITE | None, None),
+        ("metadata", dict[str, Any], {}),
+    ]
+
+
+def _dimensions_type(s: Settings) -> Any:
+    """Dimensions as a mapping: any name, a scalar value."""
     text = Annotated[str, Meta(max_length=s.max_string_length)]
-    finite = Annotated[float, Meta(ge=-MAX_VALUE, le=MAX_VALUE)]
-    dim_value = text | int | finite | bool | None
-    dims = Annotated[
+    dim_value = text | int | _FINITE | bool | None
+    return Annotated[
         dict[Annotated[str, Meta(max_length=64)], dim_value], Meta(max_length=s.max_dimensions)
     ]
+
+
+def _structs(s: Settings) -> tuple[type[Struct], type[Struct], type[Struct]]:
+    dims = _dimensions_type(s)
 
     # Built with defstruct: the limits come from settings, and string annotations (this module
     # uses postponed evaluation) could not see these local types.
@@ -172,11 +202,9 @@ def _structs(s: Settings) -> tuple[type[Struct], type[Struct], type[Struct]]:
         "Metric",
         [
             ("type", str),
-            ("value", finite, 1.0),
-            ("duration_ms", Annotated[float, Meta(ge=0, le=MAX_DURATION_MS)] | None, None),
-            ("timestamp", Annotated[str, Meta(max_length=64)] | finite | None, None),
+            *_common_fields(s)[:3],
             ("dimensions", dims, {}),
-            ("metadata", dict[str, Any], {}),
+            _common_fields(s)[3],
         ],
     )
 
@@ -195,6 +223,79 @@ def _structs(s: Settings) -> tuple[type[Struct], type[Struct], type[Struct]]:
         )
 
     return envelope("Envelope", metric), envelope("LooseEnvelope", msgspec.Raw), metric
+
+
+#: A column kind -> the type of its typed field: exactly the values ``Validator._row`` accepts
+#: for it (``count_na``'s -1 and ``code``'s integers converted after decoding).
+def _field_type(kind: str, text: Any) -> Any:
+    if kind == "str":
+        return text | None
+    if kind == "bool":
+        return bool | None
+    if kind == "count":
+        return Annotated[int, Meta(ge=0, le=_MAX_COUNT)] | None
+    if kind == "count_na":
+        return Annotated[int, Meta(ge=-1, le=_MAX_COUNT)] | None
+    if kind == "code":
+        return text | int | None
+    return Annotated[float, Meta(ge=0, le=MAX_DURATION_MS)] | None  # "ms"
+
+
+def _typed_names(kind: str) -> list[tuple[str, str]]:
+    """The typed dimensions of ``kind`` (name, column kind) in column order, then its aliases."""
+    spec = DIMENSIONS[kind]
+    kinds = dict(spec)
+    return [*spec, *((a, kinds[c]) for a, c in DIMENSION_ALIASES.get(kind, {}).items())]
+
+
+def _typed_envelope(s: Settings) -> type[Struct]:
+    """The whole body in one decode, each metric a struct tagged by its ``type`` whose
+    dimensions are a struct of the type's typed columns (unknown dimensions refused, so that the
+    caller falls back to the path that keeps them). Built only for types whose dimensions fit
+    ``max_dimensions``; a metric of another type fails the decode the same way."""
+    text = Annotated[str, Meta(max_length=s.max_string_length)]
+    common = _common_fields(s)
+    variants = []
+    for kind in DIMENSIONS:
+        names = _typed_names(kind)
+        dims: Any
+        if not names:  # custom: every dimension is an extra, kept as a mapping
+            dims, default = _dimensions_type(s), {}
+        elif len(names) <= s.max_dimensions:
+            dims = msgspec.defstruct(
+                f"{kind}_dimensions",
+                [(n, _field_type(k, text), None) for n, k in names],
+                forbid_unknown_fields=True,
+            )
+            default = msgspec.field(default_factory=dims)
+        else:
+            continue
+        variants.append(
+            msgspec.defstruct(
+                f"{kind}_metric",
+                [*common[:3], ("dimensions", dims, default), common[3]],
+                tag_field="type",
+                tag=kind,
+            )
+        )
+    union: Any = variants[0]
+    for v in variants[1:]:
+        union = union | v
+    return msgspec.defstruct(
+        "TypedEnvelope",
+        [
+            ("service", Annotated[str, Meta(min_length=1, max_length=64)]),
+            (
+                "metrics",
+                Annotated[
+                    list[union],
+                    Meta(min_length=1, max_length=s.max_metrics_per_request),
+                ],
+            ),
+            ("version", Annotated[str, Meta(max_length=64)] | None, None),
+            ("instance_id", Annotated[str, Meta(max_length=128)] | None, None),
+        ],
+    )
 
 
 def _rule_of(message: str) -> str:
@@ -241,16 +342,20 @@ class Validator:
         self._item_decoder = msgspec.json.Decoder(metric)
         self._metric = metric
         self._encode = msgspec.json.Encoder().encode
+        typed = _typed_envelope(settings)
+        self._typed_decoder = msgspec.json.Decoder(typed)
+        #: metric struct -> (type, its typed-row plan); see ``_typed_row``.
+        self._plans: dict[type[Any], tuple[str, _Plan]] = {}
+        for variant in _variants(typed):
+            kind = str(variant.__struct_config__.tag)
+            self._plans[variant] = (kind, _Plan(kind))
 
     def add_items(
         self, batch: Batch, head: tuple[str, str, str | None], items: list[tuple[int, Any]]
     ) -> None:
         """Validate events built in the process (OTLP spans mapped to events) into ``batch``
         by the same rules as posted items; ``items`` pairs each with its span's index."""
-        now = self._clock()
-        received_ms = int(now * 1000)
-        oldest_s = now - self._settings.retention_days * 86_400
-        newest_s = now + self._settings.max_future_skew_s
+        received_ms, oldest_s, newest_s = self._window()
         convert, metric, rows = msgspec.convert, self._metric, batch.rows
         for index, item in items:
             try:
@@ -276,6 +381,17 @@ class Validator:
         its valid rows and its rejected items."""
         # The structs are built at run time (defstruct), so their fields are not known statically.
         envelope: Any
+        # First the typed decode: every metric of a known type with only typed dimensions, all
+        # valid. Anything else (an extra dimension, an invalid item, a body that is not JSON)
+        # takes the paths below, which keep extras and name each rejection.
+        try:
+            envelope = self._typed_decoder.decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            envelope = None
+        if envelope is not None and valid_service_name(envelope.service):
+            batch = self._build_typed(envelope)
+            if batch is not None:
+                return batch
         try:
             envelope = self._decoder.decode(body)
             items = envelope.metrics
@@ -316,11 +432,17 @@ class Validator:
         except RecursionError:
             raise BadRequest("request body is nested too deeply") from None
 
-    def _build(self, envelope: Any, items: list[Any], fast: bool) -> Batch:
+    def _window(self) -> tuple[int, float, float]:
+        """Now in unix ms, and the oldest and newest event times accepted (unix seconds)."""
         now = self._clock()
-        received_ms = int(now * 1000)
-        oldest_s = now - self._settings.retention_days * 86_400
-        newest_s = now + self._settings.max_future_skew_s
+        return (
+            int(now * 1000),
+            now - self._settings.retention_days * 86_400,
+            now + self._settings.max_future_skew_s,
+        )
+
+    def _build(self, envelope: Any, items: list[Any], fast: bool) -> Batch:
+        received_ms, oldest_s, newest_s = self._window()
         head = (envelope.service, envelope.version or "", envelope.instance_id)
         batch = Batch(service=envelope.service)
         rows = batch.rows
@@ -346,6 +468,46 @@ class Validator:
             bucket.append(row)
         return batch
 
+    def _build_typed(self, envelope: Any) -> Batch | None:
+        """The batch of a typed decode, or None if any metric needs the item-by-item path."""
+        received_ms, oldest_s, newest_s = self._window()
+        head = (envelope.service, envelope.version or "", envelope.instance_id)
+        batch = Batch(service=envelope.service)
+        rows = batch.rows
+        plans = self._plans
+        try:
+            for m in envelope.metrics:
+                kind, plan = plans[m.__class__]
+                ts_s, value, duration = _when_and_value(kind, m, received_ms, oldest_s, newest_s)
+                dims = m.dimensions
+                if plan.custom:
+                    columns: list[Any] | None = []
+                    extra = dims or None
+                else:
+                    columns = plan.columns(dims)
+                    extra = None
+                if columns is None:
+                    return None
+                row = self._complete(
+                    kind,
+                    plan.required,
+                    m.metadata,
+                    columns,
+                    extra,
+                    head,
+                    ts_s,
+                    received_ms,
+                    value,
+                    duration,
+                )
+                bucket = rows.get(kind)
+                if bucket is None:
+                    rows[kind] = bucket = []
+                bucket.append(row)
+        except _Reject:
+            return None  # the item-by-item path names it
+        return batch
+
     def _row(
         self, m: Any, head: tuple[Any, ...], received_ms: int, oldest_s: float, newest_s: float
     ) -> tuple[str, tuple[Any, ...]]:
@@ -357,39 +519,7 @@ class Validator:
         if shape is None:
             raise _Reject("type", "enum", "must be one of " + ", ".join(METRIC_TYPES))
         positions, width, required = shape
-        ts = m.timestamp
-        if ts is None:
-            ts_s = received_ms / 1000
-        elif ts.__class__ is str:
-            ts_s = _parse_iso(ts)
-        else:
-            ts_s = float(ts)
-        if ts_s > newest_s:
-            if ts.__class__ is not str and oldest_s <= ts_s / 1000 <= newest_s:
-                raise _Reject(
-                    "timestamp",
-                    "max_future_skew",
-                    "is too far in the future; it looks like unix milliseconds, "
-                    "send unix seconds (divide by 1000) or an ISO 8601 time",
-                )
-            raise _Reject("timestamp", "max_future_skew", "is too far in the future")
-        if ts_s < oldest_s or ts_s < _TS_MIN_S:
-            raise _Reject("timestamp", "older_than_retention", "is older than the retention period")
-        value = m.value
-        duration = m.duration_ms
-        if value < 0 and kind != "custom":
-            raise _Reject("value", "ge", "must be >= 0 for this metric type")
-        if duration is None and kind == "protocol_latency":
-            # Without duration_ms, value is the latency in seconds, as the MCP Gateway Registry's
-            # auth server sends it.
-            if value > MAX_DURATION_MS / 1000:
-                raise _Reject(
-                    "value",
-                    "le",
-                    f"a latency in value is in seconds and must be <= {MAX_DURATION_MS / 1000:.0f}",
-                )
-            duration = value * 1000.0
-            value = 1.0
+        ts_s, value, duration = _when_and_value(kind, m, received_ms, oldest_s, newest_s)
         columns: list[Any] = [None] * width
         extra = None
         for name, v in m.dimensions.items():
@@ -411,6 +541,25 @@ class Validator:
                     columns[pos] = v
                 else:
                     columns[pos] = _typed(v, name, k)
+        return kind, self._complete(
+            kind, required, m.metadata, columns, extra, head, ts_s, received_ms, value, duration
+        )
+
+    def _complete(
+        self,
+        kind: str,
+        required: list[tuple[str, int]],
+        meta: dict[str, Any],
+        columns: list[Any],
+        extra: dict[str, Any] | None,
+        head: tuple[Any, ...],
+        ts_s: float,
+        received_ms: int,
+        value: float,
+        duration: float | None,
+    ) -> tuple[Any, ...]:
+        """The rules across columns (required dimensions, the MCP method in a tool name, flow
+        step names), the metadata's columns, and the row."""
         tool = kind == "tool_execution"
         if tool and columns[_TOOL_NAME]:
             name = columns[_TOOL_NAME]
@@ -431,7 +580,6 @@ class Validator:
             raise _Reject(
                 "dimensions.tool_name", "required", "is required when method is tools/call"
             )
-        meta = m.metadata
         if meta:
             meta_json = self._encode(meta).decode()
             if len(meta_json) > self._settings.max_metadata_bytes:
@@ -456,7 +604,7 @@ class Validator:
                 ]
             else:
                 columns += _NO_METADATA
-        return kind, (
+        return (
             int(ts_s * 1000),
             received_ms,
             *head,
@@ -466,6 +614,46 @@ class Validator:
             None if extra is None else self._encode(extra).decode(),
             meta_json,
         )
+
+
+def _when_and_value(
+    kind: str, m: Any, received_ms: int, oldest_s: float, newest_s: float
+) -> tuple[float, float, float | None]:
+    """The event time in unix seconds, the value and the duration, checked."""
+    ts = m.timestamp
+    if ts is None:
+        ts_s = received_ms / 1000
+    elif ts.__class__ is str:
+        ts_s = _parse_iso(ts)
+    else:
+        ts_s = float(ts)
+    if ts_s > newest_s:
+        if ts.__class__ is not str and oldest_s <= ts_s / 1000 <= newest_s:
+            raise _Reject(
+                "timestamp",
+                "max_future_skew",
+                "is too far in the future; it looks like unix milliseconds, "
+                "send unix seconds (divide by 1000) or an ISO 8601 time",
+            )
+        raise _Reject("timestamp", "max_future_skew", "is too far in the future")
+    if ts_s < oldest_s or ts_s < _TS_MIN_S:
+        raise _Reject("timestamp", "older_than_retention", "is older than the retention period")
+    value = m.value
+    duration = m.duration_ms
+    if value < 0 and kind != "custom":
+        raise _Reject("value", "ge", "must be >= 0 for this metric type")
+    if duration is None and kind == "protocol_latency":
+        # Without duration_ms, value is the latency in seconds, as the MCP Gateway Registry's
+        # auth server sends it.
+        if value > MAX_DURATION_MS / 1000:
+            raise _Reject(
+                "value",
+                "le",
+                f"a latency in value is in seconds and must be <= {MAX_DURATION_MS / 1000:.0f}",
+            )
+        duration = value * 1000.0
+        value = 1.0
+    return ts_s, value, duration
 
 
 #: metric type -> ({dimension: (column position, kind)}, number of columns,
@@ -493,6 +681,64 @@ _FROM_METADATA = {
     for kind, keys in METADATA_TO_COLUMN.items()
 }
 _NO_METADATA = [None] * len(METADATA_COLUMNS)
+
+
+def _variants(envelope: type[Struct]) -> list[type[Struct]]:
+    """The metric structs of a typed envelope's union."""
+    metrics = msgspec.inspect.type_info(envelope)
+    assert isinstance(metrics, msgspec.inspect.StructType)
+    field = next(f for f in metrics.fields if f.name == "metrics")
+    assert isinstance(field.type, msgspec.inspect.ListType)
+    union = field.type.item_type
+    types = union.types if isinstance(union, msgspec.inspect.UnionType) else (union,)
+    return [t.cls for t in types if isinstance(t, msgspec.inspect.StructType)]
+
+
+class _Plan:
+    """How a metric type's typed dimensions become its columns: read in column order, the
+    kinds that ``_typed`` converts converted the same way (booleans to 1 and 0, an integer
+    error code to text, -1 for "not available" to NULL), an alias moved to its column."""
+
+    __slots__ = ("aliases", "bools", "codes", "custom", "get", "nas", "required", "width")
+
+    def __init__(self, kind: str) -> None:
+        names = _typed_names(kind)
+        positions, self.width, self.required = _SHAPES[kind]
+        self.custom = not names
+        self.get = operator.attrgetter(*(n for n, _ in names)) if names else None
+        self.bools = [i for i, (_, k) in enumerate(names) if k == "bool"]
+        self.codes = [i for i, (_, k) in enumerate(names) if k == "code"]
+        self.nas = [i for i, (_, k) in enumerate(names) if k == "count_na"]
+        self.aliases = [
+            (self.width + i, positions[a][0]) for i, a in enumerate(DIMENSION_ALIASES.get(kind, {}))
+        ]
+
+    def columns(self, dims: Any) -> list[Any] | None:
+        """The typed columns, or None when a dimension and its alias are both given (which one
+        counts depends on their order in the body: the item-by-item path decides)."""
+        assert self.get is not None
+        got = self.get(dims)
+        columns = list(got) if self.width > 1 or self.aliases else [got]
+        for i in self.bools:
+            v = columns[i]
+            if v is not None:
+                columns[i] = 1 if v else 0
+        for i in self.codes:
+            v = columns[i]
+            if v.__class__ is int:
+                columns[i] = str(v)
+        for i in self.nas:
+            if columns[i] == -1:
+                columns[i] = None
+        if self.aliases:
+            for at, pos in self.aliases:
+                v = columns[at]
+                if v is not None:
+                    if columns[pos] is not None:
+                        return None
+                    columns[pos] = v
+            del columns[self.width :]
+        return columns
 
 
 def _typed(value: Any, name: str, kind: str, where: str = "dimensions") -> Any:
