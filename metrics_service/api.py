@@ -42,6 +42,7 @@ from metrics_service.models import (
     PolicyUpdate,
     RateLimitStatus,
 )
+from metrics_service.request_ids import SECURITY_HEADERS, RequestIds
 from metrics_service.retention import run_once
 from metrics_service.settings import AckMode, Settings
 from metrics_service.storage.schema import TABLES
@@ -305,8 +306,14 @@ class IngestEndpoint:
     other methods on ``/metrics`` get 405. Errors take the same shape as everywhere else.
     """
 
+    def __init__(self) -> None:
+        self._ids = RequestIds()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        rid = str(scope.get("request_id", ""))
+        # Called straight from the app (MetricsApp), it sets the request id and the security
+        # headers and counts the status itself; through the middleware stack, that layer has.
+        own_headers = "request_id" not in scope
+        rid = self._ids.assign(scope) if own_headers else str(scope["request_id"])
         try:
             status, content, headers = await self.ingest(
                 scope["app"].state.metrics, scope, receive, rid
@@ -328,6 +335,11 @@ class IngestEndpoint:
                 for name, value in headers.items()
             ),
         ]
+        if own_headers:
+            raw_headers += [(b"x-request-id", rid.encode()), *SECURITY_HEADERS]
+            state = getattr(scope["app"].state, "metrics", None)
+            if state is not None:
+                state.telemetry.on_request(status)
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": body})
 

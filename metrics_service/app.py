@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import os
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +24,7 @@ from metrics_service.idempotency import Registry
 from metrics_service.ingest import WriteQueue
 from metrics_service.otlp import TRACES, Flows
 from metrics_service.ratelimit import RateLimiter
+from metrics_service.request_ids import SECURITY_HEADERS, RequestIds
 from metrics_service.retention import RetentionLoop
 from metrics_service.settings import Settings, load_settings
 from metrics_service.storage.backend import StorageBackend, create_backend
@@ -34,7 +32,6 @@ from metrics_service.telemetry import Telemetry
 from metrics_service.validation import Batch, Validator
 
 log = logging.getLogger(__name__)
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 @dataclass(eq=False)
@@ -96,32 +93,14 @@ class RequestIdMiddleware:
     def __init__(self, app: ASGIApp, *, count_statuses: bool = False) -> None:
         self.app = app
         self.count_statuses = count_statuses
-        # Ids unique per process as uuid4's, without a getrandom() call per request (which
-        # released the GIL to the writer thread mid-request): a random prefix and a counter.
-        self._id_prefix = os.urandom(8).hex()
-        self._id_counter = itertools.count()
+        self._ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                incoming = value.decode("latin-1")
-                break
-        if incoming and _REQUEST_ID_RE.match(incoming):
-            rid = incoming
-        else:
-            rid = f"{self._id_prefix}{next(self._id_counter):016x}"
-        scope["request_id"] = rid
-        extra = [
-            (b"x-request-id", rid.encode()),
-            (b"x-content-type-options", b"nosniff"),
-            (b"cache-control", b"no-store"),
-            (b"x-frame-options", b"DENY"),
-            (b"referrer-policy", b"no-referrer"),
-        ]
+        rid = self._ids.assign(scope)
+        extra = [(b"x-request-id", rid.encode()), *SECURITY_HEADERS]
 
         count = self.count_statuses
 
@@ -275,16 +254,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 class MetricsApp(FastAPI):
     """FastAPI, with ``POST /metrics`` dispatched before the middleware stack, straight to the
-    plain-ASGI ingest endpoint (wrapped in the same request-id layer as every other route)."""
+    plain-ASGI ingest endpoint (which adds the request id and security headers itself)."""
 
-    _ingest = RequestIdMiddleware(INGEST, count_statuses=True)
     _otlp = RequestIdMiddleware(TRACES, count_statuses=True)
     otlp_paths: frozenset[str] = frozenset()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/metrics":
             scope["app"] = self
-            await self._ingest(scope, receive, send)
+            await INGEST(scope, receive, send)
         elif (
             scope["type"] == "http"
             and scope["method"] == "POST"

@@ -306,6 +306,11 @@ def test_every_response_has_a_request_id(client: TestClient) -> None:
         for _ in range(50)
     ]
     assert len(set(ids)) == 50 and all(len(i) == 32 for i in ids)
+    # The ingest endpoint sets its own headers: the caller's id echoed, each header once.
+    r = client.post("/metrics", json=payload(), headers={**H, "X-Request-Id": "trace-9"})
+    assert r.headers.get_list("x-request-id") == ["trace-9"]
+    assert r.headers.get_list("x-content-type-options") == ["nosniff"]
+    assert r.json()["request_id"] == "trace-9"
 
 
 def test_health_ready_docs(client: TestClient) -> None:
