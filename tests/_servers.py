@@ -389,6 +389,11 @@ def _where(target: Any) -> tuple[str | None, Path]:
     return getattr(target, "database_url", None) or None, target.db_path
 
 
+def on_postgres(target: Any) -> bool:
+    """Whether ``target``'s database (``_where``) is a PostgreSQL one."""
+    return _where(target)[0] is not None
+
+
 def _on_postgres(url: str, sql: str) -> list[tuple[Any, ...]]:
     import asyncio
 
