@@ -27,7 +27,7 @@ import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -477,12 +477,26 @@ def postgres_template(postgres_cluster: PostgresServer) -> str:
 
 
 @pytest.fixture
-def postgres_migrated_url(
+def postgres_databases(
     postgres_cluster: PostgresServer, postgres_template: str
-) -> Iterator[str]:
-    """The URL of a new database already at the latest schema: a copy of the template, much
-    cheaper than migrating each test's database (dropped afterwards)."""
-    yield from _new_database(postgres_cluster, postgres_template)
+) -> Iterator[Callable[[], str]]:
+    """A factory of new databases already at the latest schema: copies of the template, much
+    cheaper than migrating each (all dropped afterwards)."""
+    made: list[Iterator[str]] = []
+
+    def new() -> str:
+        made.append(_new_database(postgres_cluster, postgres_template))
+        return next(made[-1])
+
+    yield new
+    for database in made:
+        next(database, None)
+
+
+@pytest.fixture
+def postgres_migrated_url(postgres_databases: Callable[[], str]) -> str:
+    """The URL of a new database at the latest schema (``postgres_databases``)."""
+    return postgres_databases()
 
 
 @pytest.fixture

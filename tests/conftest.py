@@ -81,15 +81,22 @@ def database_url(backend: str, request: pytest.FixtureRequest) -> str | None:
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path, database_url: str | None) -> Callable[..., Settings]:
-    """``Settings`` on the test's database (SQLite file or PostgreSQL), with overrides."""
+def make_settings(
+    tmp_path: Path, database_url: str | None, backend: str, request: pytest.FixtureRequest
+) -> Callable[..., Settings]:
+    """``Settings`` on the test's database (SQLite file or PostgreSQL), with overrides;
+    ``new_database=True`` for another, empty one (another file, or another PostgreSQL
+    database)."""
+    made = [0]
 
-    def make(**overrides: Any) -> Settings:
-        base: dict[str, Any] = {
-            "db_path": tmp_path / "m.db",
-            "admin_api_key": ADMIN_KEY,
-            "database_url": database_url,
-        }
+    def make(*, new_database: bool = False, **overrides: Any) -> Settings:
+        path, url = tmp_path / "m.db", database_url
+        if new_database:
+            made[0] += 1
+            path = tmp_path / f"m{made[0]}.db"
+            if backend == "postgresql":
+                url = request.getfixturevalue("postgres_databases")()
+        base: dict[str, Any] = {"db_path": path, "admin_api_key": ADMIN_KEY, "database_url": url}
         return Settings(**{**base, **overrides})
 
     return make
