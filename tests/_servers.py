@@ -440,7 +440,9 @@ def postgres_cluster() -> Iterator[PostgresServer]:
         yield server
 
 
-def _new_database(server: PostgresServer, template: str | None = None) -> Iterator[str]:
+def new_database(server: PostgresServer, template: str | None = None) -> Iterator[str]:
+    """Yield the URL of a new database on ``server`` (empty, or a copy of ``template``), then
+    drop it: a generator to drive from a fixture of any scope."""
     name = f"t_{uuid.uuid4().hex[:16]}"
     # FILE_COPY copies the template's files (after a checkpoint, cheap with fsync off): several
     # times faster for a small database than the default WAL_LOG, which logs every block.
@@ -453,7 +455,7 @@ def _new_database(server: PostgresServer, template: str | None = None) -> Iterat
 @pytest.fixture
 def postgres_url(postgres_cluster: PostgresServer) -> Iterator[str]:
     """The URL of a new, empty database (dropped afterwards, connections and all)."""
-    yield from _new_database(postgres_cluster)
+    yield from new_database(postgres_cluster)
 
 
 @pytest.fixture(scope="session")
@@ -485,7 +487,7 @@ def postgres_databases(
     made: list[Iterator[str]] = []
 
     def new() -> str:
-        made.append(_new_database(postgres_cluster, postgres_template))
+        made.append(new_database(postgres_cluster, postgres_template))
         return next(made[-1])
 
     yield new
