@@ -179,6 +179,31 @@ def test_a_nul_character_in_a_string_is_stored_or_refused_never_a_503(
     assert r.status_code in (201, 422), r.text
 
 
+def test_integers_of_64_bits_are_stored_as_sent(
+    client: TestClient, settings: Settings, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Validation takes counts and sizes up to 64 bits (tests/test_hostile_input.py refuses
+    more); each backend stores them unchanged."""
+    if backend == "postgresql":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="PostgreSQL's typed integer columns are int4 (storage/postgres/"
+                "migrations.py): a value past 2**31 - 1 fails the commit (503)",
+            )
+        )
+    tool = tool_event()
+    tool["dimensions"]["output_size_bytes"] = 2**40
+    tool["metadata"]["input_tokens"] = 2**33
+    discovery = {"type": "tool_discovery", "dimensions": {"results_count": 2**62}}
+    r = client.post("/metrics", json=payload(metrics=[tool, discovery]), headers=H)
+    assert r.status_code == 200 and r.json()["accepted"] == 2, r.text
+    assert stored_rows(settings, "SELECT output_size_bytes, input_tokens FROM tool_metrics") == [
+        (2**40, 2**33)
+    ]
+    assert stored_rows(settings, "SELECT results_count FROM discovery_metrics") == [(2**62,)]
+
+
 def test_all_rejected_is_422_and_stores_nothing(client: TestClient, settings: Settings) -> None:
     r = client.post("/metrics", json=payload(metrics=[{"type": "nope"}]), headers=H)
     assert r.status_code == 422
