@@ -117,6 +117,9 @@ def validator(tmp_path_factory: pytest.TempPathFactory) -> Validator:
 
 @pytest.fixture(scope="module")
 def conn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sqlite3.Connection]:
+    """SQLite only for now: on PostgreSQL the properties would stop at two known bugs (U+0000
+    in text, integers past int4: the xfails in tests/test_api.py); run them there too once
+    those pass."""
     connection, _ = storage.open_database(
         tmp_path_factory.mktemp("db") / "m.db", synchronous="normal"
     )
