@@ -1,11 +1,13 @@
 """Keys and authentication: env reconciliation across restarts (a revoked key stays revoked), CLI
-changes reaching a running service, the failed-auth throttle and trusted proxies."""
+changes reaching a running service, the failed-auth throttle and trusted proxies; on SQLite and
+PostgreSQL (``BACKENDS``, tests/conftest.py)."""
 
 from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
+import subprocess
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,10 +21,13 @@ from tests._helpers import (
     OTHER_KEY,
     ServiceProcess,
     cli,
-    db_rows,
     payload,
     wait_for,
 )
+from tests._servers import stored_rows
+
+#: Keys live in the database: the same behaviour on either backend.
+BACKENDS = ("sqlite", "postgresql")
 
 NEW_KEY = "rotated-ingest-key-0123456789abcdefghijklmn"
 
@@ -31,6 +36,12 @@ def post(url: str, key: str, service: str = "svc") -> int:
     return httpx.post(
         url + "/metrics", json=payload(service=service), headers={"X-API-Key": key}
     ).status_code
+
+
+def keys_cli(service: ServiceProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """``metrics-service keys ARGS`` on the database of ``service``."""
+    url = {k: v for k, v in service.env.items() if k == "METRICS_DATABASE_URL"}
+    return cli(service.db_path, "keys", *args, env=url)
 
 
 def test_env_keys_are_reconciled_at_start(service: ServiceProcess) -> None:
@@ -50,8 +61,8 @@ def test_env_keys_are_reconciled_at_start(service: ServiceProcess) -> None:
         "a removed key is revoked"
     )
     assert "1 kept, 1 added, 2 revoked" in service.log()
-    rows = db_rows(
-        service.db_path,
+    rows = stored_rows(
+        service,
         "SELECT service, revoked_at IS NULL FROM api_keys WHERE source = 'env' AND role = "
         "'ingest' ORDER BY id",
     )
@@ -61,26 +72,25 @@ def test_env_keys_are_reconciled_at_start(service: ServiceProcess) -> None:
 def test_cli_keys_reach_a_running_service_within_seconds(service: ServiceProcess) -> None:
     service.env["METRICS_KEY_RELOAD_INTERVAL_S"] = "0.5"
     service.start()
-    created = cli(service.db_path, "keys", "create", "--service", "registry", "--rate-limit", "50")
+    created = keys_cli(service, "create", "--service", "registry", "--rate-limit", "50")
     assert created.returncode == 0, created.stderr
     secret = re.search(r"(mcpm_\S+)", created.stdout).group(1)  # type: ignore[union-attr]
     wait_for(lambda: post(service.url, secret, "registry") == 200, timeout_s=5)
 
-    listing = cli(service.db_path, "keys", "list")
+    listing = keys_cli(service, "list")
     assert "registry" in listing.stdout and "50" in listing.stdout
     assert secret not in listing.stdout and secret[:20] not in listing.stdout
     key_id = next(line.split()[0] for line in listing.stdout.splitlines() if " registry " in line)
 
-    revoked = cli(service.db_path, "keys", "revoke", key_id)
+    revoked = keys_cli(service, "revoke", key_id)
     assert revoked.returncode == 0, revoked.stderr
     wait_for(lambda: post(service.url, secret, "registry") == 401, timeout_s=5)
-    assert cli(service.db_path, "keys", "revoke", "424242").returncode == 1
+    assert keys_cli(service, "revoke", "424242").returncode == 1
 
 
 def test_a_revoked_env_key_stays_revoked_across_restarts(
-    tmp_path: Path, keyed_env: None, caplog: pytest.LogCaptureFixture
+    settings: Settings, keyed_env: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = Settings(db_path=tmp_path / "m.db", admin_api_key=ADMIN_KEY)
     with TestClient(create_app(settings)) as c:
         assert (
             c.post("/metrics", json=payload(), headers={"X-API-Key": INGEST_KEY}).status_code == 200
@@ -103,15 +113,13 @@ def test_a_revoked_env_key_stays_revoked_across_restarts(
         )
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("METRICS_API_KEY_SVC" in w and "stays revoked" in w for w in warnings), warnings
-    assert db_rows(
-        settings.db_path,
-        "SELECT revoked_at IS NOT NULL FROM api_keys WHERE id = ?",
-        (env_key["id"],),
+    assert stored_rows(
+        settings, f"SELECT revoked_at IS NOT NULL FROM api_keys WHERE id = {int(env_key['id'])}"
     ) == [(1,)]
 
 
-def _auth_app(tmp_path: Path, **settings: Any) -> Any:
-    return create_app(Settings(db_path=tmp_path / "m.db", auth_failure_limit_per_min=3, **settings))
+def _auth_app(make_settings: Callable[..., Settings], **settings: Any) -> Any:
+    return create_app(make_settings(auth_failure_limit_per_min=3, **settings))
 
 
 def _guess(c: TestClient, forwarded_for: str | None = None, path: str = "/metrics") -> int:
@@ -122,9 +130,9 @@ def _guess(c: TestClient, forwarded_for: str | None = None, path: str = "/metric
 
 
 def test_a_valid_key_passes_the_failed_auth_throttle_of_its_address(
-    tmp_path: Path, keyed_env: None
+    make_settings: Callable[..., Settings], keyed_env: None
 ) -> None:
-    with TestClient(_auth_app(tmp_path), client=("203.0.113.7", 40000)) as c:
+    with TestClient(_auth_app(make_settings), client=("203.0.113.7", 40000)) as c:
         assert [_guess(c) for _ in range(5)] == [401, 401, 401, 429, 429]
         assert (
             c.post("/metrics", json=payload(), headers={"X-API-Key": INGEST_KEY}).status_code == 200
@@ -134,11 +142,11 @@ def test_a_valid_key_passes_the_failed_auth_throttle_of_its_address(
 
 @pytest.mark.parametrize("path", ["/metrics", "/v1/traces"])
 def test_forwarded_for_names_the_client_only_behind_a_trusted_proxy(
-    tmp_path: Path, keyed_env: None, path: str
+    make_settings: Callable[..., Settings], keyed_env: None, path: str
 ) -> None:
     proxy = ("10.1.2.3", 40000)
     with TestClient(
-        _auth_app(tmp_path, trusted_proxies="10.0.0.0/8, 192.0.2.1"), client=proxy
+        _auth_app(make_settings, trusted_proxies="10.0.0.0/8, 192.0.2.1"), client=proxy
     ) as c:
         # Behind the proxy, each client has its own budget of failures.
         assert [_guess(c, "198.51.100.1", path) for _ in range(4)] == [401, 401, 401, 429]
@@ -147,18 +155,20 @@ def test_forwarded_for_names_the_client_only_behind_a_trusted_proxy(
         # entry that is not a trusted proxy is the client.
         assert _guess(c, "198.51.100.9, 198.51.100.1", path) == 429
         assert _guess(c, "198.51.100.1, 192.0.2.1", path) == 429  # through a second proxy
-    with TestClient(
-        _auth_app(tmp_path / "untrusted", trusted_proxies="192.0.2.1"), client=proxy
-    ) as c:
+    # A new app on the same database: the failure budgets are the app's own (in memory).
+    with TestClient(_auth_app(make_settings, trusted_proxies="192.0.2.1"), client=proxy) as c:
         # From a peer that is not a trusted proxy, the header is the client's word: ignored.
         codes = [_guess(c, f"198.51.100.{i}") for i in range(4)]
         assert codes == [401, 401, 401, 429]
 
 
-def test_a_bearer_key_is_the_same_key_on_every_endpoint(tmp_path: Path, keyed_env: None) -> None:
+def test_a_bearer_key_is_the_same_key_on_every_endpoint(
+    make_settings: Callable[..., Settings], keyed_env: None
+) -> None:
     """``Authorization: Bearer <key>`` (the OTLP exporters' form) works where X-API-Key does;
     another scheme presents no key and the 401 says which header to send."""
-    with TestClient(_auth_app(tmp_path)) as c:
+    settings = make_settings()
+    with TestClient(_auth_app(make_settings)) as c:
         bearer = {"Authorization": f"Bearer {INGEST_KEY}"}
         r = c.post("/metrics", json=payload(), headers=bearer)
         assert r.status_code == 200 and r.json()["accepted"] == 1
@@ -173,4 +183,4 @@ def test_a_bearer_key_is_the_same_key_on_every_endpoint(tmp_path: Path, keyed_en
             assert r.headers["WWW-Authenticate"] == 'ApiKey header="X-API-Key", Bearer'
         r = c.get("/analytics/summary", headers={"Authorization": "Bearer wrong-wrong-wrong"})
         assert r.status_code == 401 and r.json()["error"]["message"] == "unknown or revoked API key"
-    assert db_rows(tmp_path / "m.db", "SELECT count(*) FROM custom_metrics") == [(2,)]
+    assert stored_rows(settings, "SELECT count(*) FROM custom_metrics") == [(2,)]

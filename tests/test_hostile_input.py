@@ -1,6 +1,7 @@
 """Hostile and malformed input: hypothesis properties of the validator and the storage behind it,
 and explicit cases through the real app. Any input gives a stored metric or a precise rejection
-(400/413/415/422 with field and rule), never an exception or a 5xx.
+(400/413/415/422 with field and rule), never an exception or a 5xx. The cases through the app
+run on SQLite and PostgreSQL (one app per backend for the module).
 
 Cases already covered elsewhere are not repeated here: invalid JSON, NaN/Infinity literals,
 overflowing numbers, wrong types per field, negative counts, far-past and far-future timestamps,
@@ -17,7 +18,6 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 from metrics_service import Settings, create_app, storage
 from metrics_service.errors import BadRequest, InvalidPayload
 from metrics_service.validation import DIMENSIONS, METADATA_COLUMNS, METRIC_TYPES, Batch, Validator
-from tests._helpers import INGEST_KEY, db_rows
+from tests._helpers import INGEST_KEY
+from tests._servers import new_database, stored_rows
 
 H = {"X-API-Key": INGEST_KEY, "Content-Type": "application/json"}
 #: The rules a rejection may name (README, "Partial success").
@@ -116,6 +117,9 @@ def validator(tmp_path_factory: pytest.TempPathFactory) -> Validator:
 
 @pytest.fixture(scope="module")
 def conn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sqlite3.Connection]:
+    """SQLite only for now: on PostgreSQL the properties would stop at two known bugs (U+0000
+    in text, integers past int4: the xfails in tests/test_api.py); run them there too once
+    those pass."""
     connection, _ = storage.open_database(
         tmp_path_factory.mktemp("db") / "m.db", synchronous="normal"
     )
@@ -211,20 +215,33 @@ def test_every_valid_metric_is_stored_with_its_values(
 # -- explicit cases through the real app --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Path]]:
-    db = tmp_path_factory.mktemp("app") / "m.db"
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def app_client(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TestClient, Settings]]:
+    """One app for the module's cases, on each backend (PostgreSQL: a database of its own)."""
+    database = None
+    if request.param == "postgresql":
+        database = new_database(
+            request.getfixturevalue("postgres_cluster"),
+            request.getfixturevalue("postgres_template"),
+        )
     mp = pytest.MonkeyPatch()
     mp.setenv("METRICS_API_KEY_SVC", INGEST_KEY)
     mp.setenv("OTEL_PROMETHEUS_PORT", "0")
     try:
-        app = create_app(
-            Settings(db_path=db, rate_limit_per_min=100_000, max_request_bytes=1_048_576)
+        settings = Settings(
+            db_path=tmp_path_factory.mktemp("app") / "m.db",
+            database_url=next(database) if database else None,
+            rate_limit_per_min=100_000,
+            max_request_bytes=1_048_576,
         )
-        with TestClient(app) as client:
-            yield client, db
+        with TestClient(create_app(settings)) as client:
+            yield client, settings
     finally:
         mp.undo()
+        if database is not None:
+            next(database, None)
 
 
 def _metric(**fields: Any) -> dict[str, Any]:
@@ -357,11 +374,11 @@ CASES: dict[str, tuple[bytes, int, tuple[str, str] | None]] = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_explicit_hostile_bodies_are_rejected_precisely(
-    app_client: tuple[TestClient, Path], case: str
+    app_client: tuple[TestClient, Settings], case: str
 ) -> None:
     client, db = app_client
     body, status, first = CASES[case]
-    before = db_rows(db, "SELECT count(*) FROM metrics")
+    before = stored_rows(db, "SELECT count(*) FROM metrics")
     r = client.post("/metrics", content=body, headers=H)
     assert r.status_code == status, (case, r.status_code, r.text[:300])
     error = r.json()["error"]
@@ -370,11 +387,11 @@ def test_explicit_hostile_bodies_are_rejected_precisely(
         assert (details[0]["field"], details[0]["rule"]) == first, details[:2]
     else:
         assert error["code"] == "invalid_json"
-    assert db_rows(db, "SELECT count(*) FROM metrics") == before
+    assert stored_rows(db, "SELECT count(*) FROM metrics") == before
 
 
 def test_unknown_fields_anywhere_are_ignored_and_the_metric_stored(
-    app_client: tuple[TestClient, Path],
+    app_client: tuple[TestClient, Settings],
 ) -> None:
     client, _ = app_client
     r = client.post(
@@ -408,21 +425,21 @@ def test_unknown_fields_anywhere_are_ignored_and_the_metric_stored(
     ],
 )
 def test_duplicate_keys_are_decided_once(
-    app_client: tuple[TestClient, Path], body: bytes, status: int, stored_type: str | None
+    app_client: tuple[TestClient, Settings], body: bytes, status: int, stored_type: str | None
 ) -> None:
     client, db = app_client
-    before = dict(db_rows(db, "SELECT type, count(*) FROM metrics GROUP BY type"))
+    before = dict(stored_rows(db, "SELECT type, count(*) FROM metrics GROUP BY type"))
     r = client.post("/metrics", content=body, headers=H)
     assert r.status_code == status, r.text
-    after = dict(db_rows(db, "SELECT type, count(*) FROM metrics GROUP BY type"))
+    after = dict(stored_rows(db, "SELECT type, count(*) FROM metrics GROUP BY type"))
     changed = {t for t in after if after[t] != before.get(t)}
     assert changed == ({stored_type} if stored_type else set())
     if stored_type:
-        services = db_rows(db, "SELECT DISTINCT service FROM metrics")
+        services = stored_rows(db, "SELECT DISTINCT service FROM metrics")
         assert services == [("svc",)]
 
 
-def test_gzip_bodies_and_bombs_are_refused_unread(app_client: tuple[TestClient, Path]) -> None:
+def test_gzip_bodies_and_bombs_are_refused_unread(app_client: tuple[TestClient, Settings]) -> None:
     """Content-Encoding is not accepted at all: a gzip bomb (10 MiB of zeros in ~10 kB) is
     refused with 415 before a byte of it is decompressed, and the service goes on."""
     client, _ = app_client
@@ -442,7 +459,7 @@ def test_gzip_bodies_and_bombs_are_refused_unread(app_client: tuple[TestClient, 
 
 
 def test_a_request_that_is_all_limits_at_once_is_served(
-    app_client: tuple[TestClient, Path],
+    app_client: tuple[TestClient, Settings],
 ) -> None:
     """1000 items, each at its limits (32 dimensions of 256 characters, 4 KiB of metadata): a
     legitimate worst case under the 1 MiB body limit is stored, not refused."""
@@ -451,8 +468,8 @@ def test_a_request_that_is_all_limits_at_once_is_served(
     item = _metric(dimensions=dims, metadata={"m": "x" * 100})
     body = _body(*[item] * 120)
     assert len(body) < 1_048_576
-    before = db_rows(db, "SELECT count(*) FROM custom_metrics")[0][0]
+    before = stored_rows(db, "SELECT count(*) FROM custom_metrics")[0][0]
     r = client.post("/metrics", content=body, headers=H)
     assert r.status_code == 200 and r.json()["accepted"] == 120
-    assert db_rows(db, "SELECT count(*) FROM custom_metrics")[0][0] == before + 120
-    assert math.isfinite(db_rows(db, "SELECT max(value) FROM custom_metrics")[0][0])
+    assert stored_rows(db, "SELECT count(*) FROM custom_metrics")[0][0] == before + 120
+    assert math.isfinite(stored_rows(db, "SELECT max(value) FROM custom_metrics")[0][0])

@@ -3,7 +3,9 @@ the lock, durable 503s that store nothing, buffered rows retried whatever the fa
 SIGTERM and kill -9 of a real service process under load.
 
 Every metric carries a unique id in its metadata (``tagged``), over all five families, so that
-the check is "every id that got a 2xx is in the ``metrics`` view exactly once"."""
+the check is "every id that got a 2xx is in the ``metrics`` view exactly once". The service's
+durability runs on SQLite and PostgreSQL (``BACKENDS``, tests/conftest.py); a writer holding
+SQLite's lock is SQLite's alone (PostgreSQL going away: tests/test_replicas_pg.py)."""
 
 from __future__ import annotations
 
@@ -21,11 +23,14 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from metrics_service import Settings, create_app
+from metrics_service import Settings, create_app, storage
 from metrics_service.settings import AckMode
-from metrics_service.storage.sqlite import database as sqlite_database
 from tests._acked import assert_all_acked_stored_once, tagged
 from tests._helpers import INGEST_KEY, ServiceProcess, custom, db_rows, payload, wait_for
+from tests._servers import stored_rows
+
+#: Acknowledged means stored on either backend.
+BACKENDS = ("sqlite", "postgresql")
 
 H = {"X-API-Key": INGEST_KEY}
 
@@ -92,10 +97,10 @@ def test_sigterm_commits_pending_buffered_metrics_and_exits_0(service: ServicePr
             )
             assert r.status_code == 200
     # Nothing is committed yet: the flush interval is an hour.
-    assert db_rows(service.db_path, "SELECT count(*) FROM custom_metrics") == [(0,)]
+    assert stored_rows(service, "SELECT count(*) FROM custom_metrics") == [(0,)]
     service.signal(signal.SIGTERM)
     assert service.wait() == 0
-    assert_all_acked_stored_once(service.db_path, list(range(1000)))
+    assert_all_acked_stored_once(service, list(range(1000)))
     assert "1000 metrics committed, 0 left uncommitted" in service.log()
 
 
@@ -107,7 +112,7 @@ def test_sigterm_under_load_loses_nothing(service: ServiceProcess) -> None:
         service.signal(signal.SIGTERM)
         assert service.wait() == 0
     assert load.acked
-    assert_all_acked_stored_once(service.db_path, load.acked)
+    assert_all_acked_stored_once(service, load.acked)
     # Requests caught by the shutdown were refused cleanly (503 or a closed connection), never
     # answered with another 5xx; the pending ones were committed.
     assert not {s for s in load.statuses if isinstance(s, int) and s >= 500 and s != 503}, (
@@ -116,7 +121,7 @@ def test_sigterm_under_load_loses_nothing(service: ServiceProcess) -> None:
     assert " 0 left uncommitted" in service.log()
 
 
-KILLS = 7  # per run; three runs (in parallel under xdist): 21 kills
+KILLS = 7  # per run; three runs per backend (in parallel under xdist): 21 kills on each
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -130,8 +135,8 @@ def test_kill9_at_random_moments_under_load_loses_no_acknowledged_metric(
     next_id = 0
     for _cycle in range(KILLS):
         service.start()
-        # The restarted service recovered the WAL: what was acknowledged before is all there.
-        assert_all_acked_stored_once(service.db_path, acked)
+        # The restarted service finds all that was acknowledged before (SQLite: its WAL recovered).
+        assert_all_acked_stored_once(service, acked)
         with Load(service.url, start=next_id, concurrency=6, batch=10) as load:
             load.stop.wait(rng.uniform(0, 0.4))
             service.kill9()
@@ -139,7 +144,7 @@ def test_kill9_at_random_moments_under_load_loses_no_acknowledged_metric(
         next_id = load.next_value + 1_000_000
     service.start()
     assert len(acked) > KILLS * 10
-    assert_all_acked_stored_once(service.db_path, acked)
+    assert_all_acked_stored_once(service, acked)
     record_property("kills", KILLS)
     record_property("acknowledged_checked", len(acked))
     service.signal(signal.SIGTERM)
@@ -152,6 +157,7 @@ def _hold_write_lock(db: Path) -> sqlite3.Connection:
     return other
 
 
+@pytest.mark.sqlite_only("SQLite's one writer lock, held by another connection")
 def test_a_commit_blocked_by_another_writer_is_retried_without_duplicates(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -181,6 +187,7 @@ def test_a_commit_blocked_by_another_writer_is_retried_without_duplicates(
     ) == [(50, 50)]
 
 
+@pytest.mark.sqlite_only("SQLite's one writer lock, held by another connection")
 def test_durable_commit_that_keeps_failing_is_503_and_stores_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -201,24 +208,25 @@ def test_durable_commit_that_keeps_failing_is_503_and_stores_nothing(
 
 
 def test_buffered_rows_are_retried_whatever_the_failure_until_stored(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """In buffered mode a 200 comes before the commit, so a commit that fails with anything
     (here a RuntimeError, as a bug or an exhausted resource would raise) is retried, never
-    dropped. Fault injection: the first three commits raise, then the real one runs."""
+    dropped. Fault injection at the storage seam: the first three commits raise, then the
+    backend's real one runs."""
     monkeypatch.setenv("METRICS_API_KEY_SVC", INGEST_KEY)
-    real_insert = sqlite_database.insert_rows
+    settings = make_settings(ack_mode=AckMode.buffered, flush_interval_s=0.05)
+    backend_class = type(storage.create_backend(settings))
+    real_insert = backend_class.insert_batches
     failures = {"left": 3}
 
-    def flaky_insert(conn: sqlite3.Connection, parts: Any, claims: Any = ()) -> int:
+    async def flaky_insert(self: Any, parts: Any, claims: Any = ()) -> int:
         if failures["left"]:
             failures["left"] -= 1
             raise RuntimeError("injected failure")
-        return real_insert(conn, parts, claims)
+        return await real_insert(self, parts, claims)
 
-    # The SQLite backend commits through this module attribute.
-    monkeypatch.setattr(sqlite_database, "insert_rows", flaky_insert)
-    settings = Settings(db_path=tmp_path / "m.db", ack_mode=AckMode.buffered, flush_interval_s=0.05)
+    monkeypatch.setattr(backend_class, "insert_batches", flaky_insert)
     with TestClient(create_app(settings)) as c:
         state = c.app.state.metrics  # type: ignore[attr-defined]
         r = c.post("/metrics", json=payload(metrics=[custom(i) for i in range(20)]), headers=H)
@@ -226,6 +234,6 @@ def test_buffered_rows_are_retried_whatever_the_failure_until_stored(
         wait_for(lambda: state.queue.committed_metrics == 20, timeout_s=30)
         assert failures["left"] == 0 and state.queue.healthy
         assert state.telemetry.totals["metrics_service_commit_failures"].values[()] == 3
-    assert db_rows(
-        settings.db_path, "SELECT count(*), count(DISTINCT value) FROM custom_metrics"
-    ) == [(20, 20)]
+    assert stored_rows(settings, "SELECT count(*), count(DISTINCT value) FROM custom_metrics") == [
+        (20, 20)
+    ]

@@ -1,5 +1,6 @@
 """A key created with the CLI while the service runs works on its first request: an unknown key
-makes the service reload its keys once before refusing it, at most once a second."""
+makes the service reload its keys once before refusing it, at most once a second. On SQLite and
+PostgreSQL (``BACKENDS``, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -18,11 +19,16 @@ from metrics_service import Settings, create_app
 from metrics_service.auth import RELOAD_ON_DEMAND_INTERVAL_S
 from tests._helpers import ServiceProcess, clean_env, payload
 
+#: Keys live in the database, whichever it is.
+BACKENDS = ("sqlite", "postgresql")
 
-def _create_key(db_path: Path, service: str) -> str:
+
+def _create_key(on: ServiceProcess, service: str) -> str:
+    """``metrics-service keys create`` on the database of the service ``on``."""
+    url = {k: v for k, v in on.env.items() if k == "METRICS_DATABASE_URL"}
     done = subprocess.run(
         [sys.executable, "-m", "metrics_service", "keys", "create", "--service", service],
-        env={**clean_env(), "SQLITE_DB_PATH": str(db_path)},
+        env={**clean_env(), "SQLITE_DB_PATH": str(on.db_path), **url},
         capture_output=True,
         text=True,
         check=True,
@@ -37,7 +43,7 @@ def test_a_key_created_with_the_cli_works_on_its_first_request(service: ServiceP
     # The periodic reload is an hour away: only the reload on demand can make the key known.
     service.env["METRICS_KEY_RELOAD_INTERVAL_S"] = "3600"
     service.start()
-    key = _create_key(service.db_path, "fresh")
+    key = _create_key(service, "fresh")
     r = httpx.post(
         service.url + "/metrics", json=payload("fresh"), headers={"X-API-Key": key}, timeout=10
     )
@@ -54,12 +60,10 @@ def test_a_key_created_with_the_cli_works_on_its_first_request(service: ServiceP
 
 
 def test_unknown_keys_reload_at_most_once_a_second(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("METRICS_API_KEY_SVC", "mcpm_" + "s" * 43)
-    settings = Settings(
-        db_path=tmp_path / "m.db", key_reload_interval_s=3600, auth_failure_limit_per_min=10_000
-    )
+    settings = make_settings(key_reload_interval_s=3600, auth_failure_limit_per_min=10_000)
     with TestClient(create_app(settings)) as c:
         state = c.app.state.metrics  # type: ignore[attr-defined]
         real = state.authenticator.reload

@@ -1,13 +1,14 @@
 """``POST /v1/traces``: MCP spans become the rows posted events make, by the semconv rules;
-responses, auth and limits follow OTLP/HTTP and ``/metrics``."""
+responses, auth and limits follow OTLP/HTTP and ``/metrics``; on SQLite and PostgreSQL
+(``BACKENDS``, tests/conftest.py)."""
 
 from __future__ import annotations
 
 import gzip
+import json
 import sqlite3
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -15,8 +16,12 @@ from fastapi.testclient import TestClient
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from metrics_service import Settings, create_app
-from tests._helpers import ADMIN_KEY, INGEST_KEY, OTHER_KEY, db_rows
+from tests._helpers import ADMIN_KEY, INGEST_KEY, OTHER_KEY
+from tests._servers import stored_rows
 from tests._spans import CLIENT, mcp, otlp_json, plain, protobuf, protobuf_resources
+
+#: Spans become the same rows on either backend.
+BACKENDS = ("sqlite", "postgresql")
 
 PB = {"Content-Type": "application/x-protobuf", "X-API-Key": INGEST_KEY}
 JSON = {"Content-Type": "application/json", "X-API-Key": INGEST_KEY}
@@ -26,10 +31,16 @@ TOOL_COLUMNS = (
 )
 
 
-def tool_rows(settings: Settings, where: str = "1") -> list[tuple[Any, ...]]:
-    return db_rows(
-        settings.db_path, f"SELECT {TOOL_COLUMNS} FROM tool_metrics WHERE {where} ORDER BY id"
-    )
+def tool_rows(settings: Settings) -> list[tuple[Any, ...]]:
+    return stored_rows(settings, f"SELECT {TOOL_COLUMNS} FROM tool_metrics ORDER BY id")
+
+
+def json_field(text: str | None, name: str) -> Any:
+    """``name`` of a JSON column's object (what SQLite's ``json_extract`` gives)."""
+    return None if text is None else json.loads(text).get(name)
+
+
+DIMENSIONS = "SELECT dimensions FROM tool_metrics ORDER BY id"
 
 
 def response(r: Any) -> ExportTraceServiceResponse:
@@ -39,13 +50,12 @@ def response(r: Any) -> ExportTraceServiceResponse:
 
 
 @pytest.fixture
-def app_with(tmp_path: Path, keyed_env: None) -> Iterator[Any]:
+def app_with(make_settings: Callable[..., Settings], keyed_env: None) -> Iterator[Any]:
+    """Apps, each on a new database of the test's backend."""
     clients: list[TestClient] = []
 
     def make(**overrides: Any) -> tuple[TestClient, Settings]:
-        settings = Settings(
-            db_path=tmp_path / f"m{len(clients)}.db", admin_api_key=ADMIN_KEY, **overrides
-        )
+        settings = make_settings(new_database=True, **overrides)
         c = TestClient(create_app(settings))
         c.__enter__()
         clients.append(c)
@@ -114,10 +124,8 @@ def test_client_spans_count_every_error_code_and_are_marked_client(
         ("missing", 0, "stdio", "weather.local", "svc"),
         ("ok", 1, "streamable-http", None, "svc"),
     ]
-    kinds = db_rows(
-        settings.db_path, "SELECT json_extract(dimensions, '$.span_kind') FROM tool_metrics"
-    )
-    assert kinds == [("client",), ("client",)]
+    kinds = [json_field(d, "span_kind") for (d,) in stored_rows(settings, DIMENSIONS)]
+    assert kinds == ["client", "client"]
 
 
 def test_json_and_protobuf_give_the_same_rows(app_with: Any) -> None:
@@ -145,15 +153,15 @@ def test_json_and_protobuf_give_the_same_rows(app_with: Any) -> None:
         + TOOL_COLUMNS
         + ", dimensions, metadata"
     )
-    pb_rows = db_rows(pb_settings.db_path, f"SELECT {all_columns} FROM tool_metrics ORDER BY id")
+    pb_rows = stored_rows(pb_settings, f"SELECT {all_columns} FROM tool_metrics ORDER BY id")
     assert len(pb_rows) == 3 and pb_rows[2][8] == "sse"
-    assert pb_rows == db_rows(
-        json_settings.db_path, f"SELECT {all_columns} FROM tool_metrics ORDER BY id"
+    assert pb_rows == stored_rows(
+        json_settings, f"SELECT {all_columns} FROM tool_metrics ORDER BY id"
     )
     flows = "SELECT flow_step, duration_ms FROM protocol_latency_metrics ORDER BY id"
     assert (
-        db_rows(pb_settings.db_path, flows)
-        == db_rows(json_settings.db_path, flows)
+        stored_rows(pb_settings, flows)
+        == stored_rows(json_settings, flows)
         == [("initialize->tools/call", pytest.approx(10.0))]
     )
 
@@ -191,7 +199,7 @@ def test_a_posted_event_with_the_same_fields_is_stored_identically(
         client.post("/metrics", json=body, headers={"X-API-Key": INGEST_KEY}).json()["accepted"]
         == 1
     )
-    stored = db_rows(settings.db_path, "SELECT * FROM tool_metrics ORDER BY id")
+    stored = stored_rows(settings, "SELECT * FROM tool_metrics ORDER BY id")
     assert len(stored) == 2
     # Everything but the row id and the receive time.
     assert stored[0][3:] == stored[1][3:]
@@ -220,11 +228,14 @@ def test_flow_latency_once_per_session_across_requests_and_per_trace_without_one
     ]
     for spans in (first, second):
         assert client.post("/v1/traces", content=protobuf(spans), headers=PB).status_code == 200
-    rows = db_rows(
-        settings.db_path,
-        "SELECT flow_step, round(duration_ms, 3), session_id,"
-        " json_extract(metadata, '$.handshake_method') FROM protocol_latency_metrics ORDER BY id",
-    )
+    rows = [
+        (step, round(duration, 3), session, json_field(metadata, "handshake_method"))
+        for step, duration, session, metadata in stored_rows(
+            settings,
+            "SELECT flow_step, duration_ms, session_id, metadata"
+            " FROM protocol_latency_metrics ORDER BY id",
+        )
+    ]
     assert sorted(rows, key=str) == [
         ("initialize->tools/call", 50.0, "A", "initialize"),
         ("initialize->tools/call", 7.0, None, "server/discover"),
@@ -233,6 +244,7 @@ def test_flow_latency_once_per_session_across_requests_and_per_trace_without_one
     ]
 
 
+@pytest.mark.sqlite_only("the refusal comes from SQLite's writer lock, held by another connection")
 def test_a_refused_export_derives_its_flow_steps_again_when_retried(app_with: Any) -> None:
     c, settings = app_with(sqlite_busy_timeout_ms=0, commit_retries=0)
     t0 = time.time_ns() - 30_000_000_000
@@ -251,7 +263,7 @@ def test_a_refused_export_derives_its_flow_steps_again_when_retried(app_with: An
     # The exporter retries the same request: the same rows and the same flow step, once.
     assert c.post("/v1/traces", content=protobuf(spans), headers=PB).status_code == 200
     steps = "SELECT flow_step, round(duration_ms, 3) FROM protocol_latency_metrics"
-    assert db_rows(settings.db_path, steps) == [("initialize->tools/list", 10.0)]
+    assert stored_rows(settings, steps) == [("initialize->tools/list", 10.0)]
     assert len(tool_rows(settings)) == 2
 
 
@@ -276,7 +288,7 @@ def test_bearer_and_x_api_key_authenticate_and_the_service_is_bound(
     for resource in ({}, {"service.name": "unknown_service:python"}):
         anon = protobuf([mcp("tools/call", "anon")], resource or {"host.name": "h"})
         assert client.post("/v1/traces", content=anon, headers=PB).status_code == 200
-    assert db_rows(settings.db_path, "SELECT DISTINCT service FROM tool_metrics") == [("svc",)]
+    assert stored_rows(settings, "SELECT DISTINCT service FROM tool_metrics") == [("svc",)]
     assert len(tool_rows(settings)) == 3
     # Non-MCP spans of another service in the same request are dropped, not refused.
     mixed = protobuf_resources(

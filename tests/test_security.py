@@ -7,6 +7,9 @@ ingest values (tests/test_admin.py); failed-auth throttling of a burst (tests/te
 label cardinality (tests/test_telemetry_cardinality.py). The keys-in-plain-text test here widens
 tests/test_auth.py's: debug logging, viewer and revoked keys, wrong guesses, every response, the
 scrape, the files while running and after stopping, and the secret part past the listed prefix.
+
+On SQLite and PostgreSQL (``BACKENDS``, tests/conftest.py): the SQL that injections aim at is
+each backend's own.
 """
 
 from __future__ import annotations
@@ -26,8 +29,12 @@ from fastapi.testclient import TestClient
 
 from metrics_service import Settings, create_app
 from metrics_service.auth import hash_key
-from tests._helpers import ADMIN_KEY, INGEST_KEY, INJECTIONS, ServiceProcess, db_rows, payload
+from tests._helpers import ADMIN_KEY, INGEST_KEY, INJECTIONS, ServiceProcess, payload
+from tests._servers import PostgresServer, on_postgres, stored_rows
 from tests._traffic import auth, discovery, protocol, tool
+
+#: Injections change nothing and leak nothing on either backend.
+BACKENDS = ("sqlite", "postgresql")
 
 H = {"X-API-Key": INGEST_KEY}
 ADMIN = {"X-API-Key": ADMIN_KEY}
@@ -45,26 +52,45 @@ MORE_INJECTIONS = [
 FILTERS = ("service", "server", "tool", "client", "tenant")
 
 
-def _snapshot(db: Path) -> dict[str, Any]:
+def _snapshot(db: Any) -> dict[str, Any]:
     """What an injection could change: the schema, the row counts, the keys."""
-    tables = [
-        name for (name,) in db_rows(db, "SELECT name FROM sqlite_master WHERE type = 'table'")
-    ]
+    if on_postgres(db):
+        relations = (
+            "SELECT c.relname, c.relkind::text FROM pg_class c JOIN pg_namespace n"
+            " ON n.oid = c.relnamespace WHERE n.nspname = 'public' ORDER BY 1"
+        )
+        schema = stored_rows(db, relations) + stored_rows(
+            db,
+            "SELECT table_name, column_name, data_type, is_nullable FROM"
+            " information_schema.columns WHERE table_schema = 'public' ORDER BY 1, 2",
+        )
+        tables = [name for name, kind in stored_rows(db, relations) if kind in ("r", "p")]
+    else:
+        schema = stored_rows(db, "SELECT type, name, sql FROM sqlite_master ORDER BY name")
+        tables = [
+            name
+            for (name,) in stored_rows(db, "SELECT name FROM sqlite_master WHERE type = 'table'")
+        ]
     return {
-        "schema": db_rows(db, "SELECT type, name, sql FROM sqlite_master ORDER BY name"),
-        "rows": {t: db_rows(db, f'SELECT count(*) FROM "{t}"')[0][0] for t in tables},
-        "keys": db_rows(db, "SELECT id, key_hash, revoked_at FROM api_keys ORDER BY id"),
-        "policies": db_rows(db, "SELECT * FROM retention_policies ORDER BY table_name"),
+        "schema": schema,
+        "rows": {t: stored_rows(db, f'SELECT count(*) FROM "{t}"')[0][0] for t in tables},
+        "keys": stored_rows(db, "SELECT id, key_hash, revoked_at FROM api_keys ORDER BY id"),
+        "policies": stored_rows(db, "SELECT * FROM retention_policies ORDER BY table_name"),
     }
 
 
+def _injections(backend: str) -> list[str]:
+    """``MORE_INJECTIONS``; on PostgreSQL without U+0000, which its text type cannot hold (a
+    known bug: tests/test_api.py, ``test_a_nul_character_in_a_string_...``, xfail there; put it
+    back here once that test passes)."""
+    return [v for v in MORE_INJECTIONS if backend == "sqlite" or "\x00" not in v]
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(make_settings: Callable[..., Settings]) -> Settings:
     """The suite's settings, with rate limits (ingest and route) the injection matrix cannot
     reach."""
-    return Settings(
-        db_path=tmp_path / "m.db",
-        admin_api_key=ADMIN_KEY,
+    return make_settings(
         rate_limit_per_min=1_000_000,
         analytics_rate_limit="1000000/minute",
         route_rate_limit_per_address="1000000/minute",
@@ -95,15 +121,18 @@ def _analytics_routes(schema: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def test_sql_injection_in_every_query_parameter_changes_nothing_and_leaks_nothing(
-    seeded: TestClient, settings: Settings, record_property: Callable[[str, object], None]
+    seeded: TestClient,
+    settings: Settings,
+    backend: str,
+    record_property: Callable[[str, object], None],
 ) -> None:
     """Every query parameter of every analytics view, from the service's own OpenAPI schema,
     with each injection: 200 or 422, never a 5xx; a filter that is an injection matches
     nothing (as any unknown value would); no key hash comes back; the database is unchanged."""
     client = seeded
     routes = _analytics_routes(client.get("/openapi.json").json())
-    hashes = [h for (h,) in db_rows(settings.db_path, "SELECT key_hash FROM api_keys")]
-    before = _snapshot(settings.db_path)
+    hashes = [h for (h,) in stored_rows(settings, "SELECT key_hash FROM api_keys")]
+    before = _snapshot(settings)
     window = {"since": str(int(time.time()) - 3600), "until": str(int(time.time()) + 60)}
     tried = Counter[int]()
     for path, names in routes.items():
@@ -112,7 +141,7 @@ def test_sql_injection_in_every_query_parameter_changes_nothing_and_leaks_nothin
             if name in FILTERS:
                 baseline = client.get(path, params={**window, name: "no-such-value"}, headers=ADMIN)
                 assert baseline.status_code in (200, 422), (path, baseline.text)
-            for value in MORE_INJECTIONS:
+            for value in _injections(backend):
                 r = client.get(path, params={**window, name: value}, headers=ADMIN)
                 tried[r.status_code] += 1
                 assert r.status_code in (200, 422), (path, name, value, r.status_code, r.text[:300])
@@ -127,7 +156,7 @@ def test_sql_injection_in_every_query_parameter_changes_nothing_and_leaks_nothin
                     ), (path, name, value)
     assert len(routes) >= 5 and tried[200] > 0 and tried[422] > 0, (routes, tried)
     record_property("injections_by_status", dict(tried))
-    assert _snapshot(settings.db_path) == before
+    assert _snapshot(settings) == before
 
 
 def _without(body: Any, value: str) -> Any:
@@ -140,10 +169,10 @@ def _without(body: Any, value: str) -> Any:
 
 
 def test_sql_injection_in_admin_bodies_and_the_key_header(
-    client: TestClient, settings: Settings
+    client: TestClient, settings: Settings, backend: str
 ) -> None:
-    before = _snapshot(settings.db_path)
-    for value in MORE_INJECTIONS:
+    before = _snapshot(settings)
+    for value in _injections(backend):
         # As a key: looked up by hash in memory, never in SQL.
         assert client.get(
             "/admin/keys", headers={"X-API-Key": value.replace("\x00", "")}
@@ -163,11 +192,9 @@ def test_sql_injection_in_admin_bodies_and_the_key_header(
             headers=ADMIN,
         )
         assert r.status_code == 422
-    descriptions = {
-        d for (d,) in db_rows(settings.db_path, "SELECT description FROM api_keys") if d
-    }
-    assert descriptions == set(MORE_INJECTIONS)
-    after = _snapshot(settings.db_path)
+    descriptions = {d for (d,) in stored_rows(settings, "SELECT description FROM api_keys") if d}
+    assert descriptions == set(_injections(backend))
+    after = _snapshot(settings)
     assert after["schema"] == before["schema"] and after["policies"] == before["policies"]
     assert after["keys"][: len(before["keys"])] == before["keys"]
     # The ingest values that become typed columns are data too.
@@ -180,11 +207,10 @@ def test_sql_injection_in_admin_bodies_and_the_key_header(
         "/metrics", json=payload(metrics=metrics, instance_id=evil, version=evil[:64]), headers=H
     )
     assert r.status_code == 200 and r.json()["accepted"] == 2
-    assert db_rows(
-        settings.db_path,
-        "SELECT tool_name, server_name, client_name, instance_id FROM tool_metrics",
+    assert stored_rows(
+        settings, "SELECT tool_name, server_name, client_name, instance_id FROM tool_metrics"
     ) == [(evil, evil, evil, evil)]
-    assert db_rows(settings.db_path, "SELECT method, server, user_hash FROM auth_metrics") == [
+    assert stored_rows(settings, "SELECT method, server, user_hash FROM auth_metrics") == [
         (evil, evil, evil)
     ]
 
@@ -245,7 +271,7 @@ def test_key_guessing_burst_is_throttled_for_that_address_only(service: ServiceP
     assert asyncio.run(_burst(service.url, 3, "mcpm_" + "B" * 43, "127.0.0.2")) == {401: 3}
     assert asyncio.run(_burst(service.url, 2, INGEST_KEY, "127.0.0.1")) == {200: 2}
     assert asyncio.run(_burst(service.url, 5, INGEST_KEY, "127.0.0.2")) == {200: 5}
-    assert db_rows(service.db_path, "SELECT count(*) FROM custom_metrics") == [(7,)]
+    assert stored_rows(service, "SELECT count(*) FROM custom_metrics") == [(7,)]
 
 
 def test_forwarded_for_from_an_untrusted_local_peer_buys_no_fresh_budget(
@@ -273,8 +299,20 @@ def _secret_parts(key: str) -> list[str]:
     return [key, key[11:]]
 
 
+def _database_files(service: ServiceProcess, request: pytest.FixtureRequest) -> bytes:
+    """The bytes of the files that hold ``service``'s database: SQLite's file, WAL and shared
+    memory; or, after a checkpoint, the PostgreSQL database's own data files."""
+    if not on_postgres(service):
+        return b"".join(p.read_bytes() for p in service.db_path.parent.glob("m.db*"))
+    cluster: PostgresServer = request.getfixturevalue("postgres_cluster")
+    database = service.env["METRICS_DATABASE_URL"].rsplit("/", 1)[1]
+    oid = cluster.psql(f"SELECT oid FROM pg_database WHERE datname = '{database}'")
+    cluster.psql("CHECKPOINT")  # every committed page written to the data files
+    return b"".join(p.read_bytes() for p in (cluster.data / "base" / oid).iterdir())
+
+
 def test_keys_never_appear_in_plain_text_in_logs_responses_or_the_database(
-    service: ServiceProcess, tmp_path: Path
+    service: ServiceProcess, request: pytest.FixtureRequest
 ) -> None:
     wrong = "mcpm_" + "Zx9" * 14
     service.env.update(METRICS_LOG_LEVEL="debug", METRICS_KEY_RELOAD_INTERVAL_S="0.2")
@@ -327,10 +365,10 @@ def test_keys_never_appear_in_plain_text_in_logs_responses_or_the_database(
         scrape_port = re.search(r"Prometheus endpoint on http://127.0.0.1:(\d+)", service.log())
         assert scrape_port is not None
         record(httpx.get(f"http://127.0.0.1:{scrape_port.group(1)}/metrics"))
-        files_running = b"".join(p.read_bytes() for p in service.db_path.parent.glob("m.db*"))
+        files_running = _database_files(service, request)
     service.signal(signal.SIGTERM)
     assert service.wait() == 0
-    files_stopped = b"".join(p.read_bytes() for p in service.db_path.parent.glob("m.db*"))
+    files_stopped = _database_files(service, request)
     log = service.log()
     assert "key" in log and "revoked" in log  # the log is there and talks about keys
 
@@ -342,9 +380,9 @@ def test_keys_never_appear_in_plain_text_in_logs_responses_or_the_database(
     # The database holds the hashes (so the files grepped are the right ones), never the keys.
     for key in (INGEST_KEY, ADMIN_KEY, new_key, viewer):
         assert hash_key(key).encode() in files_running + files_stopped
-    assert db_rows(
-        service.db_path, "SELECT count(*) FROM api_keys WHERE revoked_at IS NOT NULL"
-    ) == [(1,)]
+    assert stored_rows(service, "SELECT count(*) FROM api_keys WHERE revoked_at IS NOT NULL") == [
+        (1,)
+    ]
 
 
 # -- headers, CORS, admin switch, bind address ------------------------------------------------
@@ -381,11 +419,13 @@ def test_security_headers_and_no_cors(client: TestClient) -> None:
     assert preflight.status_code in (404, 405)
 
 
-def test_admin_endpoints_can_be_switched_off_entirely(tmp_path: Path, keyed_env: None) -> None:
-    on = create_app(Settings(db_path=tmp_path / "on.db", admin_api_key=ADMIN_KEY))
+def test_admin_endpoints_can_be_switched_off_entirely(
+    make_settings: Callable[..., Settings], keyed_env: None
+) -> None:
+    on = create_app(make_settings())
     admin_paths = [p for p in on.openapi()["paths"] if p.startswith("/admin")]
     assert len(admin_paths) >= 5
-    off = Settings(db_path=tmp_path / "off.db", admin_api_key=ADMIN_KEY, admin_enabled=False)
+    off = make_settings(admin_enabled=False)
     with TestClient(create_app(off)) as c:
         assert not [p for p in c.get("/openapi.json").json()["paths"] if p.startswith("/admin")]
         for path in admin_paths:
