@@ -35,6 +35,7 @@ from metrics_service.storage.backend import (
 from metrics_service.storage.postgres import migrations
 from metrics_service.storage.postgres import rollups as pg_rollups
 from metrics_service.storage.postgres._conn import Conn
+from metrics_service.storage.postgres.listener import KeyListener
 from metrics_service.storage.postgres.migrations import TABLE_OF_TYPE, TABLES, row_columns
 from metrics_service.storage.postgres.partitions import Partitions
 from metrics_service.storage.postgres.partitions import name as partition_name
@@ -128,6 +129,11 @@ class Backend:
         self._connect_timeout_s = connect_timeout_s
         self._command_timeout_s = command_timeout_s
         self.partitions = Partitions()
+        #: Set before :meth:`open` (the service does): called on the event loop whenever any
+        #: process may have changed a key (``listener.py``). The CLI leaves it unset and
+        #: holds no listening connection.
+        self.on_keys_changed: Callable[[], None] | None = None
+        self.key_listener: KeyListener | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -154,8 +160,20 @@ class Backend:
         except _DRIVER_ERRORS as exc:
             await self.close()
             raise StorageError(f"{ENV}: cannot migrate {self.description}: {exc}") from None
+        if self.on_keys_changed is not None:
+            self.key_listener = KeyListener(
+                self._url, self.on_keys_changed, connect_timeout_s=self._connect_timeout_s
+            )
+            self.key_listener.start()
+            # Listening before the first request is served; if it cannot yet, the listener
+            # keeps trying and the periodic reload covers the gap.
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self.key_listener.listening.wait(), self._connect_timeout_s)
 
     async def close(self) -> None:
+        listener, self.key_listener = self.key_listener, None
+        if listener is not None:
+            await listener.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:

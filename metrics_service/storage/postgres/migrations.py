@@ -159,8 +159,23 @@ def _initial() -> list[str]:
     return statements
 
 
+#: Every statement that changes ``api_keys`` notifies the replicas' key listeners
+#: (``listener.py``) when its transaction commits; one notice per transaction (PostgreSQL folds
+#: equal ones).
+KEY_CHANNEL = "metrics_keys"
+_KEY_NOTIFY = [
+    f"""CREATE FUNCTION metrics_keys_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('{KEY_CHANNEL}', '');
+        RETURN NULL;
+    END $$""",
+    "CREATE TRIGGER api_keys_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON api_keys"
+    " FOR EACH STATEMENT EXECUTE FUNCTION metrics_keys_changed()",
+]
+
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "initial schema (SQLite's version 7, partitioned raw tables)", _initial()),
+    (2, "NOTIFY metrics_keys when api_keys change", _KEY_NOTIFY),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 
