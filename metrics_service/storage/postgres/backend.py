@@ -56,10 +56,17 @@ _INSERT_SQL = {
     f" VALUES ({', '.join(f'${i + 1}' for i in range(len(_COLUMNS[kind])))})"
     for kind, table in TABLE_OF_TYPE.items()
 }
-#: From this many rows of a family in one transaction on, COPY them (cheaper per row; a few
-#: rows are cheaper as one pipelined INSERT: COPY takes a round trip more).
+#: From this many rows of a family in one transaction on, COPY them (cheaper per row; fewer
+#: go in the ingest function's one call: COPY takes a transaction and round trips of its own).
 COPY_ROWS = 64
 _BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock_shared({pg_rollups.WATERMARK_LOCK})"
+#: The families in the order of the ingest function's raw-row arguments (migration 3).
+_KINDS = tuple(TABLE_OF_TYPE)
+_INGEST_SQL = (
+    f"SELECT {migrations.INGEST_FUNCTION}("
+    + ", ".join(f"${i + 1}" for i in range(1 + len(_KINDS) + len(pg_rollups.ROLLUP_KEYS)))
+    + ")"
+)
 _KEY_FIELDS = [f.name for f in dataclasses.fields(KeyRecord)]
 _KEY_SELECT = ", ".join("service_aliases" if f == "aliases" else f for f in _KEY_FIELDS)
 _CLAIM_SQL = (
@@ -134,6 +141,8 @@ class Backend:
         #: holds no listening connection.
         self.on_keys_changed: Callable[[], None] | None = None
         self.key_listener: KeyListener | None = None
+        #: The day watermark the last insert saw (the ingest function checks it).
+        self._watermark: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -233,24 +242,32 @@ class Backend:
         parts: Sequence[dict[str, list[tuple[Any, ...]]]],
         claims: Sequence[Claim | None],
     ) -> int:
-        """BEGIN and the watermark's shared lock in one round trip; the claims; each family's
-        rows (a multi-row INSERT for a few, COPY for many); the rollup upserts; COMMIT."""
+        """A group of a few rows of each family and no claims: one call of the ingest function,
+        its own transaction (one round trip). Else: BEGIN and the watermark's shared lock in one
+        round trip; the claims; COPY of each family with many rows; the function for the rest
+        and the rollups; COMMIT."""
+        sizes: dict[str, int] = {}
+        for part in parts:
+            for kind, rows in part.items():
+                sizes[kind] = sizes.get(kind, 0) + len(rows)
+        if not any(claims) and all(n < COPY_ROWS for n in sizes.values()):
+            return await self._ingest(conn, parts, ())
         count = 0
         await conn.execute(_BEGIN)
         try:
             if any(claims):
                 await _claim(conn, claims)
                 parts = [p for p, c in zip(parts, claims, strict=True) if not (c and c.existing)]
-            for kind in sorted({kind for part in parts for kind in part}):
+            copied = []
+            for kind in sorted(k for k, n in sizes.items() if n >= COPY_ROWS):
                 rows = [r for part in parts for r in part.get(kind, ())]
                 if len(rows) >= COPY_ROWS:
                     await conn.copy_records_to_table(
                         TABLE_OF_TYPE[kind], records=rows, columns=_COLUMNS[kind]
                     )
-                elif rows:
-                    await conn.executemany(_INSERT_SQL[kind], rows)
-                count += len(rows)
-            await pg_rollups.maintain(conn, parts, locked=True)
+                    copied.append(kind)
+                    count += len(rows)
+            count += await self._ingest(conn, parts, copied)
             await conn.execute("COMMIT")
         except BaseException:
             if not conn.is_closed() and conn.is_in_transaction():
@@ -258,6 +275,31 @@ class Backend:
                     await conn.execute("ROLLBACK")
             raise
         return count
+
+    async def _ingest(
+        self, conn: Conn, parts: Sequence[dict[str, list[tuple[Any, ...]]]], copied: Sequence[str]
+    ) -> int:
+        """The rows of the families not ``copied`` and every rollup row, in one call of the
+        ingest function; its count of raw rows. The rollup rows depend on the day watermark:
+        computed for the last one seen, and again if the function says it moved (it then wrote
+        nothing)."""
+        raw: list[list[tuple[Any, ...]] | None] = []
+        count = 0
+        for kind in _KINDS:
+            # The table's row type begins with its id (NULL here: the sequence gives it).
+            rows = [] if kind in copied else [(None, *r) for p in parts for r in p.get(kind, ())]
+            raw.append(rows or None)
+            count += len(rows)
+        if self._watermark is None:
+            self._watermark = int(await conn.fetchval(pg_rollups.WATERMARK_SQL))
+        while True:
+            watermark = self._watermark
+            writes = pg_rollups.upserts(parts, watermark)
+            upserts = [writes.get(key) or None for key in pg_rollups.ROLLUP_KEYS]
+            current = int(await conn.fetchval(_INGEST_SQL, watermark, *raw, *upserts))
+            if current == watermark:
+                return count
+            self._watermark = current
 
     async def idempotency_lookup(self, service: str, key: str, window_s: float) -> Stored | None:
         async with self._conn("idempotency lookup") as conn:

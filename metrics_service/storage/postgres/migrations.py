@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 
 from metrics_service.storage import rollups, schema
+from metrics_service.storage.postgres import rollups as pg_rollups
 from metrics_service.storage.postgres._conn import Conn
 
 #: The key of the advisory lock that serialises migrations (any fixed 64-bit number; this one
@@ -173,9 +174,56 @@ _KEY_NOTIFY = [
     " FOR EACH STATEMENT EXECUTE FUNCTION metrics_keys_changed()",
 ]
 
+#: The ingest function's name: one call adds a group of rows and their rollups (migration 3).
+INGEST_FUNCTION = "metrics_ingest"
+
+
+def _ingest_function() -> list[str]:
+    """``metrics_ingest(watermark, <raw table>[] per family, <rollup table>[] per rollup
+    table)``: under the watermark's shared lock, if the day watermark is still ``watermark``
+    (the one the caller computed the rollup rows for), insert the raw rows and upsert the
+    rollup rows (NULL arrays skipped); return the watermark, so a caller that guessed it wrong
+    computes again (nothing was written). One statement: PL/pgSQL keeps the plans of its
+    statements per connection, so the server plans each once, not per transaction."""
+    params = ["p_watermark bigint"]
+    body: list[str] = []
+    for kind, table in TABLE_OF_TYPE.items():
+        params.append(f"p_{table} {table}[]")
+        columns = ", ".join(row_columns(kind))
+        body.append(
+            f"IF p_{table} IS NOT NULL THEN INSERT INTO {table} ({columns})"
+            f" SELECT {columns} FROM unnest(p_{table}); END IF;"
+        )
+    for cube in rollups.CUBES:
+        for level in cube.levels:
+            table = cube.table(level)
+            params.append(f"p_{table} {table}[]")
+            body.append(
+                f"IF p_{table} IS NOT NULL THEN INSERT INTO {table}"
+                f" SELECT * FROM unnest(p_{table}){pg_rollups.conflict(cube, level)}; END IF;"
+            )
+    newline = "\n        "
+    return [
+        f"""CREATE FUNCTION {INGEST_FUNCTION}({", ".join(params)}) RETURNS bigint
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        current bigint;
+    BEGIN
+        PERFORM pg_advisory_xact_lock_shared({pg_rollups.WATERMARK_LOCK});
+        SELECT until_ms INTO current FROM rollup_watermark WHERE name = 'day';
+        IF current IS DISTINCT FROM p_watermark THEN
+            RETURN current;
+        END IF;
+        {newline.join(body)}
+        RETURN current;
+    END $$"""
+    ]
+
+
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "initial schema (SQLite's version 7, partitioned raw tables)", _initial()),
     (2, "NOTIFY metrics_keys when api_keys change", _KEY_NOTIFY),
+    (3, "metrics_ingest(): a group of rows and their rollups in one call", _ingest_function()),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 
