@@ -21,6 +21,7 @@ from metrics_service.errors import StorageError
 from metrics_service.idempotency import Claim
 from metrics_service.storage import rollups
 from metrics_service.storage.postgres import LATEST_VERSION, Backend
+from metrics_service.storage.postgres.backend import RETENTION_LOCK
 from metrics_service.storage.postgres import partitions as pg_partitions
 from metrics_service.storage.rollups import DAY_MS, HOUR_MS, Query
 from metrics_service.storage.sqlite import rollups as sqlite_rollups
@@ -208,7 +209,7 @@ def test_retention_drops_whole_partitions_while_ingest_goes_on(postgres_url: str
     cutoff = now_ms - 3 * DAY_MS
     backlog = [now_ms - h * HOUR_MS for h in range(1, 10 * 24)]
 
-    async def body(b: Backend) -> tuple[int, int, int, int, int]:
+    async def body(b: Backend) -> tuple[int, int, int, int, int, int]:
         for i in range(0, len(backlog), 50):
             await b.insert_batches([_custom_rows(backlog[i : i + 50], "old")])
         stop = asyncio.Event()
@@ -249,9 +250,19 @@ def test_retention_drops_whole_partitions_while_ingest_goes_on(postgres_url: str
         dropped_parts = sum(
             1 for t, day in b.partitions.known if t == "custom_metrics" and day + DAY_MS <= cutoff
         )
-        return deleted, kept_old, live, inserted, dropped_parts
+        # The pool's connections go back without asyncpg's reset query: none may still hold
+        # the retention run's session lock.
+        locks = (
+            await b.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND objid = $1::bigint % 4294967296",
+                RETENTION_LOCK,
+            )
+        )[0][0]
+        return deleted, kept_old, live, inserted, dropped_parts, locks
 
-    deleted, kept_old, live, inserted, left_parts = with_backend(postgres_url, body)
+    deleted, kept_old, live, inserted, left_parts, locks = with_backend(postgres_url, body)
+    assert locks == 0
     expected_kept = sum(1 for t in backlog if t >= cutoff)
     assert deleted == len(backlog) - expected_kept
     assert kept_old == expected_kept
