@@ -21,8 +21,8 @@ from metrics_service.errors import StorageError
 from metrics_service.idempotency import Claim
 from metrics_service.storage import rollups
 from metrics_service.storage.postgres import LATEST_VERSION, Backend
-from metrics_service.storage.postgres.backend import RETENTION_LOCK
 from metrics_service.storage.postgres import partitions as pg_partitions
+from metrics_service.storage.postgres.backend import RETENTION_LOCK
 from metrics_service.storage.rollups import DAY_MS, HOUR_MS, Query
 from metrics_service.storage.sqlite import rollups as sqlite_rollups
 from tests._analytics_seed import seed_rows
