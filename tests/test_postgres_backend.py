@@ -177,6 +177,43 @@ def test_compaction_moves_days_into_day_rollups_without_changing_an_answer(
     assert after == before
 
 
+def test_a_replica_that_missed_a_compaction_still_writes_exact_rollups(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Replica A computed its rollup rows for the day watermark it saw last; replica B then
+    compacted four days. A's next inserts must reach the day tables for those days too (the
+    ingest function refuses A's stale watermark and A computes again): every answer stays
+    SQLite's for the same rows."""
+    settings = Settings(db_path=tmp_path / "m.db")
+    now, parts = seed_rows(settings)
+    now_ms = int(now * 1000)
+    today = now_ms // DAY_MS * DAY_MS
+    conn, _ = storage.open_database(settings.db_path)
+    storage.insert_rows(conn, parts)
+    expected = [_norm(sqlite_rollups.aggregate(conn, q)[1]) for q in _queries(now_ms)]
+    half = len(parts) // 2
+
+    async def view(reader: Any) -> list[Any]:
+        return [_norm((await reader.aggregate(q))[1]) for q in _queries(now_ms)]
+
+    async def body(a: Backend) -> tuple[int, list[Any]]:
+        await a.execute("UPDATE rollup_watermark SET until_ms = $1", today - 4 * DAY_MS)
+        for part in parts[:half]:
+            await a.insert_batches([part])
+        b = await opened(postgres_url)
+        try:
+            days = await b.compact_rollups(now_ms)
+        finally:
+            await b.close()
+        for i in range(half, len(parts), 3):
+            await a.insert_batches(parts[i : i + 3])
+        return days, await a.analytics(view)
+
+    days, answers = with_backend(postgres_url, body)
+    assert days == 4
+    assert answers == expected
+
+
 def test_raw_tables_are_partitioned_by_day_ahead_of_time(postgres_url: str) -> None:
     async def body(b: Backend) -> list[tuple[Any, ...]]:
         return await b.execute(

@@ -184,7 +184,10 @@ def _ingest_function() -> list[str]:
     (the one the caller computed the rollup rows for), insert the raw rows and upsert the
     rollup rows (NULL arrays skipped); return the watermark, so a caller that guessed it wrong
     computes again (nothing was written). One statement: PL/pgSQL keeps the plans of its
-    statements per connection, so the server plans each once, not per transaction."""
+    statements per connection, so the server plans each once, not per transaction.
+
+    The arrays are of the tables' own row types (a raw row with its id first, NULL): a later
+    migration that adds a column or a cube replaces this function (``CREATE OR REPLACE``)."""
     params = ["p_watermark bigint"]
     body: list[str] = []
     for kind, table in TABLE_OF_TYPE.items():
