@@ -327,6 +327,35 @@ def test_an_idempotency_key_claimed_by_one_replica_stores_nothing_on_another(
     assert with_backend(postgres_url, body) == (3, 0, True, 3)
 
 
+def test_a_group_with_a_key_committed_or_repeated_stores_each_batch_at_most_once(
+    postgres_url: str,
+) -> None:
+    """A group whose claims cannot all win in the one-call path (a key committed earlier, a key
+    twice in the group) is claimed one key at a time: the new batches are stored, the others
+    replay the first answer, nothing is stored twice."""
+
+    async def body(b: Backend) -> tuple[int, list[bytes | None], int]:
+        now = int(time.time() * 1000)
+        first = Claim("svc", "k-old", "fp", 200, b"old", 3600)
+        await b.insert_batches([_custom_rows([now], "a")], [first])
+        claims = [
+            Claim("svc", "k-new", "fp", 200, b"new", 3600),
+            Claim("svc", "k-old", "fp", 200, b"retry", 3600),
+            Claim("svc", "k-twice", "fp", 200, b"twice-1", 3600),
+            Claim("svc", "k-twice", "fp", 200, b"twice-2", 3600),
+        ]
+        parts = [_custom_rows([now] * 2, tag) for tag in ("b", "c", "d", "e")]
+        n = await b.insert_batches(parts, claims)
+        replays = [c.existing.response if c.existing else None for c in claims]
+        rows = (await b.execute("SELECT count(*) FROM custom_metrics"))[0][0]
+        return n, replays, rows
+
+    n, replays, rows = with_backend(postgres_url, body)
+    assert n == 4  # k-new and the first k-twice
+    assert replays == [None, b"old", None, b"twice-1"]
+    assert rows == 5
+
+
 def test_a_key_revoked_through_one_backend_is_gone_for_another(postgres_url: str) -> None:
     async def body(b: Backend) -> tuple[list[int], list[int], Any]:
         other = await opened(postgres_url)

@@ -64,19 +64,18 @@ _BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock_shared({pg_rollups.WATERMARK_LOCK
 _KINDS = tuple(TABLE_OF_TYPE)
 _INGEST_SQL = (
     f"SELECT {migrations.INGEST_FUNCTION}("
-    + ", ".join(f"${i + 1}" for i in range(1 + len(_KINDS) + len(pg_rollups.ROLLUP_KEYS)))
+    + ", ".join(f"${i + 1}" for i in range(3 + len(_KINDS) + len(pg_rollups.ROLLUP_KEYS)))
     + ")"
 )
 _KEY_FIELDS = [f.name for f in dataclasses.fields(KeyRecord)]
 _KEY_SELECT = ", ".join("service_aliases" if f == "aliases" else f for f in _KEY_FIELDS)
 _CLAIM_SQL = (
     "INSERT INTO idempotency_keys (service, key, fingerprint, status, response, committed_at)"
-    " VALUES ($1, $2, $3, $4, $5, $6)"
-    " ON CONFLICT (service, key) DO UPDATE SET fingerprint = excluded.fingerprint,"
-    " status = excluded.status, response = excluded.response,"
-    " committed_at = excluded.committed_at"
-    " WHERE idempotency_keys.committed_at < $7 RETURNING 1"
+    f" VALUES ($1, $2, $3, $4, $5, $6){migrations.claim_conflict('$7')} RETURNING 1"
 )
+#: The ingest function could not claim every key (one is committed already, or a group holds
+#: one twice): the group goes the way of one claim at a time.
+_CLAIM_FALLBACK = {migrations.CLAIM_LOST, asyncpg.CardinalityViolationError.sqlstate}
 _LOOKUP_SQL = (
     "SELECT fingerprint, status, response FROM idempotency_keys"
     " WHERE service = $1 AND key = $2 AND committed_at >= $3"
@@ -259,8 +258,14 @@ class Backend:
         for part in parts:
             for kind, rows in part.items():
                 sizes[kind] = sizes.get(kind, 0) + len(rows)
-        if not any(claims) and all(n < COPY_ROWS for n in sizes.values()):
-            return await self._ingest(conn, parts, ())
+        claimed = sorted((c for c in claims if c is not None), key=_claim_order)
+        windows = {c.window_s for c in claimed}
+        if len(windows) <= 1 and all(n < COPY_ROWS for n in sizes.values()):
+            try:
+                return await self._ingest(conn, parts, (), claimed)
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate not in _CLAIM_FALLBACK:
+                    raise
         count = 0
         await conn.execute(_BEGIN)
         try:
@@ -276,7 +281,7 @@ class Backend:
                     )
                     copied.append(kind)
                     count += len(rows)
-            count += await self._ingest(conn, parts, copied)
+            count += await self._ingest(conn, parts, copied, ())
             await conn.execute("COMMIT")
         except BaseException:
             if not conn.is_closed() and conn.is_in_transaction():
@@ -286,12 +291,19 @@ class Backend:
         return count
 
     async def _ingest(
-        self, conn: Conn, parts: Sequence[dict[str, list[tuple[Any, ...]]]], copied: Sequence[str]
+        self,
+        conn: Conn,
+        parts: Sequence[dict[str, list[tuple[Any, ...]]]],
+        copied: Sequence[str],
+        claims: Sequence[Claim],
     ) -> int:
-        """The rows of the families not ``copied`` and every rollup row, in one call of the
-        ingest function; its count of raw rows. The rollup rows depend on the day watermark:
-        computed for the last one seen, and again if the function says it moved (it then wrote
-        nothing)."""
+        """``claims`` (sorted, one window), the rows of the families not ``copied`` and every
+        rollup row, in one call of the ingest function; its count of raw rows. The rollup rows
+        depend on the day watermark: computed for the last one seen, and again if the function
+        says it moved (it then wrote nothing)."""
+        now = _now_ms()
+        cutoff = now - int(claims[0].window_s * 1000) if claims else None
+        keys = [(c.service, c.key, c.fingerprint, c.status, c.response, now) for c in claims]
         raw: list[list[tuple[Any, ...]] | None] = []
         count = 0
         for kind in _KINDS:
@@ -305,7 +317,9 @@ class Backend:
             watermark = self._watermark
             writes = pg_rollups.upserts(parts, watermark)
             upserts = [writes.get(key) or None for key in pg_rollups.ROLLUP_KEYS]
-            current = int(await conn.fetchval(_INGEST_SQL, watermark, *raw, *upserts))
+            current = int(
+                await conn.fetchval(_INGEST_SQL, watermark, cutoff, keys or None, *raw, *upserts)
+            )
             if current == watermark:
                 return count
             self._watermark = current
