@@ -51,11 +51,6 @@ RETENTION_LOCK = 0x726574656E74  # "retent"
 _RETRIED = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
 _COLUMNS = {kind: row_columns(kind) for kind in TABLE_OF_TYPE}
-_INSERT_SQL = {
-    kind: f"INSERT INTO {table} ({', '.join(_COLUMNS[kind])})"
-    f" VALUES ({', '.join(f'${i + 1}' for i in range(len(_COLUMNS[kind])))})"
-    for kind, table in TABLE_OF_TYPE.items()
-}
 #: From this many rows of a family in one transaction on, COPY them (cheaper per row; fewer
 #: go in the ingest function's one call: COPY takes a transaction and round trips of its own).
 COPY_ROWS = 64
@@ -84,7 +79,7 @@ _LOOKUP_SQL = (
 
 async def _reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     """The pool's reset of a released connection, without asyncpg's default reset query (one
-    more round trip per transaction: a third of a one-metric commit's cost). asyncpg still rolls
+    more round trip per transaction, on a path that is otherwise one). asyncpg still rolls
     back an open transaction before calling this; nothing else of a session outlives its use
     here: pool connections take no SET, cursor or LISTEN, and the one session-level lock
     (retention's) is released by its holder, or its connection terminated."""
@@ -250,10 +245,11 @@ class Backend:
         parts: Sequence[dict[str, list[tuple[Any, ...]]]],
         claims: Sequence[Claim | None],
     ) -> int:
-        """A group of a few rows of each family and no claims: one call of the ingest function,
-        its own transaction (one round trip). Else: BEGIN and the watermark's shared lock in one
-        round trip; the claims; COPY of each family with many rows; the function for the rest
-        and the rollups; COMMIT."""
+        """A group of fewer than ``COPY_ROWS`` rows of each family: one call of the ingest
+        function with the claims, its own transaction (one round trip). Else, or when a claim
+        is lost: BEGIN and the watermark's shared lock in one round trip; the claims one by
+        one; COPY of each family with many rows; the function for the rest and the rollups;
+        COMMIT."""
         sizes: dict[str, int] = {}
         for part in parts:
             for kind, rows in part.items():

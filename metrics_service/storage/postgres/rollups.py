@@ -48,17 +48,6 @@ def conflict(cube: Cube, level: str) -> str:
     return f" ON CONFLICT (bucket, {', '.join(cube.dims)}) DO UPDATE SET {updates}"
 
 
-def _upsert_sql(cube: Cube, level: str) -> str:
-    columns = ["bucket", *cube.dims, *cube.state_columns]
-    marks = ", ".join(f"${i + 1}" for i in range(len(columns)))
-    return f"INSERT INTO {cube.table(level)} ({', '.join(columns)}) VALUES ({marks})" + conflict(
-        cube, level
-    )
-
-
-UPSERT = {(cube.name, level): _upsert_sql(cube, level) for cube in CUBES for level in cube.levels}
-
-
 def _keys_sql(dims: Sequence[str]) -> list[str]:
     return [f"coalesce({d}, {missing_value(d)!r})" for d in dims]
 
@@ -125,29 +114,13 @@ def upserts(
     parts: Sequence[dict[str, list[tuple[Any, ...]]]], watermark: int
 ) -> dict[tuple[str, str], list[tuple[Any, ...]]]:
     """The rows inserting ``parts`` adds to each rollup table (``ROLLUP_KEYS``), each table's
-    rows sorted by key (the one order of every writer)."""
+    rows sorted by key (the one order of every writer). The ingest function (migration 3)
+    upserts them with ``conflict``'s clause, inside the insert's transaction."""
     writes: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
     for cube, level, rows in rollups.updates(parts, watermark):
         width = 1 + len(cube.dims)
         writes[(cube.name, level)] = sorted(rows, key=lambda r: r[:width])
     return writes
-
-
-async def maintain(
-    conn: Conn, parts: Sequence[dict[str, list[tuple[Any, ...]]]], *, locked: bool = False
-) -> None:
-    """Add the rows being inserted to the rollups, inside the insert's transaction (raw rows and
-    rollups commit together), one statement per table. ``locked``: the transaction holds the
-    watermark's shared lock. (The ingest path does this in one call: ``backend.py``.)"""
-    if not rollups.has_cubes(parts):
-        return
-    if not locked:
-        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", WATERMARK_LOCK)
-    writes = upserts(parts, int(await conn.fetchval(WATERMARK_SQL)))
-    for key in ROLLUP_KEYS:
-        rows = writes.get(key)
-        if rows:
-            await conn.executemany(UPSERT[key], rows)
 
 
 async def compact(conn: Conn, now_ms: int) -> int:
@@ -204,4 +177,4 @@ async def aggregate(conn: Conn, q: Query) -> Aggregate:
     return shape.cube, out, source
 
 
-__all__ = ["INT_DIMS", "WATERMARK_LOCK", "aggregate", "compact", "maintain", "upserts"]
+__all__ = ["INT_DIMS", "WATERMARK_LOCK", "aggregate", "compact", "upserts"]
