@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/postgres_ingest.py                    # batch 100 and 1, c16, 10 s each
     .venv/bin/python bench/postgres_ingest.py --batch 100 --duration 20 --runs 3
+    .venv/bin/python bench/postgres_ingest.py --batch 1 --idempotency  # keyed, as the middleware
 
 What runs: ``--concurrency`` producers each submit one request's validated rows (``--batch``
 metrics of the bench mix, bench/_workload.py, validated by the service's ``Validator``) and wait
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -40,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _workload import bodies  # noqa: E402
 
 from metrics_service import Settings, storage  # noqa: E402
+from metrics_service.idempotency import Claim  # noqa: E402
 from metrics_service.storage.postgres import Backend  # noqa: E402
 from metrics_service.validation import Validator  # noqa: E402
 from tests._servers import PostgresServer, start_postgres  # noqa: E402
@@ -80,16 +83,24 @@ def server_cpu_s(server: PostgresServer) -> float:
     return total / _TICK
 
 
+def _claim(n: int) -> Claim:
+    """A fresh ``Idempotency-Key`` for one request, as the middleware sends with every POST."""
+    return Claim("bench", f"key-{n}", "f" * 64, 200, b'{"accepted": 1}', 86_400.0)
+
+
 async def drive(
-    commit: Callable[[list[Part]], Awaitable[None]],
+    commit: Callable[[list[Part], list[Claim | None]], Awaitable[Any]],
     parts: list[Part],
     concurrency: int,
     duration_s: float,
     writers: int = 1,
+    idempotency: bool = False,
 ) -> int:
-    """Producers submit parts and await their commit; ``writers`` writers (the service has one)
-    group-commit the queue. Returns the metrics acknowledged."""
-    queue: asyncio.Queue[tuple[Part, asyncio.Future[None]]] = asyncio.Queue()
+    """Producers submit parts (each with an idempotency claim if ``idempotency``) and await
+    their commit; ``writers`` writers (the service has one) group-commit the queue. Returns the
+    metrics acknowledged."""
+    queue: asyncio.Queue[tuple[Part, Claim | None, asyncio.Future[None]]] = asyncio.Queue()
+    keys = itertools.count()
     stop = time.monotonic() + duration_s
     acked = 0
     per_part = sum(len(rows) for rows in parts[0].values())
@@ -100,7 +111,8 @@ async def drive(
         loop = asyncio.get_running_loop()
         while time.monotonic() < stop:
             done: asyncio.Future[None] = loop.create_future()
-            await queue.put((parts[i % len(parts)], done))
+            claim = _claim(next(keys)) if idempotency else None
+            await queue.put((parts[i % len(parts)], claim, done))
             await done
             acked += per_part
             i += concurrency
@@ -113,8 +125,9 @@ async def drive(
             while not queue.empty() and rows < MAX_ROWS:
                 group.append(queue.get_nowait())
                 rows += per_part
-            await commit([p for p, _ in group])
-            for _, done in group:
+            claims = [c for _, c, _ in group]
+            await commit([p for p, _, _ in group], claims if idempotency else [])
+            for _, _, done in group:
                 done.set_result(None)
 
     tasks = [asyncio.create_task(writer()) for _ in range(writers)]
@@ -124,16 +137,18 @@ async def drive(
     return acked
 
 
-def bench_sqlite(parts: list[Part], concurrency: int, duration_s: float) -> dict[str, float]:
+def bench_sqlite(
+    parts: list[Part], concurrency: int, duration_s: float, idempotency: bool = False
+) -> dict[str, float]:
     folder = Path(tempfile.mkdtemp(prefix="bench-sqlite-"))
     try:
         conn, _ = storage.open_database(folder / "m.db", check_same_thread=False)
 
-        async def commit(group: list[Part]) -> None:
-            await asyncio.to_thread(storage.insert_rows, conn, group)
+        async def commit(group: list[Part], claims: list[Claim | None]) -> None:
+            await asyncio.to_thread(storage.insert_rows, conn, group, claims)
 
         cpu0, t0 = time.process_time(), time.monotonic()
-        acked = asyncio.run(drive(commit, parts, concurrency, duration_s))
+        acked = asyncio.run(drive(commit, parts, concurrency, duration_s, 1, idempotency))
         cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
         rows = sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in storage.TABLES)
         conn.close()
@@ -150,6 +165,7 @@ def bench_postgres(
     duration_s: float,
     run: int,
     writers: int = 1,
+    idempotency: bool = False,
 ) -> dict[str, float]:
     database = f"bench_{run}_{int(time.time())}"
     server.psql(f"CREATE DATABASE {database}", database="postgres")
@@ -159,7 +175,9 @@ def bench_postgres(
         await backend.open()
         try:
             cpu0, s0, t0 = time.process_time(), server_cpu_s(server), time.monotonic()
-            acked = await drive(backend.insert_batches, parts, concurrency, duration_s, writers)
+            acked = await drive(
+                backend.insert_batches, parts, concurrency, duration_s, writers, idempotency
+            )
             cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
             scpu = server_cpu_s(server) - s0
             rows = 0
@@ -192,6 +210,12 @@ def main() -> None:
         default=1,
         help="also run PostgreSQL with this many concurrent writers (as that many replicas)",
     )
+    parser.add_argument(
+        "--idempotency",
+        action="store_true",
+        help="every request carries an Idempotency-Key (claimed in its commit), as the"
+        " middleware's do",
+    )
     args = parser.parse_args()
     batches = args.batch or [100, 1]
     server = start_postgres({"fsync": "on"})
@@ -206,11 +230,19 @@ def main() -> None:
                 runs = []
                 for run in range(args.runs):
                     if backend == "sqlite":
-                        runs.append(bench_sqlite(parts, args.concurrency, args.duration))
+                        runs.append(
+                            bench_sqlite(parts, args.concurrency, args.duration, args.idempotency)
+                        )
                     else:
                         runs.append(
                             bench_postgres(
-                                server, parts, args.concurrency, args.duration, run, writers
+                                server,
+                                parts,
+                                args.concurrency,
+                                args.duration,
+                                run,
+                                writers,
+                                args.idempotency,
                             )
                         )
                 row = {
@@ -218,11 +250,13 @@ def main() -> None:
                     "writers": writers,
                     "batch": batch,
                     "concurrency": args.concurrency,
+                    "idempotency": args.idempotency,
                     **{k: statistics.median(r[k] for r in runs) for k in runs[0]},
                 }
                 results.append(row)
                 print(
                     f"{backend:>10} x{writers}  batch {batch:>3}  c{args.concurrency}"
+                    f"{'  idempotency' if args.idempotency else ''}"
                     f"  {row['metrics_s']:>9.0f} metrics/s"
                     f"  service {row['service_us']:6.1f} us/metric"
                     f"  postgres {row['server_us']:6.1f} us/metric",

@@ -48,6 +48,7 @@ class AppState:
     idempotency: Registry
     flows: Flows = field(default_factory=Flows)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     def on_ingested(self, batch: Batch) -> None:
         if batch.rejections:
@@ -67,8 +68,11 @@ class AppState:
         }
 
     async def reload_keys(self) -> None:
-        records = await self.storage.list_keys(active_only=True)
-        self.keys.replace(records)
+        # One at a time: a reload that read before a change must not land after one that
+        # read after it.
+        async with self._reload_lock:
+            records = await self.storage.list_keys(active_only=True)
+            self.keys.replace(records)
 
     async def cancel_tasks(self) -> None:
         for task in self.tasks:
@@ -143,6 +147,7 @@ def _build_state(settings: Settings) -> AppState:
         idempotency=Registry(settings.idempotency_window_s),
     )
     authenticator.reload = state.reload_keys
+    storage.on_keys_changed = authenticator.keys_changed
     return state
 
 

@@ -6,7 +6,8 @@ The service holds a map hash -> key in memory, reloaded from the database every
 ``METRICS_KEY_RELOAD_INTERVAL_S``, so keys revoked by the CLI take effect within seconds and no
 request with a known key touches the database to authenticate. An unknown key makes the service
 reload the table once before refusing it (at most once a second), so a key created with the CLI
-while the service runs works on its first request.
+while the service runs works on its first request. A backend that hears of key changes
+(PostgreSQL's ``LISTEN``) calls :meth:`Authenticator.keys_changed`, which reloads at once.
 """
 
 from __future__ import annotations
@@ -237,6 +238,27 @@ class Authenticator:
         self.reload: Callable[[], Awaitable[None]] | None = None
         self._reloading: asyncio.Task[None] | None = None
         self._last_reload = -RELOAD_ON_DEMAND_INTERVAL_S
+        self._refreshing: asyncio.Task[None] | None = None
+        self._stale = False
+
+    def keys_changed(self) -> None:
+        """The keys changed in the database (another replica, the CLI): reload them now. Notices
+        arriving during a reload cause one more after it, so the last change is always read."""
+        self._stale = True
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh())
+
+    async def _refresh(self) -> None:
+        while self._stale and self.reload is not None:
+            self._stale = False
+            try:
+                await self.reload()
+            except Exception:
+                log.warning(
+                    "reloading keys after a change notice failed; the periodic reload retries",
+                    exc_info=True,
+                )
+                return
 
     async def _lookup_fresh(self, presented: str) -> Principal | None:
         """Look ``presented`` up again after reloading the keys, at most once per

@@ -22,6 +22,7 @@ from metrics_service.idempotency import Claim
 from metrics_service.storage import rollups
 from metrics_service.storage.postgres import LATEST_VERSION, Backend
 from metrics_service.storage.postgres import partitions as pg_partitions
+from metrics_service.storage.postgres.backend import RETENTION_LOCK
 from metrics_service.storage.rollups import DAY_MS, HOUR_MS, Query
 from metrics_service.storage.sqlite import rollups as sqlite_rollups
 from tests._analytics_seed import seed_rows
@@ -176,6 +177,43 @@ def test_compaction_moves_days_into_day_rollups_without_changing_an_answer(
     assert after == before
 
 
+def test_a_replica_that_missed_a_compaction_still_writes_exact_rollups(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Replica A computed its rollup rows for the day watermark it saw last; replica B then
+    compacted four days. A's next inserts must reach the day tables for those days too (the
+    ingest function refuses A's stale watermark and A computes again): every answer stays
+    SQLite's for the same rows."""
+    settings = Settings(db_path=tmp_path / "m.db")
+    now, parts = seed_rows(settings)
+    now_ms = int(now * 1000)
+    today = now_ms // DAY_MS * DAY_MS
+    conn, _ = storage.open_database(settings.db_path)
+    storage.insert_rows(conn, parts)
+    expected = [_norm(sqlite_rollups.aggregate(conn, q)[1]) for q in _queries(now_ms)]
+    half = len(parts) // 2
+
+    async def view(reader: Any) -> list[Any]:
+        return [_norm((await reader.aggregate(q))[1]) for q in _queries(now_ms)]
+
+    async def body(a: Backend) -> tuple[int, list[Any]]:
+        await a.execute("UPDATE rollup_watermark SET until_ms = $1", today - 4 * DAY_MS)
+        for part in parts[:half]:
+            await a.insert_batches([part])
+        b = await opened(postgres_url)
+        try:
+            days = await b.compact_rollups(now_ms)
+        finally:
+            await b.close()
+        for i in range(half, len(parts), 3):
+            await a.insert_batches(parts[i : i + 3])
+        return days, await a.analytics(view)
+
+    days, answers = with_backend(postgres_url, body)
+    assert days == 4
+    assert answers == expected
+
+
 def test_raw_tables_are_partitioned_by_day_ahead_of_time(postgres_url: str) -> None:
     async def body(b: Backend) -> list[tuple[Any, ...]]:
         return await b.execute(
@@ -208,7 +246,7 @@ def test_retention_drops_whole_partitions_while_ingest_goes_on(postgres_url: str
     cutoff = now_ms - 3 * DAY_MS
     backlog = [now_ms - h * HOUR_MS for h in range(1, 10 * 24)]
 
-    async def body(b: Backend) -> tuple[int, int, int, int, int]:
+    async def body(b: Backend) -> tuple[int, int, int, int, int, int]:
         for i in range(0, len(backlog), 50):
             await b.insert_batches([_custom_rows(backlog[i : i + 50], "old")])
         stop = asyncio.Event()
@@ -249,9 +287,19 @@ def test_retention_drops_whole_partitions_while_ingest_goes_on(postgres_url: str
         dropped_parts = sum(
             1 for t, day in b.partitions.known if t == "custom_metrics" and day + DAY_MS <= cutoff
         )
-        return deleted, kept_old, live, inserted, dropped_parts
+        # The pool's connections go back without asyncpg's reset query: none may still hold
+        # the retention run's session lock.
+        locks = (
+            await b.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND objid = $1::bigint % 4294967296",
+                RETENTION_LOCK,
+            )
+        )[0][0]
+        return deleted, kept_old, live, inserted, dropped_parts, locks
 
-    deleted, kept_old, live, inserted, left_parts = with_backend(postgres_url, body)
+    deleted, kept_old, live, inserted, left_parts, locks = with_backend(postgres_url, body)
+    assert locks == 0
     expected_kept = sum(1 for t in backlog if t >= cutoff)
     assert deleted == len(backlog) - expected_kept
     assert kept_old == expected_kept
@@ -277,6 +325,35 @@ def test_an_idempotency_key_claimed_by_one_replica_stores_nothing_on_another(
             await other.close()
 
     assert with_backend(postgres_url, body) == (3, 0, True, 3)
+
+
+def test_a_group_with_a_key_committed_or_repeated_stores_each_batch_at_most_once(
+    postgres_url: str,
+) -> None:
+    """A group whose claims cannot all win in the one-call path (a key committed earlier, a key
+    twice in the group) is claimed one key at a time: the new batches are stored, the others
+    replay the first answer, nothing is stored twice."""
+
+    async def body(b: Backend) -> tuple[int, list[bytes | None], int]:
+        now = int(time.time() * 1000)
+        first = Claim("svc", "k-old", "fp", 200, b"old", 3600)
+        await b.insert_batches([_custom_rows([now], "a")], [first])
+        claims = [
+            Claim("svc", "k-new", "fp", 200, b"new", 3600),
+            Claim("svc", "k-old", "fp", 200, b"retry", 3600),
+            Claim("svc", "k-twice", "fp", 200, b"twice-1", 3600),
+            Claim("svc", "k-twice", "fp", 200, b"twice-2", 3600),
+        ]
+        parts = [_custom_rows([now] * 2, tag) for tag in ("b", "c", "d", "e")]
+        n = await b.insert_batches(parts, claims)
+        replays = [c.existing.response if c.existing else None for c in claims]
+        rows = (await b.execute("SELECT count(*) FROM custom_metrics"))[0][0]
+        return n, replays, rows
+
+    n, replays, rows = with_backend(postgres_url, body)
+    assert n == 4  # k-new and the first k-twice
+    assert replays == [None, b"old", None, b"twice-1"]
+    assert rows == 5
 
 
 def test_a_key_revoked_through_one_backend_is_gone_for_another(postgres_url: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from metrics_service.storage.postgres.listener import APPLICATION_NAME
 from tests._acked import tagged
 from tests._helpers import (
     ADMIN_KEY,
@@ -24,6 +25,7 @@ from tests._helpers import (
     RedisServer,
     ServiceProcess,
     clean_env,
+    cli,
     free_port,
     payload,
     wait_for,
@@ -103,13 +105,45 @@ def test_start_up_fails_naming_the_variable_never_the_password(
 # -- keys --------------------------------------------------------------------------------------
 
 
-def test_a_key_revoked_through_one_replica_is_refused_by_the_other_within_a_second(
+def refused_within_a_second(service: ServiceProcess, key: dict[str, str]) -> None:
+    """``key`` is refused by ``service`` within a second of now (polled, never slept on)."""
+    since = time.monotonic()
+
+    def refused() -> bool:
+        r = httpx.post(f"{service.url}/metrics", json=payload("team-x"), headers=key)
+        return r.status_code == 401
+
+    wait_for(refused, timeout_s=1.0, interval_s=0.02)
+    assert time.monotonic() - since < 1.0
+
+
+def accepted(service: ServiceProcess, key: dict[str, str]) -> bool:
+    r = httpx.post(f"{service.url}/metrics", json=payload("team-x"), headers=key)
+    return r.status_code == 200
+
+
+def keys_cli(tmp_path: Path, url: str, *args: str) -> str:
+    """``metrics-service keys ARGS`` against ``url``, as an operator runs it; its output."""
+    done = cli(tmp_path / "cli-unused.db", "keys", *args, env={"METRICS_DATABASE_URL": url})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def cli_key(tmp_path: Path, url: str, *args: str) -> tuple[int, dict[str, str]]:
+    """Run ``keys create`` or ``keys rotate``; the id and secret of the key it printed."""
+    out = keys_cli(tmp_path, url, *args)
+    key_id = int(out.split(" key ", 1)[1].split()[0])
+    return key_id, {"X-API-Key": out.split("\n\n")[1].strip()}
+
+
+def test_keys_changed_through_one_replica_or_the_cli_reach_the_other_within_a_second(
     tmp_path: Path, postgres_url: str, replicas: list[ServiceProcess]
 ) -> None:
-    env = {"METRICS_KEY_RELOAD_INTERVAL_S": "0.25"}
-    a = replica(tmp_path, postgres_url, "a", **env).start()
+    # The default METRICS_KEY_RELOAD_INTERVAL_S (2 s): the change notice (LISTEN/NOTIFY) is what
+    # makes every change below take effect within the second.
+    a = replica(tmp_path, postgres_url, "a").start()
     replicas.append(a)
-    b = replica(tmp_path, postgres_url, "b", **env).start()
+    b = replica(tmp_path, postgres_url, "b").start()
     replicas.append(b)
     created = httpx.post(
         f"{a.url}/admin/keys", json={"role": "ingest", "service": "team-x"}, headers=ADMIN
@@ -117,17 +151,59 @@ def test_a_key_revoked_through_one_replica_is_refused_by_the_other_within_a_seco
     assert created.status_code == 201, created.text
     key = {"X-API-Key": created.json()["key"]}
     # Created on A: accepted by B at once (an unknown key reloads the table first).
-    assert httpx.post(f"{b.url}/metrics", json=payload("team-x"), headers=key).status_code == 200
+    assert accepted(b, key)
     revoked = httpx.delete(f"{a.url}/admin/keys/{created.json()['id']}", headers=ADMIN)
     assert revoked.status_code == 200
-    since = time.monotonic()
+    refused_within_a_second(b, key)
 
-    def refused() -> bool:
-        r = httpx.post(f"{b.url}/metrics", json=payload("team-x"), headers=key)
-        return r.status_code == 401
+    # The CLI, a process of its own, neither replica: revoke, then rotate.
+    key_id, key = cli_key(tmp_path, postgres_url, "create", "--service", "team-x")
+    assert accepted(a, key) and accepted(b, key)
+    keys_cli(tmp_path, postgres_url, "revoke", str(key_id))
+    refused_within_a_second(b, key)
+    refused_within_a_second(a, key)
 
-    wait_for(refused, timeout_s=1.0, interval_s=0.02)
-    assert time.monotonic() - since < 1.0
+    key_id, old = cli_key(tmp_path, postgres_url, "create", "--service", "team-x")
+    assert accepted(b, old)
+    _, new = cli_key(tmp_path, postgres_url, "rotate", str(key_id))
+    refused_within_a_second(b, old)
+    assert accepted(b, new)
+
+
+def listener_pid(server: PostgresServer, url: str) -> int | None:
+    database = url.rsplit("/", 1)[1]
+    out = server.psql(
+        "SELECT pid FROM pg_stat_activity"
+        f" WHERE application_name = '{APPLICATION_NAME}' AND datname = '{database}'",
+        database=database,
+    )
+    pids = [int(v) for v in out.split()]
+    assert len(pids) <= 1, pids
+    return pids[0] if pids else None
+
+
+def test_a_replica_whose_listening_connection_is_killed_listens_again(
+    tmp_path: Path,
+    postgres_url: str,
+    postgres_cluster: PostgresServer,
+    replicas: list[ServiceProcess],
+) -> None:
+    # The periodic reload is an hour away: only the change notice can refuse the key in time.
+    b = replica(tmp_path, postgres_url, "b", METRICS_KEY_RELOAD_INTERVAL_S="3600").start()
+    replicas.append(b)
+    first = wait_for(lambda: listener_pid(postgres_cluster, postgres_url), 30)
+    killed = postgres_cluster.psql(f"SELECT pg_terminate_backend({first})", database="postgres")
+    assert killed.strip() == "t"
+    second = wait_for(
+        lambda: (pid := listener_pid(postgres_cluster, postgres_url)) not in (None, first) and pid,
+        30,
+    )
+    assert second != first
+    key_id, key = cli_key(tmp_path, postgres_url, "create", "--service", "team-x")
+    assert accepted(b, key)
+    keys_cli(tmp_path, postgres_url, "revoke", str(key_id))
+    refused_within_a_second(b, key)
+    assert "key listener" in (tmp_path / "b.log").read_text()
 
 
 # -- three replicas behind HAProxy ----------------------------------------------------------

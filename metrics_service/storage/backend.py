@@ -106,6 +106,9 @@ class StorageBackend(Protocol):
     description: str
     #: Schema versions applied by the last :meth:`open` (empty when it was up to date).
     applied_migrations: list[int]
+    #: Set before :meth:`open` to be called (on the event loop) when another process may have
+    #: changed the keys; a backend that cannot tell (SQLite) never calls it.
+    on_keys_changed: Callable[[], None] | None
 
     # -- lifecycle -----------------------------------------------------------------------------
 

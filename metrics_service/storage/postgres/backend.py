@@ -35,6 +35,7 @@ from metrics_service.storage.backend import (
 from metrics_service.storage.postgres import migrations
 from metrics_service.storage.postgres import rollups as pg_rollups
 from metrics_service.storage.postgres._conn import Conn
+from metrics_service.storage.postgres.listener import KeyListener
 from metrics_service.storage.postgres.migrations import TABLE_OF_TYPE, TABLES, row_columns
 from metrics_service.storage.postgres.partitions import Partitions
 from metrics_service.storage.postgres.partitions import name as partition_name
@@ -50,29 +51,38 @@ RETENTION_LOCK = 0x726574656E74  # "retent"
 _RETRIED = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
 _COLUMNS = {kind: row_columns(kind) for kind in TABLE_OF_TYPE}
-_INSERT_SQL = {
-    kind: f"INSERT INTO {table} ({', '.join(_COLUMNS[kind])})"
-    f" VALUES ({', '.join(f'${i + 1}' for i in range(len(_COLUMNS[kind])))})"
-    for kind, table in TABLE_OF_TYPE.items()
-}
-#: From this many rows of a family in one transaction on, COPY them (cheaper per row; a few
-#: rows are cheaper as one pipelined INSERT: COPY takes a round trip more).
+#: From this many rows of a family in one transaction on, COPY them (cheaper per row; fewer
+#: go in the ingest function's one call: COPY takes a transaction and round trips of its own).
 COPY_ROWS = 64
 _BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock_shared({pg_rollups.WATERMARK_LOCK})"
+#: The families in the order of the ingest function's raw-row arguments (migration 3).
+_KINDS = tuple(TABLE_OF_TYPE)
+_INGEST_SQL = (
+    f"SELECT {migrations.INGEST_FUNCTION}("
+    + ", ".join(f"${i + 1}" for i in range(3 + len(_KINDS) + len(pg_rollups.ROLLUP_KEYS)))
+    + ")"
+)
 _KEY_FIELDS = [f.name for f in dataclasses.fields(KeyRecord)]
 _KEY_SELECT = ", ".join("service_aliases" if f == "aliases" else f for f in _KEY_FIELDS)
 _CLAIM_SQL = (
     "INSERT INTO idempotency_keys (service, key, fingerprint, status, response, committed_at)"
-    " VALUES ($1, $2, $3, $4, $5, $6)"
-    " ON CONFLICT (service, key) DO UPDATE SET fingerprint = excluded.fingerprint,"
-    " status = excluded.status, response = excluded.response,"
-    " committed_at = excluded.committed_at"
-    " WHERE idempotency_keys.committed_at < $7 RETURNING 1"
+    f" VALUES ($1, $2, $3, $4, $5, $6){migrations.claim_conflict('$7')} RETURNING 1"
 )
+#: The ingest function could not claim every key (one is committed already, or a group holds
+#: one twice): the group goes the way of one claim at a time.
+_CLAIM_FALLBACK = {migrations.CLAIM_LOST, asyncpg.CardinalityViolationError.sqlstate}
 _LOOKUP_SQL = (
     "SELECT fingerprint, status, response FROM idempotency_keys"
     " WHERE service = $1 AND key = $2 AND committed_at >= $3"
 )
+
+
+async def _reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """The pool's reset of a released connection, without asyncpg's default reset query (one
+    more round trip per transaction, on a path that is otherwise one). asyncpg still rolls
+    back an open transaction before calling this; nothing else of a session outlives its use
+    here: pool connections take no SET, cursor or LISTEN, and the one session-level lock
+    (retention's) is released by its holder, or its connection terminated."""
 
 
 def _now_ms() -> int:
@@ -128,6 +138,13 @@ class Backend:
         self._connect_timeout_s = connect_timeout_s
         self._command_timeout_s = command_timeout_s
         self.partitions = Partitions()
+        #: Set before :meth:`open` (the service does): called on the event loop whenever any
+        #: process may have changed a key (``listener.py``). The CLI leaves it unset and
+        #: holds no listening connection.
+        self.on_keys_changed: Callable[[], None] | None = None
+        self.key_listener: KeyListener | None = None
+        #: The day watermark the last insert saw (the ingest function checks it).
+        self._watermark: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -141,6 +158,7 @@ class Backend:
                 command_timeout=self._command_timeout_s,
                 # Statements are few and fixed: prepared once per connection.
                 statement_cache_size=256,
+                reset=_reset,
             )
         except (*_DRIVER_ERRORS, ValueError) as exc:
             raise StorageError(
@@ -154,8 +172,20 @@ class Backend:
         except _DRIVER_ERRORS as exc:
             await self.close()
             raise StorageError(f"{ENV}: cannot migrate {self.description}: {exc}") from None
+        if self.on_keys_changed is not None:
+            self.key_listener = KeyListener(
+                self._url, self.on_keys_changed, connect_timeout_s=self._connect_timeout_s
+            )
+            self.key_listener.start()
+            # Listening before the first request is served; if it cannot yet, the listener
+            # keeps trying and the periodic reload covers the gap.
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self.key_listener.listening.wait(), self._connect_timeout_s)
 
     async def close(self) -> None:
+        listener, self.key_listener = self.key_listener, None
+        if listener is not None:
+            await listener.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -215,24 +245,39 @@ class Backend:
         parts: Sequence[dict[str, list[tuple[Any, ...]]]],
         claims: Sequence[Claim | None],
     ) -> int:
-        """BEGIN and the watermark's shared lock in one round trip; the claims; each family's
-        rows (a multi-row INSERT for a few, COPY for many); the rollup upserts; COMMIT."""
+        """A group of fewer than ``COPY_ROWS`` rows of each family: one call of the ingest
+        function with the claims, its own transaction (one round trip). Else, or when a claim
+        is lost: BEGIN and the watermark's shared lock in one round trip; the claims one by
+        one; COPY of each family with many rows; the function for the rest and the rollups;
+        COMMIT."""
+        sizes: dict[str, int] = {}
+        for part in parts:
+            for kind, rows in part.items():
+                sizes[kind] = sizes.get(kind, 0) + len(rows)
+        claimed = sorted((c for c in claims if c is not None), key=_claim_order)
+        windows = {c.window_s for c in claimed}
+        if len(windows) <= 1 and all(n < COPY_ROWS for n in sizes.values()):
+            try:
+                return await self._ingest(conn, parts, (), claimed)
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate not in _CLAIM_FALLBACK:
+                    raise
         count = 0
         await conn.execute(_BEGIN)
         try:
             if any(claims):
                 await _claim(conn, claims)
                 parts = [p for p, c in zip(parts, claims, strict=True) if not (c and c.existing)]
-            for kind in sorted({kind for part in parts for kind in part}):
+            copied = []
+            for kind in sorted(k for k, n in sizes.items() if n >= COPY_ROWS):
                 rows = [r for part in parts for r in part.get(kind, ())]
                 if len(rows) >= COPY_ROWS:
                     await conn.copy_records_to_table(
                         TABLE_OF_TYPE[kind], records=rows, columns=_COLUMNS[kind]
                     )
-                elif rows:
-                    await conn.executemany(_INSERT_SQL[kind], rows)
-                count += len(rows)
-            await pg_rollups.maintain(conn, parts, locked=True)
+                    copied.append(kind)
+                    count += len(rows)
+            count += await self._ingest(conn, parts, copied, ())
             await conn.execute("COMMIT")
         except BaseException:
             if not conn.is_closed() and conn.is_in_transaction():
@@ -240,6 +285,40 @@ class Backend:
                     await conn.execute("ROLLBACK")
             raise
         return count
+
+    async def _ingest(
+        self,
+        conn: Conn,
+        parts: Sequence[dict[str, list[tuple[Any, ...]]]],
+        copied: Sequence[str],
+        claims: Sequence[Claim],
+    ) -> int:
+        """``claims`` (sorted, one window), the rows of the families not ``copied`` and every
+        rollup row, in one call of the ingest function; its count of raw rows. The rollup rows
+        depend on the day watermark: computed for the last one seen, and again if the function
+        says it moved (it then wrote nothing)."""
+        now = _now_ms()
+        cutoff = now - int(claims[0].window_s * 1000) if claims else None
+        keys = [(c.service, c.key, c.fingerprint, c.status, c.response, now) for c in claims]
+        raw: list[list[tuple[Any, ...]] | None] = []
+        count = 0
+        for kind in _KINDS:
+            # The table's row type begins with its id (NULL here: the sequence gives it).
+            rows = [] if kind in copied else [(None, *r) for p in parts for r in p.get(kind, ())]
+            raw.append(rows or None)
+            count += len(rows)
+        if self._watermark is None:
+            self._watermark = int(await conn.fetchval(pg_rollups.WATERMARK_SQL))
+        while True:
+            watermark = self._watermark
+            writes = pg_rollups.upserts(parts, watermark)
+            upserts = [writes.get(key) or None for key in pg_rollups.ROLLUP_KEYS]
+            current = int(
+                await conn.fetchval(_INGEST_SQL, watermark, cutoff, keys or None, *raw, *upserts)
+            )
+            if current == watermark:
+                return count
+            self._watermark = current
 
     async def idempotency_lookup(self, service: str, key: str, window_s: float) -> Stored | None:
         async with self._conn("idempotency lookup") as conn:
@@ -440,7 +519,12 @@ class Backend:
                 # Fewer than ``limit`` in all: nothing older is left.
                 return dropped + int(status.split()[-1])
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
+                try:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK)
+                except BaseException:
+                    # Never back into the pool holding the lock (the pool's reset keeps it).
+                    conn.terminate()
+                    raise
 
     async def forget_idempotency_keys(self, before_ms: int, limit: int) -> int:
         async with self._conn("forgetting idempotency keys") as conn:

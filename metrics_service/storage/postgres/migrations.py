@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 
 from metrics_service.storage import rollups, schema
+from metrics_service.storage.postgres import rollups as pg_rollups
 from metrics_service.storage.postgres._conn import Conn
 
 #: The key of the advisory lock that serialises migrations (any fixed 64-bit number; this one
@@ -159,8 +160,102 @@ def _initial() -> list[str]:
     return statements
 
 
+#: Every statement that changes ``api_keys`` notifies the replicas' key listeners
+#: (``listener.py``) when its transaction commits; one notice per transaction (PostgreSQL folds
+#: equal ones).
+KEY_CHANNEL = "metrics_keys"
+_KEY_NOTIFY = [
+    f"""CREATE FUNCTION metrics_keys_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('{KEY_CHANNEL}', '');
+        RETURN NULL;
+    END $$""",
+    "CREATE TRIGGER api_keys_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON api_keys"
+    " FOR EACH STATEMENT EXECUTE FUNCTION metrics_keys_changed()",
+]
+
+#: The ingest function's name: one call adds a group of rows and their rollups (migration 3).
+INGEST_FUNCTION = "metrics_ingest"
+#: The SQLSTATE it raises when an idempotency key it was to claim is already committed.
+CLAIM_LOST = "MI001"
+
+
+def claim_conflict(cutoff: str) -> str:
+    """An idempotency claim wins when its key is new or was last committed before ``cutoff``
+    (an SQL expression): the ``ON CONFLICT`` of every claiming ``INSERT``."""
+    return (
+        " ON CONFLICT (service, key) DO UPDATE SET fingerprint = excluded.fingerprint,"
+        " status = excluded.status, response = excluded.response,"
+        f" committed_at = excluded.committed_at WHERE idempotency_keys.committed_at < {cutoff}"
+    )
+
+
+def _ingest_function() -> list[str]:
+    """``metrics_ingest(watermark, cutoff, idempotency_keys[], <raw table>[] per family,
+    <rollup table>[] per rollup table)``: under the watermark's shared lock, if the day
+    watermark is still ``watermark`` (the one the caller computed the rollup rows for), claim
+    the idempotency keys (all of them, else raise ``CLAIM_LOST`` and write nothing: the caller
+    claims one by one), insert the raw rows and upsert the rollup rows (NULL arrays skipped);
+    return the watermark, so a caller that guessed it wrong computes again (nothing was
+    written). One statement: PL/pgSQL keeps the plans of its
+    statements per connection, so the server plans each once, not per transaction.
+
+    The arrays are of the tables' own row types (a raw row with its id first, NULL): a later
+    migration that adds a column or a cube drops this function and creates it anew."""
+    params = ["p_watermark bigint", "p_cutoff bigint", "p_claims idempotency_keys[]"]
+    body = [
+        "IF p_claims IS NOT NULL THEN",
+        "    INSERT INTO idempotency_keys SELECT * FROM unnest(p_claims)"
+        f"{claim_conflict('p_cutoff')};",
+        "    GET DIAGNOSTICS claimed = ROW_COUNT;",
+        "    IF claimed < cardinality(p_claims) THEN",
+        "        RAISE EXCEPTION 'an idempotency key is already committed'"
+        f" USING ERRCODE = '{CLAIM_LOST}';",
+        "    END IF;",
+        "END IF;",
+    ]
+    for kind, table in TABLE_OF_TYPE.items():
+        params.append(f"p_{table} {table}[]")
+        columns = ", ".join(row_columns(kind))
+        body.append(
+            f"IF p_{table} IS NOT NULL THEN INSERT INTO {table} ({columns})"
+            f" SELECT {columns} FROM unnest(p_{table}); END IF;"
+        )
+    for cube in rollups.CUBES:
+        for level in cube.levels:
+            table = cube.table(level)
+            params.append(f"p_{table} {table}[]")
+            body.append(
+                f"IF p_{table} IS NOT NULL THEN INSERT INTO {table}"
+                f" SELECT * FROM unnest(p_{table}){pg_rollups.conflict(cube, level)}; END IF;"
+            )
+    newline = "\n        "
+    return [
+        f"""CREATE FUNCTION {INGEST_FUNCTION}({", ".join(params)}) RETURNS bigint
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        current bigint;
+        claimed bigint;
+    BEGIN
+        PERFORM pg_advisory_xact_lock_shared({pg_rollups.WATERMARK_LOCK});
+        SELECT until_ms INTO current FROM rollup_watermark WHERE name = 'day';
+        IF current IS DISTINCT FROM p_watermark THEN
+            RETURN current;
+        END IF;
+        {newline.join(body)}
+        RETURN current;
+    END $$"""
+    ]
+
+
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "initial schema (SQLite's version 7, partitioned raw tables)", _initial()),
+    (2, "NOTIFY metrics_keys when api_keys change", _KEY_NOTIFY),
+    (
+        3,
+        "metrics_ingest(): a group's claims, rows and rollups in one call",
+        _ingest_function(),
+    ),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

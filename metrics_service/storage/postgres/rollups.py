@@ -42,21 +42,10 @@ def _combine(column: str, table: str) -> str:
     return f"{column} = {table}.{column} + excluded.{column}"
 
 
-def _conflict(cube: Cube, level: str) -> str:
+def conflict(cube: Cube, level: str) -> str:
     table = cube.table(level)
     updates = ", ".join(_combine(c, table) for c in cube.state_columns)
     return f" ON CONFLICT (bucket, {', '.join(cube.dims)}) DO UPDATE SET {updates}"
-
-
-def _upsert_sql(cube: Cube, level: str) -> str:
-    columns = ["bucket", *cube.dims, *cube.state_columns]
-    marks = ", ".join(f"${i + 1}" for i in range(len(columns)))
-    return f"INSERT INTO {cube.table(level)} ({', '.join(columns)}) VALUES ({marks})" + _conflict(
-        cube, level
-    )
-
-
-UPSERT = {(cube.name, level): _upsert_sql(cube, level) for cube in CUBES for level in cube.levels}
 
 
 def _keys_sql(dims: Sequence[str]) -> list[str]:
@@ -115,30 +104,23 @@ def _compact_sql(cube: Cube) -> str:
             f" SELECT bucket / {DAY_MS} * {DAY_MS}, {dims}, {', '.join(_merged_sql(cube))}"
             f" FROM {cube.table('hour')} WHERE bucket >= $1 AND bucket < $2 GROUP BY 1, {dims}"
         )
-    return f"INSERT INTO {cube.table('day')} ({columns}){source}" + _conflict(cube, "day")
+    return f"INSERT INTO {cube.table('day')} ({columns}){source}" + conflict(cube, "day")
 
 
 COMPACT = {cube.name: _compact_sql(cube) for cube in CUBES}
 
 
-async def maintain(
-    conn: Conn, parts: Sequence[dict[str, list[tuple[Any, ...]]]], *, locked: bool = False
-) -> None:
-    """Add the rows being inserted to the rollups, inside the insert's transaction (raw rows and
-    rollups commit together). ``locked``: the transaction holds the watermark's shared lock."""
-    if not rollups.has_cubes(parts):
-        return
-    if not locked:
-        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", WATERMARK_LOCK)
-    watermark = int(await conn.fetchval(WATERMARK_SQL))
+def upserts(
+    parts: Sequence[dict[str, list[tuple[Any, ...]]]], watermark: int
+) -> dict[tuple[str, str], list[tuple[Any, ...]]]:
+    """The rows inserting ``parts`` adds to each rollup table (``ROLLUP_KEYS``), each table's
+    rows sorted by key (the one order of every writer). The ingest function (migration 3)
+    upserts them with ``conflict``'s clause, inside the insert's transaction."""
     writes: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
     for cube, level, rows in rollups.updates(parts, watermark):
         width = 1 + len(cube.dims)
         writes[(cube.name, level)] = sorted(rows, key=lambda r: r[:width])
-    for key in ROLLUP_KEYS:
-        upserts = writes.get(key)
-        if upserts:
-            await conn.executemany(UPSERT[key], upserts)
+    return writes
 
 
 async def compact(conn: Conn, now_ms: int) -> int:
@@ -196,4 +178,4 @@ async def aggregate(conn: Conn, q: Query) -> Aggregate:
     return shape.cube, out, source
 
 
-__all__ = ["INT_DIMS", "WATERMARK_LOCK", "aggregate", "compact", "maintain"]
+__all__ = ["INT_DIMS", "WATERMARK_LOCK", "aggregate", "compact", "upserts"]

@@ -182,6 +182,8 @@ class SqliteBackend:
         self._read_lock = asyncio.Lock()
         self._probe_lock = asyncio.Lock()
         self.applied_migrations: list[int] = []
+        # Other processes' key changes are seen by the periodic reload only.
+        self.on_keys_changed: Callable[[], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
