@@ -14,12 +14,21 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import msgspec
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from metrics_service import __version__, auth, compat, route_limits
 from metrics_service.analytics.routes import router as analytics_router
-from metrics_service.api import INGEST, admin, install_error_handlers, router, schema_components
+from metrics_service.api import (
+    INGEST,
+    admin,
+    error_body,
+    install_error_handlers,
+    router,
+    schema_components,
+)
+from metrics_service.errors import InvalidPayload
 from metrics_service.idempotency import Registry
 from metrics_service.ingest import WriteQueue
 from metrics_service.otlp import TRACES, Flows
@@ -105,6 +114,20 @@ class RequestIdMiddleware:
             return
         rid = self._ids.assign(scope)
         extra = [(b"x-request-id", rid.encode()), *SECURITY_HEADERS]
+        if b"%00" in scope.get("query_string", b""):
+            # U+0000 in a parameter: no backend can compare or store it alike (PostgreSQL's text
+            # cannot hold it), so it is refused before any route sees it.
+            error = InvalidPayload(
+                "a query parameter holds U+0000 (NUL)",
+                details=[
+                    {"field": "query", "rule": "charset", "message": "must not contain U+0000"}
+                ],
+            )
+            body = msgspec.json.encode(error_body(error, rid))
+            headers = [(b"content-type", b"application/json"), *extra]
+            await send({"type": "http.response.start", "status": 422, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
 
         count = self.count_statuses
 

@@ -97,7 +97,8 @@ class KeyCreate(BaseModel):
     service: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     role: Literal["ingest", "admin", "viewer"] = "ingest"
     rate_limit_per_min: int | None = Field(None, ge=1, le=10_000_000)
-    description: str | None = Field(None, max_length=256)
+    # No U+0000: PostgreSQL's text cannot hold it (refused on every backend alike).
+    description: str | None = Field(None, max_length=256, pattern=r"^[^\x00]*$")
     aliases: list[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]] = Field(
         default_factory=list,
         max_length=16,

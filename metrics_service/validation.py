@@ -47,6 +47,7 @@ METRIC_TYPES = (
 #: Every rule an item can be rejected for (the ``rule`` of a rejection; the ``reason`` label of
 #: ``metrics_service_metrics_rejected_total``, exported at 0 from start for each of these).
 REJECTION_RULES = (
+    "charset",
     "enum",
     "finite",
     "format",
@@ -363,6 +364,7 @@ class Validator:
                     m = convert(item, metric)
                 except msgspec.ValidationError as exc:
                     raise _Reject(*_describe(exc, "")) from None
+                _refuse_nul(m)
                 table, row = self._row(m, head, received_ms, oldest_s, newest_s)
             except _Reject as rej:
                 batch.rejections.append(
@@ -384,8 +386,11 @@ class Validator:
         # First the typed decode: every metric of a known type with only typed dimensions, all
         # valid. Anything else (an extra dimension, an invalid item, a body that is not JSON)
         # takes the paths below, which keep extras and name each rejection.
+        # A string holding U+0000 (escaped in JSON, the only way it can be there) is checked
+        # item by item: PostgreSQL cannot store it, so no backend takes it (rule ``charset``).
+        nul = _NUL_ESCAPE in body
         try:
-            envelope = self._typed_decoder.decode(body)
+            envelope = None if nul else self._typed_decoder.decode(body)
         except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             envelope = None
         if envelope is not None and valid_service_name(envelope.service):
@@ -416,7 +421,15 @@ class Validator:
                     }
                 ],
             )
-        return self._build(envelope, items, fast)
+        if nul:
+            for name in ("version", "instance_id"):
+                value = getattr(envelope, name)
+                if value is not None and "\x00" in value:
+                    raise InvalidPayload(
+                        "the request body is invalid",
+                        details=[{"field": name, "rule": "charset", "message": _NUL_MESSAGE}],
+                    )
+        return self._build(envelope, items, fast, nul)
 
     def _decode_loose(self, body: bytes) -> Any:
         try:
@@ -441,7 +454,7 @@ class Validator:
             now + self._settings.max_future_skew_s,
         )
 
-    def _build(self, envelope: Any, items: list[Any], fast: bool) -> Batch:
+    def _build(self, envelope: Any, items: list[Any], fast: bool, nul: bool = False) -> Batch:
         received_ms, oldest_s, newest_s = self._window()
         head = (envelope.service, envelope.version or "", envelope.instance_id)
         batch = Batch(service=envelope.service)
@@ -454,6 +467,8 @@ class Validator:
                         item = decode_item(item)
                     except msgspec.ValidationError as exc:
                         raise _Reject(*_describe(exc, "")) from None
+                if nul:
+                    _refuse_nul(item)
                 table, row = self._row(item, head, received_ms, oldest_s, newest_s)
             except _Reject as rej:
                 batch.rejections.append(
@@ -681,6 +696,40 @@ _FROM_METADATA = {
     for kind, keys in METADATA_TO_COLUMN.items()
 }
 _NO_METADATA = [None] * len(METADATA_COLUMNS)
+
+
+_NUL_ESCAPE = b"\\u0000"
+_NUL_MESSAGE = "must not contain U+0000 (NUL)"
+
+
+def _nul_in(value: Any, path: str) -> str | None:
+    """The path of the first string in ``value`` (keys included) that holds U+0000."""
+    if value.__class__ is str:
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            key = str(k)
+            shown = key.replace("\x00", "\\u0000")
+            here = f"{path}.{shown}"
+            if "\x00" in key:
+                return here
+            found = _nul_in(v, here)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _nul_in(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _refuse_nul(m: Any) -> None:
+    """Reject a metric with U+0000 in any of its strings (no backend can hold it alike)."""
+    for name in ("type", "timestamp", "dimensions", "metadata"):
+        found = _nul_in(getattr(m, name), name)
+        if found:
+            raise _Reject(found, "charset", _NUL_MESSAGE)
 
 
 def _variants(envelope: type[Struct]) -> list[type[Struct]]:

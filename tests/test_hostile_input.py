@@ -36,6 +36,7 @@ H = {"X-API-Key": INGEST_KEY, "Content-Type": "application/json"}
 RULES = {
     "required", "type", "enum", "integer", "range", "ge", "le", "finite", "max_length",
     "min_length", "max_bytes", "format", "pattern", "max_future_skew", "older_than_retention",
+    "charset",
 }  # fmt: skip
 EXAMPLES = settings(
     max_examples=250,

@@ -46,9 +46,36 @@ def row_columns(kind: str) -> list[str]:
     return list(schema.FAMILY[kind].names)
 
 
+#: The typed integer columns (counts, sizes, tokens, flags) that migration 4 made bigint:
+#: validation takes counts up to 2**62, which integer cannot hold. Listed as they were then
+#: (the registry's columns of SQLite's version 7 and before), so the migration never changes.
+_WIDENED = {
+    kind: tuple(
+        c.name
+        for c in schema.FAMILY[kind].columns
+        if c.since <= 7 and c.name not in _MS and c.sql_type == "integer"
+    )
+    for kind in TABLE_OF_TYPE
+}
+
+
 def row_types(kind: str) -> list[str]:
-    """The PostgreSQL type of each column of ``row_columns(kind)``."""
-    return [_pg_type(c) for c in schema.FAMILY[kind].columns]
+    """The PostgreSQL type of each column of ``row_columns(kind)`` (as of the latest migration)."""
+    return [
+        "bigint" if c.name in _WIDENED[kind] else _pg_type(c) for c in schema.FAMILY[kind].columns
+    ]
+
+
+def _widen_integers() -> list[str]:
+    """Migration 4: the typed integer columns of the raw tables to bigint (the partitions
+    follow their table); the metrics view, which reads them, rebuilt around the change."""
+    statements = ["DROP VIEW metrics"]
+    for kind, table in TABLE_OF_TYPE.items():
+        if _WIDENED[kind]:
+            alters = ", ".join(f"ALTER COLUMN {c} TYPE bigint" for c in _WIDENED[kind])
+            statements.append(f"ALTER TABLE {table} {alters}")
+    statements.append(_view())
+    return statements
 
 
 def _raw_table(kind: str) -> list[str]:
@@ -256,6 +283,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "metrics_ingest(): a group's claims, rows and rollups in one call",
         _ingest_function(),
     ),
+    (4, "typed integer columns of the raw tables to bigint", _widen_integers()),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 
