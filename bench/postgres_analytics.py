@@ -40,7 +40,6 @@ from metrics_service.storage.postgres import Backend  # noqa: E402
 from metrics_service.storage.postgres import rollups as pg_rollups  # noqa: E402
 from metrics_service.storage.postgres._conn import Conn  # noqa: E402
 from metrics_service.storage.postgres.migrations import TABLE_OF_TYPE, row_columns  # noqa: E402
-from metrics_service.storage.postgres.partitions import Partitions  # noqa: E402
 from tests._servers import start_postgres  # noqa: E402
 
 DAY_MS = rollups.DAY_MS
@@ -49,29 +48,33 @@ CHUNK_EVENTS = 50_000
 
 
 async def add_raw(
-    conn: Conn, partitions: Partitions, parts: Sequence[dict[str, list[tuple[Any, ...]]]]
+    backend: Backend, conn: Conn, parts: Sequence[dict[str, list[tuple[Any, ...]]]]
 ) -> int:
     """Store ``parts`` (rows in the layout ``validation`` builds) in bulk, in one transaction:
-    ``COPY`` of each family's raw rows, then the rollups of all of them at once (the service's
-    ``maintain``: the shared aggregation, one upsert per rollup row). Rows of many commits thus
-    cost one upsert per hour and key instead of one per commit. Returns the rows stored."""
+    ``COPY`` of each family's raw rows, then the rollups of all of them at once through the
+    service's own ingest call (``Backend._ingest``: the shared aggregation, then the ingest
+    function's upserts, one per rollup row). Rows of many commits thus cost one upsert per
+    hour and key instead of one per commit. Returns the rows stored."""
     wanted = {
         (TABLE_OF_TYPE[kind], r[0] - r[0] % DAY_MS)
         for part in parts
         for kind, rows in part.items()
         for r in rows
     }
-    await partitions.ensure(conn, wanted)
+    await backend.partitions.ensure(conn, wanted)
+    kinds = sorted({kind for part in parts for kind in part})
     count = 0
     async with conn.transaction():
-        for kind in sorted({kind for part in parts for kind in part}):
+        # As the service's commits do: compaction cannot move the watermark meanwhile.
+        await conn.execute(f"SELECT pg_advisory_xact_lock_shared({pg_rollups.WATERMARK_LOCK})")
+        for kind in kinds:
             rows = [r for part in parts for r in part.get(kind, ())]
             if rows:
                 await conn.copy_records_to_table(
                     TABLE_OF_TYPE[kind], records=rows, columns=row_columns(kind)
                 )
             count += len(rows)
-        await pg_rollups.maintain(conn, parts)
+        await backend._ingest(conn, parts, kinds, ())
     return count
 
 
@@ -97,7 +100,7 @@ async def build(backend: Backend, events: int, days: int) -> dict[str, float]:
                     parts.append(history.rows(t, end, n))
                 t, done = end, done + n
             if parts:
-                await add_raw(conn, backend.partitions, parts)
+                await add_raw(backend, conn, parts)
             print(f"  {done:,} events", file=sys.stderr, flush=True)
     insert_s = time.perf_counter() - started
     started = time.perf_counter()

@@ -174,7 +174,7 @@ def test_bulk_load_leaves_every_rollup_equal_to_the_raw_rows(
         # The watermark starts at today (migration 1): older rows are late, into the day tables.
         watermark = int((await b.execute(pg_rollups.WATERMARK_SQL))[0][0])
         async with b._conn("test") as conn:
-            stored = await add_raw(conn, b.partitions, parts)
+            stored = await add_raw(b, conn, parts)
         tables: dict[str, Any] = {}
         for cube in rollups.CUBES:
             for level in cube.levels:
