@@ -22,11 +22,13 @@ Cardinality. Labels come only from low-cardinality dimensions. Each instrument k
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from bisect import bisect_left
@@ -481,6 +483,20 @@ class _OtlpPush:
         self._exporter.shutdown(timeout_millis=max(0.0, deadline - time.monotonic()) * 1000)
 
 
+def _stop_server(httpd: Any) -> None:
+    """Stop the Prometheus endpoint's server at once. ``shutdown()`` waits for its
+    ``serve_forever`` loop, which looks for the request to stop only between polls of half a
+    second; a connection to its own socket ends the poll, so the loop sees it now."""
+    stopping = threading.Thread(target=httpd.shutdown, name="prometheus-shutdown", daemon=True)
+    stopping.start()
+    host, port = httpd.server_address[:2]
+    while stopping.is_alive():
+        with contextlib.suppress(OSError):
+            socket.create_connection((host, port), timeout=0.2).close()
+        stopping.join(0.02)
+    httpd.server_close()
+
+
 def _otlp_exporter(settings: Settings) -> MetricExporter:
     timeout_s = settings.otlp_timeout_ms / 1000
     headers = settings.otlp_header_map() or None
@@ -685,8 +701,7 @@ class Telemetry:
         """Close the Prometheus endpoint; push the last values over OTLP within ``timeout_s``.
         Blocking: the app runs it on a worker thread. Idempotent."""
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            _stop_server(self._http)
             self._http = None
         otlp, self._otlp = self._otlp, None
         if otlp is not None:

@@ -310,3 +310,24 @@ def test_the_telemetry_uses_no_private_module_of_a_library() -> None:
                 if top != "metrics_service" and any(p.startswith("_") for p in rest):
                     private.append(f"{path.name}: {name}")
     assert not private, private
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_shutdown_closes_the_prometheus_endpoint_and_its_thread(tmp_path: Path, host: str) -> None:
+    """The endpoint answers until shutdown; afterwards its port refuses connections and no
+    thread of its server is left (the shutdown wakes the server's poll instead of waiting it
+    out)."""
+    import socket
+    import threading
+
+    t = Telemetry(
+        Settings(db_path=tmp_path / "m.db", otel_prometheus_port=0, otel_prometheus_host=host)
+    )
+    t.start()
+    port = t.prometheus_port
+    url = f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
+    assert httpx.get(url).status_code == 200
+    t.shutdown(1)
+    with pytest.raises(OSError):
+        socket.create_connection((host, port), timeout=1).close()
+    assert not [th for th in threading.enumerate() if th.name == "prometheus-shutdown"]
