@@ -396,3 +396,57 @@ def test_unreachable_server_fails_naming_the_variable_without_the_password(
         run(Backend(None, wrong, connect_timeout_s=5).open())
     assert "METRICS_DATABASE_URL" in str(caught.value)
     assert "wrong-password-123" not in str(caught.value)
+
+
+def test_migration_4_widens_the_counts_of_a_database_holding_rows(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database at version 3 with rows in it: migration 4 turns the typed integer columns to
+    bigint, keeps every row as it was, and the metrics view reads them afterwards."""
+    import asyncpg
+
+    from metrics_service.storage.postgres import migrations
+
+    latest = migrations.MIGRATIONS
+
+    async def main() -> tuple[list[int], list[str], list[tuple[Any, ...]], int]:
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            monkeypatch.setattr(migrations, "MIGRATIONS", latest[:3])
+            assert await migrations.apply(conn) == [1, 2, 3]
+            await conn.execute(
+                "CREATE TABLE tool_metrics_all PARTITION OF tool_metrics"
+                " FOR VALUES FROM (0) TO (4000000000000)"
+            )
+            await conn.execute(
+                "INSERT INTO tool_metrics (ts, received_at, service, service_version, value,"
+                " method, tool_name, success, input_size_bytes)"
+                " VALUES (1800000000000, 1800000000000, 'svc', '', 1, 'tools/call', 't', 1, $1)",
+                2**31 - 1,
+            )
+            monkeypatch.setattr(migrations, "MIGRATIONS", latest)
+            applied = await migrations.apply(conn)
+            types = await conn.fetch(
+                "SELECT data_type FROM information_schema.columns WHERE table_name ="
+                " 'tool_metrics' AND column_name IN ('input_size_bytes', 'output_tokens',"
+                " 'success') ORDER BY column_name"
+            )
+            await conn.execute(
+                "INSERT INTO tool_metrics (ts, received_at, service, service_version, value,"
+                " method, tool_name, success, input_size_bytes)"
+                " VALUES (1800000000001, 1800000000001, 'svc', '', 1, 'tools/call', 't', 0, $1)",
+                2**40,
+            )
+            rows = await conn.fetch("SELECT input_size_bytes FROM tool_metrics ORDER BY ts")
+            in_view = await conn.fetchval(
+                "SELECT count(*) FROM metrics WHERE type = 'tool_execution'"
+            )
+        finally:
+            await conn.close()
+        return applied, [r[0] for r in types], [tuple(r) for r in rows], int(in_view)
+
+    applied, types, rows, in_view = asyncio.run(main())
+    assert applied == [4]
+    assert types == ["bigint", "bigint", "bigint"]
+    assert rows == [(2**31 - 1,), (2**40,)]
+    assert in_view == 2
