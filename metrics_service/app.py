@@ -100,8 +100,9 @@ class AppState:
 
 class RequestIdMiddleware:
     """Pure ASGI: every response carries ``X-Request-Id`` (the caller's if well-formed) and
-    conservative security headers; with ``count_statuses`` (the ingest endpoint's copy), each
-    response's status is counted in ``metrics_service_requests_total``."""
+    conservative security headers; with ``count_statuses`` (the OTLP endpoint's copy), each
+    response's status is counted in ``metrics_service_requests_total``. As the one layer every
+    route but ``POST /metrics`` passes, it also refuses a query string holding U+0000 (422)."""
 
     def __init__(self, app: ASGIApp, *, count_statuses: bool = False) -> None:
         self.app = app

@@ -174,15 +174,14 @@ class _Reject(Exception):
 _FINITE = Annotated[float, Meta(ge=-MAX_VALUE, le=MAX_VALUE)]
 
 
-def _common_fields(s: Settings) -> list[tuple[str, Any, Any]]:
-    """The fields of a metric besides its type and dimensions: value, duration_ms, timestamp,
-    metadata (name, type, default)."""
-    return [
-        ("value", _FINITE, 1.0),
-        ("duration_ms", Annotated[float, Meta(ge=0, le=MAX_DURATION_MS)] | None, None),
-        ("timestamp", Annotated[str, Meta(max_length=64)] | _FINITE | None, None),
-        ("metadata", dict[str, Any], {}),
-    ]
+#: The fields of a metric besides its type and dimensions (name, type, default): value,
+#: duration_ms, timestamp, then metadata.
+_COMMON_FIELDS: list[tuple[str, Any, Any]] = [
+    ("value", _FINITE, 1.0),
+    ("duration_ms", Annotated[float, Meta(ge=0, le=MAX_DURATION_MS)] | None, None),
+    ("timestamp", Annotated[str, Meta(max_length=64)] | _FINITE | None, None),
+    ("metadata", dict[str, Any], {}),
+]
 
 
 def _dimensions_type(s: Settings) -> Any:
@@ -194,36 +193,36 @@ def _dimensions_type(s: Settings) -> Any:
     ]
 
 
-def _structs(s: Settings) -> tuple[type[Struct], type[Struct], type[Struct]]:
-    dims = _dimensions_type(s)
+def _metric_struct(
+    name: str, dims: Any, default: Any, head: tuple[Any, ...] = (), **config: Any
+) -> type[Struct]:
+    """A metric: ``head`` (required fields first), then the common fields around
+    ``dimensions`` of type ``dims``."""
+    fields = [*head, *_COMMON_FIELDS[:3], ("dimensions", dims, default), _COMMON_FIELDS[3]]
+    return msgspec.defstruct(name, fields, **config)
 
-    # Built with defstruct: the limits come from settings, and string annotations (this module
-    # uses postponed evaluation) could not see these local types.
-    metric = msgspec.defstruct(
-        "Metric",
+
+def _envelope(s: Settings, name: str, item: Any) -> type[Struct]:
+    """The request body around a list of ``item``."""
+    return msgspec.defstruct(
+        name,
         [
-            ("type", str),
-            *_common_fields(s)[:3],
-            ("dimensions", dims, {}),
-            _common_fields(s)[3],
+            ("service", Annotated[str, Meta(min_length=1, max_length=64)]),
+            (
+                "metrics",
+                Annotated[list[item], Meta(min_length=1, max_length=s.max_metrics_per_request)],
+            ),
+            ("version", Annotated[str, Meta(max_length=64)] | None, None),
+            ("instance_id", Annotated[str, Meta(max_length=128)] | None, None),
         ],
     )
 
-    def envelope(name: str, item: Any) -> type[Struct]:
-        return msgspec.defstruct(
-            name,
-            [
-                ("service", Annotated[str, Meta(min_length=1, max_length=64)]),
-                (
-                    "metrics",
-                    Annotated[list[item], Meta(min_length=1, max_length=s.max_metrics_per_request)],
-                ),
-                ("version", Annotated[str, Meta(max_length=64)] | None, None),
-                ("instance_id", Annotated[str, Meta(max_length=128)] | None, None),
-            ],
-        )
 
-    return envelope("Envelope", metric), envelope("LooseEnvelope", msgspec.Raw), metric
+def _structs(s: Settings) -> tuple[type[Struct], type[Struct], type[Struct]]:
+    # Built with defstruct: the limits come from settings, and string annotations (this module
+    # uses postponed evaluation) could not see these local types.
+    metric = _metric_struct("Metric", _dimensions_type(s), {}, head=(("type", str),))
+    return _envelope(s, "Envelope", metric), _envelope(s, "LooseEnvelope", msgspec.Raw), metric
 
 
 #: A column kind -> the type of its typed field: exactly the values ``Validator._row`` accepts
@@ -255,7 +254,6 @@ def _typed_envelope(s: Settings) -> type[Struct]:
     caller falls back to the path that keeps them). Built only for types whose dimensions fit
     ``max_dimensions``; a metric of another type fails the decode the same way."""
     text = Annotated[str, Meta(max_length=s.max_string_length)]
-    common = _common_fields(s)
     variants = []
     for kind in DIMENSIONS:
         names = _typed_names(kind)
@@ -271,32 +269,11 @@ def _typed_envelope(s: Settings) -> type[Struct]:
             default = msgspec.field(default_factory=dims)
         else:
             continue
-        variants.append(
-            msgspec.defstruct(
-                f"{kind}_metric",
-                [*common[:3], ("dimensions", dims, default), common[3]],
-                tag_field="type",
-                tag=kind,
-            )
-        )
+        variants.append(_metric_struct(f"{kind}_metric", dims, default, tag_field="type", tag=kind))
     union: Any = variants[0]
     for v in variants[1:]:
         union = union | v
-    return msgspec.defstruct(
-        "TypedEnvelope",
-        [
-            ("service", Annotated[str, Meta(min_length=1, max_length=64)]),
-            (
-                "metrics",
-                Annotated[
-                    list[union],
-                    Meta(min_length=1, max_length=s.max_metrics_per_request),
-                ],
-            ),
-            ("version", Annotated[str, Meta(max_length=64)] | None, None),
-            ("instance_id", Annotated[str, Meta(max_length=128)] | None, None),
-        ],
-    )
+    return _envelope(s, "TypedEnvelope", union)
 
 
 def _rule_of(message: str) -> str:

@@ -57,6 +57,21 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
 
 
+def run_bench(script: str, *args: str) -> str:
+    """Run ``bench/<script>`` to completion from the repository root with default settings;
+    fail with its stderr unless it exits 0; return its stdout."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def payload(
     service: str = "svc", metrics: list[dict[str, Any]] | None = None, **extra: Any
 ) -> dict[str, Any]:

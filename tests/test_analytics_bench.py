@@ -4,38 +4,27 @@ bench/)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from tests._helpers import ROOT, clean_env
+from tests._helpers import run_bench
 
 
 def test_bench_builds_a_history_and_times_every_view(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "analytics.py"),
-            "--events",
-            "3000",
-            "--days",
-            "2",
-            "--repeat",
-            "1",
-            "--maintenance-metrics",
-            "500",
-            "--db",
-            str(tmp_path / "bench.db"),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=clean_env(),
-        cwd=ROOT,
+    stdout = run_bench(
+        "analytics.py",
+        "--events",
+        "3000",
+        "--days",
+        "2",
+        "--repeat",
+        "1",
+        "--maintenance-metrics",
+        "500",
+        "--db",
+        str(tmp_path / "bench.db"),
+        "--json",
     )
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
+    report = json.loads(stdout)
     views = {v["case"].split("?")[0] for v in report["views"]}
     assert views == {
         f"/analytics/{v}"

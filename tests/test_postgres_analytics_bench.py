@@ -4,25 +4,14 @@ for bench/)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from typing import Any
 
 from bench.analytics import CASES
-from tests._helpers import ROOT, clean_env
+from tests._helpers import run_bench
 
 
 def _bench(url: str, *args: str) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "postgres_analytics.py"), "--url", url, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=clean_env(),
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr
-    report: dict[str, Any] = json.loads(out.stdout)
+    report: dict[str, Any] = json.loads(run_bench("postgres_analytics.py", "--url", url, *args))
     return report
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,13 +20,12 @@ from metrics_service.settings import load_settings
 from tests._helpers import (
     ADMIN_KEY,
     INGEST_KEY,
-    ROOT,
     RedisServer,
     ServiceProcess,
-    clean_env,
     db_rows,
     free_port,
     payload,
+    run_bench,
 )
 
 ADMIN = {"X-API-Key": ADMIN_KEY}
@@ -262,27 +259,16 @@ def test_the_limit_check_bench_measures_every_check_on_every_storage(
     redis_server: RedisServer,
 ) -> None:
     """bench/route_limits.py end to end on a tiny load (no timing asserted)."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "bench/route_limits.py",
-            "--checks",
-            "60",
-            "--redis-url",
-            redis_server.url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=clean_env(),
-        cwd=ROOT,
+    stdout = run_bench(
+        "route_limits.py",
+        "--checks",
+        "60",
+        "--redis-url",
+        redis_server.url,
     )
-    assert out.returncode == 0, out.stderr
-    rows = [
-        line.split() for line in out.stdout.splitlines() if "limit" in line and "µs" not in line
-    ]
+    rows = [line.split() for line in stdout.splitlines() if "limit" in line and "µs" not in line]
     storages = Counter(row[0] for row in rows if row[0] != "storage")
-    assert storages == {"memory": 3, "redis": 3, "redis+proxy": 3}, out.stdout
-    assert re.search(r"redis\+proxy: PING round trip \d+\.\d+ ms", out.stdout), out.stdout
+    assert storages == {"memory": 3, "redis": 3, "redis+proxy": 3}, stdout
+    assert re.search(r"redis\+proxy: PING round trip \d+\.\d+ ms", stdout), stdout
     # Every row ends with its two figures, both positive.
     assert all(float(row[-1]) > 0 and float(row[-2]) > 0 for row in rows if row[0] != "storage")

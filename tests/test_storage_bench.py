@@ -3,36 +3,24 @@ rows and rollups (no timing asserted; the figures are in docs/performance.md).""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-from tests._helpers import ROOT, clean_env
+from tests._helpers import run_bench
 
 
 def test_sqlite_writer_bench_compares_both_ways_on_identical_data() -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "bench/sqlite_writer.py",
-            "--batch",
-            "10,1",
-            "--parts",
-            "4",
-            "--commits",
-            "5",
-            "--runs",
-            "1",
-            "--tickers",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=clean_env(),
-        cwd=ROOT,
+    stdout = run_bench(
+        "sqlite_writer.py",
+        "--batch",
+        "10,1",
+        "--parts",
+        "4",
+        "--commits",
+        "5",
+        "--runs",
+        "1",
+        "--tickers",
+        "2",
     )
-    assert out.returncode == 0, out.stderr
-    rows = [line.split() for line in out.stdout.splitlines()[1:]]
+    rows = [line.split() for line in stdout.splitlines()[1:]]
     assert [(r[0], r[1]) for r in rows] == [
         ("10", "thread"),
         ("10", "aiosqlite"),
