@@ -38,6 +38,7 @@ def _child(report: Path) -> None:
     from metrics_service.storage.sqlite import database, rollups
 
     spent: dict[str, float] = {}
+    calls: dict[str, int] = {}
 
     def timed(owner: Any, name: str, label: str) -> None:
         inner = getattr(owner, name)
@@ -49,6 +50,7 @@ def _child(report: Path) -> None:
                 return inner(*args, **kwargs)
             finally:
                 spent[label] = spent.get(label, 0.0) + time.thread_time() - started
+                calls[label] = calls.get(label, 0) + 1
 
         setattr(owner, name, wrapper)
 
@@ -71,7 +73,10 @@ def _child(report: Path) -> None:
     started = time.process_time()
 
     def dump(*_: Any) -> None:
-        report.write_text(json.dumps({"process": time.process_time() - started, **spent}))
+        commits = {"commits": calls.get("storage", 0)}
+        report.write_text(
+            json.dumps({"process": time.process_time() - started, **spent, **commits})
+        )
         os._exit(0)
 
     signal.signal(signal.SIGUSR1, dump)
@@ -116,6 +121,7 @@ def main() -> None:
     server.proc.send_signal(signal.SIGUSR1)
     server.proc.wait(timeout=30)
     spent = json.loads(report.read_text())
+    commits = spent.pop("commits")
     shutil.rmtree(workdir, ignore_errors=True)
     metrics = warm.accepted + load.accepted
     collections = {k: v for k, v in spent.items() if k.startswith("garbage")}
@@ -132,6 +138,7 @@ def main() -> None:
     for name, seconds in sorted(stages.items(), key=lambda kv: -kv[1]):
         print(f"  {name:45s} {seconds / metrics * 1e6:7.2f} us  {seconds / total:6.1%}")
     print(f"  {'total':45s} {total / metrics * 1e6:7.2f} us")
+    print(f"commits: {commits:,}, {metrics / max(1, commits):,.0f} metrics per commit")
     print("of which (inside the stages above, wherever a collection was triggered):")
     for name, seconds in sorted(collections.items()):
         print(f"  {name:45s} {seconds / metrics * 1e6:7.2f} us  {seconds / total:6.1%}")
