@@ -110,12 +110,13 @@ def test_none_binds_as_null_through_the_registered_adapter(tmp_path: Path) -> No
     assert conn.execute("SELECT count(*) FROM t WHERE a IS NULL").fetchone() == (2,)
 
 
-@pytest.mark.parametrize("n", [3, 40])
+@pytest.mark.parametrize("n", [3, 8, 9, 31, 32, 33, 40, 63, 64, 95, 100])
 def test_rows_store_exactly_as_given_whichever_columns_a_commit_sets(
     tmp_path: Path, n: int
 ) -> None:
-    """A commit binds only the columns some of its rows set (at 8 rows of a type or more): the
-    stored rows equal the given tuples, a column set by one row only included, NULL elsewhere."""
+    """A commit binds only the columns some of its rows set (at 8 rows of a type or more), 32
+    rows per statement and the rest in smaller ones: the stored rows equal the given tuples, in
+    order, a column set by one row only included, NULL elsewhere."""
     from metrics_service.storage import schema
     from metrics_service.storage.sqlite import database
 

@@ -11,6 +11,8 @@ import functools
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
+from itertools import chain, islice
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -34,34 +36,47 @@ def _insert_sql(kind: str) -> str:
 
 
 INSERT_SQL = {kind: _insert_sql(kind) for kind in TABLE_OF_TYPE}
-#: Below this many rows of a type in a commit, the full statement is used as it is.
+#: Below this many rows of a type in a commit, the full one-row statement is used as it is.
 _NARROW_MIN_ROWS = 8
+#: Rows per multi-row INSERT; a remainder goes in power-of-two statements (at most six distinct
+#: statements per column set, so sqlite3's statement cache keeps them all). 32 rows of the widest
+#: family bind 960 parameters, below even old SQLite's limit of 999.
+_ROWS_PER_INSERT = 32
 
 
-@functools.lru_cache(maxsize=256)
-def _narrow_sql(kind: str, present: tuple[int, ...]) -> str:
+@functools.lru_cache(maxsize=512)
+def _multi_sql(kind: str, present: tuple[int, ...], rows: int) -> str:
     names = [schema.FAMILY[kind].names[i] for i in present]
-    marks = ", ".join("?" * len(names))
-    return f"INSERT INTO {TABLE_OF_TYPE[kind]} ({', '.join(names)}) VALUES ({marks})"
+    one = f"({', '.join('?' * len(names))})"
+    values = ", ".join([one] * rows)
+    return f"INSERT INTO {TABLE_OF_TYPE[kind]} ({', '.join(names)}) VALUES {values}"
 
 
 def _insert_kind(conn: sqlite3.Connection, kind: str, rows: list[tuple[Any, ...]]) -> int:
-    """Insert ``rows`` of one type, binding only the columns that some row sets.
+    """Insert ``rows`` of one type: several rows per statement, binding only the columns that
+    some row sets.
 
-    Each bound parameter costs, NULL too (a tool call row has 30 columns, of which a client
-    typically sets 13); a column no row of the commit sets is left out of the statement and
-    stored as NULL all the same (no raw table has a column default). Finding those columns is C
-    work: the rows transposed, ``tuple.count`` of ``None`` per column. About 0.5 us less per
-    row at batch 100 (bench/breakdown.py); small commits keep the full statement."""
+    ``executemany`` steps a one-row statement per row, and each step drops and takes back the
+    GIL and runs the statement's prologue again; one statement of 32 rows does that once (about
+    1 us less per row at batch 100, bench/breakdown.py). Each bound parameter costs too, NULL
+    included (a tool call row has 30 columns, of which a client typically sets 13): a column no
+    row of the commit sets is left out of the statement and stored as NULL all the same (no raw
+    table has a column default). Finding those columns is C work: the rows transposed,
+    ``tuple.count`` of ``None`` per column. Small commits keep the one-row statement."""
     n = len(rows)
     if n < _NARROW_MIN_ROWS:
         return int(conn.executemany(INSERT_SQL[kind], rows).rowcount)
     columns = list(zip(*rows, strict=True))
     present = tuple(i for i, column in enumerate(columns) if column.count(None) != n)
-    if len(present) == len(columns):
-        return int(conn.executemany(INSERT_SQL[kind], rows).rowcount)
-    narrow = zip(*[columns[i] for i in present], strict=True)
-    return int(conn.executemany(_narrow_sql(kind, present), narrow).rowcount)
+    values = chain.from_iterable(map(itemgetter(*present), rows))
+    count = done = 0
+    while done < n:
+        left = n - done
+        size = _ROWS_PER_INSERT if left >= _ROWS_PER_INSERT else 1 << (left.bit_length() - 1)
+        params = list(islice(values, size * len(present)))
+        count += conn.execute(_multi_sql(kind, present, size), params).rowcount
+        done += size
+    return count
 
 
 # Binding ``None`` is the slowest parameter of all in CPython's sqlite3 (3.11): ``None`` is not
