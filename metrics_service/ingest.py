@@ -97,8 +97,11 @@ class WriteQueue:
         if self._durable or self.pending_metrics >= self._settings.commit_max_rows:
             self._wakeup.set()
         if future is not None:
-            # Shield: a client that disconnects must not cancel the commit others share.
-            await asyncio.shield(future)
+            # The future is this request's own: a cancelled caller cancels only it, and the
+            # entry is committed with the others all the same (``_finish`` skips a done
+            # future). No ``asyncio.shield``: it cost a second future and two callbacks per
+            # request, and left an exception nobody retrieved when a cancelled one failed.
+            await future
 
     def _take(self) -> list[_Entry]:
         taken: list[_Entry] = []

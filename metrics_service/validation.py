@@ -322,11 +322,11 @@ class Validator:
         self._encode = msgspec.json.Encoder().encode
         typed = _typed_envelope(settings)
         self._typed_decoder = msgspec.json.Decoder(typed)
-        #: metric struct -> (type, its typed-row plan); see ``_typed_row``.
-        self._plans: dict[type[Any], tuple[str, _Plan]] = {}
+        #: metric struct -> (type, its typed-row plan, its generated row builder).
+        self._plans: dict[type[Any], tuple[str, _Plan, _Builder]] = {}
         for variant in _variants(typed):
             kind = str(variant.__struct_config__.tag)
-            self._plans[variant] = (kind, _Plan(kind))
+            self._plans[variant] = (kind, _Plan(kind), _builder(kind))
 
     def add_items(
         self, batch: Batch, head: tuple[str, str, str | None], items: list[tuple[int, Any]]
@@ -463,13 +463,23 @@ class Validator:
     def _build_typed(self, envelope: Any) -> Batch | None:
         """The batch of a typed decode, or None if any metric needs the item-by-item path."""
         received_ms, oldest_s, newest_s = self._window()
-        head = (envelope.service, envelope.version or "", envelope.instance_id)
-        batch = Batch(service=envelope.service)
+        service, version, instance = envelope.service, envelope.version or "", envelope.instance_id
+        head = (service, version, instance)
+        batch = Batch(service=service)
         rows = batch.rows
         plans = self._plans
         try:
             for m in envelope.metrics:
-                kind, plan = plans[m.__class__]
+                kind, plan, build = plans[m.__class__]
+                # The generated builder takes the common case; anything it does not (an ISO
+                # time, an alias, metadata, a rule to report) goes through the general code.
+                row = build(m, received_ms, oldest_s, newest_s, service, version, instance)
+                if row is not None:
+                    bucket = rows.get(kind)
+                    if bucket is None:
+                        rows[kind] = bucket = []
+                    bucket.append(row)
+                    continue
                 ts_s, value, duration = _when_and_value(kind, m, received_ms, oldest_s, newest_s)
                 dims = m.dimensions
                 if plan.custom:
@@ -765,6 +775,88 @@ class _Plan:
                     columns[pos] = v
             del columns[self.width :]
         return columns
+
+
+#: ``build(m, received_ms, oldest_s, newest_s, service, version, instance)``: the row of a
+#: typed metric struct, or None when the general path must decide (see ``_builder``).
+_Builder = Callable[[Any, int, float, float, str, str, str | None], tuple[Any, ...] | None]
+
+
+def _builder(kind: str) -> _Builder:
+    """The row of a typed metric of ``kind`` in straight-line code, for the common case only.
+
+    Generated, like the rollup accumulator: the dimensions are read as attributes into locals in
+    column order and the row is one tuple display, with no intermediate list, no per-column loop
+    and no call (``_when_and_value``, ``_Plan.columns`` and ``_complete`` cost about 1.1 us of
+    the 2.2 us per metric of the Python part at batch 100). It returns None, and the general
+    path takes the metric, for anything but a numeric or absent timestamp inside the window, a
+    value >= 0, no alias, no metadata and every cross-column rule met: so the general path stays
+    the one place that rejects, and whatever the builder returns is what it would have built
+    (tests/test_validation_typed.py compares the two on arbitrary bodies)."""
+    names = _typed_names(kind)
+    if not names:  # custom: the dimensions are extras, encoded by the general path
+        return lambda *_: None
+    positions, width, required = _SHAPES[kind]
+    cols = [f"c{i}" for i in range(width)]
+    lines = [
+        "def build(m, received_ms, oldest_s, newest_s, service, version, instance):",
+        "    ts = m.timestamp",
+        "    if ts is None:",
+        "        ts_s = received_ms / 1000",
+        "    elif ts.__class__ is float:",
+        "        ts_s = ts",
+        "    else:",
+        "        return None",
+        "    if ts_s > newest_s or ts_s < oldest_s or ts_s < TS_MIN:",
+        "        return None",
+        "    value = m.value",
+        "    duration = m.duration_ms",
+    ]
+    if kind != "custom":
+        lines += ["    if value < 0:", "        return None"]
+    if kind == "protocol_latency":
+        lines += ["    if duration is None:", "        return None"]
+    lines += ["    if m.metadata:", "        return None", "    d = m.dimensions"]
+    for i, (name, k) in enumerate(names[:width]):
+        lines.append(f"    c{i} = d.{name}")
+        if k == "bool":
+            lines += [f"    if c{i} is not None:", f"        c{i} = 1 if c{i} else 0"]
+        elif k == "code":
+            lines += [f"    if c{i}.__class__ is int:", f"        c{i} = str(c{i})"]
+        elif k == "count_na":
+            lines += [f"    if c{i} == -1:", f"        c{i} = None"]
+    for alias, _ in names[width:]:
+        lines += [f"    if d.{alias} is not None:", "        return None"]
+    if kind == "tool_execution":
+        t, mth = f"c{_TOOL_NAME}", f"c{_TOOL_METHOD}"
+        lines += [
+            f"    if {t}:",
+            f"        if {t} in NOT_TOOLS and ({mth} is None or {mth} == {t}):",
+            f"            {mth}, {t} = {t}, None",
+            f"        elif {mth} is None:",
+            f"            {mth} = 'tools/call'",
+        ]
+    for _, pos in required:
+        lines += [f"    if c{pos} is None:", "        return None"]
+    if kind == "protocol_latency":
+        lines.append(f"    c{_FLOW_STEP} = FLOW.get(c{_FLOW_STEP}, c{_FLOW_STEP})")
+    if kind == "tool_execution":
+        lines += [
+            f"    if c{_TOOL_METHOD} == 'tools/call' and not c{_TOOL_NAME}:",
+            "        return None",
+        ]
+        cols += ["None"] * len(METADATA_COLUMNS)
+    lines.append(
+        "    return (int(ts_s * 1000), received_ms, service, version, instance, value,"
+        f" duration, {', '.join(cols)}, None, None)"
+    )
+    namespace: dict[str, Any] = {
+        "TS_MIN": _TS_MIN_S,
+        "NOT_TOOLS": _NOT_TOOLS,
+        "FLOW": FLOW_STEP_ALIASES,
+    }
+    exec("\n".join(lines), namespace)
+    return namespace["build"]  # type: ignore[no-any-return]
 
 
 def _typed(value: Any, name: str, kind: str, where: str = "dimensions") -> Any:

@@ -117,6 +117,38 @@ def test_the_bench_workload_takes_the_typed_decode_and_matches(
     assert typed.typed == typed_bodies
 
 
+class Generated(Validator):
+    """The service's validator, counting the metrics its generated builders built."""
+
+    built = 0
+
+    def __init__(self, s: Settings, clock: Any) -> None:
+        super().__init__(s, clock=clock)
+        for variant, (kind, plan, build) in self._plans.items():
+            self._plans[variant] = (kind, plan, self._counted(build))
+
+    def _counted(self, build: Any) -> Any:
+        def counted(*args: Any) -> Any:
+            row = build(*args)
+            self.built += row is not None
+            return row
+
+        return counted
+
+
+def test_the_generated_builders_build_the_bench_workload_as_the_general_path_does() -> None:
+    """Every metric of the workload takes its type's generated builder (none is left to the
+    general path), and the rows are those of the item-by-item path."""
+    s = Settings(db_path=Path("unused.db"))
+    generated, item_by_item = Generated(s, clock=lambda: NOW), ItemByItem(s, clock=lambda: NOW)
+    items = [metric(i, NOW - i) for i in range(40)] + [
+        {**metric(i), "timestamp": None} for i in range(4)
+    ]
+    body = json.dumps({"service": "svc", "version": "2", "metrics": items}).encode()
+    assert _outcome(generated, body) == _outcome(item_by_item, body)
+    assert generated.built == len(items)
+
+
 _VALUES = {
     "str": st.text(max_size=4) | st.sampled_from(["tools/call", "initialize", "tools/list"]),
     "bool": st.booleans(),
