@@ -796,7 +796,7 @@ def _builder(kind: str) -> _Builder:
     names = _typed_names(kind)
     if not names:  # custom: the dimensions are extras, encoded by the general path
         return lambda *_: None
-    positions, width, required = _SHAPES[kind]
+    _, width, required = _SHAPES[kind]
     cols = [f"c{i}" for i in range(width)]
     lines = [
         "def build(m, received_ms, oldest_s, newest_s, service, version, instance):",
@@ -811,9 +811,9 @@ def _builder(kind: str) -> _Builder:
         "        return None",
         "    value = m.value",
         "    duration = m.duration_ms",
+        "    if value < 0:",
+        "        return None",
     ]
-    if kind != "custom":
-        lines += ["    if value < 0:", "        return None"]
     if kind == "protocol_latency":
         lines += ["    if duration is None:", "        return None"]
     lines += ["    if m.metadata:", "        return None", "    d = m.dimensions"]
