@@ -326,7 +326,7 @@ class Validator:
         self._plans: dict[type[Any], tuple[str, _Plan, _Builder]] = {}
         for variant in _variants(typed):
             kind = str(variant.__struct_config__.tag)
-            self._plans[variant] = (kind, _Plan(kind), _builder(kind))
+            self._plans[variant] = (kind, _Plan(kind), _builder(kind, settings.max_metadata_bytes))
 
     def add_items(
         self, batch: Batch, head: tuple[str, str, str | None], items: list[tuple[int, Any]]
@@ -782,7 +782,7 @@ class _Plan:
 _Builder = Callable[[Any, int, float, float, str, str, str | None], tuple[Any, ...] | None]
 
 
-def _builder(kind: str) -> _Builder:
+def _builder(kind: str, max_metadata_bytes: int) -> _Builder:
     """The row of a typed metric of ``kind`` in straight-line code, for the common case only.
 
     Generated, like the rollup accumulator: the dimensions are read as attributes into locals in
@@ -790,7 +790,7 @@ def _builder(kind: str) -> _Builder:
     and no call (``_when_and_value``, ``_Plan.columns`` and ``_complete`` cost about 1.1 us of
     the 2.2 us per metric of the Python part at batch 100). It returns None, and the general
     path takes the metric, for anything but a numeric or absent timestamp inside the window, a
-    value >= 0, no alias, no metadata and every cross-column rule met: so the general path stays
+    value >= 0, no alias, valid metadata and every cross-column rule met: so the general path stays
     the one place that rejects, and whatever the builder returns is what it would have built
     (tests/test_validation_typed.py compares the two on arbitrary bodies)."""
     names = _typed_names(kind)
@@ -816,7 +816,7 @@ def _builder(kind: str) -> _Builder:
     ]
     if kind == "protocol_latency":
         lines += ["    if duration is None:", "        return None"]
-    lines += ["    if m.metadata:", "        return None", "    d = m.dimensions"]
+    lines.append("    d = m.dimensions")
     for i, (name, k) in enumerate(names[:width]):
         lines.append(f"    c{i} = d.{name}")
         if k == "bool":
@@ -845,15 +845,47 @@ def _builder(kind: str) -> _Builder:
             f"    if c{_TOOL_METHOD} == 'tools/call' and not c{_TOOL_NAME}:",
             "        return None",
         ]
-        cols += ["None"] * len(METADATA_COLUMNS)
+    # The metadata, as ``_complete`` takes it: encoded and bounded, then the keys that fill a
+    # column left empty, then (tool_execution) its metadata columns; a value of the wrong type
+    # is the general path's to reject.
+    meta_columns = METADATA_COLUMNS if kind == "tool_execution" else ()
+    lines += [
+        "    meta = m.metadata",
+        "    if meta:",
+        "        meta_json = ENCODE(meta).decode()",
+        f"        if len(meta_json) > {int(max_metadata_bytes)}:",
+        "            return None",
+        "        try:",
+    ]
+    for key, (pos, k) in _FROM_METADATA.get(kind, {}).items():
+        lines += [
+            f"            if c{pos} is None:",
+            f"                v = meta.get({key!r})",
+            "                if v is not None:",
+            f"                    c{pos} = TYPED(v, {key!r}, {k!r}, 'metadata')",
+        ]
+    for i, (key, k) in enumerate(meta_columns):
+        lines.append(f"            m{i} = TYPED(meta.get({key!r}), {key!r}, {k!r}, 'metadata')")
+    lines += [
+        "            pass",
+        "        except Reject:",
+        "            return None",
+        "    else:",
+        "        meta_json = None",
+        *(f"        m{i} = None" for i in range(len(meta_columns))),
+    ]
+    cols += [f"m{i}" for i in range(len(meta_columns))]
     lines.append(
         "    return (int(ts_s * 1000), received_ms, service, version, instance, value,"
-        f" duration, {', '.join(cols)}, None, None)"
+        f" duration, {', '.join(cols)}, None, meta_json)"
     )
     namespace: dict[str, Any] = {
         "TS_MIN": _TS_MIN_S,
         "NOT_TOOLS": _NOT_TOOLS,
         "FLOW": FLOW_STEP_ALIASES,
+        "ENCODE": msgspec.json.Encoder().encode,
+        "TYPED": _typed,
+        "Reject": _Reject,
     }
     exec("\n".join(lines), namespace)
     return namespace["build"]  # type: ignore[no-any-return]

@@ -82,7 +82,19 @@ metrics = st.fixed_dictionaries(
         ),
         "dimensions": st.dictionaries(names, scalars, max_size=8),
         "metadata": st.dictionaries(
-            st.sampled_from(["agent_id", "input_tokens", "error_code", "search_time_ms", "k"]),
+            st.sampled_from(
+                [
+                    "agent_id",
+                    "input_tokens",
+                    "output_tokens",
+                    "trace_id",
+                    "error_code",
+                    "input_size_bytes",
+                    "search_time_ms",
+                    "faiss_search_time_ms",
+                    "k",
+                ]
+            ),
             scalars,
             max_size=3,
         ),
@@ -137,12 +149,25 @@ class Generated(Validator):
 
 
 def test_the_generated_builders_build_the_bench_workload_as_the_general_path_does() -> None:
-    """Every metric of the workload takes its type's generated builder (none is left to the
-    general path), and the rows are those of the item-by-item path."""
+    """Every metric of the workload, with metadata or without, takes its type's generated
+    builder (none is left to the general path), and the rows are those of the item-by-item
+    path."""
     s = Settings(db_path=Path("unused.db"))
     generated, item_by_item = Generated(s, clock=lambda: NOW), ItemByItem(s, clock=lambda: NOW)
-    items = [metric(i, NOW - i) for i in range(40)] + [
-        {**metric(i), "timestamp": None} for i in range(4)
+    meta = {
+        "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+        "span_id": "00f067aa0ba902b7",
+        "agent_id": "a1",
+        "input_tokens": 12,
+        "error_code": 500,
+        "search_time_ms": 2.5,
+        "faiss_search_time_ms": 9,
+        "note": {"nested": [1, 2]},
+    }
+    items = [
+        *(metric(i, NOW - i) for i in range(40)),
+        *({**metric(i), "timestamp": None} for i in range(4)),
+        *({**metric(i, NOW), "metadata": meta} for i in range(8)),
     ]
     body = json.dumps({"service": "svc", "version": "2", "metrics": items}).encode()
     assert _outcome(generated, body) == _outcome(item_by_item, body)
