@@ -255,9 +255,9 @@ def maintenance_cost(tmp: Path, metrics: int) -> list[dict[str, Any]]:
                 for suffix in ("", "-wal", "-shm"):
                     Path(f"{path}{suffix}").unlink(missing_ok=True)
                 conn, _ = storage.open_database(path, synchronous="normal")
-                original = sqlite_rollups.maintain
+                original = sqlite_rollups.catch_up
                 if mode == "without":
-                    sqlite_rollups.maintain = lambda conn, parts: None  # type: ignore[assignment]
+                    sqlite_rollups.catch_up = lambda conn, pending=None: 0  # type: ignore[assignment]
                 try:
                     storage.insert_rows(conn, commits[0])  # warm up
                     started = time.perf_counter()
@@ -266,7 +266,7 @@ def maintenance_cost(tmp: Path, metrics: int) -> list[dict[str, Any]]:
                         total += storage.insert_rows(conn, commit)
                     cost[mode] = (time.perf_counter() - started) / total * 1e6
                 finally:
-                    sqlite_rollups.maintain = original  # type: ignore[assignment]
+                    sqlite_rollups.catch_up = original  # type: ignore[assignment]
                     conn.close()
             out.append(
                 {

@@ -59,7 +59,7 @@ def _child(report: Path) -> None:
     timed(telemetry.Telemetry, "snapshot", "opentelemetry")
     # The SQLite backend calls both through their modules' attributes.
     timed(database, "insert_rows", "storage")
-    timed(rollups, "maintain", "rollups")
+    timed(rollups, "catch_up", "rollups")
     collecting: dict[str, float] = {}
 
     def gc_timer(phase: str, info: dict[str, int]) -> None:

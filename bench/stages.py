@@ -10,7 +10,8 @@ microsecond:
 - ``validation``: ``Validator.decode`` of each request body;
 - ``insert``: the raw rows of ``--per-commit`` requests per transaction (``executemany`` per
   table, ``COMMIT`` with ``synchronous=FULL``), without the rollups;
-- ``rollups``: ``rollups.maintain`` for the same commits (its own transactions);
+- ``rollups``: the rollup upserts of the same commits (its own transactions; the service
+  folds them in every ``METRICS_ROLLUP_FOLD_INTERVAL_S`` instead, see storage/sqlite/rollups.py);
 - ``opentelemetry``: ``Telemetry.on_commit`` for the same commits.
 
 Prints one JSON object: microseconds of thread CPU per metric for each stage.
@@ -84,7 +85,7 @@ def main() -> None:
     def maintain() -> None:
         for commit in commits:
             conn.execute("BEGIN IMMEDIATE")
-            rollups.maintain(conn, [batch.rows for batch in commit])
+            rollups._upsert(conn, [batch.rows for batch in commit], rollups.day_watermark(conn))
             conn.execute("COMMIT")
 
     def record() -> None:

@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     retention_chunk_rows: int = _env("METRICS_RETENTION_CHUNK_ROWS", 5000, ge=1)
     retention_max_share: float = _env("METRICS_RETENTION_MAX_SHARE", 0.25, gt=0, le=1)
     rollup_retention_days: int = _env("METRICS_ROLLUP_RETENTION_DAYS", 400, ge=1, le=36_500)
+    #: SQLite: how long committed rows may wait before the rollups take them in (queries read
+    #: the rows not taken in yet from the raw table, so answers stay exact); 0: every commit.
+    rollup_fold_interval_s: float = _env("METRICS_ROLLUP_FOLD_INTERVAL_S", 0.5, ge=0, le=60)
 
     # OpenTelemetry export
     otel_service_name: str = _env("OTEL_SERVICE_NAME", "mcp-metrics-service", min_length=1)

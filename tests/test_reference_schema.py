@@ -214,15 +214,15 @@ def test_an_interrupted_import_resumes_where_it_stopped(
     expected = reference_database(db)
     monkeypatch.setattr(reference, "CHUNK_ROWS", 7)
     calls = {"n": 0}
-    real = reference.rollups.maintain
+    real = reference.rollups.catch_up
 
-    def failing(conn: sqlite3.Connection, parts: Any) -> None:
+    def failing(conn: sqlite3.Connection, pending: Any = None) -> int:
         calls["n"] += 1
         if calls["n"] == 3:
             raise sqlite3.OperationalError("disk I/O error")
-        real(conn, parts)
+        return real(conn, pending)
 
-    monkeypatch.setattr(reference.rollups, "maintain", failing)
+    monkeypatch.setattr(reference.rollups, "catch_up", failing)
     from metrics_service import storage
     from metrics_service.validation import Validator
 
@@ -231,7 +231,7 @@ def test_an_interrupted_import_resumes_where_it_stopped(
         reference.import_rows(conn, Validator(Settings(db_path=db)))
     done_before = conn.execute("SELECT count(*) FROM metrics").fetchone()[0]
     assert 0 < done_before < expected["recent"]
-    monkeypatch.setattr(reference.rollups, "maintain", real)
+    monkeypatch.setattr(reference.rollups, "catch_up", real)
     counts = reference.import_rows(conn, Validator(Settings(db_path=db)))
     assert conn.execute("SELECT count(*) FROM metrics").fetchone()[0] == expected["recent"]
     assert counts["metrics"]["imported"] == expected["recent"] - done_before

@@ -189,7 +189,7 @@ def test_the_metrics_view_is_built_from_the_registry() -> None:
 
 
 #: The one change: a line in the column registry.
-NEW_COLUMN = '            Column("model_name", "str", since=8),\n'
+NEW_COLUMN = '            Column("model_name", "str", since=9),\n'
 ANCHOR = '            Column("error_type", "str", since=_S7),\n'
 
 
@@ -214,7 +214,7 @@ def test_a_typed_column_added_to_the_registry_alone_is_validated_stored_shown_an
         from metrics_service.storage.sqlite import migrations
 
         assert migrations.__file__.startswith({str(copy)!r}), migrations.__file__
-        assert migrations.LATEST_VERSION == 8, migrations.LATEST_VERSION
+        assert migrations.LATEST_VERSION == 9, migrations.LATEST_VERSION
         settings = Settings(db_path={str(tmp_path / "m.db")!r}, admin_api_key={ADMIN_KEY!r})
         tool = json.loads({json.dumps(tool_event("search"))!r})
         tool["dimensions"]["model_name"] = "m-1"
@@ -231,7 +231,7 @@ def test_a_typed_column_added_to_the_registry_alone_is_validated_stored_shown_an
             assert summary.json()["calls"] == 2, summary.text
         conn = sqlite3.connect(settings.db_path)
         assert conn.execute("SELECT model_name FROM tool_metrics").fetchall() == [("m-1",)] * 2
-        assert conn.execute("PRAGMA user_version").fetchone() == (8,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (9,)
         view = conn.execute(
             "SELECT json_extract(dimensions, '$.model_name'), json_extract(dimensions, "
             "'$.tool_name') FROM metrics WHERE type = 'tool_execution'"

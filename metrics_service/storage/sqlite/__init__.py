@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -89,6 +90,8 @@ class _Writer:
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self.applied_migrations: list[int] = []
+        #: The rows committed and not yet folded into the rollups (``rollups.catch_up``).
+        self.deferred = database.Deferred(max_age_s=settings.rollup_fold_interval_s)
 
     async def run(self, fn: Callable[[sqlite3.Connection], T], what: str = "write") -> T:
         loop = asyncio.get_running_loop()
@@ -110,6 +113,10 @@ class _Writer:
         )
         try:
             import_reference_rows(self._conn, self._settings)
+            # Rows a previous process committed and did not fold (it was killed): read back.
+            folded = database.Deferred().catch_up(self._conn)
+            if folded:
+                log.info("folded %d raw rows into the rollups", folded)
         except BaseException:
             self._conn.close()
             self._conn = None
@@ -121,10 +128,16 @@ class _Writer:
 
     def _close(self) -> None:
         if self._conn is not None:
+            with contextlib.suppress(StorageError):
+                self.deferred.catch_up(self._conn)
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._conn.close()
             self._conn = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     async def close(self) -> None:
         if self._closed:
@@ -143,14 +156,19 @@ class _AioReader:
         self._conn = conn
 
     async def aggregate(self, q: Query) -> Aggregate:
+        # Called inside the read transaction of ``SqliteBackend.analytics``: the marks, the
+        # rollups and the raw rows above the marks are of the same commit.
         shape, source = shared.query_shape(q)
         watermark = None
         if source == "rollup":
             watermark = int((await admin.one(self._conn, sql_rollups._WATERMARK_SQL))[0])
         segments, source = shared.query_segments(q, source, shape, watermark)
+        folded: dict[str, int] = {}
+        if source == "rollup":
+            marks = await self._conn.execute_fetchall(sql_rollups._MARKS_SQL)
+            folded = {table: int(last) for table, last in marks}
         out: dict[tuple[Any, ...], list[Any]] = {}
-        for level, lo, hi in segments:
-            sql, params, keylen = sql_rollups.segment_sql(shape.cube, q, level, lo, hi)
+        for sql, params, keylen in sql_rollups.read_plan(shape, q, segments, folded):
             shared.fold(shape, await self._conn.execute_fetchall(sql, params), keylen, out)
         shared.finish(shape, out)
         return shape.cube, out, source
@@ -181,6 +199,7 @@ class SqliteBackend:
         self._probe: aiosqlite.Connection | None = None
         self._read_lock = asyncio.Lock()
         self._probe_lock = asyncio.Lock()
+        self._catch_up: asyncio.Task[None] | None = None
         self.applied_migrations: list[int] = []
         # Other processes' key changes are seen by the periodic reload only.
         self.on_keys_changed: Callable[[], None] | None = None
@@ -212,6 +231,10 @@ class SqliteBackend:
             raise StorageError(f"cannot open database {self.path}: {exc}") from exc
 
     async def close(self) -> None:
+        if self._catch_up is not None:  # the writer's close folds what is pending
+            self._catch_up.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._catch_up
         for name in ("_probe", "_reader"):
             conn: aiosqlite.Connection | None = getattr(self, name)
             setattr(self, name, None)
@@ -258,9 +281,31 @@ class SqliteBackend:
         self, parts: Sequence[Part], claims: Sequence[Claim | None] = ()
     ) -> int:
         # Through the module (a benchmark times it there: bench/breakdown.py).
-        return await self._writer.run(
-            lambda conn: database.insert_rows(conn, parts, claims), "commit"
+        deferred = self._writer.deferred
+        count = await self._writer.run(
+            lambda conn: database.insert_rows(conn, parts, claims, deferred), "commit"
         )
+        if deferred.pending.parts and self._catch_up is None:
+            self._catch_up = asyncio.create_task(self._catch_up_later(), name="rollups-catch-up")
+        return count
+
+    async def _catch_up_later(self) -> None:
+        """Fold the pending rows once they are due even if no commit comes to take them (a
+        burst, then quiet): queries stay exact without it, but read those rows raw."""
+        deferred = self._writer.deferred
+        try:
+            while deferred.pending.parts:
+                wait = deferred.max_age_s - (time.monotonic() - deferred.pending.since)
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                elif not self._writer.closed:
+                    await self._writer.run(deferred.catch_up, "folding into the rollups")
+                else:
+                    return
+        except StorageError as exc:
+            log.warning("folding into the rollups failed, the next commit retries: %s", exc)
+        finally:
+            self._catch_up = None
 
     async def idempotency_lookup(self, service: str, key: str, window_s: float) -> Stored | None:
         async with self._read("idempotency lookup") as conn:
@@ -350,12 +395,17 @@ class SqliteBackend:
 
     async def delete_expired(self, table: str, before_ms: int, limit: int) -> int:
         if table in TABLES:
-            fn = database.delete_expired_chunk
-        elif table in shared.TABLES:
-            fn = sql_rollups.delete_expired_chunk
-        else:
-            raise ValueError(f"unknown table {table!r}")
-        return await self._writer.run(lambda c: fn(c, table, before_ms, limit), "retention delete")
+            deferred = self._writer.deferred
+            return await self._writer.run(
+                lambda c: database.delete_expired_chunk(c, table, before_ms, limit, deferred),
+                "retention delete",
+            )
+        if table in shared.TABLES:
+            return await self._writer.run(
+                lambda c: sql_rollups.delete_expired_chunk(c, table, before_ms, limit),
+                "retention delete",
+            )
+        raise ValueError(f"unknown table {table!r}")
 
     async def forget_idempotency_keys(self, before_ms: int, limit: int) -> int:
         return await self._writer.run(
@@ -364,9 +414,15 @@ class SqliteBackend:
         )
 
     async def compact_rollups(self, now_ms: int) -> int:
-        return await self._writer.run(
-            lambda c: sql_rollups.compact(c, now_ms), "compacting rollups"
-        )
+        deferred = self._writer.deferred
+
+        def compact(conn: sqlite3.Connection) -> int:
+            days = sql_rollups.compact(conn, now_ms, deferred.pending)
+            if days:  # the first day's transaction folded them
+                deferred.pending = sql_rollups.Pending()
+            return days
+
+        return await self._writer.run(compact, "compacting rollups")
 
     # -- reads ---------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import functools
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from itertools import chain, islice
 from operator import itemgetter
 from pathlib import Path
@@ -77,6 +78,10 @@ def _insert_kind(conn: sqlite3.Connection, kind: str, rows: list[tuple[Any, ...]
         count += conn.execute(_multi_sql(kind, present, size), params).rowcount
         done += size
     return count
+
+
+def _last_id(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
 
 
 # Binding ``None`` is the slowest parameter of all in CPython's sqlite3 (3.11): ``None`` is not
@@ -154,12 +159,18 @@ def insert_rows(
     conn: sqlite3.Connection,
     parts: Sequence[dict[str, list[tuple[Any, ...]]]],
     claims: Sequence[Claim | None] = (),
+    deferred: Deferred | None = None,
 ) -> int:
     """Insert the rows of several requests in one transaction; all or nothing.
 
     A failure rolls the whole transaction back, so the caller can retry without duplicates.
     ``claims`` (one per part, or none) claims idempotency keys in the same transaction; the part
     of a key already committed is not inserted (its claim's ``existing`` says so).
+
+    The rollups catch up with the raw tables in the same transaction (``rollups.catch_up``),
+    unless ``deferred`` (the service's writer) holds the rows back for a later commit: then they
+    are added to its pending rows, folded once those are due, and ``deferred.pending`` changes
+    only once this commit held.
     """
     count = 0
     try:
@@ -170,26 +181,69 @@ def insert_rows(
             kinds: set[str] = set()
             for part in parts:
                 kinds.update(part)
+            ids: dict[str, tuple[int, int]] = {}
             for kind in kinds:
                 rows = [row for part in parts for row in part.get(kind, ())]
-                count += _insert_kind(conn, kind, rows)
-            rollups.maintain(conn, parts)
+                inserted = _insert_kind(conn, kind, rows)
+                count += inserted
+                table = TABLE_OF_TYPE[kind]
+                if inserted and table in rollups.FOLDED:
+                    last = _last_id(conn)
+                    ids[table] = (last - inserted + 1, last)
+            pending = (deferred.pending if deferred else rollups.Pending()).extended(parts, ids)
+            if deferred is None or pending.due(deferred.max_rows, deferred.max_age_s):
+                rollups.catch_up(conn, pending)
+                pending = rollups.Pending()
     except sqlite3.Error as exc:
         raise StorageError(f"commit failed: {exc}") from exc
+    if deferred is not None:
+        deferred.pending = pending
     return count
 
 
-def delete_expired_chunk(conn: sqlite3.Connection, table: str, before_ms: int, limit: int) -> int:
-    """Delete up to ``limit`` rows of ``table`` whose event time is before ``before_ms``."""
+@dataclass(slots=True)
+class Deferred:
+    """A writer's rows not yet in the rollups (``rollups.Pending``) and when it folds them."""
+
+    pending: rollups.Pending = field(default_factory=rollups.Pending)
+    max_rows: int = rollups.FOLD_MAX_ROWS
+    max_age_s: float = rollups.FOLD_MAX_AGE_S
+
+    def catch_up(self, conn: sqlite3.Connection) -> int:
+        """Fold everything pending now, in a transaction of its own."""
+        try:
+            with write_transaction(conn):
+                folded = rollups.catch_up(conn, self.pending)
+        except sqlite3.Error as exc:
+            raise StorageError(f"folding into the rollups failed: {exc}") from exc
+        self.pending = rollups.Pending()
+        return folded
+
+
+def delete_expired_chunk(
+    conn: sqlite3.Connection,
+    table: str,
+    before_ms: int,
+    limit: int,
+    deferred: Deferred | None = None,
+) -> int:
+    """Delete up to ``limit`` rows of ``table`` whose event time is before ``before_ms``, in one
+    transaction that first brings the rollups up to date (no row leaves before it is in them;
+    ``deferred``: the writer's pending rows)."""
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}")
     try:
-        cursor = conn.execute(
-            f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE ts < ? LIMIT ?)",
-            (before_ms, limit),
-        )
+        with write_transaction(conn):
+            rollups.catch_up(conn, deferred.pending if deferred else None)
+            cursor = conn.execute(
+                f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE ts < ? LIMIT ?)",
+                (before_ms, limit),
+            )
+            rollups.after_delete(conn, table)
     except sqlite3.Error as exc:
         raise StorageError(f"retention delete failed: {exc}") from exc
+    if deferred is not None:
+        deferred.pending = rollups.Pending()
     return int(cursor.rowcount)
 
 

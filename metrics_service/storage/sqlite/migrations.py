@@ -321,6 +321,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             _view_v5(", 'protocol_version', protocol_version, 'error_type', error_type"),
         ],
     ),
+    # Rollups folded in every so often rather than by every commit: the id of the last raw row
+    # each rollup has, per raw table (storage/sqlite/rollups.py, "folding").
+    (8, "rollup fold marks", rollups.migration_v8()),
 ]
 
 

@@ -300,7 +300,7 @@ def _import_metrics(conn: sqlite3.Connection, validator: Any) -> dict[str, int]:
             for part in parts:
                 for kind, kind_rows in part.items():
                     conn.executemany(INSERT_SQL[kind], kind_rows)
-            rollups.maintain(conn, parts)
+            rollups.catch_up(conn)
             _mark(conn, "metrics", last_id, len(rows) < CHUNK_ROWS, counts)
             conn.execute("COMMIT")
         except BaseException:
