@@ -110,6 +110,9 @@ def connect(
             isolation_level=None,
             check_same_thread=check_same_thread,
             timeout=busy_timeout_ms / 1000,
+            # Room for the multi-row inserts of every column set and size (``_multi_sql``): a
+            # statement of 32 rows dropped from the cache costs its parse again.
+            cached_statements=512,
         )
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         _wal(conn, busy_timeout_ms)
