@@ -197,7 +197,8 @@ class Pending:
     ids they were given (``exact`` is False once a range did not continue the previous one:
     another writer's rows are in between, and only the table can tell which)."""
 
-    parts: tuple[Part, ...] = ()
+    #: ``(earlier, the parts of one commit)``, nested: extending it copies nothing.
+    parts: tuple[Any, ...] = ()
     rows: int = 0
     since: float = 0.0
     ids: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -217,12 +218,21 @@ class Pending:
                 exact = False
         rows = sum(len(r) for part in parts for kind, r in part.items() if kind in RAW_TABLE)
         return Pending(
-            (*self.parts, *parts),
+            (self.parts, tuple(parts)),
             self.rows + rows,
             self.since if self.parts else time.monotonic(),
             merged,
             exact,
         )
+
+    def all_parts(self) -> list[Part]:
+        """The pending parts, in commit order."""
+        commits = []
+        node = self.parts
+        while node:
+            node, last = node
+            commits.append(last)
+        return [part for commit in reversed(commits) for part in commit]
 
     def due(self, max_rows: int = FOLD_MAX_ROWS, max_age_s: float = FOLD_MAX_AGE_S) -> bool:
         return self.rows >= max_rows or (
@@ -247,7 +257,7 @@ def catch_up(conn: sqlite3.Connection, pending: Pending | None = None) -> int:
         return 0
     watermark = day_watermark(conn)
     if pending is not None and pending.exact and pending.ids == behind:
-        _upsert(conn, pending.parts, watermark)
+        _upsert(conn, pending.all_parts(), watermark)
     else:
         for table, (first, last) in behind.items():
             _fold_from_table(conn, table, first, last, watermark)
