@@ -9,7 +9,8 @@ metrics of the bench mix, bench/_workload.py, validated by the service's ``Valid
 for its commit, then submit the next, as the service's request handlers do in durable mode; one
 writer takes everything queued (up to 10,000 rows, the service's ``METRICS_COMMIT_MAX_ROWS``) and
 commits it in one transaction, as ``metrics_service/ingest.py`` does. SQLite: ``insert_rows`` on
-a fresh file (WAL, synchronous=FULL) on a thread, as the service's writer thread. PostgreSQL:
+a fresh file (WAL, synchronous=FULL) on a thread, as the service's writer thread, rollups folded
+in every 0.5 s as there. PostgreSQL:
 ``Backend.insert_batches`` (COPY, rollup upserts, one transaction) on a fresh cluster started by
 tests/_servers.py with the server defaults (fsync and synchronous_commit on).
 
@@ -44,6 +45,7 @@ from _workload import bodies  # noqa: E402
 from metrics_service import Settings, storage  # noqa: E402
 from metrics_service.idempotency import Claim  # noqa: E402
 from metrics_service.storage.postgres import Backend  # noqa: E402
+from metrics_service.storage.sqlite.database import Deferred  # noqa: E402
 from metrics_service.validation import Validator  # noqa: E402
 from tests._servers import PostgresServer, start_postgres  # noqa: E402
 
@@ -143,9 +145,11 @@ def bench_sqlite(
     folder = Path(tempfile.mkdtemp(prefix="bench-sqlite-"))
     try:
         conn, _ = storage.open_database(folder / "m.db", check_same_thread=False)
+        # As the service's writer: rollups folded in every METRICS_ROLLUP_FOLD_INTERVAL_S.
+        deferred = Deferred()
 
         async def commit(group: list[Part], claims: list[Claim | None]) -> None:
-            await asyncio.to_thread(storage.insert_rows, conn, group, claims)
+            await asyncio.to_thread(storage.insert_rows, conn, group, claims, deferred)
 
         cpu0, t0 = time.process_time(), time.monotonic()
         acked = asyncio.run(drive(commit, parts, concurrency, duration_s, 1, idempotency))
