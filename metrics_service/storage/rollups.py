@@ -27,7 +27,7 @@ import math
 import operator
 import sys
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -401,14 +401,15 @@ def _accumulate(
     bucket = low - low % width
     one_bucket = bucket == high - high % width
     if not one_bucket:
-        keys = [(t - t % width, k) for t, k in zip(ts, keys)]
-    # group -> its rows' indices, ascending (None: every row)
-    groups: dict[Any, list[int] | None]
+        keys = [(t - t % width, k) for t, k in zip(ts, keys, strict=True)]
+    # group -> its rows' indices, ascending
+    groups: Mapping[Any, Sequence[int]]
     if keys[0] == keys[-1] and keys.count(keys[0]) == n:
-        groups = {keys[0]: None}
+        groups = {keys[0]: range(n)}
     else:
-        groups = collections.defaultdict(list)
-        collections.deque(map(list.append, map(groups.__getitem__, keys), range(n)), 0)
+        lists: dict[Any, list[int]] = collections.defaultdict(list)
+        collections.deque(map(list.append, map(lists.__getitem__, keys), range(n)), 0)
+        groups = lists
     states: dict[Any, list[Any]] = {}
     for (shape, where, project), acc in zip(plan.shapes, accs, strict=True):
         members: dict[tuple[Any, ...], list[Any]] = {}
@@ -427,24 +428,20 @@ def _accumulate(
                     state = states[of[0]] = _state(plan.union, cols, groups[of[0]])
                 acc[key] = project(state)
             elif len(of) == len(groups):
-                acc[key] = _state(shape, cols, None)
+                acc[key] = _state(shape, cols, range(n))
             else:
                 idx = sorted(itertools.chain.from_iterable(map(groups.__getitem__, of)))
                 acc[key] = _state(shape, cols, idx)
     return accs
 
 
-def _state(shape: _Shape, cols: dict[int, list[Any]], idx: list[int] | None) -> list[Any]:
-    """The state of ``shape`` for the rows at ``idx`` (ascending; None: every row), from the
-    columns ``cols`` of the rows (an empty column: no values)."""
+def _state(shape: _Shape, cols: dict[int, list[Any]], idx: Sequence[int]) -> list[Any]:
+    """The state of ``shape`` for the rows at ``idx`` (ascending), from the columns ``cols`` of
+    the rows (an empty column: no values)."""
     st = shape.template.copy()
     value = cols[schema.VALUE]
-    if idx is None:
-        st[0] = len(value)
-        st[1] = _sum(value)
-    else:
-        st[0] = len(idx)
-        st[1] = _sum(map(value.__getitem__, idx))
+    st[0] = len(idx)
+    st[1] = _sum(value if len(idx) == len(value) else map(value.__getitem__, idx))
     for p, o in shape.sums:
         st[o] = _summed(cols[p], idx)[1]
     for p, o in shape.hists:
@@ -460,12 +457,12 @@ def _state(shape: _Shape, cols: dict[int, list[Any]], idx: list[int] | None) -> 
     return st
 
 
-def _summed(col: list[Any], idx: list[int] | None) -> tuple[list[Any], Any]:
-    """The values of ``col`` at ``idx`` (None: all) that are not None, in order, and their
+def _summed(col: list[Any], idx: Sequence[int]) -> tuple[list[Any], Any]:
+    """The values of ``col`` at ``idx`` (ascending) that are not None, in order, and their
     sum."""
     if not col:
         return col, 0
-    vs = col if idx is None else list(map(col.__getitem__, idx))
+    vs = col if len(idx) == len(col) else list(map(col.__getitem__, idx))
     try:
         return vs, _sum(vs)
     except TypeError:  # None among them
