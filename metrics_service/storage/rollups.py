@@ -278,14 +278,16 @@ def stored_rows(shape: _Shape, acc: dict[tuple[Any, ...], list[Any]]) -> Iterabl
     dimensions as ``missing_value``, an empty minimum and maximum as NULL."""
     ints = [i + 1 for i, d in enumerate(shape.dims) if d in INT_DIMS]
     for key, st in acc.items():
-        k = ["" if v is None else v for v in key]
-        for i in ints:
-            if key[i] is None:
-                k[i] = -1
+        if None in key:
+            k = ["" if v is None else v for v in key]
+            for i in ints:
+                if key[i] is None:
+                    k[i] = -1
+            key = tuple(k)
         for i in shape.mins:
             if st[i] == math.inf:
                 st[i] = st[i + 1] = None
-        yield (*k, *st)
+        yield (*key, *st)
 
 
 def has_cubes(parts: Sequence[dict[str, list[tuple[Any, ...]]]]) -> bool:
@@ -303,23 +305,30 @@ def updates(
     compaction. Consume each item before taking the next (they share the states)."""
     kinds = {kind for part in parts for kind in part}
     for kind in kinds:
-        shapes = _BY_KIND.get(kind, ())
-        if not shapes:
+        if kind not in _HOURLY:
             continue
-        hourly = tuple(shape for shape in shapes if "hour" in shape.cube.levels)
-        daily = [shape for shape in shapes if "hour" not in shape.cube.levels]
+        hourly, daily = _HOURLY[kind], _DAILY[kind]
         rows = list(itertools.chain.from_iterable(part.get(kind, ()) for part in parts))
-        if hourly:
-            for shape, hours in zip(hourly, _accumulate(hourly, rows, HOUR_MS), strict=True):
+        maybe_late = not hourly  # (else the hour keys tell)
+        for shape, hours in zip(hourly, _accumulate(hourly, rows, HOUR_MS), strict=True):
+            yield shape.cube, "hour", stored_rows(shape, hours)
+            if min(map(_BUCKET, hours), default=watermark) < watermark:
+                maybe_late = True
                 late = {k: st for k, st in hours.items() if k[0] < watermark}
-                yield shape.cube, "hour", stored_rows(shape, hours)
-                if late:
-                    yield shape.cube, "day", stored_rows(shape, shape.coarsen(late, DAY_MS))
-        late_rows = [r for r in rows if r[0] < watermark] if daily else []
-        if late_rows:
-            for shape in daily:
+                yield shape.cube, "day", stored_rows(shape, shape.coarsen(late, DAY_MS))
+        if daily and maybe_late:
+            late_rows = [r for r in rows if r[0] < watermark]
+            for shape in daily if late_rows else ():
                 (days,) = _accumulate((shape,), late_rows, DAY_MS)
                 yield shape.cube, "day", stored_rows(shape, days)
+
+
+#: metric type -> its cubes with hour tables, and its day-only cubes.
+_HOURLY = {k: tuple(s for s in shapes if "hour" in s.cube.levels) for k, shapes in _BY_KIND.items()}
+_DAILY = {
+    k: tuple(s for s in shapes if "hour" not in s.cube.levels) for k, shapes in _BY_KIND.items()
+}
+_BUCKET = operator.itemgetter(0)
 
 
 class _Plan:
@@ -335,12 +344,13 @@ class _Plan:
         self.union = _Shape(Cube(f"_{kind}", kind, dims, sums, hists))
         pos = self.union.cube.positions
         self.key = operator.itemgetter(*(pos[d] for d in dims))
-        self.single_dim = len(dims) == 1
+        self.single_dim = len(dims) == 1  # then ``key`` gives a value, not a tuple
         self.nullable = sorted({pos[c] for c in (*sums, *hists)})
-        #: Per shape: where its dimensions are in a group's key, and how its state is taken
-        #: from a group's state.
-        self.shapes: list[tuple[_Shape, tuple[int, ...], Callable[[list[Any]], list[Any]]]] = []
+        self.columns = [(p, operator.itemgetter(p)) for p in (schema.VALUE, *self.nullable)]
+        #: Per shape: its key from a group's (bucket, *dims), and its state from a group's.
+        self.shapes: list[tuple[Callable[[Any], Any], Callable[[list[Any]], list[Any]]]] = []
         for shape in shapes:
+            key = operator.itemgetter(0, *(1 + dims.index(d) for d in shape.dims))
             where = [0, 1, *(2 + sums.index(c) for c in shape.cube.sums)]
             for h in shape.cube.hists:
                 o = self.union.cube.hist_offset(h)
@@ -348,7 +358,7 @@ class _Plan:
             project: Callable[[list[Any]], list[Any]] = list.copy
             if where != list(range(self.union.size)):
                 project = functools.partial(_taken, operator.itemgetter(*where))
-            self.shapes.append((shape, tuple(dims.index(d) for d in shape.dims), project))
+            self.shapes.append((key, project))
 
 
 def _taken(take: Callable[[list[Any]], tuple[Any, ...]], state: list[Any]) -> list[Any]:
@@ -360,6 +370,7 @@ def _plan(shapes: tuple[_Shape, ...]) -> _Plan:
     return _Plan(shapes)
 
 
+_TS = operator.itemgetter(schema.TS)
 #: ``BOUNDS_MS`` as floats: the same comparisons, faster against float values.
 _FLOAT_BOUNDS = tuple(map(float, BOUNDS_MS))
 
@@ -389,16 +400,14 @@ def _accumulate(
     if not n:
         return accs
     plan = _plan(shapes)
-    cols = {p: list(map(operator.itemgetter(p), rows)) for p in (schema.VALUE, *plan.nullable)}
+    cols = {p: list(map(get, rows)) for p, get in plan.columns}
     for p in plan.nullable:
         if cols[p][0] is None and cols[p].count(None) == n:
             cols[p] = []  # no values
-    ts = list(map(operator.itemgetter(schema.TS), rows))
+    ts = list(map(_TS, rows))
     low, high = min(ts), max(ts)
-    keys: list[Any] = list(map(plan.key, rows))
-    if plan.single_dim:
-        keys = list(zip(keys))
     bucket = low - low % width
+    keys: list[Any] = list(map(plan.key, rows))
     one_bucket = bucket == high - high % width
     if not one_bucket:
         keys = [(t - t % width, k) for t, k in zip(ts, keys, strict=True)]
@@ -410,28 +419,28 @@ def _accumulate(
         lists: dict[Any, list[int]] = collections.defaultdict(list)
         collections.deque(map(list.append, map(lists.__getitem__, keys), range(n)), 0)
         groups = lists
-    states: dict[Any, list[Any]] = {}
-    for (shape, where, project), acc in zip(plan.shapes, accs, strict=True):
-        members: dict[tuple[Any, ...], list[Any]] = {}
-        for group in groups:
-            dims = group if one_bucket else group[1]
-            key = (bucket if one_bucket else group[0], *map(dims.__getitem__, where))
-            have = members.get(key)
-            if have is None:
-                members[key] = [group]
-            else:
-                have.append(group)
+    idxs = list(groups.values())
+    if one_bucket:
+        full = [(bucket, *((g,) if plan.single_dim else g)) for g in groups]
+    else:
+        full = [(t, *((g,) if plan.single_dim else g)) for t, g in groups]
+    # the groups' (indices in ``idxs``) state in the layout of ``plan.union``
+    states: dict[tuple[int, ...], list[Any]] = {}
+    for (key_of, project), acc in zip(plan.shapes, accs, strict=True):
+        members: dict[tuple[Any, ...], list[int]] = {}
+        for g, key in enumerate(map(key_of, full)):
+            members.setdefault(key, []).append(g)
         for key, of in members.items():
-            if len(of) == 1:
-                state = states.get(of[0])
-                if state is None:
-                    state = states[of[0]] = _state(plan.union, cols, groups[of[0]])
-                acc[key] = project(state)
-            elif len(of) == len(groups):
-                acc[key] = _state(shape, cols, range(n))
-            else:
-                idx = sorted(itertools.chain.from_iterable(map(groups.__getitem__, of)))
-                acc[key] = _state(shape, cols, idx)
+            state = states.get(tuple(of))
+            if state is None:
+                if len(of) == 1:
+                    idx = idxs[of[0]]
+                elif len(of) == len(idxs):
+                    idx = range(n)
+                else:
+                    idx = sorted(itertools.chain.from_iterable(map(idxs.__getitem__, of)))
+                state = states[tuple(of)] = _state(plan.union, cols, idx)
+            acc[key] = project(state)
     return accs
 
 
@@ -439,13 +448,13 @@ def _state(shape: _Shape, cols: dict[int, list[Any]], idx: Sequence[int]) -> lis
     """The state of ``shape`` for the rows at ``idx`` (ascending), from the columns ``cols`` of
     the rows (an empty column: no values)."""
     st = shape.template.copy()
-    value = cols[schema.VALUE]
+    take = _taker(idx, len(cols[schema.VALUE]))
     st[0] = len(idx)
-    st[1] = _sum(value if len(idx) == len(value) else map(value.__getitem__, idx))
+    st[1] = _sum(take(cols[schema.VALUE]))
     for p, o in shape.sums:
-        st[o] = _summed(cols[p], idx)[1]
+        st[o] = _summed(cols[p], take)[1]
     for p, o in shape.hists:
-        vs, total = _summed(cols[p], idx)
+        vs, total = _summed(cols[p], take)
         if not vs:
             continue
         s = sorted(vs)
@@ -457,12 +466,30 @@ def _state(shape: _Shape, cols: dict[int, list[Any]], idx: Sequence[int]) -> lis
     return st
 
 
-def _summed(col: list[Any], idx: Sequence[int]) -> tuple[list[Any], Any]:
-    """The values of ``col`` at ``idx`` (ascending) that are not None, in order, and their
-    sum."""
+def _taker(idx: Sequence[int], n: int) -> Callable[[list[Any]], Sequence[Any]]:
+    """``take(column)``: the values at ``idx`` (ascending, of ``n`` rows), in order."""
+    if len(idx) == n:
+        return _same
+    if len(idx) == 1:
+        return functools.partial(_one, idx[0])
+    return operator.itemgetter(*idx)
+
+
+def _same(col: list[Any]) -> list[Any]:
+    return col
+
+
+def _one(i: int, col: list[Any]) -> tuple[Any]:
+    return (col[i],)
+
+
+def _summed(
+    col: list[Any], take: Callable[[list[Any]], Sequence[Any]]
+) -> tuple[Sequence[Any], Any]:
+    """The values ``take`` takes from ``col`` that are not None, in order, and their sum."""
     if not col:
         return col, 0
-    vs = col if len(idx) == len(col) else list(map(col.__getitem__, idx))
+    vs = take(col)
     try:
         return vs, _sum(vs)
     except TypeError:  # None among them
@@ -473,11 +500,6 @@ def _summed(col: list[Any], idx: Sequence[int]) -> tuple[list[Any], Any]:
 def _count_buckets(s: list[Any], st: list[Any], at: int) -> None:
     """Set ``st[at + i]`` to the number of values of ``s`` (sorted, not empty) in bucket i."""
     first, last = bisect_left(_FLOAT_BOUNDS, s[0]), bisect_left(_FLOAT_BOUNDS, s[-1])
-    if 2 * (last - first) > len(s):
-        counts = collections.Counter(map(bisect_left, itertools.repeat(_FLOAT_BOUNDS), s))
-        for i, c in counts.items():
-            st[at + i] = c
-        return
     start = 0
     for i in range(first, last):
         end = bisect_right(s, _FLOAT_BOUNDS[i], start)
