@@ -305,9 +305,11 @@ def updates(
     compaction. Consume each item before taking the next (they share the states)."""
     kinds = {kind for part in parts for kind in part}
     for kind in kinds:
-        if kind not in _HOURLY:
+        shapes = _BY_KIND.get(kind, ())
+        if not shapes:
             continue
-        hourly, daily = _HOURLY[kind], _DAILY[kind]
+        hourly = tuple(shape for shape in shapes if "hour" in shape.cube.levels)
+        daily = [shape for shape in shapes if "hour" not in shape.cube.levels]
         rows = list(itertools.chain.from_iterable(part.get(kind, ()) for part in parts))
         maybe_late = not hourly  # (else the hour keys tell)
         for shape, hours in zip(hourly, _accumulate(hourly, rows, HOUR_MS), strict=True):
@@ -323,11 +325,6 @@ def updates(
                 yield shape.cube, "day", stored_rows(shape, days)
 
 
-#: metric type -> its cubes with hour tables, and its day-only cubes.
-_HOURLY = {k: tuple(s for s in shapes if "hour" in s.cube.levels) for k, shapes in _BY_KIND.items()}
-_DAILY = {
-    k: tuple(s for s in shapes if "hour" not in s.cube.levels) for k, shapes in _BY_KIND.items()
-}
 _BUCKET = operator.itemgetter(0)
 
 
