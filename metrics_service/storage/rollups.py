@@ -330,8 +330,9 @@ _BUCKET = operator.itemgetter(0)
 
 class _Plan:
     """How ``_accumulate`` groups the rows of a family for ``shapes`` (cubes of that family):
-    by the union of their dimensions, each group's state in the layout of ``union``, a cube
-    with the union of their sums and latency columns."""
+    by the union of their dimensions, each group's state in the layout of ``union`` (a cube
+    with the union of their sums and latency columns), from which each shape takes its key
+    and state."""
 
     def __init__(self, shapes: tuple[_Shape, ...]) -> None:
         kind = shapes[0].cube.kind
@@ -372,7 +373,8 @@ _TS = operator.itemgetter(schema.TS)
 _FLOAT_BOUNDS = tuple(map(float, BOUNDS_MS))
 
 if sys.version_info >= (3, 12):
-    # sum() of floats compensates from 3.12 on (gh-100425); a state's sums are in row order.
+    # sum() of floats is compensated (Neumaier) from 3.12 on; a state's sums are the plain
+    # left-to-right additions of the rows.
     def _sum(values: Iterable[Any]) -> Any:
         return functools.reduce(operator.add, values, 0)
 
@@ -386,12 +388,15 @@ def _accumulate(
     """The states of ``rows`` for every cube in ``shapes`` (one dict per shape, keyed by time
     bucket of ``width`` and the cube's dimensions, in the order of each key's first row).
 
-    Each state is what adding the rows one by one in order gives (counts, sums left to right,
-    the first of equal minima and maxima), but the per-row work is C-level: the rows are
-    grouped once by the union of the cubes' dimensions, a state is computed per group from
-    its columns (``sum``, a sort for minimum, maximum and buckets), and a cube's key that takes
-    several groups is recomputed from its rows in order. A generated loop over rows and cubes
-    cost about 2 us per tool row (5 cubes)."""
+    Each state is exactly what adding the rows one by one in order gives (counts, sums left to
+    right, the first of equal minima and maxima), but the work per row is C-level: the rows
+    are grouped once by the union of the cubes' dimensions (and the hour, when they span more
+    than one), a state is computed per group from its columns (``sum``; a stable sort for the
+    minimum, maximum and bucket counts), and a cube's key that takes several groups gets the
+    state of those groups' rows together, in row order (never a sum of the groups' sums: float
+    addition is not associative). On the bench mix (commits of 800 rows, tool rows feeding 5
+    cubes) this costs about half the CPU of the generated per-row loop over the cubes that it
+    replaced (about 0.85 against 1.5 to 2.4 us per row on the shared 2-core machine)."""
     accs: list[dict[tuple[Any, ...], list[Any]]] = [{} for _ in shapes]
     n = len(rows)
     if not n:
