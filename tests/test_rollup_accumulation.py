@@ -150,6 +150,7 @@ ages = st.one_of(
 counts = st.one_of(st.none(), st.integers(0, 2**62))
 success = st.one_of(st.none(), st.booleans())
 
+#: The dimensions that cubes group by, per family (tool rows: two of them from metadata).
 DIMENSIONS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "tool_execution": {
         "method": text("tools/call", "tools/list"),
@@ -164,12 +165,7 @@ DIMENSIONS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
         "server": text("auth-1", "auth-2"),
         "user_hash": text("u1", "u2", "u3"),
     },
-    "tool_discovery": {
-        "query": text("q"),
-        "results_count": counts,
-        "embedding_time_ms": durations,
-        "search_time_ms": durations,
-    },
+    "tool_discovery": {"query": text("q")},
     "protocol_latency": {
         "flow_step": st.sampled_from(["initialize->tools/list", "tools/list->tools/call"]),
         "server_name": text("srv", "other"),
@@ -182,11 +178,15 @@ DIMENSIONS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     },
     "health_check": {"endpoint": text("/a", "/b"), "healthy": success},
 }
-TOOL_METADATA = {
-    "agent_id": text("a1", "a2"),
-    "tenant_id": text("t1", "t2"),
-    "input_tokens": counts,
-    "output_tokens": counts,
+TOOL_KEYS = {"agent_id": text("a1", "a2"), "tenant_id": text("t1", "t2")}
+#: The other summed and latency columns (in dimensions, or metadata for tool rows).
+NUMBERS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
+    "tool_execution": {"input_tokens": counts, "output_tokens": counts},
+    "tool_discovery": {
+        "results_count": counts,
+        "embedding_time_ms": durations,
+        "search_time_ms": durations,
+    },
 }
 
 
@@ -194,23 +194,38 @@ def without_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
 
+Profile = tuple[dict[str, Any], dict[str, Any]]  # dimensions, metadata keys
+
+
+def profile(kind: str) -> st.SearchStrategy[Profile]:
+    return st.tuples(
+        st.fixed_dictionaries(DIMENSIONS[kind]).map(without_none),
+        st.fixed_dictionaries(TOOL_KEYS if kind == "tool_execution" else {}).map(without_none),
+    )
+
+
 @st.composite
-def metric(draw: st.DrawFn, kinds: list[str]) -> dict[str, Any]:
+def metric(draw: st.DrawFn, kinds: list[str], profiles: dict[str, list[Profile]]) -> dict[str, Any]:
+    """A metric of one of ``kinds``, its dimensions one of the family's ``profiles`` (if any:
+    few groups, many rows each) or drawn afresh."""
     kind = draw(st.sampled_from(kinds))
+    dims, keys = draw(st.sampled_from(profiles[kind]) if profiles else profile(kind))
+    numbers = without_none({k: draw(s) for k, s in NUMBERS.get(kind, {}).items()})
+    tool = kind == "tool_execution"
     m: dict[str, Any] = {
         "type": kind,
         "value": draw(values),
         # the last three days and today up to now, most in the last two hours
         "timestamp": NOW - draw(ages),
-        "dimensions": without_none({k: draw(s) for k, s in DIMENSIONS[kind].items()}),
+        "dimensions": {**dims, **({} if tool else numbers)},
     }
     duration = draw(durations)
     if duration is not None:
         m["duration_ms"] = duration
     elif kind == "protocol_latency":  # then value is the latency in seconds
         m["value"] = draw(st.floats(min_value=0, max_value=86_400, allow_nan=False))
-    if kind == "tool_execution":
-        m["metadata"] = without_none({k: draw(s) for k, s in TOOL_METADATA.items()})
+    if tool:
+        m["metadata"] = {**keys, **numbers}
         if m["dimensions"].get("method", "tools/call") == "tools/call":
             m["dimensions"].setdefault("tool_name", "search")  # required then
     return m
@@ -228,10 +243,14 @@ def rows_of(metrics: list[dict[str, Any]]) -> dict[str, list[tuple[Any, ...]]]:
 
 @st.composite
 def bodies(draw: st.DrawFn) -> list[list[dict[str, Any]]]:
-    """1 to 4 bodies (parts of a commit) of metrics of one to three families, enough of them
-    that a key of the coarser cubes takes rows of several groups of the finer ones."""
+    """1 to 4 bodies (parts of a commit) of metrics of one to three families. Half of the
+    examples take their dimensions from a few profiles per family: few groups of many rows,
+    the coarser cubes' keys taking rows of several groups of the finer ones; the others draw
+    them for each metric: groups of a row or two."""
     kinds = draw(st.lists(st.sampled_from(sorted(DIMENSIONS)), min_size=1, max_size=3, unique=True))
-    body = st.lists(metric(kinds), min_size=10, max_size=60)
+    few = draw(st.booleans())
+    profiles = {k: draw(st.lists(profile(k), min_size=1, max_size=4)) for k in kinds} if few else {}
+    body = st.lists(metric(kinds, profiles), min_size=10, max_size=60)
     return draw(st.lists(body, min_size=1, max_size=4))
 
 
