@@ -140,8 +140,9 @@ values = st.one_of(
     st.sampled_from([1.0, 0.0, -0.0, 3.0, 1e15]),
     st.floats(min_value=0, max_value=1e6, allow_nan=False),
 )
-#: Seconds before NOW: mostly this hour or the last, some in earlier days (late rows when the
-#: watermark is past them).
+#: Seconds before NOW: all in the last hour, or mostly in the last two hours and some in
+#: earlier days (late rows when the watermark is past them).
+last_hour = st.sampled_from([0.5, 59.0, 600.0, 1_800.25, 3_599.0])
 ages = st.one_of(
     st.sampled_from([0.0, 0.5, 59.0, 3_600.0, 4_000.25]),
     st.sampled_from([86_400.0, 2 * 86_400 + 100.0, 3 * 86_400 + 7 * 3_600.0]),
@@ -205,9 +206,27 @@ def profile(kind: str) -> st.SearchStrategy[Profile]:
 
 
 @st.composite
-def metric(draw: st.DrawFn, kinds: list[str], profiles: dict[str, list[Profile]]) -> dict[str, Any]:
+def related(draw: st.DrawFn, kind: str) -> list[Profile]:
+    """A profile and a few more, each differing from an earlier one in one dimension: the
+    cubes without that dimension put their rows under one key."""
+    out = [draw(profile(kind))]
+    choices = {**DIMENSIONS[kind], **(TOOL_KEYS if kind == "tool_execution" else {})}
+    for _ in range(draw(st.integers(1, 4))):
+        dims, keys = (dict(d) for d in draw(st.sampled_from(out)))
+        name = draw(st.sampled_from(sorted(choices)))
+        where = keys if name in TOOL_KEYS else dims
+        where.pop(name, None)
+        where.update(without_none({name: draw(choices[name])}))
+        out.append((dims, keys))
+    return out
+
+
+@st.composite
+def metric(
+    draw: st.DrawFn, kinds: list[str], profiles: dict[str, list[Profile]], hour: bool
+) -> dict[str, Any]:
     """A metric of one of ``kinds``, its dimensions one of the family's ``profiles`` (if any:
-    few groups, many rows each) or drawn afresh."""
+    few groups, many rows each) or drawn afresh, in the last ``hour`` or over days."""
     kind = draw(st.sampled_from(kinds))
     dims, keys = draw(st.sampled_from(profiles[kind]) if profiles else profile(kind))
     numbers = without_none({k: draw(s) for k, s in NUMBERS.get(kind, {}).items()})
@@ -216,7 +235,7 @@ def metric(draw: st.DrawFn, kinds: list[str], profiles: dict[str, list[Profile]]
         "type": kind,
         "value": draw(values),
         # the last three days and today up to now, most in the last two hours
-        "timestamp": NOW - draw(ages),
+        "timestamp": NOW - draw(last_hour if hour else ages),
         "dimensions": {**dims, **({} if tool else numbers)},
     }
     duration = draw(durations)
@@ -246,11 +265,12 @@ def bodies(draw: st.DrawFn) -> list[list[dict[str, Any]]]:
     """1 to 4 bodies (parts of a commit) of metrics of one to three families. Half of the
     examples take their dimensions from a few profiles per family: few groups of many rows,
     the coarser cubes' keys taking rows of several groups of the finer ones; the others draw
-    them for each metric: groups of a row or two."""
+    them for each metric: groups of a row or two. The metrics of a body are in the last hour
+    or spread over days."""
     kinds = draw(st.lists(st.sampled_from(sorted(DIMENSIONS)), min_size=1, max_size=3, unique=True))
     few = draw(st.booleans())
-    profiles = {k: draw(st.lists(profile(k), min_size=1, max_size=4)) for k in kinds} if few else {}
-    body = st.lists(metric(kinds, profiles), min_size=10, max_size=60)
+    profiles = {k: draw(related(k)) for k in kinds} if few else {}
+    body = st.lists(metric(kinds, profiles, draw(st.booleans())), min_size=10, max_size=60)
     return draw(st.lists(body, min_size=1, max_size=4))
 
 
@@ -274,7 +294,7 @@ def test_the_state_is_taken_in_row_order() -> None:
     """A key that takes rows of several groups (``clients``: tools a and b) sums them in row
     order, not group by group; the first of equal minima and maxima is kept (0.0, -0.0)."""
     tool = {"type": "tool_execution", "timestamp": NOW}
-    rows = [(0.1, 0.0, "a"), (0.2, -0.0, "b"), (0.3, 0.1, "a"), (0.7, 0.0, "b")]
+    rows = [(0.1, 0.0, "a"), (0.2, -0.0, "b"), (0.3, 0.1, "a"), (0.7, 0.0, "b")] * 10
     metrics = [
         {**tool, "value": v, "duration_ms": d, "dimensions": {"tool_name": t, "success": True}}
         for v, d, t in rows
@@ -290,9 +310,18 @@ def test_the_state_is_taken_in_row_order() -> None:
         cube = cubes[name]
         return dict(zip(["bucket", *cube.dims, *cube.state_columns], row, strict=True))
 
+    in_order = by_tool = 0.0
+    for v, _, _ in rows:
+        in_order += v
+    for tool_name in "ab":
+        of_tool = 0.0
+        for v, _, t in rows:
+            if t == tool_name:
+                of_tool += v
+        by_tool += of_tool
     (everything,) = (named("clients", row) for row in got["clients"])
-    assert everything["n"] == 4 and everything["lat_n"] == 4 and everything["lat_b00"] == 4
-    assert everything["calls"] == ((0.1 + 0.2) + 0.3) + 0.7 != (0.1 + 0.3) + (0.2 + 0.7)
+    assert everything["n"] == everything["lat_n"] == everything["lat_b00"] == 40
+    assert everything["calls"] == in_order != by_tool
     assert repr((everything["lat_min"], everything["lat_max"])) == "(0.0, 0.1)"
     (b,) = (named("tools", row) for row in got["tools"] if named("tools", row)["tool_name"] == "b")
     assert repr((b["lat_sum"], b["lat_min"], b["lat_max"])) == "(0.0, -0.0, -0.0)"
