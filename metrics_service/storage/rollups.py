@@ -400,9 +400,10 @@ def _accumulate(
     minimum, maximum and bucket counts), and a cube's key that takes several groups gets the
     state of those groups' rows together, in row order (never a sum of the groups' sums: float
     addition is not associative). On the bench mix (commits of 800 rows, tool rows feeding 5
-    cubes) this takes 0.8 to 0.9 us of CPU per row where the generated per-row loop over the
-    cubes (``_accumulator``) took 1.4 to 2.1. Rows of many small groups (the ``users`` cube's
-    late rows) still take that loop: a state per group would cost more than it saves."""
+    cubes) this takes 0.8 to 1.2 us of CPU per row where the generated per-row loop over the
+    cubes (``_accumulator``) took 1.4 to 2.2, on a shared 2-core machine. Rows of many small
+    groups (the ``users`` cube's late rows) still take that loop: a state per group would cost
+    more than it saves."""
     accs: list[dict[tuple[Any, ...], list[Any]]] = [{} for _ in shapes]
     n = len(rows)
     if not n:
