@@ -20,10 +20,14 @@ missing ``success``): primary keys must not hold NULL.
 
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
 import math
-from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import operator
+import sys
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,14 +278,16 @@ def stored_rows(shape: _Shape, acc: dict[tuple[Any, ...], list[Any]]) -> Iterabl
     dimensions as ``missing_value``, an empty minimum and maximum as NULL."""
     ints = [i + 1 for i, d in enumerate(shape.dims) if d in INT_DIMS]
     for key, st in acc.items():
-        k = ["" if v is None else v for v in key]
-        for i in ints:
-            if key[i] is None:
-                k[i] = -1
+        if None in key:
+            k = ["" if v is None else v for v in key]
+            for i in ints:
+                if key[i] is None:
+                    k[i] = -1
+            key = tuple(k)
         for i in shape.mins:
             if st[i] == math.inf:
                 st[i] = st[i + 1] = None
-        yield (*k, *st)
+        yield (*key, *st)
 
 
 def has_cubes(parts: Sequence[dict[str, list[tuple[Any, ...]]]]) -> bool:
@@ -304,26 +310,151 @@ def updates(
             continue
         hourly = tuple(shape for shape in shapes if "hour" in shape.cube.levels)
         daily = [shape for shape in shapes if "hour" not in shape.cube.levels]
-        if hourly:
-            accs: list[dict[tuple[Any, ...], list[Any]]] = [{} for _ in hourly]
-            accumulate = _accumulator(hourly)
-            for part in parts:
-                rows = part.get(kind)
-                if rows:
-                    accumulate(rows, HOUR_MS, accs)
-            for shape, hours in zip(hourly, accs, strict=True):
+        rows = list(itertools.chain.from_iterable(part.get(kind, ()) for part in parts))
+        maybe_late = not hourly  # (else the hour keys tell)
+        for shape, hours in zip(hourly, _accumulate(hourly, rows, HOUR_MS), strict=True):
+            yield shape.cube, "hour", stored_rows(shape, hours)
+            if min(map(_BUCKET, hours), default=watermark) < watermark:
+                maybe_late = True
                 late = {k: st for k, st in hours.items() if k[0] < watermark}
-                yield shape.cube, "hour", stored_rows(shape, hours)
-                if late:
-                    yield shape.cube, "day", stored_rows(shape, shape.coarsen(late, DAY_MS))
-        late_rows = (
-            [r for part in parts for r in part.get(kind, ()) if r[0] < watermark] if daily else []
-        )
-        if late_rows:
-            for shape in daily:
-                days: dict[tuple[Any, ...], list[Any]] = {}
-                _accumulator((shape,))(late_rows, DAY_MS, [days])
+                yield shape.cube, "day", stored_rows(shape, shape.coarsen(late, DAY_MS))
+        if daily and maybe_late:
+            late_rows = [r for r in rows if r[0] < watermark]
+            for shape in daily if late_rows else ():
+                (days,) = _accumulate((shape,), late_rows, DAY_MS)
                 yield shape.cube, "day", stored_rows(shape, days)
+
+
+_BUCKET = operator.itemgetter(0)
+
+
+class _Plan:
+    """How ``_accumulate`` groups the rows of a family for ``shapes`` (cubes of that family):
+    by the union of their dimensions, each group's state in the layout of ``union`` (a cube
+    with the union of their sums and latency columns), from which each shape takes its key
+    and state."""
+
+    def __init__(self, shapes: tuple[_Shape, ...]) -> None:
+        kind = shapes[0].cube.kind
+        dims = tuple(dict.fromkeys(d for shape in shapes for d in shape.dims))
+        sums = tuple(dict.fromkeys(c for shape in shapes for c in shape.cube.sums))
+        hists = tuple(dict.fromkeys(h for shape in shapes for h in shape.cube.hists))
+        self.union = _Shape(Cube(f"_{kind}", kind, dims, sums, hists))
+        pos = self.union.cube.positions
+        self.key = operator.itemgetter(*(pos[d] for d in dims))
+        self.single_dim = len(dims) == 1  # then ``key`` gives a value, not a tuple
+        self.nullable = sorted({pos[c] for c in (*sums, *hists)})
+        self.columns = [(p, operator.itemgetter(p)) for p in (schema.VALUE, *self.nullable)]
+        #: Per shape: its key from a group's (bucket, *dims), and its state from a group's.
+        self.shapes: list[tuple[Callable[[Any], Any], Callable[[list[Any]], list[Any]]]] = []
+        for shape in shapes:
+            key = operator.itemgetter(0, *(1 + dims.index(d) for d in shape.dims))
+            where = [0, 1, *(2 + sums.index(c) for c in shape.cube.sums)]
+            for h in shape.cube.hists:
+                o = self.union.cube.hist_offset(h)
+                where += range(o, o + 4 + NBUCKETS)
+            project: Callable[[list[Any]], list[Any]] = list.copy
+            if where != list(range(self.union.size)):
+                project = functools.partial(_taken, operator.itemgetter(*where))
+            self.shapes.append((key, project))
+
+
+def _taken(take: Callable[[list[Any]], tuple[Any, ...]], state: list[Any]) -> list[Any]:
+    return list(take(state))
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(shapes: tuple[_Shape, ...]) -> _Plan:
+    return _Plan(shapes)
+
+
+_TS = operator.itemgetter(schema.TS)
+#: ``_accumulate`` adds the rows one by one when the first ``_PROBE`` rows have fewer than
+#: ``_GROUP_ROWS / len(shapes)`` rows per group on average: then a state per group costs more
+#: than it saves (measured on bench rows: about 3 rows per group for the 5 tool cubes, 10 to 25
+#: for one cube).
+_PROBE, _GROUP_ROWS = 64, 16
+#: ``BOUNDS_MS`` as floats: the same comparisons, faster against float values.
+_FLOAT_BOUNDS = tuple(map(float, BOUNDS_MS))
+
+if sys.version_info >= (3, 12):
+    # sum() of floats is compensated (Neumaier) from 3.12 on; a state's sums are the plain
+    # left-to-right additions of the rows.
+    def _sum(values: Iterable[Any]) -> Any:
+        return functools.reduce(operator.add, values, 0)
+
+else:
+    _sum = sum
+
+
+def _accumulate(
+    shapes: tuple[_Shape, ...], rows: Sequence[tuple[Any, ...]], width: int
+) -> list[dict[tuple[Any, ...], list[Any]]]:
+    """The states of ``rows`` for every cube in ``shapes`` (one dict per shape, keyed by time
+    bucket of ``width`` and the cube's dimensions, in the order of each key's first row).
+
+    Each state is exactly what adding the rows one by one in order gives (counts, sums left to
+    right, the first of equal minima and maxima), but the work per row is C-level: the rows
+    are grouped once by the union of the cubes' dimensions (and the hour, when they span more
+    than one), a state is computed per group from its columns (``sum``; a stable sort for the
+    minimum, maximum and bucket counts), and a cube's key that takes several groups gets the
+    state of those groups' rows together, in row order (never a sum of the groups' sums: float
+    addition is not associative). On the bench mix (commits of 800 rows, tool rows feeding 5
+    cubes) this takes 0.8 to 1.2 us of CPU per row where the generated per-row loop over the
+    cubes (``_accumulator``) took 1.4 to 2.2, on a shared 2-core machine. Rows of many small
+    groups (the ``users`` cube's late rows) still take that loop: a state per group would cost
+    more than it saves."""
+    accs: list[dict[tuple[Any, ...], list[Any]]] = [{} for _ in shapes]
+    n = len(rows)
+    if not n:
+        return accs
+    plan = _plan(shapes)
+    keys: list[Any] = list(map(plan.key, rows))
+    probe = keys[:_PROBE]
+    if len(set(probe)) * _GROUP_ROWS > len(probe) * len(shapes):
+        _accumulator(shapes)(rows, width, accs)  # small groups: row by row costs less
+        return accs
+    cols = {p: list(map(get, rows)) for p, get in plan.columns}
+    for p in plan.nullable:
+        if cols[p][0] is None and cols[p].count(None) == n:
+            cols[p] = []  # no values
+    ts = list(map(_TS, rows))
+    low, high = min(ts), max(ts)
+    bucket = low - low % width
+    one_bucket = bucket == high - high % width
+    if not one_bucket:
+        keys = [(t - t % width, k) for t, k in zip(ts, keys, strict=True)]
+    # group -> its rows' indices, ascending
+    groups: Mapping[Any, Sequence[int]]
+    if keys[0] == keys[-1] and keys.count(keys[0]) == n:
+        groups = {keys[0]: range(n)}
+    else:
+        lists: dict[Any, list[int]] = collections.defaultdict(list)
+        collections.deque(map(list.append, map(lists.__getitem__, keys), range(n)), 0)
+        groups = lists
+    idxs = list(groups.values())
+    if one_bucket:
+        full = [(bucket, *((g,) if plan.single_dim else g)) for g in groups]
+    else:
+        full = [(t, *((g,) if plan.single_dim else g)) for t, g in groups]
+    # the groups' (indices in ``idxs``) state in the layout of ``plan.union``
+    states: dict[tuple[int, ...], list[Any]] = {}
+    for (key_of, project), acc in zip(plan.shapes, accs, strict=True):
+        members: dict[tuple[Any, ...], list[int]] = {}
+        for g, key in enumerate(map(key_of, full)):
+            members.setdefault(key, []).append(g)
+        for key, of in members.items():
+            state = states.get(tuple(of))
+            if state is None:
+                if len(of) == 1:
+                    idx = idxs[of[0]]
+                elif len(of) == len(idxs):
+                    idx = range(n)
+                else:
+                    idx = sorted(itertools.chain.from_iterable(map(idxs.__getitem__, of)))
+                state = states[tuple(of)] = _state(plan.union, cols, idx)
+            acc[key] = project(state)
+    return accs
 
 
 Accumulator = Callable[
@@ -335,7 +466,8 @@ Accumulator = Callable[
 def _accumulator(shapes: tuple[_Shape, ...]) -> Accumulator:
     """``accumulate(rows, width, accs)``: add ``rows`` to the states of every cube in ``shapes``
     (``accs[i]`` for ``shapes[i]``, keyed by time bucket of ``width`` and the cube's dimensions)
-    in one pass over the rows.
+    in one pass over the rows, one row at a time: ``_accumulate``'s way for rows of many small
+    groups (the ``users`` cube's late rows), where a state per group costs more than a row.
 
     Generated, as ``dataclasses`` generates ``__init__``: the column positions and state offsets
     of the cubes are literals in straight-line code, so each row is read once and each value is
@@ -388,6 +520,70 @@ def _accumulator(shapes: tuple[_Shape, ...]) -> Accumulator:
     namespace.update({f"T{i}": shape.template for i, shape in enumerate(shapes)})
     exec("\n".join(lines), namespace)
     return namespace["accumulate"]  # type: ignore[no-any-return]
+
+
+def _state(shape: _Shape, cols: dict[int, list[Any]], idx: Sequence[int]) -> list[Any]:
+    """The state of ``shape`` for the rows at ``idx`` (ascending), from the columns ``cols`` of
+    the rows (an empty column: no values)."""
+    st = shape.template.copy()
+    take = _taker(idx, len(cols[schema.VALUE]))
+    st[0] = len(idx)
+    st[1] = _sum(take(cols[schema.VALUE]))
+    for p, o in shape.sums:
+        st[o] = _summed(cols[p], take)[1]
+    for p, o in shape.hists:
+        vs, total = _summed(cols[p], take)
+        if not vs:
+            continue
+        s = sorted(vs)
+        st[o] = len(vs)
+        st[o + 1] = total
+        st[o + 2] = s[0]  # a stable sort: the first of equal minima, as min() gives
+        st[o + 3] = s[bisect_left(s, s[-1])]  # and the first of equal maxima
+        _count_buckets(s, st, o + 4)
+    return st
+
+
+def _taker(idx: Sequence[int], n: int) -> Callable[[list[Any]], Sequence[Any]]:
+    """``take(column)``: the values at ``idx`` (ascending, of ``n`` rows), in order."""
+    if len(idx) == n:
+        return _same
+    if len(idx) == 1:
+        return functools.partial(_one, idx[0])
+    return operator.itemgetter(*idx)
+
+
+def _same(col: list[Any]) -> list[Any]:
+    return col
+
+
+def _one(i: int, col: list[Any]) -> tuple[Any]:
+    return (col[i],)
+
+
+def _summed(
+    col: list[Any], take: Callable[[list[Any]], Sequence[Any]]
+) -> tuple[Sequence[Any], Any]:
+    """The values ``take`` takes from ``col`` that are not None, in order, and their sum."""
+    if not col:
+        return col, 0
+    vs = take(col)
+    try:
+        return vs, _sum(vs)
+    except TypeError:  # None among them
+        vs = [v for v in vs if v is not None]
+        return vs, _sum(vs)
+
+
+def _count_buckets(s: list[Any], st: list[Any], at: int) -> None:
+    """Set ``st[at + i]`` to the number of values of ``s`` (sorted, not empty) in bucket i."""
+    first, last = bisect_left(_FLOAT_BOUNDS, s[0]), bisect_left(_FLOAT_BOUNDS, s[-1])
+    start = 0
+    for i in range(first, last):
+        end = bisect_right(s, _FLOAT_BOUNDS[i], start)
+        st[at + i] = end - start
+        start = end
+    st[at + last] = len(s) - start
 
 
 # -- queries -----------------------------------------------------------------------------------
