@@ -38,6 +38,33 @@ class ResourceSpans:
     spans: list[Span]
 
 
+#: The attributes the mapping reads (docs/otlp.md's table): spans.py looks at no other, so by
+#: default decoding keeps only these and does not read the others' values (reading a value is
+#: most of a span's decoding cost). ``keep=None`` keeps every attribute.
+SPAN_KEYS = frozenset(
+    {
+        "mcp.method.name",
+        "gen_ai.tool.name",
+        "error.type",
+        "mcp.server.name",
+        "server.address",
+        "mcp.client.name",
+        "mcp.client.version",
+        "network.transport",
+        "network.protocol.name",
+        "mcp.protocol.version",
+        "mcp.session.id",
+        "gen_ai.agent.id",
+        "gen_ai.usage.input_tokens",
+        "gen_ai.usage.output_tokens",
+    }
+)
+RESOURCE_KEYS = frozenset({"service.name", "service.version", "service.instance.id"})
+#: (span attribute keys, resource attribute keys) to keep, or None for all.
+Keep = tuple[frozenset[str], frozenset[str]] | None
+MAPPED: Keep = (SPAN_KEYS, RESOURCE_KEYS)
+
+
 def _pb_value(value: Any) -> Any:
     which = value.WhichOneof("value")
     if which is None or which in ("array_value", "kvlist_value"):
@@ -47,15 +74,25 @@ def _pb_value(value: Any) -> Any:
     return getattr(value, which)
 
 
-def _pb_attributes(kvs: Any) -> dict[str, Any]:
-    return {kv.key: _pb_value(kv.value) for kv in kvs}
+def _pb_attributes(kvs: Any, keys: frozenset[str] | None) -> dict[str, Any]:
+    if keys is None:
+        return {kv.key: _pb_value(kv.value) for kv in kvs}
+    out: dict[str, Any] = {}
+    for kv in kvs:
+        key = kv.key
+        if key in keys:
+            value = kv.value
+            # A non-empty string_value is the oneof's member: one read instead of two.
+            out[key] = value.string_value or _pb_value(value)
+    return out
 
 
-def decode_protobuf(body: bytes) -> Iterator[ResourceSpans]:
+def decode_protobuf(body: bytes, keep: Keep = MAPPED) -> Iterator[ResourceSpans]:
     try:
         request = ExportTraceServiceRequest.FromString(body)
     except DecodeError as exc:
         raise BadRequest(f"the body is not an OTLP ExportTraceServiceRequest: {exc}") from None
+    span_keys, resource_keys = keep if keep is not None else (None, None)
     for rs in request.resource_spans:
         spans = [
             Span(
@@ -66,12 +103,12 @@ def decode_protobuf(body: bytes) -> Iterator[ResourceSpans]:
                 s.start_time_unix_nano,
                 s.end_time_unix_nano,
                 s.status.code,
-                _pb_attributes(s.attributes),
+                _pb_attributes(s.attributes, span_keys),
             )
             for ss in rs.scope_spans
             for s in ss.spans
         ]
-        yield ResourceSpans(_pb_attributes(rs.resource.attributes), spans)
+        yield ResourceSpans(_pb_attributes(rs.resource.attributes, resource_keys), spans)
 
 
 # OTLP/JSON (https://opentelemetry.io/docs/specs/otlp/#json-protobuf-encoding): lowerCamelCase
@@ -143,8 +180,17 @@ def _j_value(value: _JValue | None) -> Any:
     return value.bytesValue
 
 
-def _j_attributes(kvs: list[_JKeyValue]) -> dict[str, Any]:
-    return {kv.key: _j_value(kv.value) for kv in kvs}
+def _j_attributes(kvs: list[_JKeyValue], keys: frozenset[str] | None) -> dict[str, Any]:
+    if keys is None:
+        return {kv.key: _j_value(kv.value) for kv in kvs}
+    out: dict[str, Any] = {}
+    for kv in kvs:
+        value = kv.value
+        if kv.key in keys:
+            out[kv.key] = _j_value(value)
+        elif value is not None and value.stringValue is None:
+            _j_value(value)  # not kept, but a value that is not a number is still a 400
+    return out
 
 
 def _int(value: int | str, name: str) -> int:
@@ -170,7 +216,7 @@ def _is_hex(text: str) -> bool:
     return True
 
 
-def decode_json(body: bytes) -> Iterator[ResourceSpans]:
+def decode_json(body: bytes, keep: Keep = MAPPED) -> Iterator[ResourceSpans]:
     try:
         request = _json_request.decode(body)
     except msgspec.ValidationError as exc:
@@ -179,6 +225,7 @@ def decode_json(body: bytes) -> Iterator[ResourceSpans]:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise BadRequest("the body is nested too deeply") from None
+    span_keys, resource_keys = keep if keep is not None else (None, None)
     for rs in request.resourceSpans:
         spans = [
             Span(
@@ -189,10 +236,12 @@ def decode_json(body: bytes) -> Iterator[ResourceSpans]:
                 _int(s.startTimeUnixNano, "startTimeUnixNano"),
                 _int(s.endTimeUnixNano, "endTimeUnixNano"),
                 s.status.code if s.status is not None else 0,
-                _j_attributes(s.attributes),
+                _j_attributes(s.attributes, span_keys),
             )
             for ss in rs.scopeSpans
             for s in ss.spans
         ]
-        resource = _j_attributes(rs.resource.attributes) if rs.resource is not None else {}
+        resource = (
+            _j_attributes(rs.resource.attributes, resource_keys) if rs.resource is not None else {}
+        )
         yield ResourceSpans(resource, spans)
