@@ -114,7 +114,7 @@ def decode_protobuf(body: bytes, keep: Keep = MAPPED) -> Iterator[ResourceSpans]
 # OTLP/JSON (https://opentelemetry.io/docs/specs/otlp/#json-protobuf-encoding): lowerCamelCase
 # keys, ids as hex strings, 64-bit integers as decimal strings (numbers accepted too), enums as
 # integers, unknown fields ignored.
-class _JValue(msgspec.Struct):
+class _JValue(msgspec.Struct, gc=False):
     stringValue: str | None = None
     boolValue: bool | None = None
     intValue: int | str | None = None
@@ -122,16 +122,16 @@ class _JValue(msgspec.Struct):
     bytesValue: str | None = None
 
 
-class _JKeyValue(msgspec.Struct):
+class _JKeyValue(msgspec.Struct, gc=False):
     key: str
     value: _JValue | None = None
 
 
-class _JStatus(msgspec.Struct):
+class _JStatus(msgspec.Struct, gc=False):
     code: int = 0
 
 
-class _JSpan(msgspec.Struct):
+class _JSpan(msgspec.Struct, gc=False):
     traceId: str = ""
     spanId: str = ""
     name: str = ""
@@ -142,20 +142,20 @@ class _JSpan(msgspec.Struct):
     status: _JStatus | None = None
 
 
-class _JScopeSpans(msgspec.Struct):
+class _JScopeSpans(msgspec.Struct, gc=False):
     spans: list[_JSpan] = []
 
 
-class _JResource(msgspec.Struct):
+class _JResource(msgspec.Struct, gc=False):
     attributes: list[_JKeyValue] = []
 
 
-class _JResourceSpans(msgspec.Struct):
+class _JResourceSpans(msgspec.Struct, gc=False):
     resource: _JResource | None = None
     scopeSpans: list[_JScopeSpans] = []
 
 
-class _JRequest(msgspec.Struct):
+class _JRequest(msgspec.Struct, gc=False):
     resourceSpans: list[_JResourceSpans] = []
 
 
@@ -186,9 +186,14 @@ def _j_attributes(kvs: list[_JKeyValue], keys: frozenset[str] | None) -> dict[st
     out: dict[str, Any] = {}
     for kv in kvs:
         value = kv.value
+        if value is None:
+            if kv.key in keys:
+                out[kv.key] = None
+            continue
+        text = value.stringValue
         if kv.key in keys:
-            out[kv.key] = _j_value(value)
-        elif value is not None and value.stringValue is None:
+            out[kv.key] = text if text is not None else _j_value(value)
+        elif text is None:
             _j_value(value)  # not kept, but a value that is not a number is still a 400
     return out
 

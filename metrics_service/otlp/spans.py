@@ -200,26 +200,51 @@ def _direct_row(
     ts = end / 1e9
     if not (0 <= duration <= MAX_DURATION_MS and oldest_s <= ts <= newest_s):
         return None
-    get = span.attributes.get
-    method = _str(get("mcp.method.name"))
-    tool = _str(get("gen_ai.tool.name"))
-    if tool is None and method == "tools/call":
-        name_head, _, target = span.name.rpartition("tools/call ")
-        tool = (target or None) if name_head in ("", "MCP send ") else None
+    attributes = span.attributes
+    get = attributes.get
+    # _str inlined: most values are already strings, most keys absent.
+    method = get("mcp.method.name")
+    if method.__class__ is not str:
+        method = _str(method)
+    tool = get("gen_ai.tool.name")
+    if tool is None:
+        if method == "tools/call":
+            name_head, _, target = span.name.rpartition("tools/call ")
+            tool = (target or None) if name_head in ("", "MCP send ") else None
+    elif tool.__class__ is not str:
+        tool = _str(tool)
     status = span.status_code
-    error_type = _str(get("error.type"))
-    if error_type is None and status == STATUS_ERROR:
-        error_type = "_OTHER"
+    error_type = get("error.type")
+    if error_type is None:
+        if status == STATUS_ERROR:
+            error_type = "_OTHER"
+    elif error_type.__class__ is not str:
+        error_type = _str(error_type)
     kind = span.kind
     client_side = kind == SPAN_KIND_CLIENT
-    server_name = _str(get("mcp.server.name")) or (
-        _str(get("server.address")) if client_side else service
+    server_name = get("mcp.server.name")
+    if server_name.__class__ is not str and server_name is not None:
+        server_name = _str(server_name)
+    if not server_name:
+        server_name = _str(get("server.address")) if client_side else service
+    client_name = get("mcp.client.name")
+    if client_name.__class__ is not str and client_name is not None:
+        client_name = _str(client_name)
+    if not client_name:
+        client_name = service if client_side else None
+    client_version = get("mcp.client.version")
+    if client_version.__class__ is not str and client_version is not None:
+        client_version = _str(client_version)
+    network = get("network.transport")
+    transport = (
+        "stdio" if network == "pipe" else None if network is None else transport_of(attributes)
     )
-    client_name = _str(get("mcp.client.name")) or (service if client_side else None)
-    client_version = _str(get("mcp.client.version"))
-    transport = transport_of(span.attributes)
-    session = _str(get("mcp.session.id"))
-    protocol = _str(get("mcp.protocol.version"))
+    session = get("mcp.session.id")
+    if session.__class__ is not str and session is not None:
+        session = _str(session)
+    protocol = get("mcp.protocol.version")
+    if protocol.__class__ is not str and protocol is not None:
+        protocol = _str(protocol)
     for text in (
         method,
         tool,
