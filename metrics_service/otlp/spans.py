@@ -350,6 +350,10 @@ class _Flow:
 _FLOW_METHODS = HANDSHAKE_METHODS | {"tools/list", "tools/call"}
 
 
+def _start(pair: tuple[Span, tuple[Any, ...]]) -> int:
+    return pair[0].start_ns
+
+
 class Flows:
     """Protocol-flow latency from server spans, once per flow, as the middleware derives it:
     handshake -> first tools/list -> first tools/call. A flow is a session (``mcp.session.id``),
@@ -369,34 +373,41 @@ class Flows:
         """The protocol_latency events of ``spans`` (server MCP spans with their stored
         ``tool_execution`` row)."""
         events: list[dict[str, Any]] = []
-        for span, row in sorted(spans, key=lambda pair: pair[0].start_ns):
-            method = row[_METHOD]
-            if method not in _FLOW_METHODS:
+        known_flows, m_at, s_at, flow_methods = self._flows, _METHOD, _SESSION, _FLOW_METHODS
+        for span, row in sorted(spans, key=_start):
+            method = row[m_at]
+            if method not in flow_methods:
                 continue
-            session = row[_SESSION]
+            session = row[s_at]
             key = (service, "session", session) if session else (service, "trace", span.trace_id)
             flow = updates.get(key)
             if flow is None:
-                known = self._flows.get(key)
+                known = known_flows.get(key)
                 flow = updates[key] = known.copy() if known is not None else _Flow()
-            at = span.start_ns
-            found: list[tuple[str, int]] = []
-            if method in HANDSHAKE_METHODS:
-                if flow.handshake_at is None:
-                    flow.handshake_at, flow.handshake_method = at, method
+            found: list[tuple[str, int]]
+            if method == "tools/call":
+                if flow.call_seen:  # the common case: nothing more to derive
+                    continue
+                flow.call_seen = True
+                at = span.start_ns
+                found = []
+                if flow.last_list_at is not None:
+                    found.append(("tools/list->tools/call", at - flow.last_list_at))
+                if flow.handshake_at is not None:
+                    found.append(("initialize->tools/call", at - flow.handshake_at))
             elif method == "tools/list":
+                at = span.start_ns
+                found = []
                 if not flow.list_seen:
                     flow.list_seen = True
                     if flow.handshake_at is not None:
                         found.append(("initialize->tools/list", at - flow.handshake_at))
                 if not flow.call_seen:
                     flow.last_list_at = at
-            elif not flow.call_seen:
-                flow.call_seen = True
-                if flow.last_list_at is not None:
-                    found.append(("tools/list->tools/call", at - flow.last_list_at))
-                if flow.handshake_at is not None:
-                    found.append(("initialize->tools/call", at - flow.handshake_at))
+            else:  # a handshake
+                if flow.handshake_at is None:
+                    flow.handshake_at, flow.handshake_method = span.start_ns, method
+                continue
             for step, ns in found:
                 step_dims = {
                     "flow_step": step,
