@@ -12,6 +12,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from metrics_service.errors import ApiError
 from metrics_service.otlp import Flows, decode_json, decode_protobuf, map_spans
@@ -229,3 +230,38 @@ def test_the_bench_workload_takes_the_direct_path_whole() -> None:
         assert got == outcome(general, body, encoding, False)
         assert direct.validator.items == 0
         assert len(got[0]["tool_execution"]) == 100
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    """A protobuf body of arbitrary spans, maybe with a nested attribute value, then maybe cut,
+    with bytes changed or inserted: what the raw KeyValue read must decode exactly as the
+    official messages do, or refuse the same way."""
+    request = ExportTraceServiceRequest.FromString(as_protobuf(draw(requests())))
+    spans = [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    if spans and draw(st.booleans()):
+        kv = draw(st.sampled_from(spans)).attributes.add(key="mcp.session.id")
+        if draw(st.booleans()):
+            kv.value.array_value.values.add(string_value="a")
+        else:
+            kv.value.kvlist_value.values.add(key="k").value.int_value = 1
+    body = bytearray(request.SerializeToString())
+    for _ in range(draw(st.integers(0, 3))):
+        if not body:
+            break
+        at = draw(st.integers(0, len(body) - 1))
+        how = draw(st.sampled_from(["flip", "insert", "cut"]))
+        if how == "flip":
+            body[at] = draw(st.integers(0, 255))
+        elif how == "insert":
+            body[at:at] = draw(st.binary(min_size=1, max_size=3))
+        else:
+            del body[at:]
+    return bytes(body)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated())
+def test_the_raw_protobuf_read_decodes_or_refuses_as_the_official_one(body: bytes) -> None:
+    s = _SETTINGS[0]
+    assert outcome(App(s), body, "protobuf", True) == outcome(App(s), body, "protobuf", False)
