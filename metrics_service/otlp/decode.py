@@ -42,6 +42,8 @@ class Span:
 class ResourceSpans:
     attributes: dict[str, Any]
     spans: list[Span]
+    #: The spans' TEXT_KEYS attributes are text (or None), as ``as_text`` gives them.
+    text: bool = False
 
 
 #: The attributes the mapping reads (docs/otlp.md's table): spans.py looks at no other, so by
@@ -66,9 +68,25 @@ SPAN_KEYS = frozenset(
     }
 )
 RESOURCE_KEYS = frozenset({"service.name", "service.version", "service.instance.id"})
+#: The span attributes the mapping reads as text (``as_text``); decoding with ``MAPPED`` gives
+#: them so, once per distinct value (the others, metadata, are kept as sent).
+TEXT_KEYS = SPAN_KEYS - {
+    "gen_ai.agent.id",
+    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.output_tokens",
+}
 #: (span attribute keys, resource attribute keys) to keep, or None for all.
 Keep = tuple[frozenset[str], frozenset[str]] | None
 MAPPED: Keep = (SPAN_KEYS, RESOURCE_KEYS)
+
+
+def as_text(value: Any) -> str | None:
+    """A string attribute as stored: other scalars as their text (an int request id, say)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _pb_value(value: Any) -> Any:
@@ -89,7 +107,8 @@ def _pb_attributes(kvs: Any, keys: frozenset[str] | None) -> dict[str, Any]:
         if key in keys:
             value = kv.value
             # A non-empty string_value is the oneof's member: one read instead of two.
-            out[key] = value.string_value or _pb_value(value)
+            found = value.string_value or _pb_value(value)
+            out[key] = as_text(found) if key in TEXT_KEYS else found
     return out
 
 
@@ -157,7 +176,8 @@ class _RawDecoder:
             raise _Unusual
         if kv.key not in keys:
             return _SKIP
-        return kv.key, _pb_value(value)
+        found = _pb_value(value)
+        return kv.key, as_text(found) if kv.key in TEXT_KEYS else found
 
 
 def _decode_raw(body: bytes, span_keys: frozenset[str], resource_keys: frozenset[str]) -> Any:
@@ -181,6 +201,7 @@ def _decode_raw(body: bytes, span_keys: frozenset[str], resource_keys: frozenset
                 for ss in rs.scope_spans
                 for s in ss.spans
             ],
+            True,
         )
         for rs in request.resource_spans
     ]
@@ -217,7 +238,9 @@ def decode_protobuf(body: bytes, keep: Keep = MAPPED) -> Iterator[ResourceSpans]
             for ss in rs.scope_spans
             for s in ss.spans
         ]
-        yield ResourceSpans(_pb_attributes(rs.resource.attributes, resource_keys), spans)
+        yield ResourceSpans(
+            _pb_attributes(rs.resource.attributes, resource_keys), spans, keep is not None
+        )
 
 
 # OTLP/JSON (https://opentelemetry.io/docs/specs/otlp/#json-protobuf-encoding): lowerCamelCase
@@ -301,7 +324,11 @@ def _j_attributes(kvs: list[_JKeyValue], keys: frozenset[str] | None) -> dict[st
             continue
         text = value.stringValue
         if kv.key in keys:
-            out[kv.key] = text if text is not None else _j_value(value)
+            if text is None:
+                text = _j_value(value)
+                if kv.key in TEXT_KEYS:
+                    text = as_text(text)
+            out[kv.key] = text
         elif text is None:
             _j_value(value)  # not kept, but a value that is not a number is still a 400
     return out
@@ -358,4 +385,4 @@ def decode_json(body: bytes, keep: Keep = MAPPED) -> Iterator[ResourceSpans]:
         resource = (
             _j_attributes(rs.resource.attributes, resource_keys) if rs.resource is not None else {}
         )
-        yield ResourceSpans(resource, spans)
+        yield ResourceSpans(resource, spans, keep is not None)

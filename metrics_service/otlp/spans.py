@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from metrics_service.errors import Forbidden, PayloadTooLarge
-from metrics_service.otlp.decode import ResourceSpans, Span
+from metrics_service.otlp.decode import ResourceSpans, Span, as_text
 from metrics_service.storage import schema
 from metrics_service.validation import _TS_MIN_S, MAX_DURATION_MS, MCP_METHODS, Batch, Validator
 
@@ -28,13 +28,7 @@ HANDSHAKE_METHODS = frozenset({"initialize", "server/discover"})
 MAX_FLOWS = 10_000
 
 
-def _str(value: Any) -> str | None:
-    """A string attribute as stored: other scalars as their text (an int request id, say)."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+_str = as_text
 
 
 def transport_of(attributes: dict[str, Any]) -> str | None:
@@ -203,49 +197,31 @@ def _direct_row(
         return None
     attributes = span.attributes
     get = attributes.get
-    # _str inlined: most values are already strings, most keys absent.
+    # The text attributes are text already (ResourceSpans.text).
     method = get("mcp.method.name")
-    if method.__class__ is not str:
-        method = _str(method)
     tool = get("gen_ai.tool.name")
-    if tool is None:
-        if method == "tools/call":
-            name_head, _, target = span.name.rpartition("tools/call ")
-            tool = (target or None) if name_head in ("", "MCP send ") else None
-    elif tool.__class__ is not str:
-        tool = _str(tool)
+    if tool is None and method == "tools/call":
+        name_head, _, target = span.name.rpartition("tools/call ")
+        tool = (target or None) if name_head in ("", "MCP send ") else None
     status = span.status_code
     error_type = get("error.type")
-    if error_type is None:
-        if status == STATUS_ERROR:
-            error_type = "_OTHER"
-    elif error_type.__class__ is not str:
-        error_type = _str(error_type)
+    if error_type is None and status == STATUS_ERROR:
+        error_type = "_OTHER"
     kind = span.kind
     client_side = kind == SPAN_KIND_CLIENT
     server_name = get("mcp.server.name")
-    if server_name.__class__ is not str and server_name is not None:
-        server_name = _str(server_name)
     if not server_name:
-        server_name = _str(get("server.address")) if client_side else service
+        server_name = get("server.address") if client_side else service
     client_name = get("mcp.client.name")
-    if client_name.__class__ is not str and client_name is not None:
-        client_name = _str(client_name)
     if not client_name:
         client_name = service if client_side else None
     client_version = get("mcp.client.version")
-    if client_version.__class__ is not str and client_version is not None:
-        client_version = _str(client_version)
     network = get("network.transport")
     transport = (
         "stdio" if network == "pipe" else None if network is None else transport_of(attributes)
     )
     session = get("mcp.session.id")
-    if session.__class__ is not str and session is not None:
-        session = _str(session)
     protocol = get("mcp.protocol.version")
-    if protocol.__class__ is not str and protocol is not None:
-        protocol = _str(protocol)
     # Unrolled (a loop over a tuple costs a third more): each string column within the
     # length limit and free of U+0000.
     if (
@@ -486,7 +462,7 @@ def map_spans(
             (_str(rs.attributes.get("service.version")) or "")[:64],
             _str(rs.attributes.get("service.instance.id")),
         )
-        limits = _limits(app) if direct else None
+        limits = _limits(app) if direct and rs.text else None
         # One row per MCP span, None where the general path decides (it adds the rows it keeps
         # in order, so they fill those places in order).
         rows: list[tuple[Any, ...] | None]
