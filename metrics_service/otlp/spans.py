@@ -15,7 +15,14 @@ import msgspec
 from metrics_service.errors import Forbidden, PayloadTooLarge
 from metrics_service.otlp.decode import ResourceSpans, Span, as_text
 from metrics_service.storage import schema
-from metrics_service.validation import _TS_MIN_S, MAX_DURATION_MS, MCP_METHODS, Batch, Validator
+from metrics_service.validation import (
+    _MAX_COUNT,
+    _TS_MIN_S,
+    MAX_DURATION_MS,
+    MCP_METHODS,
+    Batch,
+    Validator,
+)
 
 if TYPE_CHECKING:
     from metrics_service.app import AppState
@@ -28,22 +35,19 @@ HANDSHAKE_METHODS = frozenset({"initialize", "server/discover"})
 MAX_FLOWS = 10_000
 
 
-_str = as_text
-
-
 def transport_of(attributes: dict[str, Any]) -> str | None:
     """The stored transport (``stdio``, ``streamable-http``, ``sse``) from the semconv
     ``network.transport`` (``pipe``, ``tcp``, ``quic``) and protocol attributes."""
-    network = _str(attributes.get("network.transport"))
+    network = as_text(attributes.get("network.transport"))
     if network is None:
         return None
     if network == "pipe":
         return "stdio"
     if network in ("tcp", "quic"):
-        protocol = _str(attributes.get("network.protocol.name"))
+        protocol = as_text(attributes.get("network.protocol.name"))
         if protocol == "websocket":
             return "websocket"
-        version = _str(attributes.get("mcp.protocol.version"))
+        version = as_text(attributes.get("mcp.protocol.version"))
         # HTTP+SSE is the transport of 2024-11-05 and older (semconv transport table).
         if version is not None and version <= "2024-11-05":
             return "sse"
@@ -62,28 +66,28 @@ def failed(kind: int, error_type: str | None, status_code: int) -> bool:
 def tool_event(span: Span, resource: dict[str, Any]) -> dict[str, Any]:
     """The ``tool_execution`` event a posted event would carry for this MCP span."""
     a = span.attributes
-    method = _str(a.get("mcp.method.name"))
-    tool = _str(a.get("gen_ai.tool.name"))
+    method = as_text(a.get("mcp.method.name"))
+    tool = as_text(a.get("gen_ai.tool.name"))
     if tool is None and method == "tools/call":
         # The span name is "{mcp.method.name} {target}" (the SDK's client adds "MCP send ").
         head, _, target = span.name.rpartition("tools/call ")
         tool = (target or None) if head in ("", "MCP send ") else None
-    error_type = _str(a.get("error.type"))
+    error_type = as_text(a.get("error.type"))
     if error_type is None and span.status_code == STATUS_ERROR:
         error_type = "_OTHER"
     client_side = span.kind == SPAN_KIND_CLIENT
-    service = _str(resource.get("service.name"))
+    service = as_text(resource.get("service.name"))
     dims: dict[str, Any] = {
         "method": method,
         "tool_name": tool,
         "success": not failed(span.kind, error_type, span.status_code),
-        "server_name": _str(a.get("mcp.server.name"))
-        or (_str(a.get("server.address")) if client_side else service),
-        "client_name": _str(a.get("mcp.client.name")) or (service if client_side else None),
-        "client_version": _str(a.get("mcp.client.version")),
+        "server_name": as_text(a.get("mcp.server.name"))
+        or (as_text(a.get("server.address")) if client_side else service),
+        "client_name": as_text(a.get("mcp.client.name")) or (service if client_side else None),
+        "client_version": as_text(a.get("mcp.client.version")),
         "transport": transport_of(a),
-        "session_id": _str(a.get("mcp.session.id")),
-        "protocol_version": _str(a.get("mcp.protocol.version")),
+        "session_id": as_text(a.get("mcp.session.id")),
+        "protocol_version": as_text(a.get("mcp.protocol.version")),
         "error_type": error_type,
     }
     if client_side:
@@ -143,7 +147,6 @@ DIRECT_LAYOUT = tuple(schema.row_positions("tool_execution")) == _ROW_LAYOUT
 #: The most dimensions ``tool_event`` makes (every column it fills, and span_kind).
 _MOST_DIMENSIONS = 11
 _NOT_TOOLS = MCP_METHODS - {"tools/call"}
-_MAX_COUNT = 2**62
 _CLIENT_DIMENSIONS = '{"span_kind":"client"}'
 _encode = msgspec.json.Encoder().encode
 _POS = schema.row_positions("tool_execution")
@@ -451,7 +454,7 @@ def map_spans(
         not_mcp += len(rs.spans) - len(mcp)
         if not mcp:
             continue
-        named = _str(rs.attributes.get("service.name"))
+        named = as_text(rs.attributes.get("service.name"))
         if named is not None and named != service and not named.startswith("unknown_service"):
             app.telemetry.add("metrics_service_auth_failures", ("wrong_service",))
             raise Forbidden(
@@ -459,8 +462,8 @@ def map_spans(
             )
         head = (
             service,
-            (_str(rs.attributes.get("service.version")) or "")[:64],
-            _str(rs.attributes.get("service.instance.id")),
+            (as_text(rs.attributes.get("service.version")) or "")[:64],
+            as_text(rs.attributes.get("service.instance.id")),
         )
         limits = _limits(app) if direct and rs.text else None
         # One row per MCP span, None where the general path decides (it adds the rows it keeps
