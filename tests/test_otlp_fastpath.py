@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -265,3 +266,46 @@ def mutated(draw: st.DrawFn) -> bytes:
 def test_the_raw_protobuf_read_decodes_or_refuses_as_the_official_one(body: bytes) -> None:
     s = _SETTINGS[0]
     assert outcome(App(s), body, "protobuf", True) == outcome(App(s), body, "protobuf", False)
+
+
+HOSTILE_FIELDS = {
+    "traceId": ["", "zz" * 16, "AB" * 16, "ab cd" + "0" * 27, "0" * 31, "0" * 33, "ab" * 8],
+    "spanId": ["", "zz" * 8, "CD" * 8, "ab cd" + "0" * 11, "0" * 15, "ab" * 16],
+    "startTimeUnixNano": ["12x", " 1800000000000000000 ", "1_800_000_000_000_000_000", 0, ""],
+    "endTimeUnixNano": ["", "-1", 1_800_000_000_000_000_000, "1e18", "9" * 5000],
+}
+
+
+@st.composite
+def hostile_json(draw: st.DrawFn) -> bytes:
+    """An OTLP/JSON body of arbitrary spans with some ids and times replaced by malformed,
+    odd but valid, or unusual values."""
+    body = json.loads(as_json(draw(requests())))
+    spans = [s for rs in body["resourceSpans"] for ss in rs["scopeSpans"] for s in ss["spans"]]
+    for _ in range(draw(st.integers(1, 4)) if spans else 0):
+        span = draw(st.sampled_from(spans))
+        name = draw(st.sampled_from(sorted(HOSTILE_FIELDS)))
+        span[name] = draw(st.sampled_from(HOSTILE_FIELDS[name]))
+    return json.dumps(body).encode()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile_json())
+def test_odd_json_ids_and_times_decode_or_fail_as_before(body: bytes) -> None:
+    s = _SETTINGS[0]
+    assert outcome(App(s), body, "json", True) == outcome(App(s), body, "json", False)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [(n, v) for n, values in HOSTILE_FIELDS.items() for v in values]
+)
+@pytest.mark.parametrize("place", [0, 1])
+def test_each_odd_json_id_or_time_decodes_or_fails_as_before(
+    name: str, value: Any, place: int
+) -> None:
+    spans = [mcp("tools/call", "t", at_ns=NOW_NS - 60 * 10**9 + i) for i in range(2)]
+    body = json.loads(as_json([({"service.name": "svc"}, spans)]))
+    body["resourceSpans"][0]["scopeSpans"][0]["spans"][place][name] = value
+    raw = json.dumps(body).encode()
+    s = _SETTINGS[0]
+    assert outcome(App(s), raw, "json", True) == outcome(App(s), raw, "json", False)

@@ -368,21 +368,60 @@ def decode_json(body: bytes, keep: Keep = MAPPED) -> Iterator[ResourceSpans]:
         raise BadRequest("the body is nested too deeply") from None
     span_keys, resource_keys = keep if keep is not None else (None, None)
     for rs in request.resourceSpans:
-        spans = [
-            Span(
-                _hex(s.traceId, 16, "traceId"),
-                _hex(s.spanId, 8, "spanId"),
-                s.name,
-                s.kind,
-                _int(s.startTimeUnixNano, "startTimeUnixNano"),
-                _int(s.endTimeUnixNano, "endTimeUnixNano"),
-                s.status.code if s.status is not None else 0,
-                _j_attributes(s.attributes, span_keys),
-            )
-            for ss in rs.scopeSpans
-            for s in ss.spans
-        ]
+        spans = _j_spans(rs, span_keys) if keep is not None else _j_spans_general(rs)
         resource = (
             _j_attributes(rs.resource.attributes, resource_keys) if rs.resource is not None else {}
         )
         yield ResourceSpans(resource, spans, keep is not None)
+
+
+def _j_spans_general(rs: _JResourceSpans) -> list[Span]:
+    """Every field through its helper, every attribute kept: what ``_j_spans`` must match."""
+    return [
+        Span(
+            _hex(s.traceId, 16, "traceId"),
+            _hex(s.spanId, 8, "spanId"),
+            s.name,
+            s.kind,
+            _int(s.startTimeUnixNano, "startTimeUnixNano"),
+            _int(s.endTimeUnixNano, "endTimeUnixNano"),
+            s.status.code if s.status is not None else 0,
+            _j_attributes(s.attributes, None),
+        )
+        for ss in rs.scopeSpans
+        for s in ss.spans
+    ]
+
+
+def _j_spans(rs: _JResourceSpans, keys: frozenset[str] | None) -> list[Span]:
+    fromhex = bytes.fromhex
+    spans = []
+    for ss in rs.scopeSpans:
+        for s in ss.spans:
+            trace, span_id = s.traceId, s.spanId
+            start, end = s.startTimeUnixNano, s.endTimeUnixNano
+            # The common case inline; anything else through the helpers, which raise the
+            # error of the first bad field.
+            try:
+                if (trace and len(trace) != 32) or (span_id and len(span_id) != 16):
+                    raise ValueError
+                fromhex(trace)
+                fromhex(span_id)
+                start, end = int(start), int(end)
+            except ValueError:
+                trace, span_id = _hex(trace, 16, "traceId"), _hex(span_id, 8, "spanId")
+                start = _int(start, "startTimeUnixNano")
+                end = _int(end, "endTimeUnixNano")
+            spans.append(
+                Span(
+                    trace.lower(),
+                    span_id.lower(),
+                    s.name,
+                    s.kind,
+                    start,
+                    end,
+                    s.status.code if s.status is not None else 0,
+                    _j_attributes(s.attributes, keys),
+                )
+            )
+    return spans
