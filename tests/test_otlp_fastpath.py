@@ -1,7 +1,10 @@
-"""The direct span mapping (only the mapped attributes decoded, rows built without the generic
-validator) gives exactly what the general path gives (every attribute decoded, each span a
-``tool_event`` validated by ``Validator.add_items``) for any batch of spans, in protobuf and
-OTLP/JSON: the same rows, rejections, counts, flow state and errors."""
+"""The direct span path gives exactly what the general path gives, for any body: the same rows,
+rejections, counts, flow state and errors. Direct: only the mapped attributes decoded (protobuf
+KeyValues read as bytes, each distinct one parsed once; OTLP/JSON ids and times checked inline)
+and rows built without the generic validator. General: every attribute decoded by the official
+messages or the helpers, each span a ``tool_event`` validated by ``Validator.add_items``.
+Arbitrary span batches in both encodings, mutated protobuf bodies, odd OTLP/JSON ids and times.
+"""
 
 from __future__ import annotations
 
