@@ -132,6 +132,8 @@ _NOT_TOOLS = MCP_METHODS - {"tools/call"}
 MAX_DURATION_MS = 86_400_000.0  # one day
 MAX_VALUE = 1e15
 _MAX_COUNT = 2**62
+#: The largest count a typed column takes.
+MAX_COUNT = _MAX_COUNT
 _TS_MIN_S = 946_684_800.0  # 2000-01-01: anything older is a unit mistake, not an event time
 _PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`")
 _KEY_PATH_RE = re.compile(r" - at `key` in `\$(?P<path>[^`]*)`")
@@ -421,6 +423,13 @@ class Validator:
             raise BadRequest(f"request body is not valid JSON: {exc}") from None
         except RecursionError:
             raise BadRequest("request body is nested too deeply") from None
+
+    def window(self) -> tuple[int, float, float]:
+        """Now in unix ms, and the oldest and newest event times accepted (unix seconds,
+        retention and the 2000-01-01 floor both applied): for rows built elsewhere (OTLP spans)
+        by the same rules."""
+        received_ms, oldest_s, newest_s = self._window()
+        return received_ms, max(oldest_s, _TS_MIN_S), newest_s
 
     def _window(self) -> tuple[int, float, float]:
         """Now in unix ms, and the oldest and newest event times accepted (unix seconds)."""

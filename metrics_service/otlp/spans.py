@@ -16,12 +16,10 @@ from metrics_service.errors import Forbidden, PayloadTooLarge
 from metrics_service.otlp.decode import ResourceSpans, Span, as_text
 from metrics_service.storage import schema
 from metrics_service.validation import (
-    _MAX_COUNT,
-    _TS_MIN_S,
+    MAX_COUNT,
     MAX_DURATION_MS,
     MCP_METHODS,
     Batch,
-    Validator,
 )
 
 if TYPE_CHECKING:
@@ -166,20 +164,14 @@ def _limits(app: AppState) -> _Limits | None:
     s = app.settings
     if not DIRECT_LAYOUT or s.max_dimensions < _MOST_DIMENSIONS:
         return None
-    received_ms, oldest_s, newest_s = _window(app.validator)
+    received_ms, oldest_s, newest_s = app.validator.window()
     return (
         received_ms,
-        max(oldest_s, _TS_MIN_S),
+        oldest_s,
         newest_s,
         s.max_string_length,
         s.max_metadata_bytes,
     )
-
-
-def _window(validator: Validator) -> tuple[int, float, float]:
-    # The validator's own clock and retention window, so that direct rows and the rows of
-    # ``add_items`` agree (a public ``Validator.window()`` would be the better seam).
-    return validator._window()
 
 
 def _direct_row(
@@ -259,7 +251,7 @@ def _direct_row(
         if agent is not None and (agent.__class__ is not str or "\x00" in agent):
             return None
         for count in (inputs, outputs):
-            if count is not None and not (count.__class__ is int and 0 <= count <= _MAX_COUNT):
+            if count is not None and not (count.__class__ is int and 0 <= count <= MAX_COUNT):
                 return None
         extra: dict[str, Any] = {"trace_id": span.trace_id, "span_id": span.span_id}
         if agent is not None:
