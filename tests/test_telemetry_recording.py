@@ -264,6 +264,11 @@ def optional(values: Sequence[Any]) -> st.SearchStrategy[Any]:
     return st.sampled_from([None, *values])
 
 
+def mostly(values: Sequence[Any]) -> st.SearchStrategy[Any]:
+    """Usually the first of ``values`` (so that rows share label sets), else ``optional``."""
+    return st.one_of(st.just(values[0]), st.just(values[0]), optional(values))
+
+
 #: Milliseconds, bucket bounds among them (a value on a bound counts in that bound's bucket).
 durations = st.one_of(
     st.sampled_from([0.0, -0.0, 0.5, 1.0, 2.5, 10.0, 100.0, 250.0, 1000.0, 60_000.0, 300_000.0]),
@@ -291,16 +296,16 @@ def metrics() -> st.SearchStrategy[dict[str, Any]]:
     auth = st.fixed_dictionaries(
         {
             "success": st.booleans(),
-            "method": optional(["jwt", "oauth", ""]),
-            "server": optional(texts),
+            "method": mostly(["jwt", "oauth", ""]),
+            "server": mostly(texts),
         }
     )
     tool = st.fixed_dictionaries(
         {
             "method": st.sampled_from(["tools/call", "tools/call", "tools/list", "initialize"]),
-            "tool_name": optional(["search", "read", "tools/list", ""]),
-            "server_name": optional(texts),
-            "client_name": optional(["claude", ""]),
+            "tool_name": mostly(["search", "read", "tools/list", ""]),
+            "server_name": mostly(texts),
+            "client_name": mostly(["claude", ""]),
             "success": st.booleans(),
             "input_size_bytes": st.one_of(st.none(), sizes),
             "output_size_bytes": st.one_of(st.none(), sizes),
@@ -322,13 +327,13 @@ def metrics() -> st.SearchStrategy[dict[str, Any]]:
     protocol = st.fixed_dictionaries(
         {
             "flow_step": st.sampled_from(["initialize->tools/list", "tools/list->tools/call"]),
-            "server_name": optional(texts),
+            "server_name": mostly(texts),
             "client_name": optional(["claude"]),
         }
     )
     health = st.fixed_dictionaries(
         {
-            "endpoint": optional(["/health", ""]),
+            "endpoint": mostly(["/health", ""]),
             "status_code": st.one_of(st.none(), st.sampled_from([200, 503])),
             "healthy": st.one_of(st.none(), st.booleans()),
             "server_name": optional(texts),
@@ -383,6 +388,45 @@ def test_commits_are_recorded_as_the_reference_records_them(
     config: dict[str, Any], commits: list[list[Batch]]
 ) -> None:
     _check(config, commits)
+
+
+def _tool_row(
+    tool: str, success: bool, duration: float, extra: dict[str, str | None]
+) -> dict[str, Any]:
+    dims = {"method": "tools/call", "tool_name": tool, "success": success, "server_name": "s"}
+    dims.update({k: v for k, v in extra.items() if v is not None})
+    return {"type": "tool_execution", "duration_ms": duration, "dimensions": dims}
+
+
+#: Tool rows of few seed label sets, told apart only by the columns the conventions add (and
+#: the client mark): each seed series then takes rows of many groups, interleaved.
+interleaved = st.lists(
+    st.builds(
+        _tool_row,
+        st.sampled_from(["search", "read"]),
+        st.booleans(),
+        st.floats(min_value=0, max_value=100_000, allow_nan=False),
+        st.fixed_dictionaries(
+            {
+                "error_type": optional(["-32602", "tool_error"]),
+                "transport": optional(["stdio", "pipe"]),
+                "protocol_version": optional(["2025-06-18"]),
+                "span_kind": optional(["client"]),
+                "input_size_bytes": st.one_of(st.none(), sizes),
+            }
+        ),
+    ),
+    min_size=2,
+    max_size=120,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([10, 500]), st.lists(interleaved, min_size=1, max_size=3))
+def test_a_series_of_many_groups_takes_their_values_in_row_order(
+    limit: int, commits: list[list[dict[str, Any]]]
+) -> None:
+    _check({"otel_cardinality_limit": limit}, [[_body("svc", items)] for items in commits])
 
 
 @given(st.sampled_from([10, 500]), st.integers(1, 6))
