@@ -646,7 +646,7 @@ class Telemetry:
                     lists.append(rows)
         with self._lock:
             for kind, lists in by_kind.items():
-                rows = lists[0] if len(lists) == 1 else [r for part in lists for r in part]
+                rows = lists[0] if len(lists) == 1 else list(chain.from_iterable(lists))
                 accepted.add((kind,), len(rows))
                 record = _RECORDERS.get(kind)
                 if record is not None:
@@ -945,18 +945,11 @@ def _semconv(
         if not operations:
             continue
         durations = hist(name)
-        for (
-            service,
-            method,
-            tool,
-            success,
-            error,
-            transport,
-            version,
-        ), members in operations.items():
+        for labels, members in operations.items():
             values = _union(rows, members).seconds
             if not values:
                 continue
+            service, method, tool, success, error, transport, version = labels
             code = error if error is not None and error.lstrip("-").isdigit() else None
             key = (
                 service,
