@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -339,7 +339,10 @@ class _Histogram:
             else:
                 point = self.overflow = self.overflow or self._empty(values[0])
         counts, bounds, n = point.counts, self.bounds, len(values)
-        if n < _SORT_FROM:
+        if n == 1:
+            low = high = values[0]
+            counts[bisect_left(bounds, low)] += 1
+        elif n < _SORT_FROM:
             for value in values:
                 counts[bisect_left(bounds, value)] += 1
             low, high = min(values), max(values)
@@ -361,8 +364,10 @@ class _Histogram:
             low, high = ordered[0], ordered[bisect_left(ordered, ordered[-1])]
         point.count += n
         point.sum += sum(values)  # in row order, as before: the same float sum to the last bit
-        point.min = min(point.min, low)
-        point.max = max(point.max, high)
+        if low < point.min:  # as min(point.min, low): the first of equal values stays
+            point.min = low
+        if high > point.max:
+            point.max = high
 
     def _empty(self, first: float) -> _HistogramPoint:
         return _HistogramPoint([0] * (len(self.bounds) + 1), 0, 0.0, first, first)
@@ -763,8 +768,12 @@ def _by_label(rows: list[Row], *columns: int) -> dict[Any, list[Row]]:
     return groups
 
 
-def _labels(values: Iterable[str | None]) -> tuple[str, ...]:
-    return tuple("" if v is None else v for v in values)
+#: ``_blank(v, v)``: "" for None, any other value unchanged (a C call, no Python frame).
+_blank = cast(Callable[[str | None, str | None], str], {None: ""}.get)
+
+
+def _labels(values: Sequence[str | None]) -> tuple[str, ...]:
+    return tuple(map(_blank, values, values))
 
 
 def _seconds(group: list[Row], i: int) -> list[float]:
@@ -808,13 +817,9 @@ _SEED_KEY = itemgetter(0, 1, 2, 3, 4, 5)
 _OPERATION_KEY = itemgetter(0, 2, 3, 5, 6, 7, 8)  # service, method, tool, success, error, ...
 
 
-class _ToolGroup(NamedTuple):
-    """The rows of a commit with the same values in every tool label column (and on the same
-    side, client or server): row positions, the rows and their durations in seconds."""
-
-    positions: list[int]
-    rows: list[Row]
-    seconds: list[float]
+#: The rows of a commit with the same values in every tool label column (and on the same side,
+#: client or server): their positions in the commit, the rows, their durations in seconds.
+_ToolGroup = tuple[list[int], list[Row], list[float]]
 
 
 def _tool(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> None:
@@ -840,7 +845,7 @@ def _tool(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> N
     for key, where in positions.items():
         part = rows if len(where) == len(rows) else list(map(rows.__getitem__, where))
         labels, is_client = (key, False) if client is None else key
-        groups.append((labels, is_client, _ToolGroup(where, part, _seconds(part, 6))))
+        groups.append((labels, is_client, (where, part, _seconds(part, 6))))
     if t.semconv:
         _semconv(groups, rows, hist)
     if t.seed:
@@ -860,9 +865,9 @@ def _union(rows: list[Row], members: list[_ToolGroup]) -> _ToolGroup:
     """Groups as one, their rows back in commit order."""
     if len(members) == 1:
         return members[0]
-    where = sorted(chain.from_iterable(m.positions for m in members))
+    where = sorted(chain.from_iterable(m[0] for m in members))
     part = list(map(rows.__getitem__, where))
-    return _ToolGroup(where, part, _seconds(part, 6))
+    return where, part, _seconds(part, 6)
 
 
 def _seed_tool(
@@ -880,14 +885,14 @@ def _seed_tool(
     for labels, _, group in groups:
         series.setdefault(_SEED_KEY(labels), []).append(group)
     for (*text, success), members in series.items():
-        group = _union(rows, members)
+        _, part, seconds = members[0] if len(members) == 1 else _union(rows, members)
         key = (*_labels(text), t.success_labels[success])
-        totals.add(key, sum(map(_value, group.rows)))
-        if group.seconds:
-            durations.add_all(key, group.seconds)
-        if sizes := _present(group.rows, i_in):
+        totals.add(key, sum(map(_value, part)))
+        if seconds:
+            durations.add_all(key, seconds)
+        if sizes := _present(part, i_in):
             inputs.add_all(key, sizes)
-        if sizes := _present(group.rows, i_out):
+        if sizes := _present(part, i_out):
             outputs.add_all(key, sizes)
 
 
@@ -946,7 +951,7 @@ def _semconv(
             continue
         durations = hist(name)
         for labels, members in operations.items():
-            values = _union(rows, members).seconds
+            values = (members[0] if len(members) == 1 else _union(rows, members))[2]
             if not values:
                 continue
             service, method, tool, success, error, transport, version = labels
