@@ -31,11 +31,12 @@ import re
 import socket
 import threading
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from operator import itemgetter
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -266,6 +267,10 @@ _PROMETHEUS_UNITS = {"": "", "s": "seconds", "ms": "milliseconds", "By": "bytes"
 _TARGET_INFO = ("target", "Target metadata")  # exposed as ``target_info``, as OTel does
 
 
+#: Fewer values than this are counted one by one; from there on, sorting them first is cheaper.
+_SORT_FROM = 8
+
+
 class _Counter:
     """A cumulative counter, capped at ``limit`` label sets (then one overflow series)."""
 
@@ -333,13 +338,36 @@ class _Histogram:
                 point = self.series[key] = self._empty(values[0])
             else:
                 point = self.overflow = self.overflow or self._empty(values[0])
-        counts, bounds = point.counts, self.bounds
-        for value in values:
-            counts[bisect_left(bounds, value)] += 1
-        point.count += len(values)
-        point.sum += sum(values)
-        point.min = min(point.min, min(values))
-        point.max = max(point.max, max(values))
+        counts, bounds, n = point.counts, self.bounds, len(values)
+        if n == 1:
+            low = high = values[0]
+            counts[bisect_left(bounds, low)] += 1
+        elif n < _SORT_FROM:
+            for value in values:
+                counts[bisect_left(bounds, value)] += 1
+            low, high = min(values), max(values)
+        else:
+            # Sorted once (in C), the values of each occupied bucket are one run, counted with a
+            # bisect: a few steps per group instead of one per value.
+            ordered = sorted(values)
+            last, i = len(bounds), 0
+            while i < n:
+                bucket = bisect_left(bounds, ordered[i])
+                if bucket == last:
+                    counts[bucket] += n - i
+                    break
+                j = bisect_right(ordered, bounds[bucket], i)
+                counts[bucket] += j - i
+                i = j
+            # The sort is stable: the first of equal values (0.0 and -0.0) comes first, as
+            # ``min`` and ``max`` return the first of equal values.
+            low, high = ordered[0], ordered[bisect_left(ordered, ordered[-1])]
+        point.count += n
+        point.sum += sum(values)  # in row order, as before: the same float sum to the last bit
+        if low < point.min:  # as min(point.min, low): the first of equal values stays
+            point.min = low
+        if high > point.max:
+            point.max = high
 
     def _empty(self, first: float) -> _HistogramPoint:
         return _HistogramPoint([0] * (len(self.bounds) + 1), 0, 0.0, first, first)
@@ -623,7 +651,7 @@ class Telemetry:
                     lists.append(rows)
         with self._lock:
             for kind, lists in by_kind.items():
-                rows = lists[0] if len(lists) == 1 else [r for part in lists for r in part]
+                rows = lists[0] if len(lists) == 1 else list(chain.from_iterable(lists))
                 accepted.add((kind,), len(rows))
                 record = _RECORDERS.get(kind)
                 if record is not None:
@@ -714,16 +742,24 @@ class Telemetry:
 
 
 Row = tuple[Any, ...]
+_value = itemgetter(_VALUE)
 
 
 def _by_label(rows: list[Row], *columns: int) -> dict[Any, list[Row]]:
-    """Rows grouped by the values of ``columns``. The per-label work is then done once per group
-    and the per-row work is a few comprehensions: a commit holds few label sets and many rows."""
-    key_of = itemgetter(*columns)
+    """Rows grouped by the values of ``columns``, in the order the groups first appear. The
+    per-label work is then done once per group and the per-row work is a few comprehensions: a
+    commit holds few label sets and many rows."""
+    keys = list(map(itemgetter(*columns), rows))
+    if not keys:
+        return {}
+    first = keys[0]
+    # One label set for the whole commit is common; equality is cheaper than hashing the
+    # strings of every row (each row has its own).
+    if first == keys[-1] and keys.count(first) == len(keys):
+        return {first: rows}
     groups: dict[Any, list[Row]] = {}
     get = groups.get
-    for r in rows:
-        key = key_of(r)
+    for key, r in zip(keys, rows, strict=True):
         group = get(key)
         if group is None:
             groups[key] = [r]
@@ -732,8 +768,12 @@ def _by_label(rows: list[Row], *columns: int) -> dict[Any, list[Row]]:
     return groups
 
 
-def _labels(values: Iterable[str | None]) -> tuple[str, ...]:
-    return tuple("" if v is None else v for v in values)
+#: ``_blank(v, v)``: "" for None, any other value unchanged (a C call, no Python frame).
+_blank = cast(Callable[[str | None, str | None], str], {None: ""}.get)
+
+
+def _labels(values: Sequence[str | None]) -> tuple[str, ...]:
+    return tuple(map(_blank, values, values))
 
 
 def _seconds(group: list[Row], i: int) -> list[float]:
@@ -754,31 +794,105 @@ def _auth(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> N
         rows, 2, c["server"], c["method"], c["success"]
     ).items():
         key = (*_labels(text), t.success_labels[success])
-        totals.add(key, sum(r[_VALUE] for r in group))
+        totals.add(key, sum(map(_value, group)))
         if values := _seconds(group, 6):
             durations.add_all(key, values)
 
 
+_TOOL = _COL["tool_execution"]
+#: Every label column of the tool instruments, the seed ones (``TOOL_LABELS``) first, then the
+#: ones only the semantic conventions use; ``_SEED_KEY`` and ``_OPERATION_KEY`` pick each set.
+_TOOL_COLUMNS = (
+    2,
+    _TOOL["server_name"],
+    _TOOL["method"],
+    _TOOL["tool_name"],
+    _TOOL["client_name"],
+    _TOOL["success"],
+    _TOOL["error_type"],
+    _TOOL["transport"],
+    _TOOL["protocol_version"],
+)
+_SEED_KEY = itemgetter(0, 1, 2, 3, 4, 5)
+_OPERATION_KEY = itemgetter(0, 2, 3, 5, 6, 7, 8)  # service, method, tool, success, error, ...
+
+
+#: The rows of a commit with the same values in every tool label column (and on the same side,
+#: client or server): their positions in the commit, the rows, their durations in seconds.
+_ToolGroup = tuple[list[int], list[Row], list[float]]
+
+
 def _tool(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) -> None:
-    if t.semconv:
-        _semconv(rows, hist)
-    if not t.seed:
+    """The seed instruments and the semantic conventions' durations, from one grouping of the
+    rows by every label column either uses: each instrument's series is a union of those groups
+    (usually one), its values taken in row order as a grouping of its own would take them."""
+    if not (t.seed or t.semconv):
         return
-    c = _COL["tool_execution"]
-    i_in, i_out = c["input_size_bytes"], c["output_size_bytes"]
-    columns = (2, c["server_name"], c["method"], c["tool_name"], c["client_name"], c["success"])
+    client = _client_marks(rows) if t.semconv else None
+    key_of = itemgetter(*_TOOL_COLUMNS)
+    keys: Iterable[Any] = map(key_of, rows)
+    if client is not None:
+        keys = zip(keys, client, strict=True)
+    positions: dict[Any, list[int]] = {}
+    get = positions.get
+    for i, key in enumerate(keys):
+        found = get(key)
+        if found is None:
+            positions[key] = [i]
+        else:
+            found.append(i)
+    groups: list[tuple[tuple[Any, ...], bool, _ToolGroup]] = []
+    for key, where in positions.items():
+        part = rows if len(where) == len(rows) else list(map(rows.__getitem__, where))
+        labels, is_client = (key, False) if client is None else key
+        groups.append((labels, is_client, (where, part, _seconds(part, 6))))
+    if t.semconv:
+        _semconv(groups, rows, hist)
+    if t.seed:
+        _seed_tool(t, groups, rows, hist)
+
+
+def _client_marks(rows: list[Row]) -> list[bool] | None:
+    """Per row, whether it is a client-side operation; None when none is (the usual case, found
+    with one search: the mark has no newline, so it cannot straddle two rows' JSON)."""
+    extras = list(map(itemgetter(-2), rows))  # the extra-dimensions JSON, second to last
+    if _CLIENT_MARK not in "\n".join(filter(None, extras)):
+        return None
+    return [e is not None and _CLIENT_MARK in e for e in extras]
+
+
+def _union(rows: list[Row], members: list[_ToolGroup]) -> _ToolGroup:
+    """Groups as one, their rows back in commit order."""
+    if len(members) == 1:
+        return members[0]
+    where = sorted(chain.from_iterable(m[0] for m in members))
+    part = list(map(rows.__getitem__, where))
+    return where, part, _seconds(part, 6)
+
+
+def _seed_tool(
+    t: Telemetry,
+    groups: list[tuple[tuple[Any, ...], bool, _ToolGroup]],
+    rows: list[Row],
+    hist: Callable[[str], _Histogram],
+) -> None:
     totals = t.totals["mcp_tool_executions"]
     durations = hist("mcp_tool_execution_duration_seconds")
     inputs = hist("mcp_tool_input_size_bytes")
     outputs = hist("mcp_tool_output_size_bytes")
-    for (*text, success), group in _by_label(rows, *columns).items():
+    i_in, i_out = _TOOL["input_size_bytes"], _TOOL["output_size_bytes"]
+    series: dict[tuple[Any, ...], list[_ToolGroup]] = {}
+    for labels, _, group in groups:
+        series.setdefault(_SEED_KEY(labels), []).append(group)
+    for (*text, success), members in series.items():
+        _, part, seconds = members[0] if len(members) == 1 else _union(rows, members)
         key = (*_labels(text), t.success_labels[success])
-        totals.add(key, sum(r[_VALUE] for r in group))
-        if values := _seconds(group, 6):
-            durations.add_all(key, values)
-        if sizes := _present(group, i_in):
+        totals.add(key, sum(map(_value, part)))
+        if seconds:
+            durations.add_all(key, seconds)
+        if sizes := _present(part, i_in):
             inputs.add_all(key, sizes)
-        if sizes := _present(group, i_out):
+        if sizes := _present(part, i_out):
             outputs.add_all(key, sizes)
 
 
@@ -790,7 +904,7 @@ def _discovery(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram])
     totals = t.totals["mcp_tool_discovery"]
     for service, group in _by_label(rows, 2).items():
         key = (service,)
-        totals.add(key, sum(r[_VALUE] for r in group))
+        totals.add(key, sum(map(_value, group)))
         for name, values in (
             ("mcp_tool_discovery_duration_seconds", _seconds(group, 6)),
             ("mcp_tool_discovery_embedding_duration_seconds", _seconds(group, i_embed)),
@@ -821,36 +935,26 @@ _NETWORK_TRANSPORT = {"stdio": "pipe", "streamable-http": "tcp", "sse": "tcp", "
 _CLIENT_MARK = '"span_kind":"client"'
 
 
-def _semconv(rows: list[Row], hist: Callable[[str], _Histogram]) -> None:
+def _semconv(
+    groups: list[tuple[tuple[Any, ...], bool, _ToolGroup]],
+    rows: list[Row],
+    hist: Callable[[str], _Histogram],
+) -> None:
     """mcp.{server,client}.operation.duration from tool_execution rows (docs/otlp.md)."""
-    c = _COL["tool_execution"]
-    extra = -2  # the extra-dimensions JSON, second to last in every row
-    client = [r for r in rows if r[extra] is not None and _CLIENT_MARK in r[extra]]
-    server = (
-        [r for r in rows if r[extra] is None or _CLIENT_MARK not in r[extra]] if client else rows
-    )
-    columns = (
-        2,
-        c["method"],
-        c["tool_name"],
-        c["success"],
-        c["error_type"],
-        c["transport"],
-        c["protocol_version"],
-    )
-    for name, part in (
-        ("mcp.server.operation.duration", server),
-        ("mcp.client.operation.duration", client),
+    sides: tuple[dict[tuple[Any, ...], list[_ToolGroup]], ...] = ({}, {})  # server, client
+    for labels, is_client, group in groups:
+        sides[is_client].setdefault(_OPERATION_KEY(labels), []).append(group)
+    for name, operations in zip(
+        ("mcp.server.operation.duration", "mcp.client.operation.duration"), sides, strict=True
     ):
-        if not part:
+        if not operations:
             continue
         durations = hist(name)
-        for (service, method, tool, success, error, transport, version), group in _by_label(
-            part, *columns
-        ).items():
-            values = _seconds(group, 6)
+        for labels, members in operations.items():
+            values = (members[0] if len(members) == 1 else _union(rows, members))[2]
             if not values:
                 continue
+            service, method, tool, success, error, transport, version = labels
             code = error if error is not None and error.lstrip("-").isdigit() else None
             key = (
                 service,
@@ -875,7 +979,7 @@ def _health(t: Telemetry, rows: list[Row], hist: Callable[[str], _Histogram]) ->
     for (service, server, endpoint, status, healthy), group in _by_label(rows, *columns).items():
         code = "" if status is None else str(status)
         key = (service, server or "", endpoint or "", code, t.success_labels[healthy])
-        totals.add(key, sum(r[5] for r in group))
+        totals.add(key, sum(map(_value, group)))
         if values := _seconds(group, 6):
             durations.add_all(key, values)
 
