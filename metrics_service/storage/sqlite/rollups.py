@@ -169,7 +169,7 @@ def day_watermark(conn: sqlite3.Connection) -> int:
 FOLDED: tuple[str, ...] = tuple(dict.fromkeys(RAW_TABLE.values()))
 _KIND_OF: dict[str, str] = {table: kind for kind, table in RAW_TABLE.items()}
 #: Fold when this many rows are pending, or when the oldest has waited this long.
-FOLD_MAX_ROWS = 20_000
+FOLD_MAX_ROWS = 5_000
 FOLD_MAX_AGE_S = 0.5
 _MARKS_SQL = "SELECT raw_table, last_id FROM rollup_folded"
 _READ_CHUNK = 20_000
