@@ -81,7 +81,9 @@ def test_every_setting_is_in_the_configuration_page() -> None:
 def test_the_readme_is_a_first_hour_page() -> None:
     text = (ROOT / "README.md").read_text()
     lines = text.splitlines()
-    assert len(lines) < 250, len(lines)
+    # A first-hour page: its performance section holds two small tables (issue 19), the rest
+    # lives in docs/.
+    assert len(lines) < 275, len(lines)
     # The two set-up commands, on the first screen, in the first code block.
     first = text.index("```sh")
     block = text[first : text.index("```", first + 5)]
