@@ -875,8 +875,9 @@ def _builder(kind: str, max_metadata_bytes: int) -> _Builder:
         ]
     for i, (key, k) in enumerate(meta_columns):
         lines.append(f"            m{i} = TYPED(meta.get({key!r}), {key!r}, {k!r}, 'metadata')")
+    if not _FROM_METADATA.get(kind) and not meta_columns:
+        lines.append("            pass")
     lines += [
-        "            pass",
         "        except Reject:",
         "            return None",
         "    else:",

@@ -8,7 +8,7 @@ raises ``BadRequest`` (400): nothing of it is used.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,23 +187,29 @@ def _decode_raw(body: bytes, span_keys: frozenset[str], resource_keys: frozenset
     return [
         ResourceSpans(
             resources_decoder.attributes(rs.resource.attributes, resource_keys),
-            [
-                Span(
-                    s.trace_id.hex(),
-                    s.span_id.hex(),
-                    s.name,
-                    s.kind,
-                    s.start_time_unix_nano,
-                    s.end_time_unix_nano,
-                    s.status.code,
-                    attributes(s.attributes, span_keys),
-                )
-                for ss in rs.scope_spans
-                for s in ss.spans
-            ],
+            _spans(rs, lambda kvs: attributes(kvs, span_keys)),
             True,
         )
         for rs in request.resource_spans
+    ]
+
+
+def _spans(rs: Any, attributes: Callable[[Any], dict[str, Any]]) -> list[Span]:
+    """The spans of one protobuf ``ResourceSpans``, their attributes read by ``attributes``
+    (the raw reader or the official messages')."""
+    return [
+        Span(
+            s.trace_id.hex(),
+            s.span_id.hex(),
+            s.name,
+            s.kind,
+            s.start_time_unix_nano,
+            s.end_time_unix_nano,
+            s.status.code,
+            attributes(s.attributes),
+        )
+        for ss in rs.scope_spans
+        for s in ss.spans
     ]
 
 
@@ -224,20 +230,7 @@ def decode_protobuf(body: bytes, keep: Keep = MAPPED) -> Iterator[ResourceSpans]
         raise BadRequest(f"the body is not an OTLP ExportTraceServiceRequest: {exc}") from None
     span_keys, resource_keys = keep if keep is not None else (None, None)
     for rs in request.resource_spans:
-        spans = [
-            Span(
-                s.trace_id.hex(),
-                s.span_id.hex(),
-                s.name,
-                s.kind,
-                s.start_time_unix_nano,
-                s.end_time_unix_nano,
-                s.status.code,
-                _pb_attributes(s.attributes, span_keys),
-            )
-            for ss in rs.scope_spans
-            for s in ss.spans
-        ]
+        spans = _spans(rs, lambda kvs: _pb_attributes(kvs, span_keys))
         yield ResourceSpans(
             _pb_attributes(rs.resource.attributes, resource_keys), spans, keep is not None
         )

@@ -165,8 +165,7 @@ class _AioReader:
         segments, source = shared.query_segments(q, source, shape, watermark)
         folded: dict[str, int] = {}
         if source == "rollup":
-            marks = await self._conn.execute_fetchall(sql_rollups._MARKS_SQL)
-            folded = {table: int(last) for table, last in marks}
+            folded = sql_rollups.marks_of(await self._conn.execute_fetchall(sql_rollups._MARKS_SQL))
         out: dict[tuple[Any, ...], list[Any]] = {}
         for sql, params, keylen in sql_rollups.read_plan(shape, q, segments, folded):
             shared.fold(shape, await self._conn.execute_fetchall(sql, params), keylen, out)

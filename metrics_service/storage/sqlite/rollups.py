@@ -242,7 +242,12 @@ class Pending:
 
 def marks(conn: sqlite3.Connection) -> dict[str, int]:
     """Raw table -> the id of its last row folded into the rollups."""
-    return {table: int(last) for table, last in conn.execute(_MARKS_SQL).fetchall()}
+    return marks_of(conn.execute(_MARKS_SQL).fetchall())
+
+
+def marks_of(rows: Iterable[Sequence[Any]]) -> dict[str, int]:
+    """``marks`` from the rows of ``_MARKS_SQL`` (read on any connection)."""
+    return {table: int(last) for table, last in rows}
 
 
 def catch_up(conn: sqlite3.Connection, pending: Pending | None = None) -> int:
