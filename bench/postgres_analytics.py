@@ -50,11 +50,10 @@ CHUNK_EVENTS = 50_000
 async def add_raw(
     backend: Backend, conn: Conn, parts: Sequence[dict[str, list[tuple[Any, ...]]]]
 ) -> int:
-    """Store ``parts`` (rows in the layout ``validation`` builds) in bulk, in one transaction:
-    ``COPY`` of each family's raw rows, then the rollups of all of them at once through the
-    service's own ingest call (``Backend._ingest``: the shared aggregation, then the ingest
-    function's upserts, one per rollup row). Rows of many commits thus cost one upsert per
-    hour and key instead of one per commit. Returns the rows stored."""
+    """Store ``parts`` (rows in the layout ``validation`` builds) in bulk: ``COPY`` of each
+    family's raw rows in one transaction (holding the insert lock, as the service's commits
+    do), then the service's own fold of all of them at once (``Backend.fold``: one statement
+    per raw table, one upsert per bucket and key). Returns the rows stored."""
     wanted = {
         (TABLE_OF_TYPE[kind], r[0] - r[0] % DAY_MS)
         for part in parts
@@ -65,7 +64,6 @@ async def add_raw(
     kinds = sorted({kind for part in parts for kind in part})
     count = 0
     async with conn.transaction():
-        # As the service's commits do: compaction cannot move the watermark meanwhile.
         await conn.execute(f"SELECT pg_advisory_xact_lock_shared({pg_rollups.WATERMARK_LOCK})")
         for kind in kinds:
             rows = [r for part in parts for r in part.get(kind, ())]
@@ -74,7 +72,7 @@ async def add_raw(
                     TABLE_OF_TYPE[kind], records=rows, columns=row_columns(kind)
                 )
             count += len(rows)
-        await backend._ingest(conn, parts, kinds, ())
+    await backend.fold()
     return count
 
 

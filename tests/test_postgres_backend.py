@@ -424,7 +424,7 @@ def test_migration_4_widens_the_counts_of_a_database_holding_rows(
                 " VALUES (1800000000000, 1800000000000, 'svc', '', 1, 'tools/call', 't', 1, $1)",
                 2**31 - 1,
             )
-            monkeypatch.setattr(migrations, "MIGRATIONS", latest)
+            monkeypatch.setattr(migrations, "MIGRATIONS", latest[:4])
             applied = await migrations.apply(conn)
             types = await conn.fetch(
                 "SELECT data_type FROM information_schema.columns WHERE table_name ="

@@ -1,17 +1,21 @@
 """The PostgreSQL backend: N stateless replicas on one database (``METRICS_DATABASE_URL``).
 
-One asyncpg pool per process. Each group of batches is one transaction: the idempotency claims,
-a ``COPY`` of each family's rows into its partitioned raw table, and the rollup upserts; the
-caller acknowledges only after ``COMMIT`` returned. A deadlock or serialisation failure between
-replicas retries the whole transaction (nothing of it was committed). Every driver or network
-error leaves as ``StorageError`` (the API answers 503 with ``Retry-After``); the pool replaces
-broken connections by itself, so the service recovers when the server is back.
+One asyncpg pool per process. Each group of batches is one transaction: the idempotency claims
+and a ``COPY`` of each family's rows into its partitioned raw table (or, for a small group,
+one call of the ingest function); the caller acknowledges only after ``COMMIT`` returned. The
+rollups are folded in every ``METRICS_ROLLUP_FOLD_INTERVAL_S`` by whichever replica gets there
+first (``rollups.py`` says how this stays exact across replicas). A deadlock or serialisation
+failure between replicas retries the whole transaction (nothing of it was committed). Every
+driver or network error leaves as ``StorageError`` (the API answers 503 with ``Retry-After``);
+the pool replaces broken connections by itself, so the service recovers when the server is
+back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -46,6 +50,7 @@ if TYPE_CHECKING:
     from metrics_service.settings import Settings
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 #: Session-level advisory lock of the retention run (detaching needs autocommit).
 RETENTION_LOCK = 0x726574656E74  # "retent"
 _RETRIED = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
@@ -59,8 +64,13 @@ _BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock_shared({pg_rollups.WATERMARK_LOCK
 _KINDS = tuple(TABLE_OF_TYPE)
 _INGEST_SQL = (
     f"SELECT {migrations.INGEST_FUNCTION}("
-    + ", ".join(f"${i + 1}" for i in range(3 + len(_KINDS) + len(pg_rollups.ROLLUP_KEYS)))
+    + ", ".join(f"${i + 1}" for i in range(2 + len(_KINDS)))
     + ")"
+)
+#: Whether any raw table has rows above its fold mark (no lock: the fold's first look).
+_BEHIND_SQL = "SELECT " + " OR ".join(
+    f"{migrations.last_id_sql(t)} > (SELECT until_id FROM rollup_folded WHERE table_name = '{t}')"
+    for t in TABLES
 )
 _KEY_FIELDS = [f.name for f in dataclasses.fields(KeyRecord)]
 _KEY_SELECT = ", ".join("service_aliases" if f == "aliases" else f for f in _KEY_FIELDS)
@@ -143,8 +153,10 @@ class Backend:
         #: holds no listening connection.
         self.on_keys_changed: Callable[[], None] | None = None
         self.key_listener: KeyListener | None = None
-        #: The day watermark the last insert saw (the ingest function checks it).
-        self._watermark: int | None = None
+        #: Seconds between folds into the rollups (``None``: this process does not fold, as
+        #: the CLI; 0: after every commit).
+        self._fold_every = settings.rollup_fold_interval_s if settings is not None else None
+        self._folder: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -181,8 +193,17 @@ class Backend:
             # keeps trying and the periodic reload covers the gap.
             with suppress(TimeoutError):
                 await asyncio.wait_for(self.key_listener.listening.wait(), self._connect_timeout_s)
+        if self._fold_every:
+            self._folder = asyncio.create_task(self._fold_loop(self._fold_every), name="pg-fold")
 
     async def close(self) -> None:
+        folder, self._folder = self._folder, None
+        if folder is not None:
+            folder.cancel()
+            with suppress(asyncio.CancelledError):
+                await folder
+            with suppress(StorageError, TimeoutError):  # not needed for exact answers
+                await asyncio.wait_for(self.fold(), self._command_timeout_s)
         listener, self.key_listener = self.key_listener, None
         if listener is not None:
             await listener.close()
@@ -229,7 +250,8 @@ class Backend:
                 await self.partitions.ensure(conn, wanted)
             for attempt in range(5):
                 try:
-                    return await self._insert(conn, parts, claims)
+                    count = await self._insert(conn, parts, claims)
+                    break
                 except _RETRIED:
                     if attempt == 4:
                         raise
@@ -237,7 +259,36 @@ class Backend:
                         if c is not None:
                             c.existing = None
                     await asyncio.sleep(0.01 * (attempt + 1))
-        raise AssertionError("unreachable")
+        if self._fold_every == 0:
+            await self.fold()
+        return count
+
+    async def fold(self) -> int:
+        """Fold the rows committed so far (by any replica) into the rollups, unless another
+        replica is at it; the rows folded. Queries are exact either way."""
+        async with self._conn("folding into the rollups") as conn:
+            if not await conn.fetchval(_BEHIND_SQL):
+                return 0
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", pg_rollups.FOLD_LOCK):
+                return 0
+            try:
+                last = await pg_rollups.last_ids(conn)
+                async with conn.transaction():
+                    return await pg_rollups.fold(conn, last)
+            finally:
+                try:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", pg_rollups.FOLD_LOCK)
+                except BaseException:
+                    conn.terminate()  # never back into the pool holding the lock
+                    raise
+
+    async def _fold_loop(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.fold()
+            except StorageError as exc:
+                log.warning("folding into the rollups failed, the next fold retries: %s", exc)
 
     async def _insert(
         self,
@@ -293,10 +344,8 @@ class Backend:
         copied: Sequence[str],
         claims: Sequence[Claim],
     ) -> int:
-        """``claims`` (sorted, one window), the rows of the families not ``copied`` and every
-        rollup row, in one call of the ingest function; its count of raw rows. The rollup rows
-        depend on the day watermark: computed for the last one seen, and again if the function
-        says it moved (it then wrote nothing)."""
+        """``claims`` (sorted, one window) and the rows of the families not ``copied``, in one
+        call of the ingest function; its count of raw rows."""
         now = _now_ms()
         cutoff = now - int(claims[0].window_s * 1000) if claims else None
         keys = [(c.service, c.key, c.fingerprint, c.status, c.response, now) for c in claims]
@@ -307,18 +356,8 @@ class Backend:
             rows = [] if kind in copied else [(None, *r) for p in parts for r in p.get(kind, ())]
             raw.append(rows or None)
             count += len(rows)
-        if self._watermark is None:
-            self._watermark = int(await conn.fetchval(pg_rollups.WATERMARK_SQL))
-        while True:
-            watermark = self._watermark
-            writes = pg_rollups.upserts(parts, watermark)
-            upserts = [writes.get(key) or None for key in pg_rollups.ROLLUP_KEYS]
-            current = int(
-                await conn.fetchval(_INGEST_SQL, watermark, cutoff, keys or None, *raw, *upserts)
-            )
-            if current == watermark:
-                return count
-            self._watermark = current
+        await conn.execute(_INGEST_SQL, cutoff, keys or None, *raw)
+        return count
 
     async def idempotency_lookup(self, service: str, key: str, window_s: float) -> Stored | None:
         async with self._conn("idempotency lookup") as conn:
@@ -488,8 +527,8 @@ class Backend:
         then delete up to ``limit`` older rows of the partition holding the cutoff. Rollup
         tables: delete whole buckets, about ``limit`` rows. Another replica already at it: 0."""
         column = self._time_column(table)
-        async with self._conn("retention") as conn:
-            if column == "bucket":
+        if column == "bucket":
+            async with self._conn("retention") as conn:
                 async with conn.transaction():
                     upto = await conn.fetchval(
                         f"SELECT bucket FROM {table} WHERE bucket < $1 ORDER BY bucket"
@@ -500,21 +539,31 @@ class Backend:
                     upto = before_ms if upto is None else upto + 1
                     status = await conn.execute(f"DELETE FROM {table} WHERE bucket < $1", upto)
                 return int(status.split()[-1])
+        # Only rows the rollups hold are deleted: fold first (rows committed later and
+        # already expired wait for the next run).
+        await self.fold()
+        async with self._conn("retention") as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK):
                 return 0
             try:
+                mark = int(await conn.fetchval(pg_rollups.MARK_SQL, table))
                 dropped = 0
                 for partition in await self.partitions.expired(conn, table, before_ms):
+                    if await conn.fetchval(
+                        f"SELECT EXISTS (SELECT FROM {partition} WHERE id > $1)", mark
+                    ):
+                        continue
                     dropped += await self.partitions.drop(conn, table, partition)
                 day = before_ms - before_ms % DAY_MS
                 if (table, day) not in self.partitions.known:
                     return dropped
                 part = partition_name(table, day)
                 status = await conn.execute(
-                    f"DELETE FROM {part} WHERE ctid IN"
-                    f" (SELECT ctid FROM {part} WHERE ts < $1 LIMIT $2)",
+                    f"DELETE FROM {part} WHERE ctid IN (SELECT ctid FROM {part}"
+                    " WHERE ts < $1 AND id <= $3 LIMIT $2)",
                     before_ms,
                     limit,
+                    mark,
                 )
                 # Fewer than ``limit`` in all: nothing older is left.
                 return dropped + int(status.split()[-1])

@@ -19,7 +19,12 @@ from metrics_service.errors import StorageError
 from metrics_service.storage import rollups
 from metrics_service.storage.postgres._conn import Conn
 from metrics_service.storage.postgres.backend import Backend
-from metrics_service.storage.postgres.migrations import TABLE_OF_TYPE, TABLES, row_columns
+from metrics_service.storage.postgres.migrations import (
+    TABLE_OF_TYPE,
+    TABLES,
+    last_id_sql,
+    row_columns,
+)
 from metrics_service.storage.rollups import DAY_MS
 from metrics_service.storage.sqlite import database
 
@@ -73,6 +78,11 @@ async def _copy(lite: sqlite3.Connection, pg: Conn, backend: Backend) -> dict[st
             await pg.execute(
                 f"SELECT setval('{table}_id_seq', coalesce((SELECT max(id) FROM {table}), 0) + 1,"
                 " false)"
+            )
+            # The rollups are copied as they are: they hold every row copied.
+            await pg.execute(
+                f"UPDATE rollup_folded SET until_id = {last_id_sql(table)} WHERE table_name = $1",
+                table,
             )
         for cube in rollups.CUBES:
             for level in cube.levels:

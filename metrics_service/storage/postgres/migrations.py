@@ -217,19 +217,11 @@ def claim_conflict(cutoff: str) -> str:
     )
 
 
-def _ingest_function() -> list[str]:
-    """``metrics_ingest(watermark, cutoff, idempotency_keys[], <raw table>[] per family,
-    <rollup table>[] per rollup table)``: under the watermark's shared lock, if the day
-    watermark is still ``watermark`` (the one the caller computed the rollup rows for), claim
+def _claims_and_rows() -> tuple[list[str], list[str]]:
+    """The parameters and statements the ingest function of every version begins with: claim
     the idempotency keys (all of them, else raise ``CLAIM_LOST`` and write nothing: the caller
-    claims one by one), insert the raw rows and upsert the rollup rows (NULL arrays skipped);
-    return the watermark, so a caller that guessed it wrong computes again (nothing was
-    written). One statement: PL/pgSQL keeps the plans of its
-    statements per connection, so the server plans each once, not per transaction.
-
-    The arrays are of the tables' own row types (a raw row with its id first, NULL): a later
-    migration that adds a column or a cube drops this function and creates it anew."""
-    params = ["p_watermark bigint", "p_cutoff bigint", "p_claims idempotency_keys[]"]
+    claims one by one), insert the raw rows (NULL arrays skipped)."""
+    params = ["p_cutoff bigint", "p_claims idempotency_keys[]"]
     body = [
         "IF p_claims IS NOT NULL THEN",
         "    INSERT INTO idempotency_keys SELECT * FROM unnest(p_claims)"
@@ -248,6 +240,22 @@ def _ingest_function() -> list[str]:
             f"IF p_{table} IS NOT NULL THEN INSERT INTO {table} ({columns})"
             f" SELECT {columns} FROM unnest(p_{table}); END IF;"
         )
+    return params, body
+
+
+def _ingest_function() -> list[str]:
+    """Migration 3's ``metrics_ingest(watermark, cutoff, idempotency_keys[], <raw table>[] per
+    family, <rollup table>[] per rollup table)``: under the watermark's shared lock, if the day
+    watermark is still ``watermark`` (the one the caller computed the rollup rows for), claim
+    the keys, insert the raw rows and upsert the rollup rows; return the watermark, so a caller
+    that guessed it wrong computes again (nothing was written). One statement: PL/pgSQL keeps
+    the plans of its statements per connection, so the server plans each once, not per
+    transaction. Migration 5 replaced it (``_ingest_function_v5``).
+
+    The arrays are of the tables' own row types (a raw row with its id first, NULL): a later
+    migration that adds a column or a cube drops this function and creates it anew."""
+    params, body = _claims_and_rows()
+    params.insert(0, "p_watermark bigint")
     for cube in rollups.CUBES:
         for level in cube.levels:
             table = cube.table(level)
@@ -275,6 +283,69 @@ def _ingest_function() -> list[str]:
     ]
 
 
+def last_id_sql(table: str) -> str:
+    """The last id ``table``'s sequence handed out (0: none yet)."""
+    return (
+        f"(SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {table}_id_seq)"
+    )
+
+
+def _ingest_function_v5() -> list[str]:
+    """Migration 5's ``metrics_ingest(cutoff, idempotency_keys[], <raw table>[] per family)``:
+    under the insert lock (shared), the claims and the raw rows; the rollups are folded in
+    later (``rollups.fold``). One statement, planned once per connection."""
+    params, body = _claims_and_rows()
+    newline = "\n        "
+    return [
+        f"""CREATE FUNCTION {INGEST_FUNCTION}({", ".join(params)}) RETURNS void
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        claimed bigint;
+    BEGIN
+        PERFORM pg_advisory_xact_lock_shared({pg_rollups.WATERMARK_LOCK});
+        {newline.join(body)}
+    END $$"""
+    ]
+
+
+def _fold_later() -> list[str]:
+    """Migration 5: rollups folded in the background instead of in each insert transaction.
+
+    ``rollup_folded`` holds per raw table the id up to which its rows are in the rollups; it
+    starts at the last id handed out, read while no insert is open (they all held the lock
+    taken first, shared, and the rollups of every row so far were written in its
+    transaction). The sequences hand out ids one at a time (``CACHE 1``): an id cached by a
+    session and used later would be below a mark already passed. Each raw table gets an index
+    on ``id`` (the fold and the queries read the rows above the mark by it). The ingest
+    function loses its rollup arguments and the watermark check, and the barrier function
+    (``rollups.last_ids``) is new.
+
+    Replicas of an older version must be stopped first: the ingest function they call is
+    dropped here, so their inserts fail (and are retried by the clients) rather than add
+    rollups that the fold would add again."""
+    statements = [f"SELECT pg_advisory_xact_lock({pg_rollups.WATERMARK_LOCK})"]
+    statements.append(
+        "CREATE TABLE rollup_folded (table_name text PRIMARY KEY, until_id bigint NOT NULL)"
+    )
+    for table in TABLES:
+        statements += [
+            f"INSERT INTO rollup_folded VALUES ('{table}', {last_id_sql(table)})",
+            f"ALTER SEQUENCE {table}_id_seq CACHE 1",
+            f"CREATE INDEX {table}_id ON {table} (id)",
+        ]
+    statements.append(f"DROP FUNCTION {INGEST_FUNCTION}")
+    statements += _ingest_function_v5()
+    last = ", ".join(last_id_sql(table) for table in TABLES)
+    statements.append(
+        f"""CREATE FUNCTION {pg_rollups.BARRIER_FUNCTION}() RETURNS bigint[] LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock({pg_rollups.WATERMARK_LOCK});
+        RETURN ARRAY[{last}];
+    END $$"""
+    )
+    return statements
+
+
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "initial schema (SQLite's version 7, partitioned raw tables)", _initial()),
     (2, "NOTIFY metrics_keys when api_keys change", _KEY_NOTIFY),
@@ -284,6 +355,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         _ingest_function(),
     ),
     (4, "typed integer columns of the raw tables to bigint", _widen_integers()),
+    (5, "rollups folded in the background: rollup_folded marks, id indexes", _fold_later()),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

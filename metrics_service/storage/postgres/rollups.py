@@ -1,9 +1,20 @@
 """The rollups' SQL for PostgreSQL. What is aggregated (cubes, states, buckets, the query plan,
 the folding of segment results) is ``storage/rollups.py``'s; only the statements are here.
 
-Upserts lock rollup rows; two replicas adding to the same rows in different orders could
-deadlock, so every writer upserts tables in ``CUBES`` order and rows sorted by key (and a
-deadlock that happens anyway retries the transaction: ``backend.insert_batches``).
+Insert transactions write raw rows only (schema migration 5); the rows are *folded* into the
+rollups later, in bulk, by one statement per raw table that aggregates every row above the
+table's mark in ``rollup_folded`` and upserts the rollup tables (``fold``). Replicas commit
+concurrently, and a transaction can take a lower id than another and commit after it, so a
+fold first passes a barrier: it takes the insert lock (``WATERMARK_LOCK``, held shared by every
+insert transaction from its start) exclusively for an instant and reads the last id each
+sequence handed out. Every row up to those ids is then committed (or rolled back), and the
+sequences hand out ids one at a time, so later rows have higher ids: the fold takes the rows
+between the mark and that id, and moves the mark, in one transaction. Folds and compaction
+are serialised by ``FOLD_LOCK`` (any replica folds; one at a time), so nothing else upserts
+rollup rows.
+
+A query reads the rollups, the mark and the raw rows above it in one snapshot, so it is exact
+at every moment, folded or not (``aggregate``).
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from metrics_service.storage import rollups
+from metrics_service.storage import rollups, schema
 from metrics_service.storage.backend import Aggregate
 from metrics_service.storage.postgres._conn import Conn
 from metrics_service.storage.rollups import (
@@ -26,12 +37,19 @@ from metrics_service.storage.rollups import (
     sql_type,
 )
 
-#: A shared advisory lock held by every insert transaction and taken exclusively by compaction:
-#: a day is compacted only when no insert that read the old watermark is still open.
+#: The insert lock: an advisory lock held shared by every insert transaction from its start,
+#: taken exclusively by the fold's barrier and by compaction (no insert is then open).
 WATERMARK_LOCK = 0x726F6C6C7570  # "rollup"
+#: Serialises folds and compaction across replicas (a fold's holder is the only writer of
+#: rollup rows besides retention).
+FOLD_LOCK = 0x666F6C64  # "fold"
 WATERMARK_SQL = "SELECT until_ms FROM rollup_watermark WHERE name = 'day'"
-#: Rollup tables in the one order every writer follows.
-ROLLUP_KEYS = tuple((cube.name, level) for cube in CUBES for level in cube.levels)
+MARKS_SQL = "SELECT table_name, until_id FROM rollup_folded"
+MARK_SQL = "SELECT until_id FROM rollup_folded WHERE table_name = $1"
+#: The barrier's function (schema migration 5): the last id of each of ``TABLES``.
+BARRIER_FUNCTION = "metrics_fold_barrier"
+TABLES = schema.TABLES
+TABLE_OF_TYPE = schema.TABLE_OF_TYPE
 
 
 def _combine(column: str, table: str) -> str:
@@ -110,40 +128,93 @@ def _compact_sql(cube: Cube) -> str:
 COMPACT = {cube.name: _compact_sql(cube) for cube in CUBES}
 
 
-def upserts(
-    parts: Sequence[dict[str, list[tuple[Any, ...]]]], watermark: int
-) -> dict[tuple[str, str], list[tuple[Any, ...]]]:
-    """The rows inserting ``parts`` adds to each rollup table (``ROLLUP_KEYS``), each table's
-    rows sorted by key (the one order of every writer). The ingest function (migration 3)
-    upserts them with ``conflict``'s clause, inside the insert's transaction."""
-    writes: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
-    for cube, level, rows in rollups.updates(parts, watermark):
-        width = 1 + len(cube.dims)
-        writes[(cube.name, level)] = sorted(rows, key=lambda r: r[:width])
-    return writes
+def _fold_sql(kind: str) -> str:
+    """One statement that folds the rows of ``kind``'s raw table with ids in ``($1, $2]``
+    into every rollup table of its cubes, as ``rollups.updates`` says: hour tables take every
+    row, day tables the rows before the day watermark ``$3`` (late ones; the rest reach them
+    through compaction). The rows are read once, by the id index; returns how many."""
+    upserts = []
+    for cube in (c for c in CUBES if c.kind == kind):
+        positions = ", ".join(str(i + 2) for i in range(len(cube.dims)))
+        columns = f"bucket, {', '.join(cube.dims)}, {', '.join(cube.state_columns)}"
+        for level in cube.levels:
+            width = rollups.LEVELS[level]
+            late = " WHERE ts < $3" if level == "day" else ""
+            upserts.append(
+                f"{cube.name}_{level} AS (INSERT INTO {cube.table(level)} ({columns})"
+                f" SELECT ts / {width} * {width}, {', '.join(_keys_sql(cube.dims))},"
+                f" {', '.join(_values_sql(cube))} FROM r{late} GROUP BY 1, {positions}"
+                f"{conflict(cube, level)})"
+            )
+    return (
+        f"WITH r AS MATERIALIZED (SELECT * FROM {TABLE_OF_TYPE[kind]}"
+        " WHERE id > $1 AND id <= $2)"
+        + "".join(f", {u}" for u in upserts)
+        + " SELECT count(*) FROM r"
+    )
+
+
+#: raw table -> its fold statement (``$3`` unused by the families without cubes: they take
+#: only the id range).
+FOLD = {table: _fold_sql(kind) for kind, table in TABLE_OF_TYPE.items()}
+
+
+async def last_ids(conn: Conn) -> dict[str, int]:
+    """The barrier: the last id of each raw table once no insert transaction is open (waits
+    for the open ones; inserts starting meanwhile wait for it, an instant). Outside a
+    transaction the lock is released as the call returns; inside one, when it ends."""
+    values = await conn.fetchval(f"SELECT {BARRIER_FUNCTION}()")
+    return dict(zip(TABLES, (int(v) for v in values), strict=True))
+
+
+async def fold(conn: Conn, last: dict[str, int], watermark: int | None = None) -> int:
+    """In the caller's transaction, holding ``FOLD_LOCK``: fold each raw table's rows from its
+    mark up to ``last`` (``last_ids``) and move the marks; the rows folded."""
+    marks = {name: int(mark) for name, mark in await conn.fetch(MARKS_SQL)}
+    if watermark is None:
+        watermark = int(await conn.fetchval(WATERMARK_SQL))
+    done = 0
+    for table, hi in last.items():
+        lo = marks[table]
+        if hi <= lo:
+            continue
+        sql = FOLD[table]
+        args = (lo, hi, watermark) if "$3" in sql else (lo, hi)
+        done += int(await conn.fetchval(sql, *args))
+        await conn.execute(
+            "UPDATE rollup_folded SET until_id = $2 WHERE table_name = $1", table, hi
+        )
+    return done
 
 
 async def compact(conn: Conn, now_ms: int) -> int:
     """Fill the day tables for every complete day past the watermark, one transaction per day."""
     today = now_ms // DAY_MS * DAY_MS
     done = 0
-    while True:
+    while int(await conn.fetchval(WATERMARK_SQL)) < today:
         async with conn.transaction():
+            # No fold, then no insert open: the day's rows are all folded first (a day-only
+            # cube is compacted from the raw rows, which a later fold would add again).
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", FOLD_LOCK)
             await conn.execute("SELECT pg_advisory_xact_lock($1)", WATERMARK_LOCK)
             day = int(await conn.fetchval(WATERMARK_SQL))
             if day >= today:
                 return done
+            await fold(conn, await last_ids(conn), day)
             for cube in CUBES:
                 await conn.execute(COMPACT[cube.name], day, day + DAY_MS)
             await conn.execute(
                 "UPDATE rollup_watermark SET until_ms = $1 WHERE name = 'day'", day + DAY_MS
             )
         done += 1
+    return done
 
 
-def segment_sql(cube: Cube, q: Query, level: str) -> tuple[str, int]:
+def segment_sql(cube: Cube, q: Query, level: str, above: bool = False) -> tuple[str, int]:
     """The SELECT of one segment's states ``(*key, *state)`` grouped by key (``$1``, ``$2``:
-    the range; then the filter values), and the key length."""
+    the range; then the filter values), and the key length. ``above`` (raw only): just the
+    rows above the fold mark, the last parameter, read by the id index (not the time index,
+    which would read the whole range)."""
     if level == "raw":
         table, time_col = rollups.RAW_TABLE[q.kind], "ts"
         values = [*_keys_sql(q.group), *_values_sql(cube)]
@@ -156,8 +227,12 @@ def segment_sql(cube: Cube, q: Query, level: str) -> tuple[str, int]:
     where = "".join(f" AND {column} = ${i + 3}" for i, column in enumerate(q.filters))
     where += rollups.present_sql(q)
     keylen = 1 + len(q.group)
+    head = ""
+    if above:
+        head = f"WITH r AS MATERIALIZED (SELECT * FROM {table} WHERE id > ${len(q.filters) + 3}) "
+        table = "r"
     sql = (
-        f"SELECT {t}, {', '.join(values)} FROM {table}"
+        f"{head}SELECT {t}, {', '.join(values)} FROM {table}"
         f" WHERE {time_col} >= $1 AND {time_col} < $2{where}"
         f" GROUP BY {', '.join(str(i + 1) for i in range(keylen))}"
     )
@@ -174,8 +249,18 @@ async def aggregate(conn: Conn, q: Query) -> Aggregate:
         sql, keylen = segment_sql(shape.cube, q, level)
         rows = await conn.fetch(sql, lo, hi, *q.filters.values())
         rollups.fold(shape, (tuple(r) for r in rows), keylen, out)
+    stored = [(lo, hi) for level, lo, hi in segments if level != "raw"]
+    if stored:  # the rollup segments form one span; its raw rows not folded yet
+        table = rollups.RAW_TABLE[q.kind]
+        mark = await conn.fetchval(
+            "SELECT until_id FROM rollup_folded WHERE table_name = $1", table
+        )
+        sql, keylen = segment_sql(shape.cube, q, "raw", above=True)
+        lo, hi = min(s[0] for s in stored), max(s[1] for s in stored)
+        rows = await conn.fetch(sql, lo, hi, *q.filters.values(), int(mark))
+        rollups.fold(shape, (tuple(r) for r in rows), keylen, out)
     rollups.finish(shape, out)
     return shape.cube, out, source
 
 
-__all__ = ["INT_DIMS", "WATERMARK_LOCK", "aggregate", "compact", "upserts"]
+__all__ = ["FOLD_LOCK", "INT_DIMS", "WATERMARK_LOCK", "aggregate", "compact", "fold", "last_ids"]
