@@ -11,7 +11,8 @@ writer takes everything queued (up to 10,000 rows, the service's ``METRICS_COMMI
 commits it in one transaction, as ``metrics_service/ingest.py`` does. SQLite: ``insert_rows`` on
 a fresh file (WAL, synchronous=FULL) on a thread, as the service's writer thread, rollups folded
 in every 0.5 s as there. PostgreSQL:
-``Backend.insert_batches`` (COPY, rollup upserts, one transaction) on a fresh cluster started by
+``Backend.insert_batches`` (the ingest function or COPY, one transaction; rollups folded in every
+0.5 s by the backend's own task, as in the service) on a fresh cluster started by
 tests/_servers.py with the server defaults (fsync and synchronous_commit on).
 
 Reported per backend and batch size: metrics/s committed (acknowledged), and the CPU per metric
@@ -175,7 +176,8 @@ def bench_postgres(
     server.psql(f"CREATE DATABASE {database}", database="postgres")
 
     async def go() -> tuple[int, float, float, float]:
-        backend = Backend(None, server.url(database))
+        # As the service's: rollups folded in every METRICS_ROLLUP_FOLD_INTERVAL_S (0.5 s).
+        backend = Backend(Settings(), server.url(database))
         await backend.open()
         try:
             cpu0, s0, t0 = time.process_time(), server_cpu_s(server), time.monotonic()

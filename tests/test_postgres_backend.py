@@ -180,10 +180,9 @@ def test_compaction_moves_days_into_day_rollups_without_changing_an_answer(
 def test_a_replica_that_missed_a_compaction_still_writes_exact_rollups(
     postgres_url: str, tmp_path: Path
 ) -> None:
-    """Replica A computed its rollup rows for the day watermark it saw last; replica B then
-    compacted four days. A's next inserts must reach the day tables for those days too (the
-    ingest function refuses A's stale watermark and A computes again): every answer stays
-    SQLite's for the same rows."""
+    """Replica A inserted rows; replica B then compacted four days (folding A's rows first).
+    A's next inserts, for those days too, are folded with the new watermark, into the day
+    tables: every answer stays SQLite's for the same rows."""
     settings = Settings(db_path=tmp_path / "m.db")
     now, parts = seed_rows(settings)
     now_ms = int(now * 1000)

@@ -203,7 +203,7 @@ class Backend:
             with suppress(asyncio.CancelledError):
                 await folder
             with suppress(StorageError, TimeoutError):  # not needed for exact answers
-                await asyncio.wait_for(self.fold(), self._command_timeout_s)
+                await asyncio.wait_for(self.fold(wait=True), self._command_timeout_s)
         listener, self.key_listener = self.key_listener, None
         if listener is not None:
             await listener.close()
@@ -263,13 +263,16 @@ class Backend:
             await self.fold()
         return count
 
-    async def fold(self) -> int:
+    async def fold(self, *, wait: bool = False) -> int:
         """Fold the rows committed so far (by any replica) into the rollups, unless another
-        replica is at it; the rows folded. Queries are exact either way."""
+        replica is at it (``wait``: after it); the rows folded. Queries are exact either
+        way."""
         async with self._conn("folding into the rollups") as conn:
             if not await conn.fetchval(_BEHIND_SQL):
                 return 0
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", pg_rollups.FOLD_LOCK):
+            if wait:
+                await conn.execute("SELECT pg_advisory_lock($1)", pg_rollups.FOLD_LOCK)
+            elif not await conn.fetchval("SELECT pg_try_advisory_lock($1)", pg_rollups.FOLD_LOCK):
                 return 0
             try:
                 last = await pg_rollups.last_ids(conn)
