@@ -29,10 +29,16 @@ def test_copy_from_sqlite_keeps_every_answer_key_and_policy(
     now, parts = seed_rows(settings)
     now_ms = int(now * 1000)
     conn, _ = storage.open_database(settings.db_path)
-    for part in parts[:-1]:
+    half = len(parts) // 2
+    for part in parts[:half]:
         storage.insert_rows(conn, [part])
+    # The rest as the service's writer commits them: not folded into the rollups yet (as in a
+    # file whose service was killed before its fold).
+    deferred = sqlite_db.Deferred(max_age_s=3600)
+    for part in parts[half:-1]:
+        storage.insert_rows(conn, [part], (), deferred)
     claim = Claim("svc", "key-1", "fp", 200, b'{"ok":1}', 3600)
-    storage.insert_rows(conn, parts[-1:], [claim])
+    storage.insert_rows(conn, parts[-1:], [claim], deferred)
     sqlite_keys.insert_key(
         conn,
         service="svc",
@@ -55,6 +61,10 @@ def test_copy_from_sqlite_keeps_every_answer_key_and_policy(
     sqlite_keys.revoke_key(conn, revoked.id)
     sqlite_db.set_retention_policy(conn, "tool_metrics", 45, None)
     counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in storage.TABLES}
+    unfolded = {
+        t: conn.execute(f"SELECT count(*) FROM {t} WHERE id > ?", (m,)).fetchone()[0]
+        for t, m in sqlite_rollups.marks(conn).items()
+    }
     expected = [_norm(sqlite_rollups.aggregate(conn, q)[1]) for q in _queries(now_ms)]
     keys = sqlite_keys.list_keys(conn)
     conn.close()
@@ -84,6 +94,7 @@ def test_copy_from_sqlite_keeps_every_answer_key_and_policy(
     copied, answers, pg_keys, replay, policies, duplicate_ids = asyncio.run(body())
     assert {t: copied[t] for t in storage.TABLES} == counts
     assert sum(counts.values()) > 500
+    assert sum(unfolded.values()) > 100
     assert answers == expected
     assert pg_keys == keys
     assert [k.revoked_at is not None for k in pg_keys] == [False, True]

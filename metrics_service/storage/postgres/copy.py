@@ -3,7 +3,8 @@
 The SQLite file is first brought to the latest SQLite schema (its own migrations), then read in
 id order, a chunk at a time, and written with ``COPY``: every raw row with its id (the sequences
 then continue after the highest), the rollup tables as they are (the same cubes and states, so
-no answer changes and nothing is re-aggregated) with their day watermark, the API keys (hashes
+no answer changes and nothing is re-aggregated) with their day watermark and fold marks (rows
+the SQLite service had not folded yet are folded by PostgreSQL's first fold), the API keys (hashes
 only, revoked ones too: a revoked secret stays refused), the retention policies and the live
 idempotency keys. Everything is one PostgreSQL transaction: an interrupted copy leaves the
 target empty, and a target that already holds metrics or keys is refused.
@@ -19,14 +20,10 @@ from metrics_service.errors import StorageError
 from metrics_service.storage import rollups
 from metrics_service.storage.postgres._conn import Conn
 from metrics_service.storage.postgres.backend import Backend
-from metrics_service.storage.postgres.migrations import (
-    TABLE_OF_TYPE,
-    TABLES,
-    last_id_sql,
-    row_columns,
-)
+from metrics_service.storage.postgres.migrations import TABLE_OF_TYPE, TABLES, row_columns
 from metrics_service.storage.rollups import DAY_MS
 from metrics_service.storage.sqlite import database
+from metrics_service.storage.sqlite import rollups as sqlite_rollups
 
 CHUNK_ROWS = 20_000
 _KEY_COLUMNS = (
@@ -71,6 +68,7 @@ async def _copy(lite: sqlite3.Connection, pg: Conn, backend: Backend) -> dict[st
         for (day,) in lite.execute(f"SELECT DISTINCT ts - ts % {DAY_MS} FROM {table}"):
             wanted.add((table, int(day)))
     await backend.partitions.ensure(pg, wanted)
+    folded = sqlite_rollups.marks(lite)
     async with pg.transaction():
         for kind, table in TABLE_OF_TYPE.items():
             columns = ["id", *row_columns(kind)]
@@ -79,10 +77,14 @@ async def _copy(lite: sqlite3.Connection, pg: Conn, backend: Backend) -> dict[st
                 f"SELECT setval('{table}_id_seq', coalesce((SELECT max(id) FROM {table}), 0) + 1,"
                 " false)"
             )
-            # The rollups are copied as they are: they hold every row copied.
+            # The rollups are copied as they are, so their marks too: the rows the SQLite
+            # service had not folded yet are folded by PostgreSQL's first fold. (A family
+            # without cubes has no SQLite mark: nothing of it is folded.)
             await pg.execute(
-                f"UPDATE rollup_folded SET until_id = {last_id_sql(table)} WHERE table_name = $1",
+                "UPDATE rollup_folded SET until_id = coalesce($2::bigint,"
+                f" (SELECT coalesce(max(id), 0) FROM {table})) WHERE table_name = $1",
                 table,
+                folded.get(table),
             )
         for cube in rollups.CUBES:
             for level in cube.levels:
