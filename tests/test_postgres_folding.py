@@ -467,3 +467,35 @@ def test_interval_zero_folds_before_the_answer_and_close_folds_the_rest(
     calls, folded = with_backend(postgres_url, after_close)
     assert calls == 3
     assert folded["tool_metrics"] == 3
+
+
+def test_a_failed_fold_after_the_commit_does_not_fail_the_request(postgres_url: str) -> None:
+    """With ``METRICS_ROLLUP_FOLD_INTERVAL_S=0`` the fold follows each commit: when it cannot
+    run (the marks locked by another session past the command timeout), the committed rows
+    are still acknowledged, answers stay exact, and the next fold takes them."""
+    now_ms = int(time.time() * 1000)
+
+    async def main() -> dict[str, Any]:
+        b = Backend(Settings(rollup_fold_interval_s=0), postgres_url, command_timeout_s=1.0)
+        await b.open()
+        holder = await asyncpg.connect(postgres_url)
+        seen: dict[str, Any] = {}
+        try:
+            await holder.execute("BEGIN")
+            await holder.execute("LOCK TABLE rollup_folded IN ACCESS EXCLUSIVE MODE")
+            seen["stored"] = await b.insert_batches([{"tool_execution": [_row(now_ms)]}])
+            await holder.execute("ROLLBACK")
+            seen["calls before"] = await rolled_calls(b)
+            seen["answer"] = await answers(b, [EVERY_CALL])
+            seen["folded"] = await b.fold()
+        finally:
+            await holder.close()
+            await b.close()
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen["stored"] == 1
+    assert seen["calls before"] == 0
+    [states] = seen["answer"]
+    assert [st[0] for st in states.values()] == [1]
+    assert seen["folded"] == 1

@@ -260,7 +260,12 @@ class Backend:
                             c.existing = None
                     await asyncio.sleep(0.01 * (attempt + 1))
         if self._fold_every == 0:
-            await self.fold()
+            # Committed already: a failed fold must not fail the request (the client would
+            # send it again); the next one folds these rows, and answers are exact meanwhile.
+            try:
+                await self.fold()
+            except StorageError as exc:
+                log.warning("folding into the rollups failed, the next fold retries: %s", exc)
         return count
 
     async def fold(self, *, wait: bool = False) -> int:
@@ -270,20 +275,27 @@ class Backend:
         async with self._conn("folding into the rollups") as conn:
             if not await conn.fetchval(_BEHIND_SQL):
                 return 0
-            if wait:
-                await conn.execute("SELECT pg_advisory_lock($1)", pg_rollups.FOLD_LOCK)
-            elif not await conn.fetchval("SELECT pg_try_advisory_lock($1)", pg_rollups.FOLD_LOCK):
-                return 0
+            locked = False
             try:
+                if wait:
+                    await conn.execute("SELECT pg_advisory_lock($1)", pg_rollups.FOLD_LOCK)
+                    locked = True
+                else:
+                    locked = await conn.fetchval(
+                        "SELECT pg_try_advisory_lock($1)", pg_rollups.FOLD_LOCK
+                    )
+                    if not locked:
+                        return 0
                 last = await pg_rollups.last_ids(conn)
                 async with conn.transaction():
                     return await pg_rollups.fold(conn, last)
             finally:
-                try:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", pg_rollups.FOLD_LOCK)
-                except BaseException:
-                    conn.terminate()  # never back into the pool holding the lock
-                    raise
+                if locked or wait:  # (a wait cut short may have been granted)
+                    try:
+                        await conn.execute("SELECT pg_advisory_unlock($1)", pg_rollups.FOLD_LOCK)
+                    except BaseException:
+                        conn.terminate()  # never back into the pool holding the lock
+                        raise
 
     async def _fold_loop(self, every_s: float) -> None:
         while True:
