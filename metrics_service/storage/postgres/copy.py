@@ -18,6 +18,7 @@ from typing import Any
 
 from metrics_service.errors import StorageError
 from metrics_service.storage import rollups
+from metrics_service.storage.postgres import rollups as pg_rollups
 from metrics_service.storage.postgres._conn import Conn
 from metrics_service.storage.postgres.backend import Backend
 from metrics_service.storage.postgres.migrations import TABLE_OF_TYPE, TABLES, row_columns
@@ -70,6 +71,9 @@ async def _copy(lite: sqlite3.Connection, pg: Conn, backend: Backend) -> dict[st
     await backend.partitions.ensure(pg, wanted)
     folded = sqlite_rollups.marks(lite)
     async with pg.transaction():
+        # As every insert: a replica already running on this database folds these rows only
+        # once the copy has committed its marks (its barrier waits for this lock).
+        await pg.execute("SELECT pg_advisory_xact_lock_shared($1)", pg_rollups.WATERMARK_LOCK)
         for kind, table in TABLE_OF_TYPE.items():
             columns = ["id", *row_columns(kind)]
             copied[table] = await _chunks(lite, pg, table, columns, "id")
