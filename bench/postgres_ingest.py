@@ -3,6 +3,7 @@
     .venv/bin/python bench/postgres_ingest.py                    # batch 100 and 1, c16, 10 s each
     .venv/bin/python bench/postgres_ingest.py --batch 100 --duration 20 --runs 3
     .venv/bin/python bench/postgres_ingest.py --batch 1 --idempotency  # keyed, as the middleware
+    .venv/bin/python bench/postgres_ingest.py --batch 100 --query-every 0.2  # analytics meanwhile
 
 What runs: ``--concurrency`` producers each submit one request's validated rows (``--batch``
 metrics of the bench mix, bench/_workload.py, validated by the service's ``Validator``) and wait
@@ -20,12 +21,19 @@ in this process (the storage layer as the service runs it: validation excluded, 
 before the clock starts) and, for PostgreSQL, in the server's processes (postmaster and
 backends, from /proc), in microseconds. Rows are counted afterwards and must equal the metrics
 acknowledged.
+
+``--query-every S``: meanwhile, one analytics query (tool calls by tool over the last day, the
+rollups and the raw rows not folded yet, as the service's views read them) every S seconds
+through the backend's reader, its latency reported as p50 and p99; then the same query 20 times
+once ingest has stopped and everything is folded ("idle"), for what exactness under ingest
+costs a query.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -46,6 +54,8 @@ from _workload import bodies  # noqa: E402
 from metrics_service import Settings, storage  # noqa: E402
 from metrics_service.idempotency import Claim  # noqa: E402
 from metrics_service.storage.postgres import Backend  # noqa: E402
+from metrics_service.storage.rollups import DAY_MS, HOUR_MS, Query  # noqa: E402
+from metrics_service.storage.sqlite import rollups as sqlite_rollups  # noqa: E402
 from metrics_service.storage.sqlite.database import Deferred  # noqa: E402
 from metrics_service.validation import Validator  # noqa: E402
 from tests._servers import PostgresServer, start_postgres  # noqa: E402
@@ -53,6 +63,45 @@ from tests._servers import PostgresServer, start_postgres  # noqa: E402
 Part = dict[str, list[tuple[Any, ...]]]
 MAX_ROWS = 10_000
 _TICK = os.sysconf("SC_CLK_TCK")
+Probe = Callable[[], Awaitable[Any]]
+
+
+def probe_query() -> Query:
+    now_ms = int(time.time() * 1000)
+    return Query("tool_execution", now_ms - DAY_MS, now_ms + HOUR_MS, group=("tool_name",))
+
+
+async def probing(probe: Probe, every_s: float, stop: asyncio.Event) -> list[float]:
+    """Run ``probe`` every ``every_s`` until ``stop``; its latencies in ms."""
+    out = []
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        await probe()
+        out.append((time.perf_counter() - t0) * 1000)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+    return out
+
+
+async def idle_ms(probe: Probe, n: int = 20) -> float:
+    """The median latency of ``probe`` with nothing else running."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await probe()
+        out.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(out)
+
+
+def _latencies(under: list[float], idle: float) -> dict[str, float]:
+    if not under:
+        return {}
+    under = sorted(under)
+    return {
+        "query_p50_ms": statistics.median(under),
+        "query_p99_ms": under[min(len(under) - 1, int(len(under) * 0.99))],
+        "query_idle_ms": idle,
+    }
 
 
 def parts_for(batch: int, n: int) -> list[Part]:
@@ -98,10 +147,12 @@ async def drive(
     duration_s: float,
     writers: int = 1,
     idempotency: bool = False,
-) -> int:
+    probe: tuple[Probe, float] | None = None,
+) -> tuple[int, list[float]]:
     """Producers submit parts (each with an idempotency claim if ``idempotency``) and await
-    their commit; ``writers`` writers (the service has one) group-commit the queue. Returns the
-    metrics acknowledged."""
+    their commit; ``writers`` writers (the service has one) group-commit the queue; ``probe``
+    (a query, seconds between) runs meanwhile. Returns the metrics acknowledged and the
+    probe's latencies."""
     queue: asyncio.Queue[tuple[Part, Claim | None, asyncio.Future[None]]] = asyncio.Queue()
     keys = itertools.count()
     stop = time.monotonic() + duration_s
@@ -134,14 +185,22 @@ async def drive(
                 done.set_result(None)
 
     tasks = [asyncio.create_task(writer()) for _ in range(writers)]
+    stopped = asyncio.Event()
+    probes = asyncio.create_task(probing(*probe, stopped)) if probe else None
     await asyncio.gather(*(producer(i) for i in range(concurrency)))
+    stopped.set()
+    latencies = await probes if probes else []
     for task in tasks:
         task.cancel()
-    return acked
+    return acked, latencies
 
 
 def bench_sqlite(
-    parts: list[Part], concurrency: int, duration_s: float, idempotency: bool = False
+    parts: list[Part],
+    concurrency: int,
+    duration_s: float,
+    idempotency: bool = False,
+    query_every: float = 0.0,
 ) -> dict[str, float]:
     folder = Path(tempfile.mkdtemp(prefix="bench-sqlite-"))
     try:
@@ -152,13 +211,41 @@ def bench_sqlite(
         async def commit(group: list[Part], claims: list[Claim | None]) -> None:
             await asyncio.to_thread(storage.insert_rows, conn, group, claims, deferred)
 
+        # As the service's reader: its own connection, on a thread of its own.
+        reader, _ = storage.open_database(folder / "m.db", check_same_thread=False)
+        q = probe_query()
+
+        async def probe() -> Any:
+            return await asyncio.to_thread(sqlite_rollups.aggregate, reader, q)
+
+        async def go() -> tuple[int, list[float], float]:
+            acked, under = await drive(
+                commit,
+                parts,
+                concurrency,
+                duration_s,
+                1,
+                idempotency,
+                (probe, query_every) if query_every else None,
+            )
+            cpu = time.process_time() - cpu0
+            await asyncio.to_thread(deferred.catch_up, conn)
+            return acked, under, cpu
+
         cpu0, t0 = time.process_time(), time.monotonic()
-        acked = asyncio.run(drive(commit, parts, concurrency, duration_s, 1, idempotency))
-        cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
+        acked, under, cpu = asyncio.run(go())
+        wall = time.monotonic() - t0
+        idle = asyncio.run(idle_ms(probe)) if query_every else 0.0
         rows = sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in storage.TABLES)
         conn.close()
+        reader.close()
         assert rows == acked, (rows, acked)
-        return {"metrics_s": acked / wall, "service_us": cpu / acked * 1e6, "server_us": 0.0}
+        return {
+            "metrics_s": acked / wall,
+            "service_us": cpu / acked * 1e6,
+            "server_us": 0.0,
+            **_latencies(under, idle),
+        }
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -171,18 +258,30 @@ def bench_postgres(
     run: int,
     writers: int = 1,
     idempotency: bool = False,
+    query_every: float = 0.0,
 ) -> dict[str, float]:
     database = f"bench_{run}_{int(time.time())}"
     server.psql(f"CREATE DATABASE {database}", database="postgres")
 
-    async def go() -> tuple[int, float, float, float]:
+    async def go() -> tuple[int, float, float, float, dict[str, float]]:
         # As the service's: rollups folded in every METRICS_ROLLUP_FOLD_INTERVAL_S (0.5 s).
         backend = Backend(Settings(), server.url(database))
         await backend.open()
+        q = probe_query()
+
+        async def probe() -> Any:
+            return await backend.analytics(lambda reader: reader.aggregate(q))
+
         try:
             cpu0, s0, t0 = time.process_time(), server_cpu_s(server), time.monotonic()
-            acked = await drive(
-                backend.insert_batches, parts, concurrency, duration_s, writers, idempotency
+            acked, under = await drive(
+                backend.insert_batches,
+                parts,
+                concurrency,
+                duration_s,
+                writers,
+                idempotency,
+                (probe, query_every) if query_every else None,
             )
             cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
             scpu = server_cpu_s(server) - s0
@@ -190,16 +289,21 @@ def bench_postgres(
             for t in storage.TABLES:
                 rows += (await backend.execute(f"SELECT count(*) FROM {t}"))[0][0]
             assert rows == acked, (rows, acked)
-            return acked, cpu, wall, scpu
+            latencies: dict[str, float] = {}
+            if query_every:
+                await backend.fold(wait=True)
+                latencies = _latencies(under, await idle_ms(probe))
+            return acked, cpu, wall, scpu, latencies
         finally:
             await backend.close()
 
-    acked, cpu, wall, scpu = asyncio.run(go())
+    acked, cpu, wall, scpu, latencies = asyncio.run(go())
     server.psql(f"DROP DATABASE {database}", database="postgres")
     return {
         "metrics_s": acked / wall,
         "service_us": cpu / acked * 1e6,
         "server_us": scpu / acked * 1e6,
+        **latencies,
     }
 
 
@@ -215,6 +319,12 @@ def main() -> None:
         type=int,
         default=1,
         help="also run PostgreSQL with this many concurrent writers (as that many replicas)",
+    )
+    parser.add_argument(
+        "--query-every",
+        type=float,
+        default=0.0,
+        help="meanwhile, one analytics query every this many seconds (latency reported)",
     )
     parser.add_argument(
         "--idempotency",
@@ -237,7 +347,13 @@ def main() -> None:
                 for run in range(args.runs):
                     if backend == "sqlite":
                         runs.append(
-                            bench_sqlite(parts, args.concurrency, args.duration, args.idempotency)
+                            bench_sqlite(
+                                parts,
+                                args.concurrency,
+                                args.duration,
+                                args.idempotency,
+                                args.query_every,
+                            )
                         )
                     else:
                         runs.append(
@@ -249,6 +365,7 @@ def main() -> None:
                                 run,
                                 writers,
                                 args.idempotency,
+                                args.query_every,
                             )
                         )
                 row = {
@@ -265,7 +382,13 @@ def main() -> None:
                     f"{'  idempotency' if args.idempotency else ''}"
                     f"  {row['metrics_s']:>9.0f} metrics/s"
                     f"  service {row['service_us']:6.1f} us/metric"
-                    f"  postgres {row['server_us']:6.1f} us/metric",
+                    f"  postgres {row['server_us']:6.1f} us/metric"
+                    + (
+                        f"  query p50 {row['query_p50_ms']:.1f} p99 {row['query_p99_ms']:.1f}"
+                        f" idle {row['query_idle_ms']:.1f} ms"
+                        if "query_p50_ms" in row
+                        else ""
+                    ),
                     flush=True,
                 )
     finally:
