@@ -7,10 +7,12 @@ Each setup starts fresh service processes (durable acknowledgement, default sett
 PostgreSQL, a fresh database on one cluster started by tests/_servers.py (server defaults, fsync
 on), then drives ``POST /metrics`` with bench/ingest.py's load generator: ``--concurrency``
 keep-alive connections split evenly over the replicas, a warm-up, then ``--duration`` seconds
-measured. Reported: metrics/s acknowledged, CPU per metric in the service processes (summed) and
-in PostgreSQL (postmaster and backends). Rows are counted afterwards against the metrics
-acknowledged. On this 2-core machine two replicas and the server share the same two cores: the
-figure shows what a second process adds when cores are the limit, not a second machine.
+measured. Reported: metrics/s acknowledged, p50 and p99 of the measured requests' latency, the
+highest peak RSS of the service processes (VmHWM), CPU per metric in the service processes
+(summed) and in PostgreSQL (postmaster and backends). Rows are counted afterwards against the
+metrics acknowledged. On this 2-core machine two replicas and the server share the same two
+cores: the figure shows what a second process adds when cores are the limit, not a second
+machine.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ def run_setup(
         accepted = sum(m.accepted for _, m in results)
         elapsed = max(m.elapsed_s for _, m in results)
         total = sum(w.accepted + m.accepted for w, m in results)
+        latencies = sorted(x for _, m in results for x in m.latencies_ms)
+        peak = max(s.peak_rss_mb() for s in servers)
         for server in servers:
             server.stop()
         if backend == "postgresql":
@@ -95,6 +99,9 @@ def run_setup(
             "metrics_s": accepted / elapsed,
             "service_us": cpu / total * 1e6,
             "server_us": pg_cpu / total * 1e6 if backend == "postgresql" else 0.0,
+            "p50_ms": statistics.median(latencies),
+            "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+            "peak_rss_mb": peak,
         }
     finally:
         for server in servers:
@@ -142,6 +149,8 @@ def main() -> None:
                 print(
                     f"{backend:>10} x{replicas}  batch {batch:>3}  c{args.concurrency}"
                     f"  {row['metrics_s']:>9.0f} metrics/s"
+                    f"  p50 {row['p50_ms']:6.1f} p99 {row['p99_ms']:6.1f} ms"
+                    f"  rss {row['peak_rss_mb']:4.0f} MB"
                     f"  service {row['service_us']:6.1f} us/metric"
                     f"  postgres {row['server_us']:6.1f} us/metric",
                     flush=True,
