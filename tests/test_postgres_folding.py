@@ -499,3 +499,30 @@ def test_a_failed_fold_after_the_commit_does_not_fail_the_request(postgres_url: 
     [states] = seen["answer"]
     assert [st[0] for st in states.values()] == [1]
     assert seen["folded"] == 1
+
+
+def test_a_fold_comes_early_once_enough_rows_wait(postgres_url: str) -> None:
+    """A minute between folds, but ``FOLD_MAX_ROWS`` rows committed: the fold comes within the
+    check period, not after the minute (a query reads rows not folded yet raw until then)."""
+    from metrics_service.storage.postgres.backend import FOLD_MAX_ROWS
+
+    now_ms = int(time.time() * 1000)
+    few = [_row(now_ms - i) for i in range(10)]
+    many = [_row(now_ms - i, f"t{i % 7}") for i in range(FOLD_MAX_ROWS)]
+
+    async def body(b: Backend) -> list[int]:
+        await b.insert_batches([{"tool_execution": few}])
+        # A few rows: not folded early (looked at over five of the loop's check periods).
+        few_folded = []
+        for _ in range(5):
+            await asyncio.sleep(0.1)
+            few_folded.append(await rolled_calls(b))
+
+        async def all_folded() -> bool:
+            return await rolled_calls(b) == len(few) + len(many)
+
+        await b.insert_batches([{"tool_execution": many}])
+        await _until(all_folded, timeout_s=20)
+        return few_folded
+
+    assert with_backend(postgres_url, body, rollup_fold_interval_s=60) == [0] * 5

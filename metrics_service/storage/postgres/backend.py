@@ -67,11 +67,16 @@ _INGEST_SQL = (
     + ", ".join(f"${i + 1}" for i in range(2 + len(_KINDS)))
     + ")"
 )
-#: Whether any raw table has rows above its fold mark (no lock: the fold's first look).
-_BEHIND_SQL = "SELECT " + " OR ".join(
-    f"{migrations.last_id_sql(t)} > (SELECT until_id FROM rollup_folded WHERE table_name = '{t}')"
+#: How many ids the raw tables have handed out above their fold marks (about the rows not
+#: folded yet; no lock: the fold's first look).
+_PENDING_SQL = "SELECT " + " + ".join(
+    f"({migrations.last_id_sql(t)} - (SELECT until_id FROM rollup_folded WHERE table_name = '{t}'))"
     for t in TABLES
 )
+#: A fold is due this many rows above the marks even before the interval is up (a query reads
+#: them raw until then), checked every ``_FOLD_CHECK_S``.
+FOLD_MAX_ROWS = 20_000
+_FOLD_CHECK_S = 0.1
 _KEY_FIELDS = [f.name for f in dataclasses.fields(KeyRecord)]
 _KEY_SELECT = ", ".join("service_aliases" if f == "aliases" else f for f in _KEY_FIELDS)
 _CLAIM_SQL = (
@@ -273,7 +278,7 @@ class Backend:
         replica is at it (``wait``: after it); the rows folded. Queries are exact either
         way."""
         async with self._conn("folding into the rollups") as conn:
-            if not await conn.fetchval(_BEHIND_SQL):
+            if not await conn.fetchval(_PENDING_SQL):
                 return 0
             locked = False
             try:
@@ -298,12 +303,20 @@ class Backend:
                         raise
 
     async def _fold_loop(self, every_s: float) -> None:
+        """Fold every ``every_s``, or sooner once ``FOLD_MAX_ROWS`` rows wait (by any
+        replica)."""
+        since = time.monotonic()
         while True:
-            await asyncio.sleep(every_s)
+            await asyncio.sleep(min(every_s, _FOLD_CHECK_S))
             try:
+                if time.monotonic() - since < every_s:
+                    async with self._conn("folding into the rollups") as conn:
+                        if int(await conn.fetchval(_PENDING_SQL)) < FOLD_MAX_ROWS:
+                            continue
                 await self.fold()
             except StorageError as exc:
                 log.warning("folding into the rollups failed, the next fold retries: %s", exc)
+            since = time.monotonic()
 
     async def _insert(
         self,
