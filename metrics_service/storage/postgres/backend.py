@@ -70,7 +70,7 @@ _INGEST_SQL = (
 #: How many ids the raw tables have handed out above their fold marks (about the rows not
 #: folded yet; no lock: the fold's first look).
 _PENDING_SQL = "SELECT " + " + ".join(
-    f"({migrations.last_id_sql(t)} - (SELECT until_id FROM rollup_folded WHERE table_name = '{t}'))"
+    f"({pg_rollups.last_id_sql(t)} - (SELECT until_id FROM rollup_folded WHERE table_name = '{t}'))"
     for t in TABLES
 )
 #: A fold is due this many rows above the marks even before the interval is up (a query reads

@@ -283,13 +283,6 @@ def _ingest_function() -> list[str]:
     ]
 
 
-def last_id_sql(table: str) -> str:
-    """The last id ``table``'s sequence handed out (0: none yet)."""
-    return (
-        f"(SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {table}_id_seq)"
-    )
-
-
 def _ingest_function_v5() -> list[str]:
     """Migration 5's ``metrics_ingest(cutoff, idempotency_keys[], <raw table>[] per family)``:
     under the insert lock (shared), the claims and the raw rows; the rollups are folded in
@@ -329,13 +322,13 @@ def _fold_later() -> list[str]:
     )
     for table in TABLES:
         statements += [
-            f"INSERT INTO rollup_folded VALUES ('{table}', {last_id_sql(table)})",
+            f"INSERT INTO rollup_folded VALUES ('{table}', {pg_rollups.last_id_sql(table)})",
             f"ALTER SEQUENCE {table}_id_seq CACHE 1",
             f"CREATE INDEX {table}_id ON {table} (id)",
         ]
     statements.append(f"DROP FUNCTION {INGEST_FUNCTION}")
     statements += _ingest_function_v5()
-    last = ", ".join(last_id_sql(table) for table in TABLES)
+    last = ", ".join(pg_rollups.last_id_sql(table) for table in TABLES)
     statements.append(
         f"""CREATE FUNCTION {pg_rollups.BARRIER_FUNCTION}() RETURNS bigint[] LANGUAGE plpgsql AS $$
     BEGIN

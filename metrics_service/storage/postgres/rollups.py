@@ -199,11 +199,17 @@ def _fold_sql(kind: str) -> str:
     return f"WITH {grouped}, {', '.join(upserts)} SELECT coalesce(sum(n), 0) FROM g"
 
 
+def last_id_sql(table: str) -> str:
+    """The last id ``table``'s sequence handed out (0: none yet)."""
+    return (
+        f"(SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {table}_id_seq)"
+    )
+
+
 #: raw table -> its fold mark and the last id its sequence handed out (every row a snapshot
 #: taken before sees has an id at or below it).
 TAIL_SQL = {
-    table: "SELECT until_id, (SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END"
-    f" FROM {table}_id_seq) FROM rollup_folded WHERE table_name = $1"
+    table: f"SELECT until_id, {last_id_sql(table)} FROM rollup_folded WHERE table_name = $1"
     for table in TABLES
 }
 #: raw table -> its fold statement (``$3`` unused by the families without cubes: they count
