@@ -526,3 +526,42 @@ def test_a_fold_comes_early_once_enough_rows_wait(postgres_url: str) -> None:
         return few_folded
 
     assert with_backend(postgres_url, body, rollup_fold_interval_s=60) == [0] * 5
+
+
+def test_the_writers_connection_is_replaced_after_the_server_drops_it(postgres_url: str) -> None:
+    """The writer holds one connection across commits: when the server ends it, that commit
+    fails (a 503 for the client, which retries) and the next takes another connection; two
+    commits at once both go through (the second on a pooled connection)."""
+    from metrics_service.errors import StorageError
+
+    now_ms = int(time.time() * 1000)
+
+    async def body(b: Backend) -> dict[str, Any]:
+        seen: dict[str, Any] = {
+            "first": await b.insert_batches([{"tool_execution": [_row(now_ms)]}])
+        }
+        killer = await asyncpg.connect(postgres_url)
+        try:
+            seen["ended"] = await killer.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await killer.close()
+        try:
+            await b.insert_batches([{"tool_execution": [_row(now_ms + 1)]}])
+            seen["after the drop"] = "stored"
+        except StorageError:
+            seen["after the drop"] = "refused"
+        seen["next"] = await b.insert_batches([{"tool_execution": [_row(now_ms + 2)]}])
+        seen["at once"] = await asyncio.gather(
+            *(b.insert_batches([{"tool_execution": [_row(now_ms + 3 + i)]}]) for i in range(2))
+        )
+        seen["rows"] = (await b.execute("SELECT count(*) FROM tool_metrics"))[0][0]
+        return seen
+
+    seen = with_backend(postgres_url, body)
+    assert seen["first"] == 1 and seen["ended"] >= 1
+    assert seen["after the drop"] == "refused"
+    assert seen["next"] == 1 and seen["at once"] == [1, 1]
+    assert seen["rows"] == 4

@@ -162,6 +162,9 @@ class Backend:
         #: the CLI; 0: after every commit).
         self._fold_every = settings.rollup_fold_interval_s if settings is not None else None
         self._folder: asyncio.Task[None] | None = None
+        #: The connection the writer holds across commits (``_commit_conn``).
+        self._writer_conn: Any = None
+        self._writer_busy = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -213,11 +216,53 @@ class Backend:
         if listener is not None:
             await listener.close()
         pool, self._pool = self._pool, None
+        writer, self._writer_conn = self._writer_conn, None
+        if pool is not None and writer is not None:
+            await self._give_back(pool, writer)
         if pool is not None:
             try:
                 await asyncio.wait_for(pool.close(), 10)
             except (TimeoutError, *_DRIVER_ERRORS):
                 pool.terminate()
+
+    @asynccontextmanager
+    async def _commit_conn(self) -> Any:
+        """The connection of a commit: the one the writer holds across commits while one
+        caller commits at a time (the service's write queue), which saves the pool's acquire
+        and release in each; a second caller meanwhile takes one from the pool. After a
+        failure the connection goes back to the pool (which replaces a broken one) and the
+        next commit takes another."""
+        pool = self._pool
+        if self._writer_busy or pool is None:
+            async with self._conn("commit") as conn:
+                yield conn
+            return
+        self._writer_busy = True
+        try:
+            if self._writer_conn is None:
+                self._writer_conn = await pool.acquire(timeout=self._connect_timeout_s)
+            conn = self._writer_conn
+            try:
+                yield conn
+            except BaseException:
+                self._writer_conn = None
+                await self._give_back(pool, conn)
+                raise
+        except _DRIVER_ERRORS as exc:
+            raise StorageError(f"commit failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            self._writer_busy = False
+
+    @staticmethod
+    async def _give_back(pool: asyncpg.Pool, conn: Any) -> None:
+        """Release ``conn`` to ``pool``; one that cannot be released is closed."""
+        try:
+            await pool.release(conn)
+        except asyncio.CancelledError:
+            conn.terminate()
+            raise
+        except Exception:
+            conn.terminate()
 
     @asynccontextmanager
     async def _conn(self, what: str) -> Any:
@@ -250,7 +295,7 @@ class Backend:
         claims: Sequence[Claim | None] = (),
     ) -> int:
         wanted = _days(parts)
-        async with self._conn("commit") as conn:
+        async with self._commit_conn() as conn:
             if self.partitions.missing(wanted):
                 await self.partitions.ensure(conn, wanted)
             for attempt in range(5):
