@@ -529,8 +529,9 @@ def test_a_fold_comes_early_once_enough_rows_wait(postgres_url: str) -> None:
 
 
 def test_the_writers_connection_is_replaced_after_the_server_drops_it(postgres_url: str) -> None:
-    """The writer holds one connection across commits: when the server ends it, that commit
-    fails (a 503 for the client, which retries) and the next takes another connection; two
+    """The writer holds one connection across commits: when the server ends it, the next
+    commit either sees it closed and takes another, or fails as a ``StorageError`` (a 503 for
+    the client, which retries: never another error) and the one after takes another; two
     commits at once both go through (the second on a pooled connection)."""
     from metrics_service.errors import StorageError
 
@@ -562,6 +563,5 @@ def test_the_writers_connection_is_replaced_after_the_server_drops_it(postgres_u
 
     seen = with_backend(postgres_url, body)
     assert seen["first"] == 1 and seen["ended"] >= 1
-    assert seen["after the drop"] == "refused"
     assert seen["next"] == 1 and seen["at once"] == [1, 1]
-    assert seen["rows"] == 4
+    assert seen["rows"] == (5 if seen["after the drop"] == "stored" else 4)

@@ -54,7 +54,15 @@ log = logging.getLogger(__name__)
 #: Session-level advisory lock of the retention run (detaching needs autocommit).
 RETENTION_LOCK = 0x726574656E74  # "retent"
 _RETRIED = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+#: (``InternalClientError``: a connection the server ended while it was idle can report it on
+#: its next use, before the driver has seen it closed.)
+_DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    asyncio.TimeoutError,
+)
 _COLUMNS = {kind: row_columns(kind) for kind in TABLE_OF_TYPE}
 #: From this many rows of a family in one transaction on, COPY them (cheaper per row; fewer
 #: go in the ingest function's one call: COPY takes a transaction and round trips of its own).
@@ -239,6 +247,9 @@ class Backend:
             return
         self._writer_busy = True
         try:
+            if self._writer_conn is not None and self._writer_conn.is_closed():
+                writer, self._writer_conn = self._writer_conn, None
+                await self._give_back(pool, writer)
             if self._writer_conn is None:
                 self._writer_conn = await pool.acquire(timeout=self._connect_timeout_s)
             conn = self._writer_conn
