@@ -247,9 +247,15 @@ class Backend:
             return
         self._writer_busy = True
         try:
-            if self._writer_conn is not None and self._writer_conn.is_closed():
-                writer, self._writer_conn = self._writer_conn, None
-                await self._give_back(pool, writer)
+            writer = self._writer_conn
+            if writer is not None:
+                try:
+                    closed = writer.is_closed()
+                except asyncpg.InterfaceError:  # the pool took it back when it closed
+                    closed = True
+                if closed:
+                    self._writer_conn = None
+                    await self._give_back(pool, writer)
             if self._writer_conn is None:
                 self._writer_conn = await pool.acquire(timeout=self._connect_timeout_s)
             conn = self._writer_conn
@@ -266,14 +272,17 @@ class Backend:
 
     @staticmethod
     async def _give_back(pool: asyncpg.Pool, conn: Any) -> None:
-        """Release ``conn`` to ``pool``; one that cannot be released is closed."""
+        """Release ``conn`` to ``pool``; one that cannot be released is closed (one the pool
+        took back already, when it closed, raises on both: nothing is left to do)."""
         try:
             await pool.release(conn)
         except asyncio.CancelledError:
-            conn.terminate()
+            with suppress(Exception):
+                conn.terminate()
             raise
         except Exception:
-            conn.terminate()
+            with suppress(Exception):
+                conn.terminate()
 
     @asynccontextmanager
     async def _conn(self, what: str) -> Any:
