@@ -27,15 +27,13 @@ from metrics_service.storage.postgres import rollups as pg_rollups
 from metrics_service.storage.rollups import DAY_MS, HOUR_MS, Query
 from metrics_service.storage.sqlite import rollups as sqlite_rollups
 from tests._analytics_seed import seed_rows
+from tests.test_postgres_backend import _norm
+from tests.test_postgres_rollups import _states
 
 T = TypeVar("T")
 Parts = list[dict[str, list[tuple[Any, ...]]]]
 #: Every tool call, any time: rollup segments, then the raw rows above the mark.
 EVERY_CALL = Query("tool_execution", 0, 2**62)
-
-
-def _norm(states: dict[tuple[Any, ...], list[Any]]) -> dict[tuple[Any, ...], list[Any]]:
-    return {k: [round(v, 6) if isinstance(v, float) else v for v in st] for k, st in states.items()}
 
 
 def _queries(now_ms: int) -> list[Query]:
@@ -45,14 +43,6 @@ def _queries(now_ms: int) -> list[Query]:
     out = [Query(cube.kind, lo, hi, group=cube.dims) for cube in rollups.CUBES]
     out += [Query(kind, lo, hi, series_ms=HOUR_MS) for kind in rollups.RAW_TABLE]
     return out
-
-
-def _states(cube: rollups.Cube, rows: list[tuple[Any, ...]], keylen: int) -> Any:
-    out: dict[tuple[Any, ...], list[Any]] = {}
-    shape = rollups._shape(cube)
-    rollups.fold(shape, rows, keylen, out)
-    rollups.finish(shape, out)
-    return _norm(out)
 
 
 async def rollups_against_raw(b: Backend) -> dict[str, tuple[Any, Any]]:
@@ -68,8 +58,8 @@ async def rollups_against_raw(b: Backend) -> dict[str, tuple[Any, Any]]:
             raw_sql, _ = pg_rollups.segment_sql(cube, q, "raw")
             hi = 2**62 if level == "hour" else watermark
             out[cube.table(level)] = (
-                _states(cube, await b.execute(table_sql, 0, hi), keylen),
-                _states(cube, await b.execute(raw_sql, 0, hi), keylen),
+                _norm(_states(cube, await b.execute(table_sql, 0, hi), keylen)),
+                _norm(_states(cube, await b.execute(raw_sql, 0, hi), keylen)),
             )
     return out
 
